@@ -1,0 +1,433 @@
+//! # backend-raw
+//!
+//! Raw disk images: the virtual disk is the file, byte for byte. Raw is the probe's fallback:
+//! it claims any readable file with [`Confidence::Fallback`] and the lowest priority, so it is
+//! chosen only when no other backend recognises a file.
+//!
+//! - Create sparse (`set_len`, the default) or preallocated (`ImageFlags::FIXED`, or the option
+//!   `preallocation=full`).
+//! - Discard and write-zeroes punch holes where the file system supports it and write zeros
+//!   otherwise.
+//! - [`Image::map`] reports holes (`SEEK_DATA`/`SEEK_HOLE` through the storage), so copies can
+//!   skip them.
+//! - Geometry is synthesised with the VHD/ATA rule; raw stores no UUIDs or comment.
+//!
+//! Link it into a binary with `use backend_raw as _;`.
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use vd_core::linkme::distributed_slice;
+use vd_core::{
+    BACKENDS, Backend, Capabilities, CheckReport, Confidence, CreateRequest, Error, Extent,
+    ExtentKind, Image, ImageFlags, OpenFlags, OpenMode, OpenRequest, Progress, Result,
+    Storage, StorageProvider, check_range,
+};
+
+/// The raw backend.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RawBackend;
+
+#[distributed_slice(BACKENDS)]
+static RAW: &'static dyn Backend = &RawBackend;
+
+/// The priority raw probes with: the lowest, so every other format is asked first.
+pub const RAW_PRIORITY: i32 = i32::MIN;
+
+fn io_err(op: &str, path: &Path, e: io::Error) -> Error {
+    Error::io(op, e).with_path(path)
+}
+
+impl Backend for RawBackend {
+    fn name(&self) -> &'static str {
+        "raw"
+    }
+
+    fn description(&self) -> &'static str {
+        "raw disk image (the file is the disk)"
+    }
+
+    fn extensions(&self) -> &'static [&'static str] {
+        &["img", "raw", "bin", "iso"]
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::CREATE_FIXED
+            | Capabilities::CREATE_DYNAMIC
+            | Capabilities::FILE
+            | Capabilities::DISCARD
+            | Capabilities::RESIZE
+            | Capabilities::REPAIR
+            | Capabilities::WRITE
+            | Capabilities::MAP
+    }
+
+    fn priority(&self) -> i32 {
+        RAW_PRIORITY
+    }
+
+    /// Any readable file is a raw image, with [`Confidence::Fallback`].
+    fn probe(&self, storage: &dyn Storage, path: &Path) -> Result<Confidence> {
+        let len = storage.len().map_err(|e| io_err("cannot read", path, e))?;
+        let mut probe = [0u8; 512];
+        let n = usize::try_from(len.min(probe.len() as u64)).unwrap_or(0);
+        storage
+            .read_exact_at(0, probe.get_mut(..n).unwrap_or_default())
+            .map_err(|e| io_err("cannot read", path, e))?;
+        Ok(Confidence::Fallback)
+    }
+
+    fn open(&self, req: OpenRequest<'_>) -> Result<Box<dyn Image>> {
+        let size = req
+            .storage
+            .len()
+            .map_err(|e| io_err("cannot read the size", req.path, e))?;
+        Ok(Box::new(RawImage {
+            path: req.path.to_path_buf(),
+            storage: RwLock::new(req.storage),
+            provider: req.provider,
+            flags: RwLock::new(req.flags),
+            size: RwLock::new(size),
+        }))
+    }
+
+    /// Creates a sparse image, or a preallocated one for `ImageFlags::FIXED` or
+    /// `preallocation=full`. Options: `preallocation=off|full`.
+    fn create(&self, req: CreateRequest<'_>) -> Result<Box<dyn Image>> {
+        let params = req.params;
+        if params.image_flags.contains(ImageFlags::DIFF) {
+            return Err(Error::not_supported("differencing raw images"));
+        }
+        let mut full = params.image_flags.contains(ImageFlags::FIXED);
+        for (k, v) in &params.options {
+            match (k.as_str(), v.as_str()) {
+                ("preallocation", "off") => full = false,
+                ("preallocation", "full") => full = true,
+                _ => {
+                    return Err(Error::invalid_argument(format!(
+                        "raw does not support the option {k}={v} (supported: preallocation=off|full)"
+                    )));
+                }
+            }
+        }
+        let s = &req.storage;
+        s.set_len(0)
+            .and_then(|()| {
+                if full {
+                    s.zero_range(0, params.size)
+                } else {
+                    s.set_len(params.size)
+                }
+            })
+            .and_then(|()| s.set_len(params.size))
+            .and_then(|()| s.flush())
+            .map_err(|e| io_err("cannot create", req.path, e))?;
+        Ok(Box::new(RawImage {
+            path: req.path.to_path_buf(),
+            storage: RwLock::new(req.storage),
+            provider: req.provider,
+            flags: RwLock::new(OpenFlags::empty()),
+            size: RwLock::new(params.size),
+        }))
+    }
+}
+
+/// An opened raw image.
+#[derive(Debug)]
+pub struct RawImage {
+    path: PathBuf,
+    storage: RwLock<Arc<dyn Storage>>,
+    provider: Arc<dyn StorageProvider>,
+    flags: RwLock<OpenFlags>,
+    size: RwLock<u64>,
+}
+
+impl RawImage {
+    fn storage(&self) -> Arc<dyn Storage> {
+        self.storage.read().clone()
+    }
+
+    fn writable(&self, op: &str) -> Result<()> {
+        if self.flags.read().contains(OpenFlags::READ_ONLY) {
+            Err(Error::read_only(op).with_path(&self.path))
+        } else {
+            Ok(())
+        }
+    }
+
+    fn err(&self, op: &str, e: io::Error) -> Error {
+        io_err(op, &self.path, e)
+    }
+}
+
+impl Image for RawImage {
+    fn format(&self) -> &'static str {
+        "raw"
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.storage()
+            .read_exact_at(offset, buf)
+            .map_err(|e| self.err("read failed", e))
+    }
+
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.writable("writing")?;
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.storage()
+            .write_all_at(offset, buf)
+            .map_err(|e| self.err("write failed", e))
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.storage()
+            .flush()
+            .map_err(|e| self.err("flush failed", e))
+    }
+
+    fn close(self: Box<Self>, delete: bool) -> Result<()> {
+        if !self.flags.read().contains(OpenFlags::READ_ONLY) {
+            self.flush()?;
+        }
+        if delete {
+            self.provider
+                .delete(&self.path)
+                .map_err(|e| self.err("cannot delete", e))?;
+        }
+        Ok(())
+    }
+
+    fn rename(&mut self, new_path: &Path) -> Result<()> {
+        self.provider
+            .rename(&self.path, new_path)
+            .map_err(|e| self.err("cannot rename", e))?;
+        self.path = new_path.to_path_buf();
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        *self.size.read()
+    }
+
+    fn file_size(&self) -> Result<u64> {
+        self.storage()
+            .len()
+            .map_err(|e| self.err("cannot read the size", e))
+    }
+
+    fn image_flags(&self) -> ImageFlags {
+        ImageFlags::FIXED
+    }
+
+    fn open_flags(&self) -> OpenFlags {
+        *self.flags.read()
+    }
+
+    /// Reopens the file when switching between read-only and read-write.
+    fn set_open_flags(&self, flags: OpenFlags) -> Result<()> {
+        let old = *self.flags.read();
+        if old.contains(OpenFlags::READ_ONLY) != flags.contains(OpenFlags::READ_ONLY) {
+            if !old.contains(OpenFlags::READ_ONLY) {
+                self.flush()?;
+            }
+            let mode = if flags.contains(OpenFlags::READ_ONLY) {
+                OpenMode::ReadOnly
+            } else {
+                OpenMode::ReadWrite
+            };
+            let s = self
+                .provider
+                .open(&self.path, mode)
+                .map_err(|e| self.err("cannot reopen", e))?;
+            *self.storage.write() = s;
+        }
+        *self.flags.write() = flags;
+        Ok(())
+    }
+
+    /// Data runs and holes of the file; holes are [`ExtentKind::Zero`].
+    fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.size())?;
+        let s = self.storage();
+        let mut out: Vec<Extent> = Vec::new();
+        let mut pos = offset;
+        let end = offset + len;
+        while pos < end {
+            let run = s
+                .run_at(pos, end - pos)
+                .map_err(|e| self.err("cannot map", e))?;
+            // Guard against a storage that reports empty runs: never loop forever.
+            let n = run.len.clamp(1, end - pos);
+            let kind = if run.data {
+                ExtentKind::Data
+            } else {
+                ExtentKind::Zero
+            };
+            match out.last_mut() {
+                Some(last) if last.kind == kind => last.length += n,
+                _ => out.push(Extent {
+                    offset: pos,
+                    length: n,
+                    kind,
+                }),
+            }
+            pos += n;
+        }
+        Ok(out)
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable("discard")?;
+        check_range(offset, len, self.size())?;
+        self.storage()
+            .discard(offset, len)
+            .map_err(|e| self.err("discard failed", e))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.discard(offset, len)
+    }
+
+    /// Sets the file length; shrinking drops the data beyond the new end.
+    fn resize(&self, new_size: u64, progress: Progress<'_>) -> Result<()> {
+        self.writable("resizing")?;
+        self.storage()
+            .set_len(new_size)
+            .map_err(|e| self.err("resize failed", e))?;
+        *self.size.write() = new_size;
+        progress(1, 1);
+        Ok(())
+    }
+
+    /// A raw image has no structure to check; the report is always clean.
+    fn repair(&self, _dry_run: bool) -> Result<CheckReport> {
+        Ok(CheckReport::default())
+    }
+
+    fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
+        writeln!(
+            out,
+            "raw image {}: virtual size {} bytes, file size {} bytes",
+            self.path.display(),
+            self.size(),
+            self.file_size()?
+        )
+        .map_err(|e| self.err("cannot write the dump", e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vd_core::testing::conformance::{Subject, check_power_loss, check_sequences};
+    use vd_core::{CreateParams, Disk, FileSystem, MemFileSystem, MemStorage, Registry};
+
+    struct Raw;
+
+    impl Subject for Raw {
+        fn name(&self) -> String {
+            "raw".into()
+        }
+        fn create(&self, registry: &Registry, path: &Path, size: u64) -> Result<Disk> {
+            let img = registry.create(
+                "raw",
+                path,
+                &CreateParams { size, ..CreateParams::default() },
+                None,
+                true,
+            )?;
+            Disk::from_layers(vec![img])
+        }
+    }
+
+    #[test]
+    fn conformance_sequences() {
+        check_sequences(&Raw, 64);
+    }
+
+    #[test]
+    fn conformance_power_loss() {
+        check_power_loss(&Raw, 64);
+    }
+
+    #[test]
+    fn probe_says_fallback_for_anything_readable() {
+        let s = MemStorage::from_bytes(b"hello".to_vec());
+        assert_eq!(RawBackend.probe(&s, Path::new("x")).unwrap(), Confidence::Fallback);
+        let empty = MemStorage::new();
+        assert_eq!(RawBackend.probe(&empty, Path::new("x")).unwrap(), Confidence::Fallback);
+    }
+
+    #[test]
+    fn sparse_create_maps_holes_and_discard_punches() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.img");
+        let reg = Registry::builtin_with_provider(Arc::new(FileSystem));
+        let mib = 1u64 << 20;
+        let img = reg
+            .create("raw", &path, &CreateParams { size: 8 * mib, ..CreateParams::default() }, None, false)
+            .unwrap();
+        assert_eq!(img.map(0, 8 * mib).unwrap(), vec![Extent { offset: 0, length: 8 * mib, kind: ExtentKind::Zero }]);
+        img.write_at(2 * mib, &vec![0x5a; mib as usize]).unwrap();
+        let m = img.map(0, 8 * mib).unwrap();
+        assert!(m.iter().any(|e| e.kind == ExtentKind::Data && e.offset <= 2 * mib && e.offset + e.length >= 3 * mib), "{m:?}");
+        img.discard(2 * mib, mib).unwrap();
+        let mut b = vec![1u8; mib as usize];
+        img.read_at(2 * mib, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        assert!(img.map(0, 8 * mib).unwrap().iter().all(|e| e.kind == ExtentKind::Zero));
+        img.close(true).unwrap();
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn preallocated_create_is_all_data_and_read_only_refuses_writes() {
+        let fs = Arc::new(MemFileSystem::new());
+        let reg = Registry::builtin_with_provider(fs.clone());
+        let params = CreateParams { size: 4096, image_flags: ImageFlags::FIXED, ..CreateParams::default() };
+        let img = reg.create("raw", Path::new("/f"), &params, None, false).unwrap();
+        assert_eq!(img.file_size().unwrap(), 4096);
+        img.close(false).unwrap();
+        let img = reg.open(Path::new("/f"), OpenFlags::READ_ONLY).unwrap();
+        let e = img.write_at(0, &[1]).unwrap_err();
+        assert_eq!(e.kind(), vd_core::ErrorKind::ReadOnly);
+        img.set_open_flags(OpenFlags::empty()).unwrap();
+        img.write_at(0, &[1]).unwrap();
+        let e = img.read_at(4096, &mut [0]).unwrap_err();
+        assert_eq!(e.kind(), vd_core::ErrorKind::OutOfRange);
+        let bad = CreateParams { size: 1, options: [("colour".to_string(), "red".to_string())].into(), ..CreateParams::default() };
+        let e = reg.create("raw", Path::new("/g"), &bad, None, false).unwrap_err();
+        assert_eq!(e.kind(), vd_core::ErrorKind::InvalidArgument);
+        assert!(!fs.exists(Path::new("/g")), "a failed create leaves no file");
+    }
+
+    #[test]
+    fn rename_resize_and_geometry() {
+        let fs = Arc::new(MemFileSystem::new());
+        let reg = Registry::builtin_with_provider(fs.clone());
+        let mut img = reg
+            .create("raw", Path::new("/a"), &CreateParams { size: 10 << 20, ..CreateParams::default() }, None, false)
+            .unwrap();
+        img.rename(Path::new("/b")).unwrap();
+        assert_eq!(img.path(), Path::new("/b"));
+        assert!(fs.exists(Path::new("/b")) && !fs.exists(Path::new("/a")));
+        let g = img.pchs_geometry().unwrap();
+        assert_eq!((g.cylinders, g.heads, g.sectors), (301, 4, 17));
+        img.resize(20 << 20, &mut |_, _| {}).unwrap();
+        assert_eq!(img.size(), 20 << 20);
+        assert_eq!(img.uuid().unwrap_err().kind(), vd_core::ErrorKind::NotSupported);
+        let mut out = Vec::new();
+        img.dump(&mut out).unwrap();
+        assert!(String::from_utf8(out).unwrap().contains("virtual size 20971520"));
+    }
+}

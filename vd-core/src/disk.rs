@@ -1,0 +1,397 @@
+//! Disk chains: a differencing child over its parents, read and written as one virtual disk.
+
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::flags::{ImageFlags, OpenFlags};
+use crate::image::{ExtentKind, Image, check_range};
+use crate::registry::Registry;
+
+/// The deepest chain [`Disk`] opens (the top image and its ancestors).
+pub const MAX_CHAIN_DEPTH: usize = 256;
+
+/// How to open a [`Disk`].
+#[derive(Debug, Clone)]
+pub struct DiskOptions {
+    /// Flags for the top image; parents are always opened read-only.
+    pub flags: OpenFlags,
+    /// The top image's format, bypassing probing.
+    pub format: Option<String>,
+    /// Explicit parents, nearest first; each one replaces the lookup by the child's locator.
+    pub parents: Vec<PathBuf>,
+    /// Chain depth cap (at most [`MAX_CHAIN_DEPTH`]).
+    pub max_depth: usize,
+}
+
+impl Default for DiskOptions {
+    fn default() -> Self {
+        Self {
+            flags: OpenFlags::READ_ONLY,
+            format: None,
+            parents: Vec::new(),
+            max_depth: MAX_CHAIN_DEPTH,
+        }
+    }
+}
+
+/// A run of the virtual disk and where its contents come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DiskExtent {
+    /// Start in bytes.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// `Data` (stored in `layer`) or `Zero`; never `Unallocated`.
+    pub kind: ExtentKind,
+    /// Index of the image that holds the run (0 = top); `None` for zeros below the base.
+    pub layer: Option<usize>,
+}
+
+/// A stack of images: a differencing child over its parent over its parent. Reads of ranges an
+/// image does not hold fall through to its parent, and read as zeros below the base; writes go
+/// to the top image.
+pub struct Disk {
+    layers: Vec<Box<dyn Image>>,
+    pos: u64,
+}
+
+impl std::fmt::Debug for Disk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Disk")
+            .field(
+                "layers",
+                &self.layers.iter().map(|l| l.path()).collect::<Vec<_>>(),
+            )
+            .field("pos", &self.pos)
+            .finish()
+    }
+}
+
+fn bad_chain(msg: String) -> Error {
+    Error::new(ErrorKind::BadChain, msg)
+}
+
+impl Disk {
+    /// Opens the image at `path` and, for a differencing image, its ancestors: each parent is
+    /// looked up at the candidates the child names (or taken from `opts.parents`), must exist,
+    /// must not already be in the chain, and must pass the child's
+    /// [`check_parent`](Image::check_parent).
+    ///
+    /// # Errors
+    /// Errors opening any layer; `NotFound` naming every path tried when a parent is missing;
+    /// `BadChain` for a cycle or a chain deeper than the cap.
+    pub fn open(registry: &Registry, path: &Path, opts: &DiskOptions) -> Result<Self> {
+        let provider = registry.provider().clone();
+        let max_depth = opts.max_depth.clamp(1, MAX_CHAIN_DEPTH);
+        let top = match &opts.format {
+            Some(f) => registry.open_as(f, path, opts.flags)?,
+            None => registry.open(path, opts.flags)?,
+        };
+        let canon = |p: &Path| provider.canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let mut seen = vec![canon(path)];
+        let mut layers: Vec<Box<dyn Image>> = Vec::new();
+        let mut explicit = opts.parents.iter();
+        let parent_flags = OpenFlags::READ_ONLY | (opts.flags & OpenFlags::STRICT);
+        let mut current = top;
+        while current.image_flags().contains(ImageFlags::DIFF) {
+            if layers.len() + 2 > max_depth {
+                return Err(bad_chain(format!(
+                    "the disk chain is deeper than {max_depth} images"
+                ))
+                .with_path(path));
+            }
+            let candidates = match explicit.next() {
+                Some(p) => vec![p.clone()],
+                None => current.parent_candidates()?,
+            };
+            let mut tried = Vec::new();
+            let mut found = None;
+            for c in candidates {
+                if !provider.exists(&c) {
+                    tried.push(format!("{} (not found)", c.display()));
+                    continue;
+                }
+                let cc = canon(&c);
+                if seen.contains(&cc) {
+                    return Err(bad_chain(format!(
+                        "the disk chain loops: {} is its own ancestor",
+                        c.display()
+                    ))
+                    .with_path(current.path()));
+                }
+                match registry
+                    .open(&c, parent_flags)
+                    .and_then(|p| current.check_parent(p.as_ref()).map(|()| p))
+                {
+                    Ok(p) => {
+                        seen.push(cc);
+                        found = Some(p);
+                        break;
+                    }
+                    Err(e) => tried.push(format!("{} ({e})", c.display())),
+                }
+            }
+            let Some(parent) = found else {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("parent image not found; tried: {}", tried.join("; ")),
+                )
+                .with_path(current.path()));
+            };
+            layers.push(current);
+            current = parent;
+        }
+        layers.push(current);
+        Self::from_layers(layers)
+    }
+
+    /// A disk over already opened images, top first.
+    ///
+    /// # Errors
+    /// `InvalidArgument` for no layers; `BadChain` beyond [`MAX_CHAIN_DEPTH`].
+    pub fn from_layers(layers: Vec<Box<dyn Image>>) -> Result<Self> {
+        if layers.is_empty() {
+            return Err(Error::invalid_argument("a disk needs at least one image"));
+        }
+        if layers.len() > MAX_CHAIN_DEPTH {
+            return Err(bad_chain(format!(
+                "the disk chain is deeper than {MAX_CHAIN_DEPTH} images"
+            )));
+        }
+        Ok(Self { layers, pos: 0 })
+    }
+
+    /// The images, top first.
+    pub fn layers(&self) -> &[Box<dyn Image>] {
+        &self.layers
+    }
+
+    /// The top image, where writes go.
+    pub fn top(&self) -> &dyn Image {
+        self.layers.first().map(AsRef::as_ref).expect("a disk has at least one layer")
+    }
+
+    /// Virtual size: the top image's.
+    pub fn size(&self) -> u64 {
+        self.top().size()
+    }
+
+    /// Reads `buf.len()` bytes at `offset` through the chain.
+    ///
+    /// # Errors
+    /// `OutOfRange`; errors of the layers.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.read_layer(0, offset, buf)
+    }
+
+    fn read_layer(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let Some(layer) = self.layers.get(index) else {
+            buf.fill(0);
+            return Ok(());
+        };
+        // A child may be larger than its parent: the part beyond this layer reads as zeros.
+        let avail = usize::try_from(layer.size().saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let (inside, beyond) = buf.split_at_mut(avail);
+        beyond.fill(0);
+        if inside.is_empty() {
+            return Ok(());
+        }
+        let inside_len = inside.len();
+        for e in layer.map(offset, inside_len as u64)? {
+            let start = e
+                .offset
+                .checked_sub(offset)
+                .and_then(|s| usize::try_from(s).ok());
+            let len = usize::try_from(e.length).ok();
+            let part = match (start, len) {
+                (Some(s), Some(l)) => inside.get_mut(s..s.saturating_add(l)),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "map returned extent {:#x}+{:#x} outside the request {offset:#x}+{:#x}",
+                        e.offset,
+                        e.length,
+                        inside_len
+                    ),
+                )
+                .with_path(layer.path())
+            })?;
+            match e.kind {
+                ExtentKind::Data => layer.read_at(e.offset, part)?,
+                ExtentKind::Zero => part.fill(0),
+                ExtentKind::Unallocated => self.read_layer(index + 1, e.offset, part)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset` to the top image.
+    ///
+    /// # Errors
+    /// `OutOfRange`; errors of the top image.
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.top().write_at(offset, buf)
+    }
+
+    /// Writes zeros over a range of the top image.
+    ///
+    /// # Errors
+    /// As [`write_at`](Disk::write_at).
+    pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.size())?;
+        self.top().write_zeroes(offset, len)
+    }
+
+    /// Discards a range of the top image.
+    ///
+    /// # Errors
+    /// `OutOfRange`; errors of the top image.
+    pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        check_range(offset, len, self.size())?;
+        self.top().discard(offset, len)
+    }
+
+    /// Flushes the top image.
+    ///
+    /// # Errors
+    /// Errors of the top image.
+    pub fn flush(&self) -> Result<()> {
+        self.top().flush()
+    }
+
+    /// Which layer holds each part of `[offset, offset + len)`; adjacent runs of the same kind
+    /// and layer are merged.
+    ///
+    /// # Errors
+    /// `OutOfRange`; errors of the layers.
+    pub fn map(&self, offset: u64, len: u64) -> Result<Vec<DiskExtent>> {
+        check_range(offset, len, self.size())?;
+        let mut out = Vec::new();
+        self.map_layer(0, offset, len, &mut out)?;
+        Ok(out)
+    }
+
+    fn map_layer(&self, index: usize, offset: u64, len: u64, out: &mut Vec<DiskExtent>) -> Result<()> {
+        let push = |out: &mut Vec<DiskExtent>, e: DiskExtent| {
+            if e.length == 0 {
+                return;
+            }
+            if let Some(last) = out.last_mut() {
+                if last.kind == e.kind && last.layer == e.layer && last.offset + last.length == e.offset {
+                    last.length += e.length;
+                    return;
+                }
+            }
+            out.push(e);
+        };
+        let Some(layer) = self.layers.get(index) else {
+            push(out, DiskExtent { offset, length: len, kind: ExtentKind::Zero, layer: None });
+            return Ok(());
+        };
+        let avail = layer.size().saturating_sub(offset).min(len);
+        if avail > 0 {
+            for e in layer.map(offset, avail)? {
+                match e.kind {
+                    ExtentKind::Unallocated if index + 1 < self.layers.len() => {
+                        self.map_layer(index + 1, e.offset, e.length, out)?;
+                    }
+                    ExtentKind::Unallocated | ExtentKind::Zero => push(
+                        out,
+                        DiskExtent { offset: e.offset, length: e.length, kind: ExtentKind::Zero, layer: None },
+                    ),
+                    ExtentKind::Data => push(
+                        out,
+                        DiskExtent { offset: e.offset, length: e.length, kind: ExtentKind::Data, layer: Some(index) },
+                    ),
+                }
+            }
+        }
+        if avail < len {
+            push(out, DiskExtent { offset: offset + avail, length: len - avail, kind: ExtentKind::Zero, layer: None });
+        }
+        Ok(())
+    }
+
+    /// Closes every layer, top first, returning the first error.
+    ///
+    /// # Errors
+    /// The first close error.
+    pub fn close(self) -> Result<()> {
+        let mut first = None;
+        for l in self.layers {
+            if let Err(e) = l.close(false) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+fn to_io(e: Error) -> io::Error {
+    let kind = match e.kind() {
+        ErrorKind::NotFound => io::ErrorKind::NotFound,
+        ErrorKind::ReadOnly => io::ErrorKind::PermissionDenied,
+        ErrorKind::OutOfRange | ErrorKind::InvalidArgument => io::ErrorKind::InvalidInput,
+        ErrorKind::Corrupt | ErrorKind::InvalidHeader => io::ErrorKind::InvalidData,
+        ErrorKind::NotSupported | ErrorKind::Unsupported => io::ErrorKind::Unsupported,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, e)
+}
+
+impl Read for Disk {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = usize::try_from(self.size().saturating_sub(self.pos))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let part = buf.get_mut(..n).unwrap_or_default();
+        self.read_at(self.pos, part).map_err(to_io)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for Disk {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = usize::try_from(self.size().saturating_sub(self.pos))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        if n == 0 && !buf.is_empty() {
+            return Err(io::Error::new(io::ErrorKind::WriteZero, "end of the virtual disk"));
+        }
+        self.write_at(self.pos, buf.get(..n).unwrap_or_default()).map_err(to_io)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Disk::flush(self).map_err(to_io)
+    }
+}
+
+impl Seek for Disk {
+    fn seek(&mut self, pos: SeekFrom) -> io::Result<u64> {
+        let new = match pos {
+            SeekFrom::Start(p) => Some(p),
+            SeekFrom::End(d) => self.size().checked_add_signed(d),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+        };
+        match new {
+            Some(p) => {
+                self.pos = p;
+                Ok(p)
+            }
+            None => Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start")),
+        }
+    }
+}

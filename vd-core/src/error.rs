@@ -1,0 +1,246 @@
+//! The error type shared by every backend, mapped from VirtualBox's VBox status codes.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+/// A specialised `Result` for vd operations.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, in categories that cover VirtualBox's VD status codes.
+#[non_exhaustive]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The operation is not implemented by this backend (`VERR_NOT_SUPPORTED`).
+    NotSupported,
+    /// The image was opened read-only (`VERR_VD_IMAGE_READ_ONLY`).
+    ReadOnly,
+    /// A header or signature is not what the format requires (`VERR_VD_GEN_INVALID_HEADER`).
+    InvalidHeader,
+    /// A structure inside the image is inconsistent (`VERR_VD_..._INVALID_HEADER`, corrupt images).
+    Corrupt,
+    /// The image is valid but uses a feature this implementation does not support
+    /// (`VERR_VD_..._UNSUPPORTED_VERSION`, unknown required regions).
+    Unsupported,
+    /// An offset or size lies outside the image (`VERR_OUT_OF_RANGE`).
+    OutOfRange,
+    /// A caller-supplied argument is invalid (`VERR_INVALID_PARAMETER`).
+    InvalidArgument,
+    /// A file, backend or parent could not be found (`VERR_FILE_NOT_FOUND`,
+    /// `VERR_VD_BACKEND_NOT_FOUND`).
+    NotFound,
+    /// A file that must not exist already does (`VERR_ALREADY_EXISTS`).
+    AlreadyExists,
+    /// No backend recognises the file (`VERR_NOT_SUPPORTED` from `VDGetFormat`).
+    UnknownFormat,
+    /// A parent image does not match the identity its child recorded
+    /// (`VERR_VD_PARENT_UUID_MISMATCH`... in spirit).
+    ParentMismatch,
+    /// A disk chain loops back on itself or is deeper than the cap.
+    BadChain,
+    /// The underlying storage failed (`VERR_IO_*`, `VERR_DISK_FULL`, ...).
+    Io,
+}
+
+impl ErrorKind {
+    /// A short lowercase description of the kind.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotSupported => "not supported",
+            Self::ReadOnly => "read-only",
+            Self::InvalidHeader => "invalid header",
+            Self::Corrupt => "corrupt image",
+            Self::Unsupported => "unsupported feature",
+            Self::OutOfRange => "out of range",
+            Self::InvalidArgument => "invalid argument",
+            Self::NotFound => "not found",
+            Self::AlreadyExists => "already exists",
+            Self::UnknownFormat => "unknown format",
+            Self::ParentMismatch => "parent mismatch",
+            Self::BadChain => "bad disk chain",
+            Self::Io => "i/o error",
+        }
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an error happened: the image, the structure field and the byte offset, where known.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Context {
+    /// The image file the error concerns.
+    pub path: Option<PathBuf>,
+    /// The on-disk structure or field (for example `"header 1 checksum"`).
+    pub field: Option<String>,
+    /// The byte offset in the image file.
+    pub offset: Option<u64>,
+}
+
+/// A vd error: a kind, a message, where it happened and the underlying cause.
+///
+/// `Display` prints `path: message (field at offset 0x...)`; the cause is available through
+/// [`std::error::Error::source`], so `{:#}` in `anyhow` prints the whole chain.
+#[derive(Debug)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    ctx: Context,
+    source: Option<Box<dyn StdError + Send + Sync + 'static>>,
+}
+
+impl Error {
+    /// A new error of `kind` with a lowercase message.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            ctx: Context::default(),
+            source: None,
+        }
+    }
+
+    /// `NotSupported` for the named operation.
+    pub fn not_supported(op: &str) -> Self {
+        Self::new(ErrorKind::NotSupported, format!("{op} is not supported"))
+    }
+
+    /// `ReadOnly` for the named operation.
+    pub fn read_only(op: &str) -> Self {
+        Self::new(
+            ErrorKind::ReadOnly,
+            format!("{op} needs the image opened read-write"),
+        )
+    }
+
+    /// `Corrupt`, naming the field and the offset it was read from.
+    pub fn corrupt(field: impl Into<String>, offset: u64, message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::Corrupt, message)
+            .with_field(field)
+            .with_offset(offset)
+    }
+
+    /// `OutOfRange` for an access of `len` bytes at `offset` on a disk of `size` bytes.
+    pub fn out_of_range(offset: u64, len: u64, size: u64) -> Self {
+        Self::new(
+            ErrorKind::OutOfRange,
+            format!("access of {len} bytes at offset {offset:#x} is beyond the disk size {size:#x}"),
+        )
+    }
+
+    /// `InvalidArgument` with a message.
+    pub fn invalid_argument(message: impl Into<String>) -> Self {
+        Self::new(ErrorKind::InvalidArgument, message)
+    }
+
+    /// An I/O failure during `op`, keeping the `io::Error` as the source.
+    pub fn io(op: impl Into<String>, err: io::Error) -> Self {
+        let kind = match err.kind() {
+            io::ErrorKind::NotFound => ErrorKind::NotFound,
+            io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+            _ => ErrorKind::Io,
+        };
+        Self::new(kind, op).with_source(err)
+    }
+
+    /// Attaches the image path (kept if one is already set).
+    #[must_use]
+    pub fn with_path(mut self, path: impl AsRef<Path>) -> Self {
+        if self.ctx.path.is_none() {
+            self.ctx.path = Some(path.as_ref().to_path_buf());
+        }
+        self
+    }
+
+    /// Attaches the structure field.
+    #[must_use]
+    pub fn with_field(mut self, field: impl Into<String>) -> Self {
+        self.ctx.field = Some(field.into());
+        self
+    }
+
+    /// Attaches the byte offset.
+    #[must_use]
+    pub fn with_offset(mut self, offset: u64) -> Self {
+        self.ctx.offset = Some(offset);
+        self
+    }
+
+    /// Attaches the underlying cause.
+    #[must_use]
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Box::new(source));
+        self
+    }
+
+    /// The category of the error.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// The message without context.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// Where the error happened.
+    pub fn context(&self) -> &Context {
+        &self.ctx
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(path) = &self.ctx.path {
+            write!(f, "{}: ", path.display())?;
+        }
+        f.write_str(&self.message)?;
+        match (&self.ctx.field, self.ctx.offset) {
+            (Some(field), Some(off)) => write!(f, " ({field} at offset {off:#x})"),
+            (Some(field), None) => write!(f, " ({field})"),
+            (None, Some(off)) => write!(f, " (at offset {off:#x})"),
+            (None, None) => Ok(()),
+        }
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+impl From<io::Error> for Error {
+    fn from(err: io::Error) -> Self {
+        Self::io("i/o failed", err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn display_names_path_field_and_offset() {
+        let e = Error::corrupt("header 1 checksum", 0x10004, "checksum mismatch").with_path("a.vhdx");
+        assert_eq!(
+            e.to_string(),
+            "a.vhdx: checksum mismatch (header 1 checksum at offset 0x10004)"
+        );
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+    }
+
+    #[test]
+    fn io_not_found_maps_to_not_found() {
+        let e = Error::io("opening", io::Error::from(io::ErrorKind::NotFound));
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert!(e.source().is_some());
+    }
+}

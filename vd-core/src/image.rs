@@ -1,0 +1,444 @@
+//! One opened image: the per-image half of VirtualBox's `VDIMAGEBACKEND`.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::flags::{ImageFlags, OpenFlags};
+use crate::geometry::Geometry;
+
+/// What a range of an image holds, as far as this one image knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExtentKind {
+    /// Data stored in this image.
+    Data,
+    /// Reads as zeros and is not stored as data in this image.
+    Zero,
+    /// Not in this image: a differencing image's reads fall through to the parent; in a base
+    /// image it reads as zeros.
+    Unallocated,
+}
+
+/// A run of the virtual disk with one [`ExtentKind`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct Extent {
+    /// Start in bytes.
+    pub offset: u64,
+    /// Length in bytes.
+    pub length: u64,
+    /// What the run holds.
+    pub kind: ExtentKind,
+}
+
+/// Severity of a finding of [`Image::repair`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Tolerated deviation from the format.
+    Warning,
+    /// Corruption or inconsistency.
+    Error,
+}
+
+/// One problem found by a check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// How bad it is.
+    pub severity: Severity,
+    /// What is wrong, naming the structure and offset.
+    pub message: String,
+    /// Whether a repair fixed it.
+    pub repaired: bool,
+}
+
+/// The result of [`Image::repair`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CheckReport {
+    /// Everything found.
+    pub findings: Vec<Finding>,
+}
+
+impl CheckReport {
+    /// Whether nothing (not even a warning) was found.
+    pub fn is_clean(&self) -> bool {
+        self.findings.is_empty()
+    }
+}
+
+/// Progress callback: `(done, total)` in arbitrary units.
+pub type Progress<'a> = &'a mut dyn FnMut(u64, u64);
+
+/// One opened image. I/O methods take `&self`; implementations synchronise internally.
+///
+/// Optional operations have default implementations that return
+/// [`ErrorKind::NotSupported`](crate::ErrorKind::NotSupported); the backend advertises what it
+/// implements through [`Backend::capabilities`](crate::Backend::capabilities).
+pub trait Image: Send + Sync {
+    /// The backend's name (VirtualBox `pfnGetFormat`... the backend's `pszBackendName`).
+    fn format(&self) -> &'static str;
+
+    /// The path the image was opened from.
+    fn path(&self) -> &Path;
+
+    /// Reads `buf.len()` bytes at `offset` (`pfnRead`). Ranges this image does not hold read as
+    /// zeros; [`Disk`](crate::Disk) uses [`map`](Image::map) to send them to the parent instead.
+    ///
+    /// # Errors
+    /// `OutOfRange` beyond the virtual size; I/O errors.
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+
+    /// Writes `buf` at `offset` (`pfnWrite`).
+    ///
+    /// # Errors
+    /// `ReadOnly`, `OutOfRange`, I/O errors.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        let _ = (offset, buf);
+        Err(Error::not_supported("writing"))
+    }
+
+    /// Makes every completed write durable (`pfnFlush`).
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn flush(&self) -> Result<()>;
+
+    /// Closes the image, deleting its file if `delete` (`pfnClose`).
+    ///
+    /// # Errors
+    /// Errors of the final flush or the deletion.
+    fn close(self: Box<Self>, delete: bool) -> Result<()>;
+
+    /// Renames the image file (`pfnRename`).
+    ///
+    /// # Errors
+    /// I/O errors; `NotSupported`.
+    fn rename(&mut self, new_path: &Path) -> Result<()> {
+        let _ = new_path;
+        Err(Error::not_supported("renaming"))
+    }
+
+    /// Virtual disk size in bytes (`pfnGetSize`).
+    fn size(&self) -> u64;
+
+    /// Logical sector size in bytes (`pfnGetSectorSize`).
+    fn sector_size(&self) -> u32 {
+        512
+    }
+
+    /// Physical sector size in bytes.
+    fn physical_sector_size(&self) -> u32 {
+        self.sector_size()
+    }
+
+    /// Size of the image file in bytes (`pfnGetFileSize`).
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn file_size(&self) -> Result<u64>;
+
+    /// Physical CHS geometry (`pfnGetPCHSGeometry`); synthesised when the format stores none.
+    ///
+    /// # Errors
+    /// `NotSupported`.
+    fn pchs_geometry(&self) -> Result<Geometry> {
+        Ok(Geometry::synthesize_pchs(self.size()))
+    }
+
+    /// Sets the physical geometry (`pfnSetPCHSGeometry`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`.
+    fn set_pchs_geometry(&self, geometry: Geometry) -> Result<()> {
+        let _ = geometry;
+        Err(Error::not_supported("setting the physical geometry"))
+    }
+
+    /// Logical CHS geometry (`pfnGetLCHSGeometry`); synthesised when the format stores none.
+    ///
+    /// # Errors
+    /// `NotSupported`.
+    fn lchs_geometry(&self) -> Result<Geometry> {
+        Ok(Geometry::synthesize_lchs(self.size()))
+    }
+
+    /// Sets the logical geometry (`pfnSetLCHSGeometry`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`.
+    fn set_lchs_geometry(&self, geometry: Geometry) -> Result<()> {
+        let _ = geometry;
+        Err(Error::not_supported("setting the logical geometry"))
+    }
+
+    /// Image flags (`pfnGetImageFlags`).
+    fn image_flags(&self) -> ImageFlags;
+
+    /// Flags the image was opened with (`pfnGetOpenFlags`).
+    fn open_flags(&self) -> OpenFlags;
+
+    /// Changes the open flags, e.g. read-only to read-write (`pfnSetOpenFlags`).
+    ///
+    /// # Errors
+    /// `NotSupported`; errors reopening the file.
+    fn set_open_flags(&self, flags: OpenFlags) -> Result<()> {
+        let _ = flags;
+        Err(Error::not_supported("changing open flags"))
+    }
+
+    /// The image comment (`pfnGetComment`).
+    ///
+    /// # Errors
+    /// `NotSupported`.
+    fn comment(&self) -> Result<Option<String>> {
+        Err(Error::not_supported("comments"))
+    }
+
+    /// Sets the image comment (`pfnSetComment`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`.
+    fn set_comment(&self, comment: Option<&str>) -> Result<()> {
+        let _ = comment;
+        Err(Error::not_supported("comments"))
+    }
+
+    /// The image UUID (`pfnGetUuid`).
+    ///
+    /// # Errors
+    /// `NotSupported` for formats without one.
+    fn uuid(&self) -> Result<uuid::Uuid> {
+        Err(Error::not_supported("image UUIDs"))
+    }
+
+    /// Sets the image UUID (`pfnSetUuid`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`.
+    fn set_uuid(&self, uuid: uuid::Uuid) -> Result<()> {
+        let _ = uuid;
+        Err(Error::not_supported("image UUIDs"))
+    }
+
+    /// The modification UUID (`pfnGetModificationUuid`).
+    ///
+    /// # Errors
+    /// `NotSupported`.
+    fn modification_uuid(&self) -> Result<uuid::Uuid> {
+        Err(Error::not_supported("modification UUIDs"))
+    }
+
+    /// Sets the modification UUID (`pfnSetModificationUuid`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`.
+    fn set_modification_uuid(&self, uuid: uuid::Uuid) -> Result<()> {
+        let _ = uuid;
+        Err(Error::not_supported("modification UUIDs"))
+    }
+
+    /// The parent's UUID as recorded by this child (`pfnGetParentUuid`).
+    ///
+    /// # Errors
+    /// `NotSupported`.
+    fn parent_uuid(&self) -> Result<uuid::Uuid> {
+        Err(Error::not_supported("parent UUIDs"))
+    }
+
+    /// Sets the parent UUID (`pfnSetParentUuid`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`.
+    fn set_parent_uuid(&self, uuid: uuid::Uuid) -> Result<()> {
+        let _ = uuid;
+        Err(Error::not_supported("parent UUIDs"))
+    }
+
+    /// The parent's modification UUID as recorded by this child
+    /// (`pfnGetParentModificationUuid`).
+    ///
+    /// # Errors
+    /// `NotSupported`.
+    fn parent_modification_uuid(&self) -> Result<uuid::Uuid> {
+        Err(Error::not_supported("parent modification UUIDs"))
+    }
+
+    /// Sets the parent modification UUID (`pfnSetParentModificationUuid`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`.
+    fn set_parent_modification_uuid(&self, uuid: uuid::Uuid) -> Result<()> {
+        let _ = uuid;
+        Err(Error::not_supported("parent modification UUIDs"))
+    }
+
+    /// The parent's file name as stored in the child (`pfnGetParentFilename`).
+    ///
+    /// # Errors
+    /// `NotSupported` for images without a parent.
+    fn parent_filename(&self) -> Result<String> {
+        Err(Error::not_supported("parent file names"))
+    }
+
+    /// Sets the stored parent file name (`pfnSetParentFilename`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`.
+    fn set_parent_filename(&self, name: &str) -> Result<()> {
+        let _ = name;
+        Err(Error::not_supported("parent file names"))
+    }
+
+    /// Where to look for the parent, in the order to try (resolved against this image's
+    /// location). The default resolves [`parent_filename`](Image::parent_filename).
+    ///
+    /// # Errors
+    /// `NotSupported` for images without a parent.
+    fn parent_candidates(&self) -> Result<Vec<PathBuf>> {
+        let name = self.parent_filename()?;
+        let dir = self.path().parent().unwrap_or_else(|| Path::new(""));
+        Ok(vec![dir.join(name)])
+    }
+
+    /// Whether `parent` is the image this child was made from. The default compares the
+    /// recorded parent UUID (and parent modification UUID, where stored) with the parent's
+    /// modification UUID, accepting images that record neither.
+    ///
+    /// # Errors
+    /// `ParentMismatch` naming both identities.
+    fn check_parent(&self, parent: &dyn Image) -> Result<()> {
+        let want = match self.parent_uuid() {
+            Ok(u) => u,
+            Err(e) if e.kind() == ErrorKind::NotSupported => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let want2 = self.parent_modification_uuid().ok();
+        let have = match parent.modification_uuid() {
+            Ok(u) => u,
+            Err(e) if e.kind() == ErrorKind::NotSupported => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if have == want || want2.is_some_and(|w| !w.is_nil() && w == have) {
+            Ok(())
+        } else {
+            Err(Error::new(
+                ErrorKind::ParentMismatch,
+                format!(
+                    "parent {} has modification id {have}, but the child expects {want}",
+                    parent.path().display()
+                ),
+            )
+            .with_path(self.path()))
+        }
+    }
+
+    /// Time of last modification where the format stores one (`pfnGetTimestamp`).
+    ///
+    /// # Errors
+    /// `NotSupported`.
+    fn timestamp(&self) -> Result<SystemTime> {
+        Err(Error::not_supported("timestamps"))
+    }
+
+    /// What each part of `[offset, offset + len)` holds in this image (block status; VirtualBox
+    /// reports it as `VERR_VD_BLOCK_FREE` from `pfnRead`). Extents are contiguous and cover the
+    /// whole range.
+    ///
+    /// # Errors
+    /// `OutOfRange`; I/O errors reading metadata.
+    fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+
+    /// Discards `[offset, offset + len)` so that it reads as zeros (`pfnDiscard`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`, `OutOfRange`.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        let _ = (offset, len);
+        Err(Error::not_supported("discard"))
+    }
+
+    /// Writes zeros over `[offset, offset + len)`, sparsely where the format can.
+    ///
+    /// # Errors
+    /// As [`write_at`](Image::write_at).
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        const CHUNK: u64 = 1 << 20;
+        let zeros = vec![0u8; usize::try_from(CHUNK.min(len)).unwrap_or(0)];
+        let mut done = 0;
+        while done < len {
+            let n = usize::try_from((len - done).min(CHUNK))
+                .map_err(|_| Error::invalid_argument("length overflows"))?;
+            self.write_at(offset + done, zeros.get(..n).unwrap_or_default())?;
+            done += n as u64;
+        }
+        Ok(())
+    }
+
+    /// Moves data down and shrinks the file (`pfnCompact`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`, I/O errors.
+    fn compact(&self, progress: Progress<'_>) -> Result<()> {
+        let _ = progress;
+        Err(Error::not_supported("compacting"))
+    }
+
+    /// Changes the virtual size (`pfnResize`).
+    ///
+    /// # Errors
+    /// `NotSupported`, `ReadOnly`, `InvalidArgument`.
+    fn resize(&self, new_size: u64, progress: Progress<'_>) -> Result<()> {
+        let _ = (new_size, progress);
+        Err(Error::not_supported("resizing"))
+    }
+
+    /// Checks the image, and repairs what is safe unless `dry_run` (`pfnRepair` with
+    /// `VD_REPAIR_DRY_RUN`).
+    ///
+    /// # Errors
+    /// `NotSupported`; I/O errors.
+    fn repair(&self, dry_run: bool) -> Result<CheckReport> {
+        let _ = dry_run;
+        Err(Error::not_supported("checking"))
+    }
+
+    /// Writes a human-readable description of every on-disk structure (`pfnDump`).
+    ///
+    /// # Errors
+    /// I/O errors.
+    fn dump(&self, out: &mut dyn io::Write) -> Result<()>;
+
+    /// Tolerated deviations found while opening.
+    fn warnings(&self) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Format-specific facts for `info` (like qemu-img's "format specific information").
+    fn details(&self) -> serde_json::Value {
+        serde_json::Value::Null
+    }
+}
+
+/// Checks that `[offset, offset + len)` lies inside a disk of `size` bytes.
+///
+/// # Errors
+/// `OutOfRange` when it does not.
+pub fn check_range(offset: u64, len: u64, size: u64) -> Result<()> {
+    match offset.checked_add(len) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::out_of_range(offset, len, size)),
+    }
+}
+
+impl std::fmt::Debug for dyn Image {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Image")
+            .field("format", &self.format())
+            .field("path", &self.path())
+            .field("size", &self.size())
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,58 @@
+//! # vd-core
+//!
+//! The framework every vd image backend plugs into, modelled on VirtualBox's VD layer:
+//!
+//! - [`Backend`] and [`Image`]: the two halves of VirtualBox's `VDIMAGEBACKEND` vtable (the
+//!   per-format half and the per-opened-image half). Each method's documentation names the
+//!   VirtualBox callback it mirrors. Optional operations return [`ErrorKind::NotSupported`] and
+//!   are advertised by [`Capabilities`].
+//! - [`BACKENDS`]: the static backend table, a `linkme` distributed slice each backend crate
+//!   registers itself into; [`Registry`] probes it in a documented order and accepts more
+//!   backends at run time.
+//! - [`Storage`] and [`StorageProvider`]: the I/O interface. Backends never touch `std::fs`.
+//! - [`Disk`]: a chain of images (child over parents) read and written as one disk, with
+//!   `std::io::{Read, Write, Seek}`.
+//! - With the `test-util` feature, [`testing`]: a fault-injecting storage and the backend
+//!   conformance suite.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vd_core::{MemFileSystem, Registry};
+//!
+//! // A registry of every linked backend, on an in-memory file system.
+//! let registry = Registry::builtin_with_provider(Arc::new(MemFileSystem::new()));
+//! for b in registry.backends() {
+//!     println!("{} (priority {})", b.name(), b.priority());
+//! }
+//! ```
+
+#![forbid(unsafe_code)]
+#![deny(missing_docs)]
+
+mod backend;
+mod disk;
+mod error;
+mod flags;
+mod geometry;
+mod image;
+mod registry;
+mod storage;
+
+#[cfg(feature = "test-util")]
+pub mod testing;
+
+pub use backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest};
+pub use disk::{Disk, DiskExtent, DiskOptions, MAX_CHAIN_DEPTH};
+pub use error::{Context, Error, ErrorKind, Result};
+pub use flags::{Capabilities, ImageFlags, OpenFlags, flag_names};
+pub use geometry::Geometry;
+pub use image::{CheckReport, Extent, ExtentKind, Finding, Image, Progress, Severity, check_range};
+pub use registry::{BACKENDS, ProbeMatch, Registry};
+pub use storage::{
+    FileStorage, FileSystem, MemFileSystem, MemStorage, OpenMode, Storage, StorageProvider,
+    StorageRun,
+};
+
+/// Re-exported so backends can register with `#[linkme::distributed_slice(vd_core::BACKENDS)]`
+/// without naming `linkme` themselves.
+pub use linkme;

@@ -1,0 +1,293 @@
+//! The static backend table and the [`Registry`] that probes it.
+//!
+//! Each backend crate adds itself to [`BACKENDS`]:
+//!
+//! ```ignore
+//! #[linkme::distributed_slice(vd_core::BACKENDS)]
+//! static VHDX: &'static dyn vd_core::Backend = &VhdxBackend;
+//! ```
+//!
+//! and a binary links it with `use backend_vhdx as _;`. Probing asks every backend, takes the
+//! highest [`Confidence`], and breaks ties by [`Backend::priority`] (higher first), then by name.
+//! Raw answers [`Confidence::Fallback`] with the lowest priority, so it is chosen only when
+//! nothing else claims a file.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use linkme::distributed_slice;
+
+use crate::backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest};
+use crate::error::{Error, ErrorKind, Result};
+use crate::flags::{Capabilities, ImageFlags, OpenFlags};
+use crate::image::Image;
+use crate::storage::{FileSystem, OpenMode, Storage, StorageProvider};
+
+/// The static backend table: every linked backend crate registers itself here.
+#[distributed_slice]
+pub static BACKENDS: [&'static dyn Backend];
+
+/// A backend from the static table, shared like a run-time one.
+struct Static(&'static dyn Backend);
+
+impl Backend for Static {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn description(&self) -> &'static str {
+        self.0.description()
+    }
+    fn extensions(&self) -> &'static [&'static str] {
+        self.0.extensions()
+    }
+    fn capabilities(&self) -> Capabilities {
+        self.0.capabilities()
+    }
+    fn priority(&self) -> i32 {
+        self.0.priority()
+    }
+    fn probe(&self, storage: &dyn Storage, path: &Path) -> Result<Confidence> {
+        self.0.probe(storage, path)
+    }
+    fn open(&self, req: OpenRequest<'_>) -> Result<Box<dyn Image>> {
+        self.0.open(req)
+    }
+    fn create(&self, req: CreateRequest<'_>) -> Result<Box<dyn Image>> {
+        self.0.create(req)
+    }
+}
+
+/// The outcome of probing one file.
+#[derive(Clone)]
+pub struct ProbeMatch {
+    /// The backend that claimed the file.
+    pub backend: Arc<dyn Backend>,
+    /// How sure it is.
+    pub confidence: Confidence,
+}
+
+impl std::fmt::Debug for ProbeMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProbeMatch")
+            .field("backend", &self.backend.name())
+            .field("confidence", &self.confidence)
+            .finish()
+    }
+}
+
+/// A set of backends in probe order, with the file system they open images through.
+#[derive(Clone)]
+pub struct Registry {
+    backends: Vec<Arc<dyn Backend>>,
+    provider: Arc<dyn StorageProvider>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field(
+                "backends",
+                &self.backends.iter().map(|b| b.name()).collect::<Vec<_>>(),
+            )
+            .field("provider", &self.provider)
+            .finish()
+    }
+}
+
+fn probe_order(a: &Arc<dyn Backend>, b: &Arc<dyn Backend>) -> std::cmp::Ordering {
+    b.priority()
+        .cmp(&a.priority())
+        .then_with(|| a.name().cmp(b.name()))
+}
+
+impl Registry {
+    /// Every backend in the static table, on the host file system.
+    pub fn builtin() -> Self {
+        Self::builtin_with_provider(Arc::new(FileSystem))
+    }
+
+    /// Every backend in the static table, on `provider`.
+    pub fn builtin_with_provider(provider: Arc<dyn StorageProvider>) -> Self {
+        let mut r = Self::empty(provider);
+        for b in BACKENDS {
+            // Two statics of the same name would be a build mistake; keep the first.
+            if r.get(b.name()).is_none() {
+                r.backends.push(Arc::new(Static(*b)));
+            }
+        }
+        r.backends.sort_by(probe_order);
+        r
+    }
+
+    /// No backends, on `provider`.
+    pub fn empty(provider: Arc<dyn StorageProvider>) -> Self {
+        Self {
+            backends: Vec::new(),
+            provider,
+        }
+    }
+
+    /// Adds a backend at run time (a plugin).
+    ///
+    /// # Errors
+    /// `AlreadyExists` when a backend of that name is registered.
+    pub fn register(&mut self, backend: Arc<dyn Backend>) -> Result<()> {
+        if self.get(backend.name()).is_some() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("a backend named {} is already registered", backend.name()),
+            ));
+        }
+        self.backends.push(backend);
+        self.backends.sort_by(probe_order);
+        Ok(())
+    }
+
+    /// The backends in probe order.
+    pub fn backends(&self) -> &[Arc<dyn Backend>] {
+        &self.backends
+    }
+
+    /// The backend called `name` (case-insensitive).
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Backend>> {
+        self.backends
+            .iter()
+            .find(|b| b.name().eq_ignore_ascii_case(name))
+    }
+
+    /// The file system images are opened through.
+    pub fn provider(&self) -> &Arc<dyn StorageProvider> {
+        &self.provider
+    }
+
+    fn backend(&self, name: &str) -> Result<&Arc<dyn Backend>> {
+        self.get(name).ok_or_else(|| {
+            Error::new(ErrorKind::NotFound, format!("no backend named {name:?}"))
+        })
+    }
+
+    fn open_storage(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Storage>> {
+        self.provider
+            .open(path, mode)
+            .map_err(|e| Error::io("cannot open", e).with_path(path))
+    }
+
+    /// Asks every backend about `storage` and returns the best match.
+    ///
+    /// # Errors
+    /// `UnknownFormat` when no backend claims it.
+    pub fn probe_storage(&self, storage: &dyn Storage, path: &Path) -> Result<ProbeMatch> {
+        let mut best: Option<ProbeMatch> = None;
+        for b in &self.backends {
+            let confidence = match b.probe(storage, path) {
+                Ok(c) => c,
+                Err(e) => {
+                    log::debug!("{}: probe by {} failed: {e}", path.display(), b.name());
+                    Confidence::No
+                }
+            };
+            log::trace!("{}: {} says {confidence:?}", path.display(), b.name());
+            if confidence > Confidence::No
+                && best.as_ref().is_none_or(|m| confidence > m.confidence)
+            {
+                best = Some(ProbeMatch {
+                    backend: b.clone(),
+                    confidence,
+                });
+            }
+        }
+        best.ok_or_else(|| {
+            Error::new(ErrorKind::UnknownFormat, "no backend recognises the file").with_path(path)
+        })
+    }
+
+    /// Opens `path` read-only and probes it.
+    ///
+    /// # Errors
+    /// The file cannot be opened; `UnknownFormat`.
+    pub fn probe(&self, path: &Path) -> Result<ProbeMatch> {
+        let storage = self.open_storage(path, OpenMode::ReadOnly)?;
+        self.probe_storage(storage.as_ref(), path)
+    }
+
+    /// Probes and opens the image at `path`.
+    ///
+    /// # Errors
+    /// As [`probe`](Registry::probe) and [`Backend::open`].
+    pub fn open(&self, path: &Path, flags: OpenFlags) -> Result<Box<dyn Image>> {
+        let m = self.probe(path)?;
+        self.open_with(&m.backend, path, flags)
+    }
+
+    /// Opens `path` with the backend called `name`, bypassing probing.
+    ///
+    /// # Errors
+    /// `NotFound` for an unknown backend name; as [`Backend::open`].
+    pub fn open_as(&self, name: &str, path: &Path, flags: OpenFlags) -> Result<Box<dyn Image>> {
+        let b = self.backend(name)?.clone();
+        self.open_with(&b, path, flags)
+    }
+
+    fn open_with(
+        &self,
+        backend: &Arc<dyn Backend>,
+        path: &Path,
+        flags: OpenFlags,
+    ) -> Result<Box<dyn Image>> {
+        let mode = if flags.contains(OpenFlags::READ_ONLY) {
+            OpenMode::ReadOnly
+        } else {
+            OpenMode::ReadWrite
+        };
+        let storage = self.open_storage(path, mode)?;
+        backend
+            .open(OpenRequest {
+                path,
+                storage,
+                provider: self.provider.clone(),
+                flags,
+            })
+            .map_err(|e| e.with_path(path))
+    }
+
+    /// Creates a new image at `path` with the backend called `name`. A differencing image
+    /// (`ImageFlags::DIFF`) needs `parent`. A failed create deletes the partial file.
+    ///
+    /// # Errors
+    /// `AlreadyExists` unless `overwrite`; as [`Backend::create`].
+    pub fn create(
+        &self,
+        name: &str,
+        path: &Path,
+        params: &CreateParams,
+        parent: Option<(&Path, &dyn Image)>,
+        overwrite: bool,
+    ) -> Result<Box<dyn Image>> {
+        let backend = self.backend(name)?.clone();
+        if params.image_flags.contains(ImageFlags::DIFF) && parent.is_none() {
+            return Err(Error::invalid_argument(
+                "a differencing image needs a parent",
+            ));
+        }
+        let storage = self
+            .provider
+            .create(path, overwrite)
+            .map_err(|e| Error::io("cannot create", e).with_path(path))?;
+        let result = backend.create(CreateRequest {
+            path,
+            storage,
+            provider: self.provider.clone(),
+            params,
+            parent,
+        });
+        match result {
+            Ok(img) => Ok(img),
+            Err(e) => {
+                if let Err(del) = self.provider.delete(path) {
+                    log::warn!("{}: removing the partial image failed: {del}", path.display());
+                }
+                Err(e.with_path(path))
+            }
+        }
+    }
+}

@@ -1,0 +1,531 @@
+//! The I/O interface (VirtualBox's `VDINTERFACEIO`): backends read and write images only through
+//! [`Storage`] and find, create, rename and delete files only through [`StorageProvider`], so an
+//! image can live in a file, in memory, or anywhere a host application provides.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+/// One run of bytes in a storage object: data, or a hole that reads as zeros.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StorageRun {
+    /// Whether the run holds data (`false`: a hole that reads as zeros).
+    pub data: bool,
+    /// Length of the run in bytes.
+    pub len: u64,
+}
+
+/// One open file, addressed by position. All methods take `&self`, so a storage object can be
+/// shared between threads; implementations synchronise internally.
+///
+/// End-of-file semantics: [`read_exact_at`](Storage::read_exact_at) past the end fails with
+/// [`io::ErrorKind::UnexpectedEof`]; [`write_all_at`](Storage::write_all_at) past the end extends
+/// the storage.
+pub trait Storage: Send + Sync + Debug {
+    /// Reads exactly `buf.len()` bytes at `offset`.
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+    /// Writes all of `buf` at `offset`, growing the storage if needed.
+    fn write_all_at(&self, offset: u64, buf: &[u8]) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Whether the storage is empty.
+    fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.len()? == 0)
+    }
+    /// Truncates or extends (with zeros) to `len` bytes.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Makes every completed write durable.
+    fn flush(&self) -> io::Result<()>;
+    /// Writes zeros over `[offset, offset + len)`.
+    fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: u64 = 256 * 1024;
+        let zeros = vec![0u8; usize::try_from(CHUNK.min(len)).unwrap_or(0)];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(CHUNK);
+            let n_usize = usize::try_from(n).map_err(io::Error::other)?;
+            let chunk = zeros.get(..n_usize).ok_or_else(|| io::Error::other("zero chunk"))?;
+            self.write_all_at(offset + done, chunk)?;
+            done += n;
+        }
+        Ok(())
+    }
+    /// Releases `[offset, offset + len)` so that it reads as zeros, punching a hole where the
+    /// storage supports it. The default writes zeros.
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        self.zero_range(offset, len)
+    }
+    /// Whether `offset` starts a data run or a hole, and how long that run is (at most
+    /// `max_len`). The default reports everything as data.
+    fn run_at(&self, offset: u64, max_len: u64) -> io::Result<StorageRun> {
+        let _ = offset;
+        Ok(StorageRun {
+            data: true,
+            len: max_len,
+        })
+    }
+    /// Whether writes fail because the storage is read-only.
+    fn is_read_only(&self) -> bool {
+        false
+    }
+}
+
+/// How a file is opened by a [`StorageProvider`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpenMode {
+    /// Reads only; writes fail.
+    ReadOnly,
+    /// Reads and writes.
+    ReadWrite,
+}
+
+/// The file system as backends see it: opening, creating, deleting and renaming files, and
+/// resolving a path relative to another image.
+pub trait StorageProvider: Send + Sync + Debug {
+    /// Opens an existing file.
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>>;
+    /// Creates a file for reading and writing. Fails with `AlreadyExists` unless `overwrite`.
+    fn create(&self, path: &Path, overwrite: bool) -> io::Result<Arc<dyn Storage>>;
+    /// Deletes a file.
+    fn delete(&self, path: &Path) -> io::Result<()>;
+    /// Renames a file.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Whether a file exists.
+    fn exists(&self, path: &Path) -> bool;
+    /// Resolves `target` relative to the directory holding `base` (an image path).
+    fn resolve(&self, base: &Path, target: &Path) -> PathBuf {
+        if target.is_absolute() {
+            return target.to_path_buf();
+        }
+        match base.parent() {
+            Some(dir) => dir.join(target),
+            None => target.to_path_buf(),
+        }
+    }
+    /// A canonical name for `path`, used to detect cycles in disk chains.
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        Ok(path.to_path_buf())
+    }
+}
+
+/// A file on the host file system.
+#[derive(Debug)]
+pub struct FileStorage {
+    file: File,
+    read_only: bool,
+}
+
+impl FileStorage {
+    /// Wraps an open file.
+    pub fn new(file: File, read_only: bool) -> Self {
+        Self { file, read_only }
+    }
+
+    /// Opens `path` in `mode`.
+    ///
+    /// # Errors
+    /// Any error of [`OpenOptions::open`].
+    pub fn open(path: &Path, mode: OpenMode) -> io::Result<Self> {
+        let read_only = mode == OpenMode::ReadOnly;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)?;
+        if file.metadata()?.is_dir() {
+            return Err(io::Error::new(
+                io::ErrorKind::IsADirectory,
+                "is a directory",
+            ));
+        }
+        Ok(Self::new(file, read_only))
+    }
+
+    fn check_writable(&self) -> io::Result<()> {
+        if self.read_only {
+            Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "storage is opened read-only",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Storage for FileStorage {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    fn write_all_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        self.check_writable()?;
+        self.file.write_all_at(buf, offset)
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        self.file.set_len(len)
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        self.file.sync_data()
+    }
+
+    fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        use rustix::fs::{FallocateFlags, fallocate};
+        self.check_writable()?;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| io::Error::other("discard range overflows"))?;
+        let file_len = self.len()?;
+        // Punching past the end would be a no-op; writing zeros there would grow the file.
+        let len = end.min(file_len).saturating_sub(offset);
+        if len == 0 {
+            return Ok(());
+        }
+        match fallocate(
+            &self.file,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            offset,
+            len,
+        ) {
+            Ok(()) => Ok(()),
+            Err(e)
+                if e == rustix::io::Errno::OPNOTSUPP
+                    || e == rustix::io::Errno::NOSYS
+                    || e == rustix::io::Errno::INVAL =>
+            {
+                self.zero_range(offset, len)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn run_at(&self, offset: u64, max_len: u64) -> io::Result<StorageRun> {
+        use rustix::fs::{SeekFrom, seek};
+        let len = self.len()?;
+        if offset >= len {
+            return Ok(StorageRun {
+                data: false,
+                len: max_len,
+            });
+        }
+        let data_start = match seek(&self.file, SeekFrom::Data(offset)) {
+            Ok(p) => p,
+            Err(e) if e == rustix::io::Errno::NXIO => len,
+            // File systems without SEEK_DATA: everything is data.
+            Err(_) => {
+                return Ok(StorageRun {
+                    data: true,
+                    len: max_len,
+                });
+            }
+        };
+        if data_start > offset {
+            return Ok(StorageRun {
+                data: false,
+                len: (data_start - offset).min(max_len),
+            });
+        }
+        let hole_start = match seek(&self.file, SeekFrom::Hole(offset)) {
+            Ok(p) => p,
+            Err(_) => len,
+        };
+        Ok(StorageRun {
+            data: true,
+            len: hole_start.saturating_sub(offset).min(max_len),
+        })
+    }
+
+    fn is_read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+/// A storage object in memory.
+#[derive(Debug, Default)]
+pub struct MemStorage {
+    data: RwLock<Vec<u8>>,
+}
+
+impl MemStorage {
+    /// An empty storage object.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A storage object holding `bytes`.
+    pub fn from_bytes(bytes: Vec<u8>) -> Self {
+        Self {
+            data: RwLock::new(bytes),
+        }
+    }
+
+    /// A copy of the contents.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.data.read().clone()
+    }
+}
+
+fn range(offset: u64, len: usize) -> io::Result<(usize, usize)> {
+    let start = usize::try_from(offset).map_err(io::Error::other)?;
+    let end = start
+        .checked_add(len)
+        .ok_or_else(|| io::Error::other("range overflows"))?;
+    Ok((start, end))
+}
+
+impl Storage for MemStorage {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let data = self.data.read();
+        let (start, end) = range(offset, buf.len())?;
+        let src = data
+            .get(start..end)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))?;
+        buf.copy_from_slice(src);
+        Ok(())
+    }
+
+    fn write_all_at(&self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        let mut data = self.data.write();
+        let (start, end) = range(offset, buf.len())?;
+        if data.len() < end {
+            data.resize(end, 0);
+        }
+        if let Some(dst) = data.get_mut(start..end) {
+            dst.copy_from_slice(buf);
+        }
+        Ok(())
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.data.read().len() as u64)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        self.data.write().resize(len, 0);
+        Ok(())
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The host file system through `std::fs`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FileSystem;
+
+impl StorageProvider for FileSystem {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
+        Ok(Arc::new(FileStorage::open(path, mode)?))
+    }
+
+    fn create(&self, path: &Path, overwrite: bool) -> io::Result<Arc<dyn Storage>> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(true);
+        if overwrite {
+            opts.create(true).truncate(true);
+        } else {
+            opts.create_new(true);
+        }
+        Ok(Arc::new(FileStorage::new(opts.open(path)?, false)))
+    }
+
+    fn delete(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        path.is_file()
+    }
+
+    fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
+        std::fs::canonicalize(path)
+    }
+}
+
+/// An in-memory file system: a map from paths to storage objects. Tests put any storage (for
+/// example a fault-injecting one) at a path with [`MemFileSystem::insert`].
+#[derive(Debug, Default)]
+pub struct MemFileSystem {
+    files: Mutex<HashMap<PathBuf, Arc<dyn Storage>>>,
+}
+
+impl MemFileSystem {
+    /// An empty file system.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Places `storage` at `path`, replacing what was there.
+    pub fn insert(&self, path: impl Into<PathBuf>, storage: Arc<dyn Storage>) {
+        self.files.lock().insert(path.into(), storage);
+    }
+
+    /// The storage at `path`, if any.
+    pub fn get(&self, path: &Path) -> Option<Arc<dyn Storage>> {
+        self.files.lock().get(path).cloned()
+    }
+
+    /// Every path, sorted.
+    pub fn paths(&self) -> Vec<PathBuf> {
+        let mut v: Vec<_> = self.files.lock().keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// A read-only view of another storage object.
+#[derive(Debug)]
+struct ReadOnlyStorage(Arc<dyn Storage>);
+
+impl Storage for ReadOnlyStorage {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_exact_at(offset, buf)
+    }
+    fn write_all_at(&self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "storage is opened read-only",
+        ))
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        self.write_all_at(0, &[])
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.write_all_at(0, &[])
+    }
+    fn run_at(&self, offset: u64, max_len: u64) -> io::Result<StorageRun> {
+        self.0.run_at(offset, max_len)
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+}
+
+impl StorageProvider for MemFileSystem {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
+        let s = self
+            .get(path)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        Ok(match mode {
+            OpenMode::ReadWrite => s,
+            OpenMode::ReadOnly => Arc::new(ReadOnlyStorage(s)),
+        })
+    }
+
+    fn create(&self, path: &Path, overwrite: bool) -> io::Result<Arc<dyn Storage>> {
+        let mut files = self.files.lock();
+        if let Some(existing) = files.get(path) {
+            if !overwrite {
+                return Err(io::Error::from(io::ErrorKind::AlreadyExists));
+            }
+            // Keep the object (it may be a test double a test placed there) and empty it.
+            existing.set_len(0)?;
+            return Ok(existing.clone());
+        }
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        files.insert(path.to_path_buf(), s.clone());
+        Ok(s)
+    }
+
+    fn delete(&self, path: &Path) -> io::Result<()> {
+        self.files
+            .lock()
+            .remove(path)
+            .map(|_| ())
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))
+    }
+
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        let mut files = self.files.lock();
+        let s = files
+            .remove(from)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        files.insert(to.to_path_buf(), s);
+        Ok(())
+    }
+
+    fn exists(&self, path: &Path) -> bool {
+        self.files.lock().contains_key(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mem_storage_reads_past_end_as_eof() {
+        let s = MemStorage::from_bytes(vec![1, 2, 3]);
+        let mut b = [0u8; 4];
+        let e = s.read_exact_at(0, &mut b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        s.write_all_at(5, &[9]).unwrap();
+        assert_eq!(s.to_vec(), vec![1, 2, 3, 0, 0, 9]);
+    }
+
+    #[test]
+    fn file_storage_punches_holes_and_reports_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let fs = FileSystem;
+        let s = fs.create(&path, false).unwrap();
+        let mib = 1 << 20;
+        s.write_all_at(0, &vec![0xaa; 4 * mib]).unwrap();
+        s.discard(mib as u64, 2 * mib as u64).unwrap();
+        let mut b = vec![0u8; mib];
+        s.read_exact_at(mib as u64, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        s.read_exact_at(3 * mib as u64, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0xaa));
+        // tmpfs and ext4 both support holes; the first run is data.
+        let run = s.run_at(0, 4 * mib as u64).unwrap();
+        assert!(run.data);
+        assert!(run.len >= mib as u64);
+        let ro = fs.open(&path, OpenMode::ReadOnly).unwrap();
+        assert!(ro.write_all_at(0, &[1]).is_err());
+        assert!(fs.create(&path, false).is_err());
+    }
+
+    #[test]
+    fn mem_file_system_create_keeps_inserted_storage() {
+        let fs = MemFileSystem::new();
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(vec![7; 10]));
+        fs.insert("/a", s.clone());
+        let c = fs.create(Path::new("/a"), true).unwrap();
+        assert!(Arc::ptr_eq(&s, &c));
+        assert_eq!(s.len().unwrap(), 0);
+        fs.rename(Path::new("/a"), Path::new("/b")).unwrap();
+        assert!(fs.exists(Path::new("/b")) && !fs.exists(Path::new("/a")));
+        let ro = fs.open(Path::new("/b"), OpenMode::ReadOnly).unwrap();
+        assert!(ro.write_all_at(0, &[1]).is_err());
+        fs.delete(Path::new("/b")).unwrap();
+        assert!(fs.open(Path::new("/b"), OpenMode::ReadOnly).is_err());
+    }
+}
