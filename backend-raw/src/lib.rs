@@ -25,8 +25,8 @@ use parking_lot::RwLock;
 use vd_core::linkme::distributed_slice;
 use vd_core::{
     BACKENDS, Backend, Capabilities, CheckReport, Confidence, CreateRequest, Error, Extent,
-    ExtentKind, Image, ImageFlags, OpenFlags, OpenMode, OpenRequest, Progress, Result,
-    Storage, StorageProvider, check_range,
+    ExtentKind, Image, ImageFlags, OpenFlags, OpenMode, OpenRequest, Progress, Result, Storage,
+    StorageProvider, check_range,
 };
 
 /// The raw backend.
@@ -342,7 +342,10 @@ mod tests {
             let img = registry.create(
                 "raw",
                 path,
-                &CreateParams { size, ..CreateParams::default() },
+                &CreateParams {
+                    size,
+                    ..CreateParams::default()
+                },
                 None,
                 true,
             )?;
@@ -363,9 +366,15 @@ mod tests {
     #[test]
     fn probe_says_fallback_for_anything_readable() {
         let s = MemStorage::from_bytes(b"hello".to_vec());
-        assert_eq!(RawBackend.probe(&s, Path::new("x")).unwrap(), Confidence::Fallback);
+        assert_eq!(
+            RawBackend.probe(&s, Path::new("x")).unwrap(),
+            Confidence::Fallback
+        );
         let empty = MemStorage::new();
-        assert_eq!(RawBackend.probe(&empty, Path::new("x")).unwrap(), Confidence::Fallback);
+        assert_eq!(
+            RawBackend.probe(&empty, Path::new("x")).unwrap(),
+            Confidence::Fallback
+        );
     }
 
     #[test]
@@ -375,17 +384,43 @@ mod tests {
         let reg = Registry::builtin_with_provider(Arc::new(FileSystem));
         let mib = 1u64 << 20;
         let img = reg
-            .create("raw", &path, &CreateParams { size: 8 * mib, ..CreateParams::default() }, None, false)
+            .create(
+                "raw",
+                &path,
+                &CreateParams {
+                    size: 8 * mib,
+                    ..CreateParams::default()
+                },
+                None,
+                false,
+            )
             .unwrap();
-        assert_eq!(img.map(0, 8 * mib).unwrap(), vec![Extent { offset: 0, length: 8 * mib, kind: ExtentKind::Zero }]);
+        assert_eq!(
+            img.map(0, 8 * mib).unwrap(),
+            vec![Extent {
+                offset: 0,
+                length: 8 * mib,
+                kind: ExtentKind::Zero
+            }]
+        );
         img.write_at(2 * mib, &vec![0x5a; mib as usize]).unwrap();
         let m = img.map(0, 8 * mib).unwrap();
-        assert!(m.iter().any(|e| e.kind == ExtentKind::Data && e.offset <= 2 * mib && e.offset + e.length >= 3 * mib), "{m:?}");
+        assert!(
+            m.iter().any(|e| e.kind == ExtentKind::Data
+                && e.offset <= 2 * mib
+                && e.offset + e.length >= 3 * mib),
+            "{m:?}"
+        );
         img.discard(2 * mib, mib).unwrap();
         let mut b = vec![1u8; mib as usize];
         img.read_at(2 * mib, &mut b).unwrap();
         assert!(b.iter().all(|&x| x == 0));
-        assert!(img.map(0, 8 * mib).unwrap().iter().all(|e| e.kind == ExtentKind::Zero));
+        assert!(
+            img.map(0, 8 * mib)
+                .unwrap()
+                .iter()
+                .all(|e| e.kind == ExtentKind::Zero)
+        );
         img.close(true).unwrap();
         assert!(!path.exists());
     }
@@ -394,8 +429,14 @@ mod tests {
     fn preallocated_create_is_all_data_and_read_only_refuses_writes() {
         let fs = Arc::new(MemFileSystem::new());
         let reg = Registry::builtin_with_provider(fs.clone());
-        let params = CreateParams { size: 4096, image_flags: ImageFlags::FIXED, ..CreateParams::default() };
-        let img = reg.create("raw", Path::new("/f"), &params, None, false).unwrap();
+        let params = CreateParams {
+            size: 4096,
+            image_flags: ImageFlags::FIXED,
+            ..CreateParams::default()
+        };
+        let img = reg
+            .create("raw", Path::new("/f"), &params, None, false)
+            .unwrap();
         assert_eq!(img.file_size().unwrap(), 4096);
         img.close(false).unwrap();
         let img = reg.open(Path::new("/f"), OpenFlags::READ_ONLY).unwrap();
@@ -405,10 +446,19 @@ mod tests {
         img.write_at(0, &[1]).unwrap();
         let e = img.read_at(4096, &mut [0]).unwrap_err();
         assert_eq!(e.kind(), vd_core::ErrorKind::OutOfRange);
-        let bad = CreateParams { size: 1, options: [("colour".to_string(), "red".to_string())].into(), ..CreateParams::default() };
-        let e = reg.create("raw", Path::new("/g"), &bad, None, false).unwrap_err();
+        let bad = CreateParams {
+            size: 1,
+            options: [("colour".to_string(), "red".to_string())].into(),
+            ..CreateParams::default()
+        };
+        let e = reg
+            .create("raw", Path::new("/g"), &bad, None, false)
+            .unwrap_err();
         assert_eq!(e.kind(), vd_core::ErrorKind::InvalidArgument);
-        assert!(!fs.exists(Path::new("/g")), "a failed create leaves no file");
+        assert!(
+            !fs.exists(Path::new("/g")),
+            "a failed create leaves no file"
+        );
     }
 
     #[test]
@@ -416,7 +466,16 @@ mod tests {
         let fs = Arc::new(MemFileSystem::new());
         let reg = Registry::builtin_with_provider(fs.clone());
         let mut img = reg
-            .create("raw", Path::new("/a"), &CreateParams { size: 10 << 20, ..CreateParams::default() }, None, false)
+            .create(
+                "raw",
+                Path::new("/a"),
+                &CreateParams {
+                    size: 10 << 20,
+                    ..CreateParams::default()
+                },
+                None,
+                false,
+            )
             .unwrap();
         img.rename(Path::new("/b")).unwrap();
         assert_eq!(img.path(), Path::new("/b"));
@@ -425,9 +484,16 @@ mod tests {
         assert_eq!((g.cylinders, g.heads, g.sectors), (301, 4, 17));
         img.resize(20 << 20, &mut |_, _| {}).unwrap();
         assert_eq!(img.size(), 20 << 20);
-        assert_eq!(img.uuid().unwrap_err().kind(), vd_core::ErrorKind::NotSupported);
+        assert_eq!(
+            img.uuid().unwrap_err().kind(),
+            vd_core::ErrorKind::NotSupported
+        );
         let mut out = Vec::new();
         img.dump(&mut out).unwrap();
-        assert!(String::from_utf8(out).unwrap().contains("virtual size 20971520"));
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .contains("virtual size 20971520")
+        );
     }
 }

@@ -116,6 +116,9 @@ pub trait Backend: Send + Sync + 'static {
     /// `NotSupported` when the backend cannot create; invalid parameters; I/O errors.
     fn create(&self, req: CreateRequest<'_>) -> Result<Box<dyn Image>> {
         let _ = req;
-        Err(Error::not_supported(&format!("creating {} images", self.name())))
+        Err(Error::not_supported(&format!(
+            "creating {} images",
+            self.name()
+        )))
     }
 }

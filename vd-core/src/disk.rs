@@ -98,10 +98,10 @@ impl Disk {
         let mut current = top;
         while current.image_flags().contains(ImageFlags::DIFF) {
             if layers.len() + 2 > max_depth {
-                return Err(bad_chain(format!(
-                    "the disk chain is deeper than {max_depth} images"
-                ))
-                .with_path(path));
+                return Err(
+                    bad_chain(format!("the disk chain is deeper than {max_depth} images"))
+                        .with_path(path),
+                );
             }
             let candidates = match explicit.next() {
                 Some(p) => vec![p.clone()],
@@ -171,7 +171,10 @@ impl Disk {
 
     /// The top image, where writes go.
     pub fn top(&self) -> &dyn Image {
-        self.layers.first().map(AsRef::as_ref).expect("a disk has at least one layer")
+        self.layers
+            .first()
+            .map(AsRef::as_ref)
+            .expect("a disk has at least one layer")
     }
 
     /// Virtual size: the top image's.
@@ -218,9 +221,7 @@ impl Disk {
                     ErrorKind::Corrupt,
                     format!(
                         "map returned extent {:#x}+{:#x} outside the request {offset:#x}+{:#x}",
-                        e.offset,
-                        e.length,
-                        inside_len
+                        e.offset, e.length, inside_len
                     ),
                 )
                 .with_path(layer.path())
@@ -281,21 +282,37 @@ impl Disk {
         Ok(out)
     }
 
-    fn map_layer(&self, index: usize, offset: u64, len: u64, out: &mut Vec<DiskExtent>) -> Result<()> {
+    fn map_layer(
+        &self,
+        index: usize,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<DiskExtent>,
+    ) -> Result<()> {
         let push = |out: &mut Vec<DiskExtent>, e: DiskExtent| {
             if e.length == 0 {
                 return;
             }
-            if let Some(last) = out.last_mut() {
-                if last.kind == e.kind && last.layer == e.layer && last.offset + last.length == e.offset {
-                    last.length += e.length;
-                    return;
-                }
+            if let Some(last) = out.last_mut()
+                && last.kind == e.kind
+                && last.layer == e.layer
+                && last.offset + last.length == e.offset
+            {
+                last.length += e.length;
+                return;
             }
             out.push(e);
         };
         let Some(layer) = self.layers.get(index) else {
-            push(out, DiskExtent { offset, length: len, kind: ExtentKind::Zero, layer: None });
+            push(
+                out,
+                DiskExtent {
+                    offset,
+                    length: len,
+                    kind: ExtentKind::Zero,
+                    layer: None,
+                },
+            );
             return Ok(());
         };
         let avail = layer.size().saturating_sub(offset).min(len);
@@ -307,17 +324,35 @@ impl Disk {
                     }
                     ExtentKind::Unallocated | ExtentKind::Zero => push(
                         out,
-                        DiskExtent { offset: e.offset, length: e.length, kind: ExtentKind::Zero, layer: None },
+                        DiskExtent {
+                            offset: e.offset,
+                            length: e.length,
+                            kind: ExtentKind::Zero,
+                            layer: None,
+                        },
                     ),
                     ExtentKind::Data => push(
                         out,
-                        DiskExtent { offset: e.offset, length: e.length, kind: ExtentKind::Data, layer: Some(index) },
+                        DiskExtent {
+                            offset: e.offset,
+                            length: e.length,
+                            kind: ExtentKind::Data,
+                            layer: Some(index),
+                        },
                     ),
                 }
             }
         }
         if avail < len {
-            push(out, DiskExtent { offset: offset + avail, length: len - avail, kind: ExtentKind::Zero, layer: None });
+            push(
+                out,
+                DiskExtent {
+                    offset: offset + avail,
+                    length: len - avail,
+                    kind: ExtentKind::Zero,
+                    layer: None,
+                },
+            );
         }
         Ok(())
     }
@@ -367,9 +402,13 @@ impl Write for Disk {
             .unwrap_or(usize::MAX)
             .min(buf.len());
         if n == 0 && !buf.is_empty() {
-            return Err(io::Error::new(io::ErrorKind::WriteZero, "end of the virtual disk"));
+            return Err(io::Error::new(
+                io::ErrorKind::WriteZero,
+                "end of the virtual disk",
+            ));
         }
-        self.write_at(self.pos, buf.get(..n).unwrap_or_default()).map_err(to_io)?;
+        self.write_at(self.pos, buf.get(..n).unwrap_or_default())
+            .map_err(to_io)?;
         self.pos += n as u64;
         Ok(n)
     }
@@ -391,7 +430,10 @@ impl Seek for Disk {
                 self.pos = p;
                 Ok(p)
             }
-            None => Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start")),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "seek before the start",
+            )),
         }
     }
 }

@@ -129,7 +129,9 @@ impl Error {
     pub fn out_of_range(offset: u64, len: u64, size: u64) -> Self {
         Self::new(
             ErrorKind::OutOfRange,
-            format!("access of {len} bytes at offset {offset:#x} is beyond the disk size {size:#x}"),
+            format!(
+                "access of {len} bytes at offset {offset:#x} is beyond the disk size {size:#x}"
+            ),
         )
     }
 
@@ -229,7 +231,8 @@ mod tests {
 
     #[test]
     fn display_names_path_field_and_offset() {
-        let e = Error::corrupt("header 1 checksum", 0x10004, "checksum mismatch").with_path("a.vhdx");
+        let e =
+            Error::corrupt("header 1 checksum", 0x10004, "checksum mismatch").with_path("a.vhdx");
         assert_eq!(
             e.to_string(),
             "a.vhdx: checksum mismatch (header 1 checksum at offset 0x10004)"

@@ -81,17 +81,36 @@ mod tests {
         // Values as computed by the VHD specification's algorithm (and Hyper-V / qemu-img).
         assert_eq!(
             Geometry::synthesize_pchs(10 * 1024 * 1024),
-            Geometry { cylinders: 301, heads: 4, sectors: 17 }
+            Geometry {
+                cylinders: 301,
+                heads: 4,
+                sectors: 17
+            }
         );
         assert_eq!(
             Geometry::synthesize_pchs(1 << 30),
-            Geometry { cylinders: 2080, heads: 16, sectors: 63 }
+            Geometry {
+                cylinders: 2080,
+                heads: 16,
+                sectors: 63
+            }
         );
         assert_eq!(
             Geometry::synthesize_pchs(127 << 30),
-            Geometry { cylinders: 65279, heads: 16, sectors: 255 }
+            Geometry {
+                cylinders: 65279,
+                heads: 16,
+                sectors: 255
+            }
         );
-        assert_eq!(Geometry::synthesize_pchs(0), Geometry { cylinders: 0, heads: 4, sectors: 17 });
+        assert_eq!(
+            Geometry::synthesize_pchs(0),
+            Geometry {
+                cylinders: 0,
+                heads: 4,
+                sectors: 17
+            }
+        );
     }
 
     #[test]

@@ -161,9 +161,8 @@ impl Registry {
     }
 
     fn backend(&self, name: &str) -> Result<&Arc<dyn Backend>> {
-        self.get(name).ok_or_else(|| {
-            Error::new(ErrorKind::NotFound, format!("no backend named {name:?}"))
-        })
+        self.get(name)
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no backend named {name:?}")))
     }
 
     fn open_storage(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Storage>> {
@@ -284,7 +283,10 @@ impl Registry {
             Ok(img) => Ok(img),
             Err(e) => {
                 if let Err(del) = self.provider.delete(path) {
-                    log::warn!("{}: removing the partial image failed: {del}", path.display());
+                    log::warn!(
+                        "{}: removing the partial image failed: {del}",
+                        path.display()
+                    );
                 }
                 Err(e.with_path(path))
             }

@@ -50,7 +50,9 @@ pub trait Storage: Send + Sync + Debug {
         while done < len {
             let n = (len - done).min(CHUNK);
             let n_usize = usize::try_from(n).map_err(io::Error::other)?;
-            let chunk = zeros.get(..n_usize).ok_or_else(|| io::Error::other("zero chunk"))?;
+            let chunk = zeros
+                .get(..n_usize)
+                .ok_or_else(|| io::Error::other("zero chunk"))?;
             self.write_all_at(offset + done, chunk)?;
             done += n;
         }
@@ -133,10 +135,7 @@ impl FileStorage {
     /// Any error of [`OpenOptions::open`].
     pub fn open(path: &Path, mode: OpenMode) -> io::Result<Self> {
         let read_only = mode == OpenMode::ReadOnly;
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)?;
+        let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         if file.metadata()?.is_dir() {
             return Err(io::Error::new(
                 io::ErrorKind::IsADirectory,

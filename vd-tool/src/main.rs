@@ -1,1 +1,34 @@
-fn main() {}
+//! `vd-tool`: inspect, probe and convert virtual disk images.
+//!
+//! Exit codes: 0 success, 1 a check found problems or a comparison found differences, 2 error
+//! (including usage errors).
+
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+// Link the backends into the static table.
+use backend_raw as _;
+use backend_vhdx as _;
+
+mod cli;
+mod commands;
+mod exit;
+mod render;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    env_logger::Builder::new()
+        .filter_level(match cli.verbose {
+            0 => log::LevelFilter::Warn,
+            1 => log::LevelFilter::Info,
+            2 => log::LevelFilter::Debug,
+            _ => log::LevelFilter::Trace,
+        })
+        .parse_env("RUST_LOG")
+        .format_timestamp(None)
+        .init();
+    exit::run(|| commands::run(&cli))
+}

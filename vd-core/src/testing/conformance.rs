@@ -44,7 +44,14 @@ pub trait Subject: Send + Sync {
         } else {
             OpenFlags::empty()
         };
-        Disk::open(registry, path, &DiskOptions { flags, ..DiskOptions::default() })
+        Disk::open(
+            registry,
+            path,
+            &DiskOptions {
+                flags,
+                ..DiskOptions::default()
+            },
+        )
     }
 
     /// The contents of a newly created image.
@@ -123,11 +130,11 @@ fn op_strategy() -> impl Strategy<Value = Op> {
     // Mostly small requests, sometimes several MiB.
     let len = prop_oneof![4 => 1u64..=64 * 1024, 2 => 1u64..=(1 << 20), 1 => 1u64..=(5 << 20)];
     prop_oneof![
-        8 => (off.clone(), len.clone(), any::<u8>()).prop_map(|(off, len, seed)| Op::Write { off, len, seed }),
-        4 => (off.clone(), len.clone()).prop_map(|(off, len)| Op::Read { off, len }),
+        8 => (off, len.clone(), any::<u8>()).prop_map(|(off, len, seed)| Op::Write { off, len, seed }),
+        4 => (off, len.clone()).prop_map(|(off, len)| Op::Read { off, len }),
         2 => Just(Op::Flush),
         1 => Just(Op::Reopen),
-        2 => (off.clone(), len.clone()).prop_map(|(off, len)| Op::Discard { off, len }),
+        2 => (off, len.clone()).prop_map(|(off, len)| Op::Discard { off, len }),
         1 => (off, len).prop_map(|(off, len)| Op::WriteZeroes { off, len }),
         1 => any::<u64>().prop_map(|size| Op::Resize { size }),
     ]
@@ -161,8 +168,9 @@ fn compare(
     len: u64,
 ) -> std::result::Result<(), TestCaseError> {
     let mut buf = vec![0u8; usize_of(len)];
-    disk.read_at(off, &mut buf)
-        .map_err(|e| TestCaseError::fail(format!("{}: {what}: read failed: {e}", subject.name())))?;
+    disk.read_at(off, &mut buf).map_err(|e| {
+        TestCaseError::fail(format!("{}: {what}: read failed: {e}", subject.name()))
+    })?;
     let want = &model[usize_of(off)..usize_of(off + len)];
     if let Some(i) = buf.iter().zip(want).position(|(a, b)| a != b) {
         return Err(TestCaseError::fail(format!(
@@ -182,7 +190,11 @@ const PATH: &str = "/conformance/image";
 ///
 /// # Errors
 /// A description of the first disagreement or failure.
-pub fn run_sequence(subject: &dyn Subject, size: u64, ops: &[Op]) -> std::result::Result<(), TestCaseError> {
+pub fn run_sequence(
+    subject: &dyn Subject,
+    size: u64,
+    ops: &[Op],
+) -> std::result::Result<(), TestCaseError> {
     let fs = Arc::new(MemFileSystem::new());
     let registry = subject.registry(fs.clone());
     let path = PathBuf::from(PATH);
@@ -196,15 +208,27 @@ pub fn run_sequence(subject: &dyn Subject, size: u64, ops: &[Op]) -> std::result
     for (step, op) in ops.iter().enumerate() {
         match *op {
             Op::Write { off, len, seed } => {
-                let Some((o, l)) = scale(off, len, size, align) else { continue };
+                let Some((o, l)) = scale(off, len, size, align) else {
+                    continue;
+                };
                 let mut buf = vec![0u8; usize_of(l)];
                 fill_pattern(&mut buf, o, seed);
-                disk.write_at(o, &buf).map_err(|e| err(subject, step, op, e))?;
+                disk.write_at(o, &buf)
+                    .map_err(|e| err(subject, step, op, e))?;
                 model[usize_of(o)..usize_of(o + l)].copy_from_slice(&buf);
             }
             Op::Read { off, len } => {
-                let Some((o, l)) = scale(off, len, size, align) else { continue };
-                compare(subject, &format!("step {step} ({op:?})"), &disk, &model, o, l)?;
+                let Some((o, l)) = scale(off, len, size, align) else {
+                    continue;
+                };
+                compare(
+                    subject,
+                    &format!("step {step} ({op:?})"),
+                    &disk,
+                    &model,
+                    o,
+                    l,
+                )?;
             }
             Op::Flush => disk.flush().map_err(|e| err(subject, step, op, e))?,
             Op::Reopen => {
@@ -218,13 +242,18 @@ pub fn run_sequence(subject: &dyn Subject, size: u64, ops: &[Op]) -> std::result
                 if !subject.supports_discard() {
                     continue;
                 }
-                let Some((o, l)) = scale(off, len, size, align) else { continue };
+                let Some((o, l)) = scale(off, len, size, align) else {
+                    continue;
+                };
                 disk.discard(o, l).map_err(|e| err(subject, step, op, e))?;
                 model[usize_of(o)..usize_of(o + l)].fill(0);
             }
             Op::WriteZeroes { off, len } => {
-                let Some((o, l)) = scale(off, len, size, align) else { continue };
-                disk.write_zeroes(o, l).map_err(|e| err(subject, step, op, e))?;
+                let Some((o, l)) = scale(off, len, size, align) else {
+                    continue;
+                };
+                disk.write_zeroes(o, l)
+                    .map_err(|e| err(subject, step, op, e))?;
                 model[usize_of(o)..usize_of(o + l)].fill(0);
             }
             Op::Resize { size: raw } => {
@@ -277,7 +306,10 @@ fn size_strategy(subject: &dyn Subject) -> impl Strategy<Value = u64> + use<> {
 /// # Panics
 /// On the first (shrunk) failing sequence, with a description of the disagreement.
 pub fn check_sequences(subject: &dyn Subject, cases: u32) {
-    let strategy = (size_strategy(subject), prop::collection::vec(op_strategy(), 1..40));
+    let strategy = (
+        size_strategy(subject),
+        prop::collection::vec(op_strategy(), 1..40),
+    );
     let result = runner(cases).run(&strategy, |(size, ops)| run_sequence(subject, size, &ops));
     if let Err(e) = result {
         panic!("conformance failed for {}: {e}", subject.name());
@@ -316,7 +348,9 @@ pub fn run_power_loss(
     for op in ops {
         let r = match *op {
             Op::Write { off, len, seed } => {
-                let Some((o, l)) = scale(off, len, size, align) else { continue };
+                let Some((o, l)) = scale(off, len, size, align) else {
+                    continue;
+                };
                 let mut buf = vec![0u8; usize_of(l)];
                 fill_pattern(&mut buf, o, seed);
                 let (a, b) = (usize_of(o), usize_of(o + l));
@@ -326,7 +360,9 @@ pub fn run_power_loss(
                 r
             }
             Op::Discard { off, len } | Op::WriteZeroes { off, len } => {
-                let Some((o, l)) = scale(off, len, size, align) else { continue };
+                let Some((o, l)) = scale(off, len, size, align) else {
+                    continue;
+                };
                 let (a, b) = (usize_of(o), usize_of(o + l));
                 dirty[a..b].fill(true);
                 let r = if matches!(op, Op::Discard { .. }) && subject.supports_discard() {
@@ -376,11 +412,15 @@ pub fn run_power_loss(
     }
     let registry2 = subject.registry(fs2);
     let disk = subject.open(&registry2, &path, false).map_err(|e| {
-        TestCaseError::fail(format!("{}: reopen after power loss (cut {cut}, {mode:?}): {e}", subject.name()))
+        TestCaseError::fail(format!(
+            "{}: reopen after power loss (cut {cut}, {mode:?}): {e}",
+            subject.name()
+        ))
     })?;
     let mut buf = vec![0u8; usize_of(size)];
-    disk.read_at(0, &mut buf)
-        .map_err(|e| TestCaseError::fail(format!("{}: read after power loss: {e}", subject.name())))?;
+    disk.read_at(0, &mut buf).map_err(|e| {
+        TestCaseError::fail(format!("{}: read after power loss: {e}", subject.name()))
+    })?;
     for i in 0..buf.len() {
         let ok = if dirty[i] {
             // Any value written since the flush, or the durable one; only check durable data
@@ -398,8 +438,9 @@ pub fn run_power_loss(
             )));
         }
     }
-    disk.close()
-        .map_err(|e| TestCaseError::fail(format!("{}: close after power loss: {e}", subject.name())))?;
+    disk.close().map_err(|e| {
+        TestCaseError::fail(format!("{}: close after power loss: {e}", subject.name()))
+    })?;
     Ok(())
 }
 

@@ -222,7 +222,10 @@ mod tests {
         f.flush().unwrap();
         f.write_all_at(2, &[2; 4]).unwrap();
         assert_eq!(f.after_power_loss(LossMode::DropAll), vec![1; 4]);
-        assert_eq!(f.after_power_loss(LossMode::KeepAll), vec![1, 1, 2, 2, 2, 2]);
+        assert_eq!(
+            f.after_power_loss(LossMode::KeepAll),
+            vec![1, 1, 2, 2, 2, 2]
+        );
         assert_eq!(f.contents(), vec![1, 1, 2, 2, 2, 2]);
     }
 

@@ -1,0 +1,177 @@
+//! `vd-tool info [-f FMT] [--backing-chain] FILE`.
+
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+
+use serde::Serialize;
+use vd_core::{
+    Disk, DiskOptions, ErrorKind, Geometry, Image, OpenFlags, Registry, Result as VdResult,
+    flag_names,
+};
+
+use crate::cli::{InfoArgs, Output};
+use crate::render::{emit, human_size, sanitize};
+
+/// What `info` reports about one image.
+#[derive(Debug, Serialize)]
+pub struct ImageInfo {
+    filename: String,
+    format: &'static str,
+    virtual_size: u64,
+    file_size: u64,
+    /// Bytes the file occupies on the host (allocated blocks), where known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    actual_size: Option<u64>,
+    image_flags: Vec<&'static str>,
+    logical_sector_size: u32,
+    physical_sector_size: u32,
+    pchs_geometry: Option<Geometry>,
+    lchs_geometry: Option<Geometry>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    modification_uuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_uuid: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_filename: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    comment: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    format_specific: serde_json::Value,
+}
+
+/// `Ok(None)` for optional facts the format does not have.
+fn optional<T>(r: VdResult<T>) -> anyhow::Result<Option<T>> {
+    match r {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.kind() == ErrorKind::NotSupported => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Collects the facts about one opened image.
+pub fn describe(img: &dyn Image) -> anyhow::Result<ImageInfo> {
+    let path = img.path();
+    Ok(ImageInfo {
+        filename: path.display().to_string(),
+        format: img.format(),
+        virtual_size: img.size(),
+        file_size: img.file_size()?,
+        actual_size: std::fs::metadata(path).ok().map(|m| m.blocks() * 512),
+        image_flags: flag_names(&img.image_flags()),
+        logical_sector_size: img.sector_size(),
+        physical_sector_size: img.physical_sector_size(),
+        pchs_geometry: optional(img.pchs_geometry())?,
+        lchs_geometry: optional(img.lchs_geometry())?,
+        uuid: optional(img.uuid())?.map(|u| u.to_string()),
+        modification_uuid: optional(img.modification_uuid())?.map(|u| u.to_string()),
+        parent_uuid: optional(img.parent_uuid())?.map(|u| u.to_string()),
+        parent_filename: optional(img.parent_filename())?,
+        comment: optional(img.comment())?.flatten(),
+        warnings: img.warnings(),
+        format_specific: img.details(),
+    })
+}
+
+fn geometry(g: Option<Geometry>) -> String {
+    g.map_or_else(
+        || "-".into(),
+        |g| format!("{}/{}/{}", g.cylinders, g.heads, g.sectors),
+    )
+}
+
+fn write_human(out: &mut dyn Write, i: &ImageInfo) -> std::io::Result<()> {
+    writeln!(out, "image: {}", sanitize(&i.filename))?;
+    writeln!(out, "file format: {}", i.format)?;
+    writeln!(out, "virtual size: {}", human_size(i.virtual_size))?;
+    writeln!(out, "file size: {}", human_size(i.file_size))?;
+    if let Some(a) = i.actual_size {
+        writeln!(out, "disk size: {}", human_size(a))?;
+    }
+    if !i.image_flags.is_empty() {
+        writeln!(out, "image flags: {}", i.image_flags.join(" "))?;
+    }
+    writeln!(
+        out,
+        "sector size: {} logical, {} physical",
+        i.logical_sector_size, i.physical_sector_size
+    )?;
+    writeln!(
+        out,
+        "geometry (C/H/S): physical {}, logical {}",
+        geometry(i.pchs_geometry),
+        geometry(i.lchs_geometry)
+    )?;
+    for (label, v) in [
+        ("uuid", &i.uuid),
+        ("modification uuid", &i.modification_uuid),
+        ("parent uuid", &i.parent_uuid),
+        ("parent filename", &i.parent_filename),
+        ("comment", &i.comment),
+    ] {
+        if let Some(v) = v {
+            writeln!(out, "{label}: {}", sanitize(v))?;
+        }
+    }
+    if let Some(obj) = i.format_specific.as_object() {
+        writeln!(out, "format specific information:")?;
+        for (k, v) in obj {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            writeln!(out, "    {k}: {}", sanitize(&text))?;
+        }
+    }
+    for w in &i.warnings {
+        writeln!(out, "warning: {}", sanitize(w))?;
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct Chain {
+    images: Vec<ImageInfo>,
+}
+
+pub fn run(registry: &Registry, args: &InfoArgs, output: Output) -> anyhow::Result<u8> {
+    let flags = OpenFlags::READ_ONLY | OpenFlags::INFO;
+    if args.backing_chain {
+        let disk = Disk::open(
+            registry,
+            &args.file,
+            &DiskOptions {
+                flags,
+                format: args.format.clone(),
+                ..DiskOptions::default()
+            },
+        )?;
+        let chain = Chain {
+            images: disk
+                .layers()
+                .iter()
+                .map(|l| describe(l.as_ref()))
+                .collect::<anyhow::Result<_>>()?,
+        };
+        emit(output, &chain, |out, c| {
+            for (n, i) in c.images.iter().enumerate() {
+                if n > 0 {
+                    writeln!(out)?;
+                }
+                write_human(out, i)?;
+            }
+            Ok(())
+        })?;
+    } else {
+        let img = match &args.format {
+            Some(f) => registry.open_as(f, &args.file, flags),
+            None => registry.open(&args.file, flags),
+        }?;
+        let info = describe(img.as_ref())?;
+        emit(output, &info, |out, i| write_human(out, i))?;
+    }
+    Ok(crate::exit::OK)
+}

@@ -1,0 +1,35 @@
+//! Exit codes and top-level error reporting.
+
+use std::process::ExitCode;
+
+/// Success.
+pub const OK: u8 = 0;
+/// A check found problems, or a comparison found differences.
+#[allow(
+    dead_code,
+    reason = "used by check and compare, which come with the VHDX issues"
+)]
+pub const PROBLEMS: u8 = 1;
+/// An error (clap also uses 2 for usage errors).
+pub const ERROR: u8 = 2;
+
+/// Whether a broken pipe (stdout closed by `head`, say) caused the error: that is not a failure.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Runs a command: its `Ok` value is the exit code; an error is printed on one line to stderr
+/// and exits with [`ERROR`].
+pub fn run(f: impl FnOnce() -> anyhow::Result<u8>) -> ExitCode {
+    match f() {
+        Ok(code) => ExitCode::from(code),
+        Err(err) if is_broken_pipe(&err) => ExitCode::from(OK),
+        Err(err) => {
+            eprintln!("error: {}", crate::render::sanitize(&format!("{err:#}")));
+            ExitCode::from(ERROR)
+        }
+    }
+}

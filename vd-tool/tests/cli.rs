@@ -1,0 +1,251 @@
+//! End-to-end tests of the vd-tool binary: outputs, exit codes and every error path.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn vd_tool(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vd-tool"))
+        .args(args)
+        .output()
+        .expect("vd-tool runs")
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "vd-tool failed: {}", stderr(o));
+    serde_json::from_slice(&o.stdout).expect("stdout is one JSON document")
+}
+
+/// An error: exit code 2, nothing on stdout, exactly one line on stderr that names `needle`.
+fn assert_error(o: &Output, needle: &str) {
+    assert_eq!(o.status.code(), Some(2), "stderr: {}", stderr(o));
+    assert!(o.stdout.is_empty(), "stdout: {}", stdout(o));
+    let err = stderr(o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(needle), "{err:?} should name {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// qemu-img is on every development and CI machine; a missing one is a failure, not a skip.
+fn qemu_img() -> &'static str {
+    let ok = Command::new("qemu-img")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(ok, "qemu-img is required (CI installs qemu-utils)");
+    "qemu-img"
+}
+
+fn p(path: &Path) -> &str {
+    path.to_str().expect("temp paths are UTF-8")
+}
+
+#[test]
+fn backends_lists_vhdx_before_raw() {
+    let v = json(&vd_tool(&["backends", "--output", "json"]));
+    let names: Vec<&str> = v
+        .as_array()
+        .expect("an array")
+        .iter()
+        .map(|b| b["name"].as_str().expect("name"))
+        .collect();
+    assert_eq!(names, ["vhdx", "raw"]);
+    assert_eq!(v[0]["schema_version"], 1);
+    let human = stdout(&vd_tool(&["backends"]));
+    assert!(human.find("vhdx").unwrap() < human.find("raw").unwrap());
+}
+
+#[test]
+fn probe_tells_raw_from_vhdx() {
+    let dir = tempfile::tempdir().unwrap();
+    let random = dir.path().join("random.bin");
+    // Deterministic pseudo-random bytes (not starting with any signature).
+    let mut x = 0x1234_5678_9abc_def0u64;
+    let bytes: Vec<u8> = (0..65536)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(&random, bytes).unwrap();
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "just some text\n").unwrap();
+    let vhdx = dir.path().join("q.vhdx");
+    let st = Command::new(qemu_img())
+        .args(["create", "-q", "-f", "vhdx", p(&vhdx), "64M"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+
+    for (file, backend, confidence) in [
+        (&random, "raw", "fallback"),
+        (&text, "raw", "fallback"),
+        (&vhdx, "vhdx", "certain"),
+    ] {
+        let v = json(&vd_tool(&["probe", "--output", "json", p(file)]));
+        assert_eq!(v["backend"], backend, "{}", file.display());
+        assert_eq!(v["confidence"], confidence);
+        let h = stdout(&vd_tool(&["probe", p(file)]));
+        assert_eq!(
+            h.trim(),
+            format!("{}: {backend} ({confidence})", file.display())
+        );
+    }
+}
+
+#[test]
+fn info_reports_raw_facts() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.img");
+    let f = std::fs::File::create(&img).unwrap();
+    f.set_len(10 << 20).unwrap();
+    let v = json(&vd_tool(&["info", "--output", "json", p(&img)]));
+    assert_eq!(v["format"], "raw");
+    assert_eq!(v["virtual_size"], 10 << 20);
+    assert_eq!(v["file_size"], 10 << 20);
+    assert_eq!(v["pchs_geometry"]["cylinders"], 301);
+    assert_eq!(v["pchs_geometry"]["heads"], 4);
+    assert_eq!(v["pchs_geometry"]["sectors"], 17);
+    assert_eq!(v["schema_version"], 1);
+    let h = stdout(&vd_tool(&["info", "-f", "raw", p(&img)]));
+    assert!(h.contains("file format: raw"), "{h}");
+    assert!(h.contains("virtual size: 10 MiB (10485760 bytes)"), "{h}");
+}
+
+#[test]
+fn convert_raw_to_raw_keeps_holes() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src.img");
+    let dst = dir.path().join("dst.img");
+    let f = std::fs::File::create(&src).unwrap();
+    f.set_len(64 << 20).unwrap();
+    f.write_all_at(&[0xab; 4096], 5 << 20).unwrap();
+    f.write_all_at(&[0xcd; 100], (40 << 20) + 7).unwrap();
+    // An allocated but all-zero range must not become data in the copy.
+    f.write_all_at(&vec![0u8; 8 << 20], 50 << 20).unwrap();
+    drop(f);
+    let o = vd_tool(&["convert", "-p", "-f", "raw", "-O", "raw", p(&src), p(&dst)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
+    let blocks = std::fs::metadata(&dst).unwrap().blocks() * 512;
+    assert!(
+        blocks <= 1 << 20,
+        "destination allocates {blocks} bytes: holes were filled"
+    );
+    let v = json(&vd_tool(&[
+        "convert",
+        "--output",
+        "json",
+        "-O",
+        "raw",
+        p(&src),
+        p(&dst),
+    ]));
+    assert_eq!(v["virtual_size"], 64 << 20);
+    assert!(v["bytes_written"].as_u64().unwrap() <= 8192);
+}
+
+#[test]
+fn missing_and_unreadable_files_are_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-file.vhdx");
+    for args in [
+        vec!["probe", p(&missing)],
+        vec!["info", p(&missing)],
+        vec!["info", "--backing-chain", p(&missing)],
+        vec!["info", "-f", "raw", p(&missing)],
+        vec!["convert", "-O", "raw", p(&missing), "/dev/null"],
+    ] {
+        assert_error(&vd_tool(&args), "no-such-file.vhdx");
+    }
+    // A directory cannot be read as an image.
+    assert_error(&vd_tool(&["probe", p(dir.path())]), p(dir.path()));
+    assert_error(&vd_tool(&["info", p(dir.path())]), p(dir.path()));
+    // JSON output does not change where errors go.
+    assert_error(
+        &vd_tool(&["probe", "--output", "json", p(&missing)]),
+        "no-such-file.vhdx",
+    );
+}
+
+#[test]
+fn bad_formats_and_options_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.img");
+    std::fs::write(&img, [0u8; 4096]).unwrap();
+    let out = dir.path().join("b.img");
+    assert_error(&vd_tool(&["info", "-f", "qcow9", p(&img)]), "qcow9");
+    assert_error(
+        &vd_tool(&["convert", "-O", "qcow9", p(&img), p(&out)]),
+        "qcow9",
+    );
+    assert_error(
+        &vd_tool(&["convert", "-O", "raw", "-o", "colour=red", p(&img), p(&out)]),
+        "colour=red",
+    );
+    assert_error(
+        &vd_tool(&["convert", "-O", "raw", "-o", "nonsense", p(&img), p(&out)]),
+        "nonsense",
+    );
+    assert!(!out.exists(), "a failed convert leaves no destination");
+    // Converting onto the source would destroy it.
+    assert_error(
+        &vd_tool(&["convert", "-O", "raw", p(&img), p(&img)]),
+        "refusing",
+    );
+    assert_eq!(std::fs::read(&img).unwrap(), [0u8; 4096]);
+    // The destination directory does not exist.
+    assert_error(
+        &vd_tool(&["convert", "-O", "raw", p(&img), "/nonexistent-dir/x.img"]),
+        "/nonexistent-dir/x.img",
+    );
+    // VHDX images cannot be opened yet: a clear error, not a panic.
+    let vhdx = dir.path().join("q.vhdx");
+    let st = Command::new(qemu_img())
+        .args(["create", "-q", "-f", "vhdx", p(&vhdx), "8M"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_error(&vd_tool(&["info", p(&vhdx)]), "q.vhdx");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        vec![],
+        vec!["frobnicate"],
+        vec!["probe"],
+        vec!["convert", "a"],
+        vec!["info", "--output", "xml", "x"],
+    ] {
+        let o = vd_tool(&args);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
+        assert!(o.stdout.is_empty());
+    }
+}
+
+#[test]
+fn broken_pipe_is_not_an_error() {
+    use std::process::Stdio;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vd-tool"))
+        .args(["backends", "--output", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
+}
