@@ -206,7 +206,20 @@ impl Disk {
             return Ok(());
         }
         let inside_len = inside.len();
+        // Extents must tile the request exactly; a gap would leave stale bytes in the buffer.
+        let mut expect = offset;
         for e in layer.map(offset, inside_len as u64)? {
+            if e.offset != expect {
+                return Err(Error::new(
+                    ErrorKind::Corrupt,
+                    format!(
+                        "map left a gap at {expect:#x} (next extent at {:#x})",
+                        e.offset
+                    ),
+                )
+                .with_path(layer.path()));
+            }
+            expect = e.offset.saturating_add(e.length);
             let start = e
                 .offset
                 .checked_sub(offset)
@@ -231,6 +244,13 @@ impl Disk {
                 ExtentKind::Zero => part.fill(0),
                 ExtentKind::Unallocated => self.read_layer(index + 1, e.offset, part)?,
             }
+        }
+        if expect != offset + inside_len as u64 {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                format!("map stopped at {expect:#x}, short of the request"),
+            )
+            .with_path(layer.path()));
         }
         Ok(())
     }
@@ -389,6 +409,9 @@ impl Read for Disk {
         let n = usize::try_from(self.size().saturating_sub(self.pos))
             .unwrap_or(usize::MAX)
             .min(buf.len());
+        if n == 0 {
+            return Ok(0);
+        }
         let part = buf.get_mut(..n).unwrap_or_default();
         self.read_at(self.pos, part).map_err(to_io)?;
         self.pos += n as u64;
@@ -401,7 +424,10 @@ impl Write for Disk {
         let n = usize::try_from(self.size().saturating_sub(self.pos))
             .unwrap_or(usize::MAX)
             .min(buf.len());
-        if n == 0 && !buf.is_empty() {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::WriteZero,
                 "end of the virtual disk",

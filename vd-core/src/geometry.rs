@@ -98,7 +98,7 @@ mod tests {
         assert_eq!(
             Geometry::synthesize_pchs(127 << 30),
             Geometry {
-                cylinders: 65279,
+                cylinders: 65278,
                 heads: 16,
                 sectors: 255
             }

@@ -240,7 +240,10 @@ pub trait Image: Send + Sync {
         Err(Error::not_supported("modification UUIDs"))
     }
 
-    /// The parent's UUID as recorded by this child (`pfnGetParentUuid`).
+    /// The parent's identity as recorded by this child (`pfnGetParentUuid`). By vd's
+    /// convention this is the parent's [`modification_uuid`](Image::modification_uuid) at the
+    /// time the child was made (VHDX: `parent_linkage`, the parent's DataWriteGuid), which is
+    /// what the default [`check_parent`](Image::check_parent) compares.
     ///
     /// # Errors
     /// `NotSupported`.

@@ -177,11 +177,15 @@ impl Registry {
     /// `UnknownFormat` when no backend claims it.
     pub fn probe_storage(&self, storage: &dyn Storage, path: &Path) -> Result<ProbeMatch> {
         let mut best: Option<ProbeMatch> = None;
+        let mut io_failure: Option<Error> = None;
         for b in &self.backends {
             let confidence = match b.probe(storage, path) {
                 Ok(c) => c,
                 Err(e) => {
                     log::debug!("{}: probe by {} failed: {e}", path.display(), b.name());
+                    if e.kind() == ErrorKind::Io && io_failure.is_none() {
+                        io_failure = Some(e);
+                    }
                     Confidence::No
                 }
             };
@@ -194,6 +198,15 @@ impl Registry {
                     confidence,
                 });
             }
+        }
+        // A backend that could not read the file might have claimed it: do not fall back to
+        // raw (and expose its metadata as disk contents) on a transient I/O error.
+        if let Some(e) = io_failure
+            && best
+                .as_ref()
+                .is_none_or(|m| m.confidence <= Confidence::Fallback)
+        {
+            return Err(e.with_path(path));
         }
         best.ok_or_else(|| {
             Error::new(ErrorKind::UnknownFormat, "no backend recognises the file").with_path(path)

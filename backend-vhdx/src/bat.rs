@@ -1,0 +1,383 @@
+//! The block allocation table ([MS-VHDX] 2.5) and sector bitmaps (2.5.1.2, 2.6.x), loaded
+//! lazily page by page, so opening a huge image costs memory proportional to what is touched.
+//! Every entry is validated when it is first used.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use vd_core::{Result, Storage};
+
+use crate::error::{Corruption, io_at};
+use crate::format::{BAT_RESERVED_MASK, MIB, bat_state};
+use crate::metadata::Metadata;
+
+/// Entries per 4 KiB BAT page.
+const ENTRIES_PER_PAGE: u64 = 512;
+/// Bytes per cached sector-bitmap page.
+const SB_PAGE: u64 = 4096;
+
+/// The arithmetic of 2.5: blocks, chunks, and where their entries live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    /// Virtual disk size.
+    pub virtual_size: u64,
+    /// Block size.
+    pub block_size: u64,
+    /// Logical sector size.
+    pub sector_size: u64,
+    /// Payload blocks per chunk (per sector-bitmap block).
+    pub chunk_ratio: u64,
+    /// Number of payload blocks.
+    pub data_blocks: u64,
+    /// Number of BAT entries the image needs.
+    pub entries: u64,
+    /// Whether this is a differencing image.
+    pub has_parent: bool,
+}
+
+impl Layout {
+    /// The layout of a disk with these parameters.
+    pub fn new(meta: &Metadata) -> Self {
+        let block_size = u64::from(meta.block_size);
+        let sector_size = u64::from(meta.logical_sector_size);
+        let chunk_ratio = ((1u64 << 23) * sector_size / block_size).max(1);
+        let data_blocks = meta.virtual_size.div_ceil(block_size);
+        let entries = if meta.has_parent {
+            data_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
+        } else {
+            data_blocks + data_blocks.saturating_sub(1) / chunk_ratio
+        };
+        Self {
+            virtual_size: meta.virtual_size,
+            block_size,
+            sector_size,
+            chunk_ratio,
+            data_blocks,
+            entries,
+            has_parent: meta.has_parent,
+        }
+    }
+
+    /// BAT index of payload block `block`.
+    pub fn payload_index(&self, block: u64) -> u64 {
+        block + block / self.chunk_ratio
+    }
+
+    /// BAT index of the sector-bitmap entry of chunk `chunk`.
+    pub fn bitmap_index(&self, chunk: u64) -> u64 {
+        chunk * (self.chunk_ratio + 1) + self.chunk_ratio
+    }
+
+    /// Sectors per payload block.
+    pub fn sectors_per_block(&self) -> u64 {
+        self.block_size / self.sector_size
+    }
+}
+
+/// What a payload block holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockState {
+    /// Not in this file: the parent's data, or zeros for a base image.
+    NotPresent,
+    /// Reads as zeros (ZERO, UNDEFINED, UNMAPPED).
+    Zero,
+    /// All data at this file offset.
+    Full(u64),
+    /// Data at this file offset where the sector bitmap says so, the parent elsewhere.
+    Partial(u64),
+}
+
+/// A range of the file no payload or bitmap block may overlap.
+#[derive(Debug, Clone, Copy)]
+pub struct Forbidden {
+    /// Start.
+    pub start: u64,
+    /// End.
+    pub end: u64,
+    /// What lives there.
+    pub what: &'static str,
+}
+
+/// The BAT of one image.
+#[derive(Debug)]
+pub struct Bat {
+    storage: Arc<dyn Storage>,
+    /// The layout.
+    pub layout: Layout,
+    region_offset: u64,
+    file_len: u64,
+    forbidden: Vec<Forbidden>,
+    pages: RwLock<HashMap<u64, Arc<[u64]>>>,
+    bitmap_pages: RwLock<HashMap<u64, Arc<[u8]>>>,
+}
+
+/// Counts of payload block states, for `info` and `dump`.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct BatSummary {
+    /// NOT_PRESENT.
+    pub not_present: u64,
+    /// ZERO, UNDEFINED and UNMAPPED.
+    pub zero: u64,
+    /// FULLY_PRESENT.
+    pub fully_present: u64,
+    /// PARTIALLY_PRESENT.
+    pub partially_present: u64,
+    /// Present sector-bitmap blocks.
+    pub bitmaps_present: u64,
+}
+
+impl Bat {
+    /// A lazily loaded BAT at `region_offset`.
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        layout: Layout,
+        region_offset: u64,
+        file_len: u64,
+        forbidden: Vec<Forbidden>,
+    ) -> Self {
+        Self {
+            storage,
+            layout,
+            region_offset,
+            file_len,
+            forbidden,
+            pages: RwLock::new(HashMap::new()),
+            bitmap_pages: RwLock::new(HashMap::new()),
+        }
+    }
+
+    fn page(&self, page: u64) -> Result<Arc<[u64]>> {
+        if let Some(p) = self.pages.read().get(&page) {
+            return Ok(p.clone());
+        }
+        let first = page * ENTRIES_PER_PAGE;
+        let n = (self.layout.entries - first).min(ENTRIES_PER_PAGE);
+        let off = self.region_offset + first * 8;
+        let mut buf = vec![0u8; usize::try_from(n * 8).unwrap_or(0)];
+        match self.storage.read_exact_at(off, &mut buf) {
+            Ok(()) => {}
+            // A BAT page past the end of a sparse file reads as zeros (NOT_PRESENT).
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && off >= self.file_len => {
+                buf.fill(0);
+            }
+            Err(e) => return Err(io_at("BAT", off, e)),
+        }
+        let entries: Arc<[u64]> = buf
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect();
+        self.pages.write().insert(page, entries.clone());
+        Ok(entries)
+    }
+
+    /// The raw entry at `index`.
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub fn raw(&self, index: u64) -> Result<u64> {
+        if index >= self.layout.entries {
+            return Ok(0);
+        }
+        let page = self.page(index / ENTRIES_PER_PAGE)?;
+        Ok(page
+            .get(usize::try_from(index % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
+            .copied()
+            .unwrap_or(0))
+    }
+
+    fn entry_at(&self, index: u64) -> u64 {
+        self.region_offset + index * 8
+    }
+
+    fn check_block(&self, index: u64, offset: u64, needed: u64) -> Result<()> {
+        for f in &self.forbidden {
+            if offset < f.end && offset + needed > f.start {
+                return Err(Corruption::BatOverlap {
+                    index,
+                    offset,
+                    what: f.what,
+                }
+                .at(format!("BAT entry {index}"), self.entry_at(index)));
+            }
+        }
+        if offset
+            .checked_add(needed)
+            .is_none_or(|end| end > self.file_len)
+        {
+            return Err(Corruption::BatBeyondFile {
+                index,
+                offset,
+                file_len: self.file_len,
+            }
+            .at(format!("BAT entry {index}"), self.entry_at(index)));
+        }
+        Ok(())
+    }
+
+    /// The validated state of payload block `block`.
+    ///
+    /// # Errors
+    /// `Corrupt` for reserved bits, invalid states, offsets outside the file or inside other
+    /// structures; I/O errors.
+    pub fn block(&self, block: u64) -> Result<BlockState> {
+        let index = self.layout.payload_index(block);
+        let raw = self.raw(index)?;
+        if raw & BAT_RESERVED_MASK != 0 {
+            return Err(Corruption::BatReservedBits { index, value: raw }
+                .at(format!("BAT entry {index}"), self.entry_at(index)));
+        }
+        let state = (raw & 7) as u8;
+        let offset = (raw >> 20) * MIB;
+        // The last block may be partial; only the part inside the virtual disk must exist.
+        let needed =
+            (self.layout.virtual_size - block * self.layout.block_size).min(self.layout.block_size);
+        Ok(match state {
+            bat_state::NOT_PRESENT => BlockState::NotPresent,
+            bat_state::UNDEFINED
+            | bat_state::ZERO
+            | bat_state::UNMAPPED
+            | bat_state::UNMAPPED_LEGACY => BlockState::Zero,
+            bat_state::FULLY_PRESENT => {
+                self.check_block(index, offset, needed)?;
+                BlockState::Full(offset)
+            }
+            bat_state::PARTIALLY_PRESENT => {
+                if !self.layout.has_parent {
+                    return Err(Corruption::PartiallyPresentWithoutParent { index }
+                        .at(format!("BAT entry {index}"), self.entry_at(index)));
+                }
+                self.check_block(index, offset, needed)?;
+                BlockState::Partial(offset)
+            }
+            other => {
+                return Err(Corruption::BatState {
+                    index,
+                    state: other,
+                }
+                .at(format!("BAT entry {index}"), self.entry_at(index)));
+            }
+        })
+    }
+
+    /// The file offset of chunk `chunk`'s sector bitmap, if present.
+    ///
+    /// # Errors
+    /// `Corrupt` for invalid entries; I/O errors.
+    pub fn bitmap(&self, chunk: u64) -> Result<Option<u64>> {
+        let index = self.layout.bitmap_index(chunk);
+        let raw = self.raw(index)?;
+        if raw & BAT_RESERVED_MASK != 0 {
+            return Err(Corruption::BatReservedBits { index, value: raw }
+                .at(format!("BAT entry {index}"), self.entry_at(index)));
+        }
+        match (raw & 7) as u8 {
+            bat_state::NOT_PRESENT => Ok(None),
+            // 7 in a bitmap slot is read as present (openvmm does the same).
+            bat_state::SB_PRESENT | 7 => {
+                let offset = (raw >> 20) * MIB;
+                self.check_block(index, offset, MIB)?;
+                Ok(Some(offset))
+            }
+            other => Err(Corruption::BatState {
+                index,
+                state: other,
+            }
+            .at(format!("BAT entry {index}"), self.entry_at(index))),
+        }
+    }
+
+    fn bitmap_page(&self, file_offset: u64) -> Result<Arc<[u8]>> {
+        if let Some(p) = self.bitmap_pages.read().get(&file_offset) {
+            return Ok(p.clone());
+        }
+        let mut buf = vec![0u8; SB_PAGE as usize];
+        self.storage
+            .read_exact_at(file_offset, &mut buf)
+            .map_err(|e| io_at("sector bitmap", file_offset, e))?;
+        let page: Arc<[u8]> = buf.into();
+        let mut pages = self.bitmap_pages.write();
+        if pages.len() >= 4096 {
+            pages.clear();
+        }
+        pages.insert(file_offset, page.clone());
+        Ok(page)
+    }
+
+    /// Calls `f(first_sector, count, present)` for the runs of sectors `[first, first + count)`
+    /// of payload block `block` whose sector-bitmap bits are equal.
+    ///
+    /// # Errors
+    /// `Corrupt` when the bitmap is missing; I/O errors.
+    pub fn bitmap_runs(
+        &self,
+        block: u64,
+        first: u64,
+        count: u64,
+        mut f: impl FnMut(u64, u64, bool),
+    ) -> Result<()> {
+        let chunk = block / self.layout.chunk_ratio;
+        let Some(sb) = self.bitmap(chunk)? else {
+            let index = self.layout.payload_index(block);
+            return Err(Corruption::SectorBitmapMissing { index }
+                .at(format!("BAT entry {index}"), self.entry_at(index)));
+        };
+        let base = (block % self.layout.chunk_ratio) * self.layout.sectors_per_block();
+        let mut run_start = first;
+        let mut run_value = None;
+        let mut page_cache: Option<(u64, Arc<[u8]>)> = None;
+        for s in first..first + count {
+            let bit = base + s;
+            let byte = bit / 8;
+            let page_off = sb + byte / SB_PAGE * SB_PAGE;
+            let page = match &page_cache {
+                Some((o, p)) if *o == page_off => p.clone(),
+                _ => {
+                    let p = self.bitmap_page(page_off)?;
+                    page_cache = Some((page_off, p.clone()));
+                    p
+                }
+            };
+            let v = page
+                .get(usize::try_from(byte % SB_PAGE).unwrap_or(usize::MAX))
+                .is_some_and(|b| b >> (bit % 8) & 1 == 1);
+            match run_value {
+                Some(r) if r == v => {}
+                Some(r) => {
+                    f(run_start, s - run_start, r);
+                    run_start = s;
+                    run_value = Some(v);
+                }
+                None => run_value = Some(v),
+            }
+        }
+        if let Some(r) = run_value {
+            f(run_start, first + count - run_start, r);
+        }
+        Ok(())
+    }
+
+    /// Counts the payload states of every block (reads the whole BAT).
+    ///
+    /// # Errors
+    /// As [`block`](Bat::block).
+    pub fn summary(&self) -> Result<BatSummary> {
+        let mut s = BatSummary::default();
+        for b in 0..self.layout.data_blocks {
+            match self.block(b)? {
+                BlockState::NotPresent => s.not_present += 1,
+                BlockState::Zero => s.zero += 1,
+                BlockState::Full(_) => s.fully_present += 1,
+                BlockState::Partial(_) => s.partially_present += 1,
+            }
+        }
+        if self.layout.has_parent {
+            for c in 0..self.layout.data_blocks.div_ceil(self.layout.chunk_ratio) {
+                if self.bitmap(c)?.is_some() {
+                    s.bitmaps_present += 1;
+                }
+            }
+        }
+        Ok(s)
+    }
+}

@@ -1,0 +1,291 @@
+//! Every on-disk structure of [MS-VHDX] 1.0, as zerocopy wire structs, with the constants and
+//! layout assertions. No I/O and no validation here: each module parses these into validated
+//! domain values.
+
+use std::mem::{offset_of, size_of};
+
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+use crate::guid::Guid;
+
+/// 1 KiB.
+pub const KIB: u64 = 1024;
+/// 1 MiB, the unit of BAT offsets and region alignment.
+pub const MIB: u64 = 1024 * 1024;
+
+/// Offsets of the two header slots (2.2.2).
+pub const HEADER_OFFSETS: [u64; 2] = [64 * KIB, 128 * KIB];
+/// Offsets of the two region table copies (2.2.3).
+pub const REGION_TABLE_OFFSETS: [u64; 2] = [192 * KIB, 256 * KIB];
+/// Size of the header section: nothing else may live in the first MiB.
+pub const HEADER_SECTION_SIZE: u64 = MIB;
+/// Size of a header structure (covered by its checksum).
+pub const HEADER_SIZE: usize = 4096;
+/// Size of a region table (covered by its checksum).
+pub const REGION_TABLE_SIZE: usize = 64 * 1024;
+/// Size of the metadata table at the start of the metadata region.
+pub const METADATA_TABLE_SIZE: usize = 64 * 1024;
+/// Size of a log sector.
+pub const LOG_SECTOR_SIZE: u64 = 4096;
+
+/// `vhdxfile`.
+pub const FILE_SIGNATURE: u64 = u64::from_le_bytes(*b"vhdxfile");
+/// `head`.
+pub const HEADER_SIGNATURE: u32 = u32::from_le_bytes(*b"head");
+/// `regi`.
+pub const REGION_SIGNATURE: u32 = u32::from_le_bytes(*b"regi");
+/// `metadata`.
+pub const METADATA_SIGNATURE: u64 = u64::from_le_bytes(*b"metadata");
+/// `loge`.
+pub const LOG_ENTRY_SIGNATURE: u32 = u32::from_le_bytes(*b"loge");
+/// `desc`.
+pub const DATA_DESC_SIGNATURE: u32 = u32::from_le_bytes(*b"desc");
+/// `zero`.
+pub const ZERO_DESC_SIGNATURE: u32 = u32::from_le_bytes(*b"zero");
+/// `data`.
+pub const DATA_SECTOR_SIGNATURE: u32 = u32::from_le_bytes(*b"data");
+
+/// Most entries a region table may hold (2.2.3).
+pub const MAX_REGION_ENTRIES: u32 = 2047;
+/// Most entries a metadata table may hold (2.6.1).
+pub const MAX_METADATA_ENTRIES: u16 = 2047;
+/// Largest metadata item (2.6.1.2).
+pub const MAX_METADATA_ITEM: u32 = 1024 * 1024;
+/// Largest virtual disk (64 TiB).
+pub const MAX_VIRTUAL_SIZE: u64 = 64 * 1024 * 1024 * MIB;
+/// Smallest and largest block size.
+pub const MIN_BLOCK_SIZE: u32 = 1024 * 1024;
+/// Largest block size.
+pub const MAX_BLOCK_SIZE: u32 = 256 * 1024 * 1024;
+/// Most key/value pairs accepted in a parent locator.
+pub const MAX_LOCATOR_ENTRIES: u16 = 256;
+/// Largest log accepted (openvmm's cap).
+pub const MAX_LOG_SIZE: u64 = 1024 * MIB;
+/// Largest BAT accepted: 64 TiB at 1 MiB blocks with 512-byte sectors needs about 513 MiB.
+pub const MAX_BAT_SIZE: u64 = 520 * MIB;
+
+/// File type identifier (2.2.1): signature and a UTF-16LE creator, never rewritten.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct FileIdentifier {
+    /// `vhdxfile`.
+    pub signature: U64,
+    /// Creator, UTF-16LE, NUL-terminated inside the field; informational.
+    pub creator: [U16; 256],
+}
+const _: () = assert!(size_of::<FileIdentifier>() == 520);
+
+/// Header (2.2.2), 4 KiB including reserved bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct Header {
+    /// `head`.
+    pub signature: U32,
+    /// CRC-32C over the 4 KiB header with this field zero.
+    pub checksum: U32,
+    /// Higher is newer.
+    pub sequence_number: U64,
+    /// Changes on the first modification of every writable session.
+    pub file_write_guid: Guid,
+    /// Changes before the first user-visible change of a session.
+    pub data_write_guid: Guid,
+    /// Non-zero: the log holds entries to replay.
+    pub log_guid: Guid,
+    /// Must be 0.
+    pub log_version: U16,
+    /// Must be 1.
+    pub version: U16,
+    /// Log length, a multiple of 1 MiB.
+    pub log_length: U32,
+    /// Log offset, a multiple of 1 MiB.
+    pub log_offset: U64,
+    /// Zero, but covered by the checksum.
+    pub reserved: [u8; 4016],
+}
+const _: () = assert!(size_of::<Header>() == HEADER_SIZE);
+const _: () = assert!(offset_of!(Header, log_guid) == 48);
+const _: () = assert!(offset_of!(Header, log_offset) == 72);
+
+/// Region table header (2.2.3).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RegionTableHeader {
+    /// `regi`.
+    pub signature: U32,
+    /// CRC-32C over the 64 KiB table with this field zero.
+    pub checksum: U32,
+    /// At most 2047.
+    pub entry_count: U32,
+    /// Zero.
+    pub reserved: U32,
+}
+const _: () = assert!(size_of::<RegionTableHeader>() == 16);
+
+/// Region table entry (2.2.3.1).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct RegionTableEntry {
+    /// Which region.
+    pub guid: Guid,
+    /// Offset, a multiple of 1 MiB, at least 1 MiB.
+    pub file_offset: U64,
+    /// Length, a multiple of 1 MiB.
+    pub length: U32,
+    /// Bit 0: required.
+    pub flags: U32,
+}
+const _: () = assert!(size_of::<RegionTableEntry>() == 32);
+
+/// Metadata table header (2.6.1.1).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct MetadataTableHeader {
+    /// `metadata`.
+    pub signature: U64,
+    /// Zero.
+    pub reserved: U16,
+    /// At most 2047.
+    pub entry_count: U16,
+    /// Zero.
+    pub reserved2: [u8; 20],
+}
+const _: () = assert!(size_of::<MetadataTableHeader>() == 32);
+
+/// Metadata table entry (2.6.1.2).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct MetadataTableEntry {
+    /// Which item.
+    pub item_id: Guid,
+    /// From the start of the metadata region; at least 64 KiB unless the length is 0.
+    pub offset: U32,
+    /// At most 1 MiB.
+    pub length: U32,
+    /// Bit 0 IsUser, bit 1 IsVirtualDisk, bit 2 IsRequired.
+    pub flags: U32,
+    /// Zero.
+    pub reserved: U32,
+}
+const _: () = assert!(size_of::<MetadataTableEntry>() == 32);
+
+/// File Parameters item (2.6.2.1).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct FileParameters {
+    /// Block size, a power of two from 1 MiB to 256 MiB.
+    pub block_size: U32,
+    /// Bit 0 LeaveBlockAllocated, bit 1 HasParent.
+    pub flags: U32,
+}
+const _: () = assert!(size_of::<FileParameters>() == 8);
+
+/// Parent locator header (2.6.2.6).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct ParentLocatorHeader {
+    /// The locator type; only the VHDX type is defined.
+    pub locator_type: Guid,
+    /// Zero.
+    pub reserved: U16,
+    /// Number of key/value entries.
+    pub key_value_count: U16,
+}
+const _: () = assert!(size_of::<ParentLocatorHeader>() == 20);
+
+/// Parent locator key/value entry (2.6.2.6.1).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct ParentLocatorEntry {
+    /// Key offset from the start of the locator item.
+    pub key_offset: U32,
+    /// Value offset from the start of the locator item.
+    pub value_offset: U32,
+    /// Key length in bytes.
+    pub key_length: U16,
+    /// Value length in bytes.
+    pub value_length: U16,
+}
+const _: () = assert!(size_of::<ParentLocatorEntry>() == 12);
+
+/// Log entry header (2.3.1.1).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct LogEntryHeader {
+    /// `loge`.
+    pub signature: U32,
+    /// CRC-32C over the whole entry with this field zero.
+    pub checksum: U32,
+    /// Entry length, a multiple of 4 KiB.
+    pub entry_length: U32,
+    /// Log offset of the oldest entry of the sequence.
+    pub tail: U32,
+    /// Non-zero; +1 per entry.
+    pub sequence_number: U64,
+    /// Number of descriptors.
+    pub descriptor_count: U32,
+    /// Zero.
+    pub reserved: U32,
+    /// Must equal the header's LogGuid.
+    pub log_guid: Guid,
+    /// File size known stable when the entry was written.
+    pub flushed_file_offset: U64,
+    /// File size needed for every structure the log refers to.
+    pub last_file_offset: U64,
+}
+const _: () = assert!(size_of::<LogEntryHeader>() == 64);
+
+/// Zero or data descriptor (2.3.1.2, 2.3.1.3); the two share one layout.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct Descriptor {
+    /// `zero` or `desc`.
+    pub signature: U32,
+    /// Data: the last 4 bytes of the target sector. Zero: reserved.
+    pub trailing_bytes: [u8; 4],
+    /// Data: the first 8 bytes of the target sector. Zero: the zero length.
+    pub leading_bytes: [u8; 8],
+    /// Target file offset, 4 KiB aligned.
+    pub file_offset: U64,
+    /// The entry's sequence number.
+    pub sequence_number: U64,
+}
+const _: () = assert!(size_of::<Descriptor>() == 32);
+
+/// Log data sector (2.3.1.4).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, FromBytes, IntoBytes, KnownLayout, Immutable, Unaligned)]
+pub struct DataSector {
+    /// `data`.
+    pub signature: U32,
+    /// High 32 bits of the entry's sequence number.
+    pub sequence_high: U32,
+    /// Bytes 8..4092 of the target sector.
+    pub data: [u8; 4084],
+    /// Low 32 bits of the entry's sequence number.
+    pub sequence_low: U32,
+}
+const _: () = assert!(size_of::<DataSector>() == 4096);
+
+/// Payload block states (2.5.1.1) and sector-bitmap block states (2.5.1.2).
+pub mod bat_state {
+    /// Payload: not present (from the parent in a differencing image).
+    pub const NOT_PRESENT: u8 = 0;
+    /// Payload: undefined contents.
+    pub const UNDEFINED: u8 = 1;
+    /// Payload: reads as zeros.
+    pub const ZERO: u8 = 2;
+    /// Payload: unmapped (trimmed).
+    pub const UNMAPPED: u8 = 3;
+    /// Payload: unmapped, value from spec draft 0.95.
+    pub const UNMAPPED_LEGACY: u8 = 5;
+    /// Payload: data at the offset.
+    pub const FULLY_PRESENT: u8 = 6;
+    /// Payload: per-sector bitmap decides.
+    pub const PARTIALLY_PRESENT: u8 = 7;
+    /// Sector bitmap: present.
+    pub const SB_PRESENT: u8 = 6;
+}
+
+/// Mask of the reserved BAT entry bits 3..=19.
+pub const BAT_RESERVED_MASK: u64 = 0xF_FFF8;

@@ -1,0 +1,95 @@
+//! GUIDs in the mixed-endian Windows layout, and the GUIDs [MS-VHDX] defines.
+
+use std::fmt;
+
+use uuid::{Uuid, uuid};
+use zerocopy::{FromBytes, Immutable, IntoBytes, KnownLayout, Unaligned};
+
+/// A GUID as stored on disk: the Windows layout, converted with `Uuid::from_bytes_le`.
+#[repr(transparent)]
+#[derive(
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    Default,
+    FromBytes,
+    IntoBytes,
+    KnownLayout,
+    Immutable,
+    Unaligned,
+)]
+pub struct Guid(pub [u8; 16]);
+
+impl Guid {
+    /// The all-zero GUID.
+    pub const ZERO: Self = Self([0; 16]);
+
+    /// The GUID as a `Uuid`.
+    pub fn to_uuid(self) -> Uuid {
+        Uuid::from_bytes_le(self.0)
+    }
+
+    /// The on-disk form of `u`.
+    pub fn from_uuid(u: Uuid) -> Self {
+        Self(u.to_bytes_le())
+    }
+
+    /// Whether every byte is zero.
+    pub fn is_zero(self) -> bool {
+        self == Self::ZERO
+    }
+}
+
+impl fmt::Debug for Guid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_uuid())
+    }
+}
+
+impl fmt::Display for Guid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.to_uuid())
+    }
+}
+
+/// BAT region (2.2.3.1).
+pub const REGION_BAT: Uuid = uuid!("2DC27766-F623-4200-9D64-115E9BFD4A08");
+/// Metadata region (2.2.3.1).
+pub const REGION_METADATA: Uuid = uuid!("8B7CA206-4790-4B9A-B8FE-575F050F886E");
+
+/// File Parameters item.
+pub const META_FILE_PARAMETERS: Uuid = uuid!("CAA16737-FA36-4D43-B3B6-33F0AA44E76B");
+/// Virtual Disk Size item.
+pub const META_VIRTUAL_DISK_SIZE: Uuid = uuid!("2FA54224-CD1B-4876-B211-5DBED83BF4B8");
+/// Virtual Disk ID (page 83) item.
+pub const META_VIRTUAL_DISK_ID: Uuid = uuid!("BECA12AB-B2E6-4523-93EF-C309E000C746");
+/// Logical Sector Size item.
+pub const META_LOGICAL_SECTOR_SIZE: Uuid = uuid!("8141BF1D-A96F-4709-BA47-F233A8FAAB5F");
+/// Physical Sector Size item.
+pub const META_PHYSICAL_SECTOR_SIZE: Uuid = uuid!("CDA348C7-445D-4471-9CC9-E9885251C556");
+/// Parent Locator item.
+pub const META_PARENT_LOCATOR: Uuid = uuid!("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C");
+/// The VHDX parent locator type.
+pub const PARENT_LOCATOR_TYPE_VHDX: Uuid = uuid!("B04AEFB7-D19E-4A81-B789-25B8E9445913");
+/// Marks a file whose creation has not finished (openvmm); such a file must not be opened.
+pub const META_INCOMPLETE_FILE: Uuid = uuid!("71CC85F0-1B69-4E28-9558-C3BF83AE75D3");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bat_guid_is_stored_mixed_endian() {
+        let g = Guid::from_uuid(REGION_BAT);
+        assert_eq!(
+            g.0,
+            [
+                0x66, 0x77, 0xC2, 0x2D, 0x23, 0xF6, 0x00, 0x42, 0x9D, 0x64, 0x11, 0x5E, 0x9B, 0xFD,
+                0x4A, 0x08
+            ]
+        );
+        assert_eq!(g.to_string(), "2dc27766-f623-4200-9d64-115e9bfd4a08");
+    }
+}

@@ -1,0 +1,643 @@
+//! Opening a VHDX image and serving the `vd_core::Image` trait.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde_json::json;
+use uuid::Uuid;
+use vd_core::{
+    Error, ErrorKind, Extent, ExtentKind, Image, ImageFlags, OpenFlags, OpenRequest, Result,
+    Storage, StorageProvider, check_range,
+};
+
+use crate::bat::{Bat, BlockState, Forbidden, Layout};
+use crate::error::Corruption;
+use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
+use crate::guid::Guid;
+use crate::header::{ActiveHeader, read_headers, read_identifier, update_headers};
+use crate::log::{OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
+use crate::metadata::{Metadata, read_metadata};
+use crate::region::{RegionTable, read_region_table};
+
+/// What happened to the log at open.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogState {
+    /// Whether the header asked for a replay.
+    pub dirty: bool,
+    /// How the log was replayed: `none`, `file` or `memory`.
+    pub replay: &'static str,
+    /// Entries in the active sequence.
+    pub entries: usize,
+    /// Sequence number of the head entry.
+    pub head_sequence: u64,
+    /// Log offset and length.
+    pub offset: u64,
+    /// Log length.
+    pub length: u64,
+}
+
+/// An opened VHDX image.
+pub struct VhdxImage {
+    path: PathBuf,
+    provider: Arc<dyn StorageProvider>,
+    storage: Arc<dyn Storage>,
+    flags: OpenFlags,
+    creator: String,
+    header: RwLock<ActiveHeader>,
+    regions: RegionTable,
+    meta: Metadata,
+    bat: Bat,
+    log: LogState,
+    warnings: Vec<String>,
+}
+
+impl std::fmt::Debug for VhdxImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VhdxImage")
+            .field("path", &self.path)
+            .field("size", &self.meta.virtual_size)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Where the bytes of a range come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    File(u64),
+    Zero,
+    Parent,
+}
+
+fn io_err(op: &str, e: io::Error) -> Error {
+    Error::io(op.to_string(), e)
+}
+
+impl VhdxImage {
+    /// Opens an image: identifier, headers, log replay, region table, metadata, BAT.
+    ///
+    /// # Errors
+    /// Typed errors for every rule the image breaks; I/O errors.
+    pub fn open(req: OpenRequest<'_>) -> Result<Self> {
+        let flags = req.flags;
+        let strict = flags.contains(OpenFlags::STRICT);
+        let read_only = flags.contains(OpenFlags::READ_ONLY) || req.storage.is_read_only();
+        let file = req.storage.clone();
+        let file_len = file
+            .len()
+            .map_err(|e| io_err("cannot read the file size", e))?;
+        let creator = read_identifier(file.as_ref())?;
+        let headers = read_headers(file.as_ref(), file_len, strict)?;
+        let mut warnings = headers.warnings;
+        let mut header = headers.active;
+        let mut log = LogState {
+            dirty: !header.log_guid().is_zero(),
+            replay: "none",
+            entries: 0,
+            head_sequence: 0,
+            offset: header.log_offset(),
+            length: header.log_length(),
+        };
+        let mut storage = file.clone();
+        if log.dirty {
+            let bytes = read_log(file.as_ref(), header.log_offset(), header.log_length())?;
+            let plan: ReplayPlan =
+                plan_replay(&bytes, header.log_offset(), header.log_guid(), file_len)?;
+            log.entries = plan.entries;
+            log.head_sequence = plan.head_sequence;
+            if flags.contains(OpenFlags::REFUSE_DIRTY_LOG) {
+                return Err(Corruption::DirtyLogRefused.at("header log guid", 0x10000 + 48));
+            }
+            if read_only {
+                storage = Arc::new(
+                    OverlayStorage::new(file.clone(), &plan)
+                        .map_err(|e| io_err("cannot replay the log in memory", e))?,
+                );
+                log.replay = "memory";
+                warnings.push(format!(
+                    "the log holds {} entries to replay; replayed in memory (the file is read-only)",
+                    plan.entries
+                ));
+            } else {
+                // Log playback is a modification: a new FileWriteGuid goes first.
+                header = update_headers(&file, &header, |h| {
+                    h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
+                })?;
+                apply(file.as_ref(), &plan).map_err(|e| io_err("cannot replay the log", e))?;
+                header = update_headers(&file, &header, |h| h.log_guid = Guid::ZERO)?;
+                log.replay = "file";
+            }
+        }
+        let file_len = storage
+            .len()
+            .map_err(|e| io_err("cannot read the file size", e))?;
+        let regions = read_region_table(
+            storage.as_ref(),
+            file_len,
+            (header.log_offset(), header.log_length()),
+            &mut warnings,
+        )?;
+        let meta = read_metadata(storage.as_ref(), regions.metadata, &mut warnings)?;
+        let layout = Layout::new(&meta);
+        let needed = layout.entries * 8;
+        if needed > regions.bat.length || needed > MAX_BAT_SIZE {
+            return Err(Corruption::BatTooSmall {
+                needed,
+                have: regions.bat.length,
+            }
+            .at("BAT region", regions.bat.offset));
+        }
+        let mut forbidden = vec![
+            Forbidden {
+                start: 0,
+                end: HEADER_SECTION_SIZE,
+                what: "header section",
+            },
+            Forbidden {
+                start: regions.bat.offset,
+                end: regions.bat.offset + regions.bat.length,
+                what: "BAT region",
+            },
+            Forbidden {
+                start: regions.metadata.offset,
+                end: regions.metadata.offset + regions.metadata.length,
+                what: "metadata region",
+            },
+        ];
+        if header.log_length() > 0 {
+            forbidden.push(Forbidden {
+                start: header.log_offset(),
+                end: header.log_offset() + header.log_length(),
+                what: "log",
+            });
+        }
+        for r in &regions.others {
+            forbidden.push(Forbidden {
+                start: r.offset,
+                end: r.offset + r.length,
+                what: "unknown region",
+            });
+        }
+        let bat = Bat::new(
+            storage.clone(),
+            layout,
+            regions.bat.offset,
+            file_len,
+            forbidden,
+        );
+        for w in &warnings {
+            log::warn!("{}: {w}", req.path.display());
+        }
+        Ok(Self {
+            path: req.path.to_path_buf(),
+            provider: req.provider,
+            storage,
+            flags,
+            creator,
+            header: RwLock::new(header),
+            regions,
+            meta,
+            bat,
+            log,
+            warnings,
+        })
+    }
+
+    /// The block layout.
+    pub fn layout(&self) -> Layout {
+        self.bat.layout
+    }
+
+    /// The parsed metadata.
+    pub fn metadata(&self) -> &Metadata {
+        &self.meta
+    }
+
+    /// What happened to the log at open.
+    pub fn log_state(&self) -> &LogState {
+        &self.log
+    }
+
+    /// The creator string of the file identifier.
+    pub fn creator(&self) -> &str {
+        &self.creator
+    }
+
+    /// Calls `f(offset, len, source)` for consecutive runs covering `[offset, offset + len)`,
+    /// merging runs whose file ranges are contiguous.
+    fn resolve(
+        &self,
+        offset: u64,
+        len: u64,
+        mut f: impl FnMut(u64, u64, Source) -> Result<()>,
+    ) -> Result<()> {
+        let layout = self.bat.layout;
+        let mut pending: Option<(u64, u64, Source)> = None;
+        let mut emit = |off: u64,
+                        n: u64,
+                        src: Source,
+                        f: &mut dyn FnMut(u64, u64, Source) -> Result<()>|
+         -> Result<()> {
+            if let Some((po, pn, ps)) = pending {
+                let joins = match (ps, src) {
+                    (Source::File(a), Source::File(b)) => a + pn == b,
+                    (a, b) => a == b,
+                };
+                if joins && po + pn == off {
+                    pending = Some((po, pn + n, ps));
+                    return Ok(());
+                }
+                f(po, pn, ps)?;
+            }
+            pending = Some((off, n, src));
+            Ok(())
+        };
+        let end = offset + len;
+        let mut pos = offset;
+        while pos < end {
+            let block = pos / layout.block_size;
+            let within = pos % layout.block_size;
+            let n = (layout.block_size - within).min(end - pos);
+            match self.bat.block(block)? {
+                BlockState::NotPresent => {
+                    emit(
+                        pos,
+                        n,
+                        if layout.has_parent {
+                            Source::Parent
+                        } else {
+                            Source::Zero
+                        },
+                        &mut f,
+                    )?;
+                }
+                BlockState::Zero => emit(pos, n, Source::Zero, &mut f)?,
+                BlockState::Full(file) => emit(pos, n, Source::File(file + within), &mut f)?,
+                BlockState::Partial(file) => {
+                    let ss = layout.sector_size;
+                    let first = within / ss;
+                    let last = (within + n).div_ceil(ss);
+                    let block_start = block * layout.block_size;
+                    let mut runs = Vec::new();
+                    self.bat
+                        .bitmap_runs(block, first, last - first, |s, c, present| {
+                            runs.push((s, c, present));
+                        })?;
+                    for (s, c, present) in runs {
+                        let a = (block_start + s * ss).max(pos);
+                        let b = (block_start + (s + c) * ss).min(pos + n);
+                        if b > a {
+                            let src = if present {
+                                Source::File(file + (a - block_start))
+                            } else {
+                                Source::Parent
+                            };
+                            emit(a, b - a, src, &mut f)?;
+                        }
+                    }
+                }
+            }
+            pos += n;
+        }
+        if let Some((po, pn, ps)) = pending {
+            f(po, pn, ps)?;
+        }
+        Ok(())
+    }
+
+    fn writable(&self, op: &str) -> Result<()> {
+        if self.flags.contains(OpenFlags::READ_ONLY) {
+            return Err(Error::read_only(op).with_path(&self.path));
+        }
+        Err(Error::not_supported(op).with_path(&self.path))
+    }
+
+    fn locator_paths(&self) -> Vec<PathBuf> {
+        let Some(loc) = &self.meta.parent_locator else {
+            return Vec::new();
+        };
+        let dir = self
+            .path
+            .parent()
+            .unwrap_or_else(|| Path::new(""))
+            .to_path_buf();
+        let mut out: Vec<PathBuf> = Vec::new();
+        let mut push = |p: PathBuf| {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        };
+        let mut basenames = Vec::new();
+        if let Some(rel) = loc.get("relative_path") {
+            let parts: Vec<&str> = rel
+                .split(['\\', '/'])
+                .filter(|s| !s.is_empty() && *s != ".")
+                .collect();
+            let relative: PathBuf = parts.iter().collect();
+            push(self.provider.resolve(&self.path, &relative));
+            if let Some(b) = parts.last() {
+                basenames.push((*b).to_string());
+            }
+        }
+        for key in ["volume_path", "absolute_win32_path"] {
+            let Some(v) = loc.get(key) else { continue };
+            let v = v.strip_prefix(r"\\?\").unwrap_or(v);
+            let parts: Vec<&str> = v.split('\\').filter(|s| !s.is_empty()).collect();
+            // A drive letter maps to /mnt/<letter> (WSL's convention); a volume GUID cannot be
+            // mapped, so only its file name is tried next to the child.
+            if let Some(first) = parts.first()
+                && first.len() == 2
+                && first.ends_with(':')
+            {
+                let mut p = PathBuf::from("/mnt");
+                p.push(first.trim_end_matches(':').to_ascii_lowercase());
+                for part in parts.iter().skip(1) {
+                    p.push(part);
+                }
+                push(p);
+            }
+            if let Some(b) = parts.last() {
+                basenames.push((*b).to_string());
+            }
+        }
+        for b in basenames {
+            push(dir.join(b));
+        }
+        out
+    }
+}
+
+impl Image for VhdxImage {
+    fn format(&self) -> &'static str {
+        "vhdx"
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, self.size())?;
+        self.resolve(offset, buf.len() as u64, |off, n, src| {
+            let a = usize::try_from(off - offset).unwrap_or(usize::MAX);
+            let b = a.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
+            let Some(part) = buf.get_mut(a..b) else {
+                return Err(Error::new(ErrorKind::Corrupt, "internal mapping error"));
+            };
+            match src {
+                Source::File(file) => self.storage.read_exact_at(file, part).map_err(|e| {
+                    io_err("read failed", e)
+                        .with_offset(file)
+                        .with_path(&self.path)
+                }),
+                Source::Zero | Source::Parent => {
+                    part.fill(0);
+                    Ok(())
+                }
+            }
+        })
+    }
+
+    fn write_at(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
+        self.writable("writing VHDX images")
+    }
+
+    fn flush(&self) -> Result<()> {
+        if self.flags.contains(OpenFlags::READ_ONLY) {
+            return Ok(());
+        }
+        self.storage
+            .flush()
+            .map_err(|e| io_err("flush failed", e).with_path(&self.path))
+    }
+
+    fn close(self: Box<Self>, delete: bool) -> Result<()> {
+        self.flush()?;
+        if delete {
+            self.provider
+                .delete(&self.path)
+                .map_err(|e| io_err("cannot delete", e).with_path(&self.path))?;
+        }
+        Ok(())
+    }
+
+    fn rename(&mut self, new_path: &Path) -> Result<()> {
+        self.provider
+            .rename(&self.path, new_path)
+            .map_err(|e| io_err("cannot rename", e).with_path(&self.path))?;
+        self.path = new_path.to_path_buf();
+        Ok(())
+    }
+
+    fn size(&self) -> u64 {
+        self.meta.virtual_size
+    }
+
+    fn sector_size(&self) -> u32 {
+        self.meta.logical_sector_size
+    }
+
+    fn physical_sector_size(&self) -> u32 {
+        self.meta.physical_sector_size
+    }
+
+    fn file_size(&self) -> Result<u64> {
+        self.storage
+            .len()
+            .map_err(|e| io_err("cannot read the file size", e))
+    }
+
+    fn image_flags(&self) -> ImageFlags {
+        let mut f = ImageFlags::empty();
+        if self.meta.leave_block_allocated {
+            f |= ImageFlags::FIXED;
+        }
+        if self.meta.has_parent {
+            f |= ImageFlags::DIFF;
+        }
+        f
+    }
+
+    fn open_flags(&self) -> OpenFlags {
+        self.flags
+    }
+
+    /// The Virtual Disk ID (page 83) metadata item.
+    fn uuid(&self) -> Result<Uuid> {
+        Ok(self.meta.virtual_disk_id)
+    }
+
+    /// The header's DataWriteGuid: it changes whenever user-visible data changes.
+    fn modification_uuid(&self) -> Result<Uuid> {
+        Ok(self.header.read().data_write_guid().to_uuid())
+    }
+
+    /// `parent_linkage`: the parent's DataWriteGuid when this child was made.
+    fn parent_uuid(&self) -> Result<Uuid> {
+        self.meta
+            .parent_locator
+            .as_ref()
+            .and_then(|l| l.linkage())
+            .ok_or_else(|| Error::not_supported("parent UUIDs of images without a parent"))
+    }
+
+    /// `parent_linkage2`, where present and not nil.
+    fn parent_modification_uuid(&self) -> Result<Uuid> {
+        self.meta
+            .parent_locator
+            .as_ref()
+            .and_then(|l| l.linkage2())
+            .ok_or_else(|| Error::not_supported("parent_linkage2"))
+    }
+
+    /// The first path key of the parent locator: `relative_path`, `volume_path`, then
+    /// `absolute_win32_path`.
+    fn parent_filename(&self) -> Result<String> {
+        let loc =
+            self.meta.parent_locator.as_ref().ok_or_else(|| {
+                Error::not_supported("parent file names of images without a parent")
+            })?;
+        ["relative_path", "volume_path", "absolute_win32_path"]
+            .iter()
+            .find_map(|k| loc.get(k))
+            .map(str::to_string)
+            .ok_or_else(|| Error::not_supported("parent file names"))
+    }
+
+    /// `relative_path` resolved against this image's folder, then `volume_path` and
+    /// `absolute_win32_path` mapped to this host where possible, then each path's file name
+    /// next to this image.
+    fn parent_candidates(&self) -> Result<Vec<PathBuf>> {
+        if self.meta.parent_locator.is_none() {
+            return Err(Error::not_supported(
+                "parent lookup of images without a parent",
+            ));
+        }
+        Ok(self.locator_paths())
+    }
+
+    fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        check_range(offset, len, self.size())?;
+        let mut out: Vec<Extent> = Vec::new();
+        self.resolve(offset, len, |off, n, src| {
+            let kind = match src {
+                Source::File(_) => ExtentKind::Data,
+                Source::Zero => ExtentKind::Zero,
+                Source::Parent => ExtentKind::Unallocated,
+            };
+            match out.last_mut() {
+                Some(last) if last.kind == kind && last.offset + last.length == off => {
+                    last.length += n;
+                }
+                _ => out.push(Extent {
+                    offset: off,
+                    length: n,
+                    kind,
+                }),
+            }
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
+        let w = |e: io::Error| io_err("cannot write the dump", e);
+        let h = self.header.read().clone();
+        let l = self.bat.layout;
+        writeln!(out, "file identifier: creator {:?}", self.creator).map_err(w)?;
+        writeln!(
+            out,
+            "header (slot {}): sequence {}, file write guid {}, data write guid {}, log guid {}, log {:#x}+{:#x}",
+            h.slot + 1,
+            h.sequence(),
+            h.file_write_guid(),
+            h.data_write_guid(),
+            h.log_guid(),
+            h.log_offset(),
+            h.log_length()
+        )
+        .map_err(w)?;
+        writeln!(out, "region table (copy {}):", self.regions.copy + 1).map_err(w)?;
+        for r in [self.regions.bat, self.regions.metadata]
+            .iter()
+            .chain(&self.regions.others)
+        {
+            writeln!(
+                out,
+                "  {} at {:#x}, length {:#x}, required {}",
+                r.guid, r.offset, r.length, r.required
+            )
+            .map_err(w)?;
+        }
+        writeln!(out, "metadata:").map_err(w)?;
+        for i in &self.meta.items {
+            writeln!(
+                out,
+                "  {} at +{:#x}, length {}, user {}, virtual disk {}, required {}",
+                i.guid, i.offset, i.length, i.is_user, i.is_virtual_disk, i.is_required
+            )
+            .map_err(w)?;
+        }
+        if let Some(loc) = &self.meta.parent_locator {
+            writeln!(out, "parent locator:").map_err(w)?;
+            for (k, v) in &loc.entries {
+                writeln!(out, "  {k} = {v}").map_err(w)?;
+            }
+        }
+        writeln!(
+            out,
+            "BAT: {} entries, chunk ratio {}, {} data blocks of {} bytes",
+            l.entries, l.chunk_ratio, l.data_blocks, l.block_size
+        )
+        .map_err(w)?;
+        let s = self.bat.summary()?;
+        writeln!(
+            out,
+            "  not present {}, zero {}, fully present {}, partially present {}, bitmaps present {}",
+            s.not_present, s.zero, s.fully_present, s.partially_present, s.bitmaps_present
+        )
+        .map_err(w)?;
+        writeln!(
+            out,
+            "log: {}, replay {}, {} entries, head sequence {}",
+            if self.log.dirty { "dirty" } else { "clean" },
+            self.log.replay,
+            self.log.entries,
+            self.log.head_sequence
+        )
+        .map_err(w)?;
+        Ok(())
+    }
+
+    fn warnings(&self) -> Vec<String> {
+        self.warnings.clone()
+    }
+
+    fn details(&self) -> serde_json::Value {
+        let h = self.header.read();
+        let kind = if self.meta.has_parent {
+            "differencing"
+        } else if self.meta.leave_block_allocated {
+            "fixed"
+        } else {
+            "dynamic"
+        };
+        json!({
+            "type": kind,
+            "creator": self.creator,
+            "block_size": self.meta.block_size,
+            "logical_sector_size": self.meta.logical_sector_size,
+            "physical_sector_size": self.meta.physical_sector_size,
+            "virtual_disk_id": self.meta.virtual_disk_id.to_string(),
+            "data_write_guid": h.data_write_guid().to_uuid().to_string(),
+            "file_write_guid": h.file_write_guid().to_uuid().to_string(),
+            "log_state": if self.log.dirty { format!("dirty, replayed in {}", self.log.replay) } else { "clean".to_string() },
+            "log": self.log,
+            "parent_locator": self.meta.parent_locator.as_ref().map(|l| &l.entries),
+            "chunk_ratio": self.bat.layout.chunk_ratio,
+            "bat_entries": self.bat.layout.entries,
+            "data_blocks": self.bat.layout.data_blocks,
+        })
+    }
+}

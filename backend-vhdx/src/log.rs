@@ -1,0 +1,503 @@
+//! The log ([MS-VHDX] 2.3): finding the active sequence, validating every entry, and replaying
+//! it, either into the file (read-write opens) or into an in-memory overlay that read-only opens
+//! read through, so metadata and data read as after replay while the file stays untouched.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::sync::Arc;
+
+use vd_core::{Result, Storage};
+use zerocopy::FromBytes;
+
+use crate::checksum::crc32c_with_zero_field;
+use crate::error::{Corruption, io_at};
+use crate::format::{
+    DATA_DESC_SIGNATURE, DATA_SECTOR_SIGNATURE, DataSector, Descriptor, LOG_ENTRY_SIGNATURE,
+    LOG_SECTOR_SIZE, LogEntryHeader, REGION_TABLE_OFFSETS, ZERO_DESC_SIGNATURE,
+};
+use crate::guid::Guid;
+
+/// Largest file size a log may ask for (64 TiB of data plus room for metadata).
+const MAX_LAST_FILE_OFFSET: u64 = 65 << 40;
+/// Most 4 KiB sectors one replay may touch (4 GiB).
+const MAX_REPLAY_SECTORS: u64 = 1 << 20;
+
+/// One write the log asks for.
+#[derive(Debug, Clone)]
+pub enum LogWrite {
+    /// A whole 4 KiB sector.
+    Data {
+        /// Target file offset.
+        offset: u64,
+        /// The rebuilt sector.
+        data: Arc<[u8]>,
+    },
+    /// Zeros.
+    Zero {
+        /// Target file offset.
+        offset: u64,
+        /// Length.
+        length: u64,
+    },
+}
+
+/// A validated entry.
+#[derive(Debug, Clone)]
+struct Entry {
+    position: u64,
+    length: u64,
+    tail: u64,
+    sequence: u64,
+    flushed_file_offset: u64,
+    last_file_offset: u64,
+    writes: Vec<LogWrite>,
+}
+
+/// What replaying the active sequence does.
+#[derive(Debug, Clone, Default)]
+pub struct ReplayPlan {
+    /// The writes, in order.
+    pub writes: Vec<LogWrite>,
+    /// Entries in the active sequence.
+    pub entries: usize,
+    /// Sequence number of the head entry.
+    pub head_sequence: u64,
+    /// The head's LastFileOffset: the file must be at least this long afterwards.
+    pub last_file_offset: u64,
+}
+
+struct Log<'a> {
+    bytes: &'a [u8],
+    offset: u64,
+    guid: Guid,
+}
+
+impl Log<'_> {
+    fn len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// `len` bytes at `pos`, wrapping around the end of the log.
+    fn wrapped(&self, pos: u64, len: u64) -> Option<Vec<u8>> {
+        let n = self.len();
+        if len > n || pos >= n {
+            return None;
+        }
+        let first = (n - pos).min(len);
+        let mut out = self
+            .bytes
+            .get(usize::try_from(pos).ok()?..usize::try_from(pos + first).ok()?)?
+            .to_vec();
+        if first < len {
+            out.extend_from_slice(self.bytes.get(..usize::try_from(len - first).ok()?)?);
+        }
+        Some(out)
+    }
+
+    /// Parses and validates the entry at `pos` (steps 1-5 of the validity rules).
+    fn entry(&self, pos: u64) -> std::result::Result<Option<Entry>, Corruption> {
+        let Some(first) = self.wrapped(pos, LOG_SECTOR_SIZE) else {
+            return Ok(None);
+        };
+        let Ok((h, _)) = LogEntryHeader::read_from_prefix(&first) else {
+            return Ok(None);
+        };
+        if h.signature.get() != LOG_ENTRY_SIGNATURE || h.log_guid != self.guid {
+            return Ok(None);
+        }
+        let length = u64::from(h.entry_length.get());
+        let tail = u64::from(h.tail.get());
+        let sequence = h.sequence_number.get();
+        let count = u64::from(h.descriptor_count.get());
+        if length == 0
+            || length % LOG_SECTOR_SIZE != 0
+            || length > self.len()
+            || tail >= self.len()
+            || tail % LOG_SECTOR_SIZE != 0
+            || sequence == 0
+        {
+            return Ok(None);
+        }
+        let desc_sectors = (count + 2).div_ceil(128);
+        if desc_sectors * LOG_SECTOR_SIZE > length {
+            return Ok(None);
+        }
+        let Some(bytes) = self.wrapped(pos, length) else {
+            return Ok(None);
+        };
+        if crc32c_with_zero_field(&bytes, 4) != h.checksum.get() {
+            return Ok(None);
+        }
+        // From here the entry is intact (its checksum matches); a rule it breaks is corruption,
+        // not a stale leftover.
+        let bad = |reason: String| Corruption::LogEntry {
+            log_offset: pos,
+            reason,
+        };
+        let mut writes = Vec::new();
+        let mut data_index = desc_sectors;
+        let n_desc = usize::try_from(count).map_err(|_| bad("too many descriptors".into()))?;
+        for i in 0..n_desc {
+            let at = 64 + 32 * i;
+            let d = bytes
+                .get(at..at + 32)
+                .and_then(|b| Descriptor::read_from_bytes(b).ok())
+                .ok_or_else(|| bad(format!("descriptor {i} is outside the entry")))?;
+            if d.sequence_number.get() != sequence {
+                return Err(bad(format!("descriptor {i} has another sequence number")));
+            }
+            let target = d.file_offset.get();
+            if target % LOG_SECTOR_SIZE != 0 {
+                return Err(bad(format!(
+                    "descriptor {i} target {target:#x} is not 4 KiB aligned"
+                )));
+            }
+            match d.signature.get() {
+                ZERO_DESC_SIGNATURE => {
+                    let length = u64::from_le_bytes(d.leading_bytes);
+                    if length % LOG_SECTOR_SIZE != 0 {
+                        return Err(bad(format!(
+                            "zero descriptor {i} length {length:#x} is not a 4 KiB multiple"
+                        )));
+                    }
+                    writes.push(LogWrite::Zero {
+                        offset: target,
+                        length,
+                    });
+                }
+                DATA_DESC_SIGNATURE => {
+                    let at = usize::try_from(data_index * LOG_SECTOR_SIZE)
+                        .map_err(|_| bad("entry too large".into()))?;
+                    let s = bytes
+                        .get(at..at + 4096)
+                        .and_then(|b| DataSector::read_from_bytes(b).ok())
+                        .ok_or_else(|| {
+                            bad(format!(
+                                "data sector for descriptor {i} is outside the entry"
+                            ))
+                        })?;
+                    if s.signature.get() != DATA_SECTOR_SIGNATURE
+                        || s.sequence_high.get() != (sequence >> 32) as u32
+                        || s.sequence_low.get() != sequence as u32
+                    {
+                        return Err(bad(format!(
+                            "data sector for descriptor {i} is torn or misplaced"
+                        )));
+                    }
+                    let mut sector = Vec::with_capacity(4096);
+                    sector.extend_from_slice(&d.leading_bytes);
+                    sector.extend_from_slice(&s.data);
+                    sector.extend_from_slice(&d.trailing_bytes);
+                    writes.push(LogWrite::Data {
+                        offset: target,
+                        data: sector.into(),
+                    });
+                    data_index += 1;
+                }
+                other => return Err(bad(format!("descriptor {i} has signature {other:#010x}"))),
+            }
+        }
+        if data_index * LOG_SECTOR_SIZE != length {
+            return Err(bad(format!(
+                "entry length {length:#x} does not match {data_index} sectors"
+            )));
+        }
+        let last_file_offset = h.last_file_offset.get();
+        if last_file_offset > MAX_LAST_FILE_OFFSET {
+            return Err(bad(format!(
+                "LastFileOffset {last_file_offset:#x} is absurd"
+            )));
+        }
+        Ok(Some(Entry {
+            position: pos,
+            length,
+            tail,
+            sequence,
+            flushed_file_offset: h.flushed_file_offset.get(),
+            last_file_offset,
+            writes,
+        }))
+    }
+}
+
+/// Finds the active sequence of the log at `log_offset` (`log_bytes` is the whole log) and
+/// returns what replaying it writes. Every target is checked against the header section and
+/// the log itself.
+///
+/// # Errors
+/// `Corrupt`: no complete sequence, a malformed entry, a protected target, a truncated file.
+pub fn plan_replay(
+    log_bytes: &[u8],
+    log_offset: u64,
+    log_guid: Guid,
+    file_len: u64,
+) -> Result<ReplayPlan> {
+    let log = Log {
+        bytes: log_bytes,
+        offset: log_offset,
+        guid: log_guid,
+    };
+    let at = |pos: u64| log.offset + pos;
+    let sectors = log.len() / LOG_SECTOR_SIZE;
+    let mut cache: BTreeMap<u64, Option<Entry>> = BTreeMap::new();
+    let mut get = |pos: u64| -> Result<Option<Entry>> {
+        if let Some(e) = cache.get(&pos) {
+            return Ok(e.clone());
+        }
+        let e = log.entry(pos).map_err(|c| c.at("log entry", at(pos)))?;
+        cache.insert(pos, e.clone());
+        Ok(e)
+    };
+    let mut covered = vec![false; usize::try_from(sectors).unwrap_or(0)];
+    let mut best: Option<Vec<Entry>> = None;
+    for start in 0..sectors {
+        let pos = start * LOG_SECTOR_SIZE;
+        if covered.get(start as usize).copied().unwrap_or(true) {
+            continue;
+        }
+        let Some(first) = get(pos)? else { continue };
+        // Follow the chain of consecutive entries.
+        let mut chain = vec![first];
+        while let Some(last) = chain.last() {
+            if chain.len() as u64 > sectors {
+                break;
+            }
+            let next_pos = (last.position + last.length) % log.len();
+            let want = last.sequence.wrapping_add(1);
+            match get(next_pos)? {
+                Some(e)
+                    if e.sequence == want && !chain.iter().any(|c| c.position == e.position) =>
+                {
+                    chain.push(e);
+                }
+                _ => break,
+            }
+        }
+        for e in &chain {
+            for s in 0..e.length / LOG_SECTOR_SIZE {
+                let idx = (e.position / LOG_SECTOR_SIZE + s) % sectors;
+                if let Some(c) = covered.get_mut(idx as usize) {
+                    *c = true;
+                }
+            }
+        }
+        // Complete: the head's tail is an entry of the chain; keep the part from it on.
+        let Some(head) = chain.last() else { continue };
+        let Some(tail_index) = chain.iter().position(|e| e.position == head.tail) else {
+            continue;
+        };
+        let active: Vec<Entry> = chain.split_off(tail_index);
+        let better = match (&best, active.last()) {
+            (Some(b), Some(h)) => b.last().is_none_or(|bh| h.sequence > bh.sequence),
+            (None, Some(_)) => true,
+            _ => false,
+        };
+        if better {
+            best = Some(active);
+        }
+    }
+    let Some(active) = best else {
+        return Err(Corruption::NoActiveLogSequence.at("log", log.offset));
+    };
+    let Some(head) = active.last() else {
+        return Err(Corruption::NoActiveLogSequence.at("log", log.offset));
+    };
+    if file_len < head.flushed_file_offset {
+        return Err(Corruption::LogTruncatedFile {
+            file_len,
+            flushed: head.flushed_file_offset,
+        }
+        .at("log head entry", at(head.position)));
+    }
+    let mut plan = ReplayPlan {
+        entries: active.len(),
+        head_sequence: head.sequence,
+        last_file_offset: head.last_file_offset,
+        writes: Vec::new(),
+    };
+    let log_range = (log.offset, log.offset + log.len());
+    let mut total_sectors = 0u64;
+    for e in &active {
+        for w in &e.writes {
+            let (target, length) = match w {
+                LogWrite::Data { offset, .. } => (*offset, LOG_SECTOR_SIZE),
+                LogWrite::Zero { offset, length } => (*offset, *length),
+            };
+            let end = target.saturating_add(length);
+            let protected = if target < REGION_TABLE_OFFSETS[0] {
+                Some("header area")
+            } else if target < log_range.1 && end > log_range.0 {
+                Some("log")
+            } else if end > MAX_LAST_FILE_OFFSET {
+                Some("space beyond any valid file")
+            } else {
+                None
+            };
+            if let Some(what) = protected {
+                return Err(Corruption::LogTarget {
+                    target,
+                    length,
+                    what,
+                }
+                .at("log entry", at(e.position)));
+            }
+            total_sectors += length / LOG_SECTOR_SIZE;
+            if total_sectors > MAX_REPLAY_SECTORS {
+                return Err(Corruption::LogEntry {
+                    log_offset: e.position,
+                    reason: "the log writes more than 4 GiB".into(),
+                }
+                .at("log entry", at(e.position)));
+            }
+            plan.writes.push(w.clone());
+        }
+    }
+    Ok(plan)
+}
+
+/// Reads the whole log region.
+///
+/// # Errors
+/// I/O errors.
+pub fn read_log(storage: &dyn Storage, offset: u64, length: u64) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    storage
+        .read_exact_at(offset, &mut buf)
+        .map_err(|e| io_at("log", offset, e))?;
+    Ok(buf)
+}
+
+/// Applies a plan to writable storage, extends the file to LastFileOffset, and flushes.
+///
+/// # Errors
+/// I/O errors.
+pub fn apply(storage: &dyn Storage, plan: &ReplayPlan) -> io::Result<()> {
+    for w in &plan.writes {
+        match w {
+            LogWrite::Data { offset, data } => storage.write_all_at(*offset, data)?,
+            LogWrite::Zero { offset, length } => storage.zero_range(*offset, *length)?,
+        }
+    }
+    if storage.len()? < plan.last_file_offset {
+        storage.set_len(plan.last_file_offset)?;
+    }
+    storage.flush()
+}
+
+#[derive(Debug, Clone)]
+enum Sector {
+    Zero,
+    Data(Arc<[u8]>),
+}
+
+/// A read-only view of a file with a replayed log laid over it in memory.
+#[derive(Debug)]
+pub struct OverlayStorage {
+    base: Arc<dyn Storage>,
+    sectors: BTreeMap<u64, Sector>,
+    len: u64,
+}
+
+impl OverlayStorage {
+    /// `base` as it reads after `plan` is applied.
+    ///
+    /// # Errors
+    /// I/O errors reading the base length.
+    pub fn new(base: Arc<dyn Storage>, plan: &ReplayPlan) -> io::Result<Self> {
+        let mut sectors = BTreeMap::new();
+        let mut len = base.len()?;
+        for w in &plan.writes {
+            match w {
+                LogWrite::Data { offset, data } => {
+                    sectors.insert(offset / LOG_SECTOR_SIZE, Sector::Data(data.clone()));
+                    len = len.max(offset + LOG_SECTOR_SIZE);
+                }
+                LogWrite::Zero { offset, length } => {
+                    let first = offset / LOG_SECTOR_SIZE;
+                    for s in first..first + length / LOG_SECTOR_SIZE {
+                        sectors.insert(s, Sector::Zero);
+                    }
+                    len = len.max(offset + length);
+                }
+            }
+        }
+        Ok(Self {
+            base,
+            sectors,
+            len: len.max(plan.last_file_offset),
+        })
+    }
+
+    fn read_base(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let base_len = self.base.len()?;
+        let inside = usize::try_from(base_len.saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let (a, b) = buf.split_at_mut(inside);
+        if !a.is_empty() {
+            self.base.read_exact_at(offset, a)?;
+        }
+        b.fill(0);
+        Ok(())
+    }
+}
+
+impl Storage for OverlayStorage {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset
+            .checked_add(buf.len() as u64)
+            .ok_or_else(|| io::Error::other("range overflows"))?;
+        if end > self.len {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let mut pos = offset;
+        let first = offset / LOG_SECTOR_SIZE;
+        let last = end.div_ceil(LOG_SECTOR_SIZE);
+        for (&s, sector) in self.sectors.range(first..last) {
+            let s_start = (s * LOG_SECTOR_SIZE).max(offset);
+            if s_start > pos {
+                let a = (pos - offset) as usize;
+                let b = (s_start - offset) as usize;
+                self.read_base(pos, &mut buf[a..b])?;
+            }
+            let s_end = ((s + 1) * LOG_SECTOR_SIZE).min(end);
+            let dst = &mut buf[(s_start - offset) as usize..(s_end - offset) as usize];
+            match sector {
+                Sector::Zero => dst.fill(0),
+                Sector::Data(d) => {
+                    let from = (s_start - s * LOG_SECTOR_SIZE) as usize;
+                    dst.copy_from_slice(&d[from..from + dst.len()]);
+                }
+            }
+            pos = s_end;
+        }
+        if pos < end {
+            let a = (pos - offset) as usize;
+            self.read_base(pos, &mut buf[a..])?;
+        }
+        Ok(())
+    }
+
+    fn write_all_at(&self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a read-only image with a replayed log cannot be written",
+        ))
+    }
+
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.len)
+    }
+
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        self.write_all_at(0, &[])
+    }
+
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn is_read_only(&self) -> bool {
+        true
+    }
+}

@@ -1,0 +1,228 @@
+//! The region table ([MS-VHDX] 2.2.3): both copies, the known regions, and the layout checks
+//! (alignment, inside the file, no overlaps with each other, the header section or the log).
+
+use uuid::Uuid;
+use vd_core::{Result, Storage};
+use zerocopy::FromBytes;
+
+use crate::checksum::crc32c_with_zero_field;
+use crate::error::{Corruption, io_at};
+use crate::format::{
+    HEADER_SECTION_SIZE, MAX_REGION_ENTRIES, MIB, REGION_SIGNATURE, REGION_TABLE_OFFSETS,
+    REGION_TABLE_SIZE, RegionTableEntry, RegionTableHeader,
+};
+use crate::guid::{REGION_BAT, REGION_METADATA};
+
+/// One region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Region {
+    /// Which region.
+    pub guid: Uuid,
+    /// File offset.
+    pub offset: u64,
+    /// Length.
+    pub length: u64,
+    /// Whether a reader must understand it.
+    pub required: bool,
+}
+
+/// The validated region table.
+#[derive(Debug, Clone)]
+pub struct RegionTable {
+    /// The BAT region.
+    pub bat: Region,
+    /// The metadata region.
+    pub metadata: Region,
+    /// Regions we do not understand (optional ones; kept for rewriting).
+    pub others: Vec<Region>,
+    /// Which copy was used (0 or 1).
+    pub copy: usize,
+}
+
+fn parse(buf: &[u8]) -> std::result::Result<Vec<Region>, Corruption> {
+    let (hdr, rest) = RegionTableHeader::read_from_prefix(buf)
+        .map_err(|_| Corruption::RegionSignature { found: 0 })?;
+    if hdr.signature.get() != REGION_SIGNATURE {
+        return Err(Corruption::RegionSignature {
+            found: hdr.signature.get(),
+        });
+    }
+    let computed = crc32c_with_zero_field(buf, 4);
+    if computed != hdr.checksum.get() {
+        return Err(Corruption::Checksum {
+            stored: hdr.checksum.get(),
+            computed,
+        });
+    }
+    let count = hdr.entry_count.get();
+    if count > MAX_REGION_ENTRIES {
+        return Err(Corruption::RegionEntryCount { count });
+    }
+    let n = usize::try_from(count).map_err(|_| Corruption::RegionEntryCount { count })?;
+    let (entries, _) = <[RegionTableEntry]>::ref_from_prefix_with_elems(rest, n)
+        .map_err(|_| Corruption::RegionEntryCount { count })?;
+    Ok(entries
+        .iter()
+        .map(|e| Region {
+            guid: e.guid.to_uuid(),
+            offset: e.file_offset.get(),
+            length: u64::from(e.length.get()),
+            required: e.flags.get() & 1 != 0,
+        })
+        .collect())
+}
+
+/// Ranges that must not overlap, checked by sorting and sweeping.
+pub fn check_overlaps(mut ranges: Vec<(u64, u64, String)>) -> std::result::Result<(), Corruption> {
+    ranges.retain(|r| r.1 > 0);
+    ranges.sort_by_key(|r| r.0);
+    for w in ranges.windows(2) {
+        if let [a, b] = w
+            && a.0.saturating_add(a.1) > b.0
+        {
+            return Err(Corruption::Overlap {
+                first: a.2.clone(),
+                second: b.2.clone(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Reads both region tables, uses the first valid copy (a mismatch is a warning), and checks
+/// every region against the file length and the log.
+///
+/// # Errors
+/// `Corrupt` for no valid copy or a bad layout; `Unsupported` for an unknown required region.
+pub fn read_region_table(
+    storage: &dyn Storage,
+    file_len: u64,
+    log: (u64, u64),
+    warnings: &mut Vec<String>,
+) -> Result<RegionTable> {
+    let mut copies = Vec::with_capacity(2);
+    for &off in &REGION_TABLE_OFFSETS {
+        let mut buf = vec![0u8; REGION_TABLE_SIZE];
+        let parsed = match storage.read_exact_at(off, &mut buf) {
+            Ok(()) => parse(&buf),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(Corruption::RegionSignature { found: 0 })
+            }
+            Err(e) => return Err(io_at("region table", off, e)),
+        };
+        copies.push(parsed);
+    }
+    let (first, second) = (copies.remove(0), copies.remove(0));
+    let (copy, regions) = match (first, second) {
+        (Ok(a), Ok(b)) => {
+            if a != b {
+                warnings.push("the two region tables differ; using copy 1".into());
+            }
+            (0, a)
+        }
+        (Ok(a), Err(e)) => {
+            warnings.push(format!(
+                "region table copy 2 is invalid ({e}); using copy 1"
+            ));
+            (0, a)
+        }
+        (Err(e), Ok(b)) => {
+            warnings.push(format!(
+                "region table copy 1 is invalid ({e}); using copy 2"
+            ));
+            (1, b)
+        }
+        (Err(a), Err(b)) => {
+            return Err(Corruption::NoValidRegionTable {
+                first: a.to_string(),
+                second: b.to_string(),
+            }
+            .at("region tables", REGION_TABLE_OFFSETS[0]));
+        }
+    };
+    let table_off = REGION_TABLE_OFFSETS[copy];
+    let mut bat = None;
+    let mut metadata = None;
+    let mut others = Vec::new();
+    let mut ranges = vec![(0, HEADER_SECTION_SIZE, "the header section".to_string())];
+    if log.1 > 0 {
+        ranges.push((log.0, log.1, "the log".to_string()));
+    }
+    for (i, r) in regions.iter().enumerate() {
+        let field = format!("region table entry {i}");
+        let entry_off = table_off + 16 + 32 * i as u64;
+        let bad = |reason| {
+            Corruption::RegionRange {
+                guid: r.guid,
+                offset: r.offset,
+                length: r.length,
+                reason,
+            }
+            .at(field.clone(), entry_off)
+        };
+        if r.offset % MIB != 0 || r.length % MIB != 0 {
+            return Err(bad("not a multiple of 1 MiB"));
+        }
+        if r.length == 0 {
+            return Err(bad("empty"));
+        }
+        if r.offset < HEADER_SECTION_SIZE {
+            return Err(bad("inside the header section"));
+        }
+        if r.offset.checked_add(r.length).is_none() {
+            return Err(bad("offset overflows"));
+        }
+        let slot = if r.guid == REGION_BAT {
+            &mut bat
+        } else if r.guid == REGION_METADATA {
+            &mut metadata
+        } else if r.required {
+            return Err(Corruption::UnknownRequiredRegion { guid: r.guid }.at(field, entry_off));
+        } else {
+            warnings.push(format!("ignoring unknown optional region {}", r.guid));
+            others.push(*r);
+            ranges.push((r.offset, r.length, format!("region {}", r.guid)));
+            continue;
+        };
+        if slot.is_some() {
+            return Err(Corruption::RegionDuplicate { guid: r.guid }.at(field, entry_off));
+        }
+        *slot = Some(*r);
+        let name = if r.guid == REGION_BAT {
+            "the BAT region"
+        } else {
+            "the metadata region"
+        };
+        ranges.push((r.offset, r.length, name.to_string()));
+    }
+    check_overlaps(ranges).map_err(|c| c.at("region table", table_off))?;
+    let bat =
+        bat.ok_or_else(|| Corruption::MissingRegion { name: "BAT" }.at("region table", table_off))?;
+    let metadata = metadata.ok_or_else(|| {
+        Corruption::MissingRegion { name: "metadata" }.at("region table", table_off)
+    })?;
+    if metadata.offset + metadata.length > file_len {
+        return Err(Corruption::RegionRange {
+            guid: metadata.guid,
+            offset: metadata.offset,
+            length: metadata.length,
+            reason: "beyond the end of the file",
+        }
+        .at("metadata region", table_off));
+    }
+    if bat.offset >= file_len {
+        return Err(Corruption::RegionRange {
+            guid: bat.guid,
+            offset: bat.offset,
+            length: bat.length,
+            reason: "beyond the end of the file",
+        }
+        .at("BAT region", table_off));
+    }
+    Ok(RegionTable {
+        bat,
+        metadata,
+        others,
+        copy,
+    })
+}
