@@ -2,7 +2,7 @@
 //!
 //! Each backend crate adds itself to [`BACKENDS`]:
 //!
-//! ```ignore
+//! ```text
 //! #[linkme::distributed_slice(vd_core::BACKENDS)]
 //! static VHDX: &'static dyn vd_core::Backend = &VhdxBackend;
 //! ```
