@@ -12,7 +12,7 @@
 //! - [`Storage`] and [`StorageProvider`]: the I/O interface. Backends never touch `std::fs`.
 //! - [`Disk`]: a chain of images (child over parents) read and written as one disk, with
 //!   `std::io::{Read, Write, Seek}`.
-//! - With the `test-util` feature, [`testing`]: a fault-injecting storage and the backend
+//! - With the `test-util` feature, the `testing` module: a fault-injecting storage and the backend
 //!   conformance suite.
 //!
 //! ```

@@ -52,6 +52,65 @@ pub enum Command {
     Info(InfoArgs),
     /// Copy an image into another format (holes stay holes).
     Convert(ConvertArgs),
+    /// Show which ranges hold data, which read as zeros, and which image of the chain holds
+    /// them.
+    Map(MapArgs),
+    /// Describe every on-disk structure of an image.
+    Dump(DumpArgs),
+    /// Compare the contents of two images (exit 0 identical, 1 different, 2 error).
+    Compare(CompareArgs),
+}
+
+/// Options shared by the commands that open an image with its backing chain.
+#[derive(Debug, Args)]
+pub struct ChainArgs {
+    /// Source format (otherwise probed).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// The parent image, bypassing the child's locator; repeat for grandparents.
+    #[arg(long = "parent")]
+    pub parents: Vec<PathBuf>,
+}
+
+/// Arguments of `map`.
+#[derive(Debug, Args)]
+pub struct MapArgs {
+    /// How to open the image.
+    #[command(flatten)]
+    pub chain: ChainArgs,
+    /// The image.
+    pub file: PathBuf,
+}
+
+/// Arguments of `dump`.
+#[derive(Debug, Args)]
+pub struct DumpArgs {
+    /// Source format (otherwise probed).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// The image.
+    pub file: PathBuf,
+}
+
+/// Arguments of `compare`.
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// Format of the first image (otherwise probed).
+    #[arg(short = 'f', long = "format")]
+    pub format_a: Option<String>,
+    /// Format of the second image (otherwise probed).
+    #[arg(short = 'F', long = "second-format")]
+    pub format_b: Option<String>,
+    /// Images of different sizes are different, even when the extra part is zeros.
+    #[arg(short = 's', long = "strict")]
+    pub strict: bool,
+    /// Show a progress bar on stderr.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+    /// The first image.
+    pub first: PathBuf,
+    /// The second image.
+    pub second: PathBuf,
 }
 
 /// Arguments of `info`.
@@ -60,6 +119,10 @@ pub struct InfoArgs {
     /// Source format (otherwise probed).
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
+    /// With --backing-chain: the parent image, bypassing the child's locator; repeat for
+    /// grandparents.
+    #[arg(long = "parent")]
+    pub parents: Vec<PathBuf>,
     /// Also show every image of the backing chain.
     #[arg(long)]
     pub backing_chain: bool,
@@ -82,6 +145,9 @@ pub struct ConvertArgs {
     /// Show a progress bar on stderr.
     #[arg(short = 'p', long = "progress")]
     pub progress: bool,
+    /// The source's parent image, bypassing the child's locator; repeat for grandparents.
+    #[arg(long = "parent")]
+    pub parents: Vec<PathBuf>,
     /// The source image.
     pub source: PathBuf,
     /// The image to write (replaced if it exists).

@@ -6,12 +6,12 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::ProgressBar;
 use serde::Serialize;
-use vd_core::{CreateParams, Disk, DiskOptions, ExtentKind, Image, OpenFlags, Registry};
+use vd_core::{CreateParams, Disk, ExtentKind, Image, Registry};
 
 use crate::cli::{ConvertArgs, Output};
-use crate::commands::parse_options;
+use crate::commands::{open_disk, parse_options, progress_bar};
 use crate::render::{emit, sanitize};
 
 /// Copy granularity; also the granularity at which all-zero data is detected and skipped.
@@ -25,19 +25,6 @@ struct ConvertResult {
     virtual_size: u64,
     bytes_written: u64,
     bytes_skipped: u64,
-}
-
-fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::with_draw_target(Some(total), indicatif::ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] [{bar:40}] {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec})",
-    ) {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb
 }
 
 /// Copies every data range of `src` into `dst`, skipping all-zero chunks. Returns
@@ -91,14 +78,11 @@ fn refuse_overwriting_a_source(src: &Disk, dst: &Path) -> anyhow::Result<()> {
 }
 
 pub fn run(registry: &Registry, args: &ConvertArgs, output: Output) -> anyhow::Result<u8> {
-    let src = Disk::open(
+    let src = open_disk(
         registry,
         &args.source,
-        &DiskOptions {
-            flags: OpenFlags::READ_ONLY,
-            format: args.format.clone(),
-            ..DiskOptions::default()
-        },
+        args.format.as_deref(),
+        &args.parents,
     )?;
     refuse_overwriting_a_source(&src, &args.destination)?;
     let size = src.size();

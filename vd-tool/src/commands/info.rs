@@ -146,6 +146,7 @@ pub fn run(registry: &Registry, args: &InfoArgs, output: Output) -> anyhow::Resu
             &DiskOptions {
                 flags,
                 format: args.format.clone(),
+                parents: args.parents.clone(),
                 ..DiskOptions::default()
             },
         )?;

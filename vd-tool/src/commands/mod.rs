@@ -1,15 +1,20 @@
 //! One module per subcommand; each returns data and renders it through [`crate::render`].
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::bail;
-use vd_core::Registry;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use vd_core::{Disk, DiskOptions, OpenFlags, Registry};
 
 use crate::cli::{Cli, Command};
 
 mod backends;
+mod compare;
 mod convert;
+mod dump;
 mod info;
+mod map;
 mod probe;
 
 /// Runs the command line's subcommand and returns the exit code.
@@ -20,7 +25,43 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Probe { file } => probe::run(&registry, file, cli.output),
         Command::Info(args) => info::run(&registry, args, cli.output),
         Command::Convert(args) => convert::run(&registry, args, cli.output),
+        Command::Map(args) => map::run(&registry, args, cli.output),
+        Command::Dump(args) => dump::run(&registry, args, cli.output),
+        Command::Compare(args) => compare::run(&registry, args, cli.output),
     }
+}
+
+/// Opens `path` read-only with its backing chain.
+pub fn open_disk(
+    registry: &Registry,
+    path: &Path,
+    format: Option<&str>,
+    parents: &[PathBuf],
+) -> anyhow::Result<Disk> {
+    Ok(Disk::open(
+        registry,
+        path,
+        &DiskOptions {
+            flags: OpenFlags::READ_ONLY,
+            format: format.map(str::to_string),
+            parents: parents.to_vec(),
+            ..DiskOptions::default()
+        },
+    )?)
+}
+
+/// A progress bar on stderr, or a hidden one.
+pub fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
+    if !enabled {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
+    if let Ok(style) = ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] [{bar:40}] {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec})",
+    ) {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb
 }
 
 /// Parses `key=value,key=value` format options.
