@@ -16,6 +16,7 @@ use crate::metadata::Metadata;
 const ENTRIES_PER_PAGE: u64 = 512;
 /// Bytes per cached sector-bitmap page.
 const SB_PAGE: u64 = 4096;
+const SB_PAGE_BYTES: usize = 4096;
 
 /// The arithmetic of 2.5: blocks, chunks, and where their entries live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,7 +292,7 @@ impl Bat {
         if let Some(p) = self.bitmap_pages.read().get(&file_offset) {
             return Ok(p.clone());
         }
-        let mut buf = vec![0u8; SB_PAGE as usize];
+        let mut buf = vec![0u8; SB_PAGE_BYTES];
         self.storage
             .read_exact_at(file_offset, &mut buf)
             .map_err(|e| io_at("sector bitmap", file_offset, e))?;

@@ -213,7 +213,8 @@ fn write_slot(storage: &dyn Storage, slot: usize, mut h: Header) -> Result<Heade
     h.checksum.set(0);
     let sum = crc32c_with_zero_field(h.as_bytes(), 4);
     h.checksum.set(sum);
-    let off = HEADER_OFFSETS[slot & 1];
+    let [first, second] = HEADER_OFFSETS;
+    let off = if slot & 1 == 0 { first } else { second };
     storage
         .write_all_at(off, h.as_bytes())
         .and_then(|()| storage.flush())

@@ -17,7 +17,7 @@ use crate::error::Corruption;
 use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
 use crate::guid::Guid;
 use crate::header::{ActiveHeader, read_headers, read_identifier, update_headers};
-use crate::log::{OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
+use crate::log::{EntrySummary, OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
 use crate::metadata::{Metadata, read_metadata};
 use crate::region::{RegionTable, read_region_table};
 
@@ -36,6 +36,8 @@ pub struct LogState {
     pub offset: u64,
     /// Log length.
     pub length: u64,
+    /// The replayed entries, oldest first.
+    pub sequence: Vec<EntrySummary>,
 }
 
 /// An opened VHDX image.
@@ -98,6 +100,7 @@ impl VhdxImage {
             head_sequence: 0,
             offset: header.log_offset(),
             length: header.log_length(),
+            sequence: Vec::new(),
         };
         let mut storage = file.clone();
         if log.dirty {
@@ -106,6 +109,7 @@ impl VhdxImage {
                 plan_replay(&bytes, header.log_offset(), header.log_guid(), file_len)?;
             log.entries = plan.entries;
             log.head_sequence = plan.head_sequence;
+            log.sequence = plan.summary.clone();
             if flags.contains(OpenFlags::REFUSE_DIRTY_LOG) {
                 return Err(Corruption::DirtyLogRefused.at("header log guid", 0x10000 + 48));
             }
@@ -607,6 +611,14 @@ impl Image for VhdxImage {
             self.log.head_sequence
         )
         .map_err(w)?;
+        for e in &self.log.sequence {
+            writeln!(
+                out,
+                "  entry at log +{:#x}: sequence {}, length {:#x}, tail {:#x}, {} descriptors, flushed file offset {:#x}, last file offset {:#x}",
+                e.log_offset, e.sequence, e.length, e.tail, e.descriptors, e.flushed_file_offset, e.last_file_offset
+            )
+            .map_err(w)?;
+        }
         Ok(())
     }
 

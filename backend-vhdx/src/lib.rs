@@ -41,6 +41,11 @@
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::indexing_slicing, clippy::panic)
+)]
+#![warn(clippy::cast_possible_truncation)]
 
 use std::io;
 use std::path::Path;
@@ -64,6 +69,7 @@ mod region;
 pub use bat::{BatSummary, BlockState, Layout};
 pub use error::{Corruption, corruption_of};
 pub use image::{LogState, VhdxImage};
+pub use log::EntrySummary;
 
 /// The file-type identifier signature at offset 0 ([MS-VHDX] 2.2.1).
 pub const FILE_SIGNATURE: [u8; 8] = *b"vhdxfile";

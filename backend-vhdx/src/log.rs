@@ -53,9 +53,30 @@ struct Entry {
     writes: Vec<LogWrite>,
 }
 
+/// One entry of the active sequence, for `dump`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct EntrySummary {
+    /// Offset inside the log.
+    pub log_offset: u64,
+    /// Entry length.
+    pub length: u64,
+    /// Sequence number.
+    pub sequence: u64,
+    /// Tail: log offset of the oldest entry of its sequence.
+    pub tail: u64,
+    /// Number of descriptors (data and zero).
+    pub descriptors: usize,
+    /// FlushedFileOffset.
+    pub flushed_file_offset: u64,
+    /// LastFileOffset.
+    pub last_file_offset: u64,
+}
+
 /// What replaying the active sequence does.
 #[derive(Debug, Clone, Default)]
 pub struct ReplayPlan {
+    /// The entries of the active sequence, oldest first.
+    pub summary: Vec<EntrySummary>,
     /// The writes, in order.
     pub writes: Vec<LogWrite>,
     /// Entries in the active sequence.
@@ -177,8 +198,8 @@ impl Log<'_> {
                             ))
                         })?;
                     if s.signature.get() != DATA_SECTOR_SIGNATURE
-                        || s.sequence_high.get() != (sequence >> 32) as u32
-                        || s.sequence_low.get() != sequence as u32
+                        || u64::from(s.sequence_high.get()) != sequence >> 32
+                        || u64::from(s.sequence_low.get()) != sequence & 0xffff_ffff
                     {
                         return Err(bad(format!(
                             "data sector for descriptor {i} is torn or misplaced"
@@ -252,7 +273,11 @@ pub fn plan_replay(
     let mut best: Option<Vec<Entry>> = None;
     for start in 0..sectors {
         let pos = start * LOG_SECTOR_SIZE;
-        if covered.get(start as usize).copied().unwrap_or(true) {
+        if covered
+            .get(usize::try_from(start).unwrap_or(usize::MAX))
+            .copied()
+            .unwrap_or(true)
+        {
             continue;
         }
         let Some(first) = get(pos)? else { continue };
@@ -276,7 +301,7 @@ pub fn plan_replay(
         for e in &chain {
             for s in 0..e.length / LOG_SECTOR_SIZE {
                 let idx = (e.position / LOG_SECTOR_SIZE + s) % sectors;
-                if let Some(c) = covered.get_mut(idx as usize) {
+                if let Some(c) = covered.get_mut(usize::try_from(idx).unwrap_or(usize::MAX)) {
                     *c = true;
                 }
             }
@@ -310,6 +335,18 @@ pub fn plan_replay(
         .at("log head entry", at(head.position)));
     }
     let mut plan = ReplayPlan {
+        summary: active
+            .iter()
+            .map(|e| EntrySummary {
+                log_offset: e.position,
+                length: e.length,
+                sequence: e.sequence,
+                tail: e.tail,
+                descriptors: e.writes.len(),
+                flushed_file_offset: e.flushed_file_offset,
+                last_file_offset: e.last_file_offset,
+            })
+            .collect(),
         entries: active.len(),
         head_sequence: head.sequence,
         last_file_offset: head.last_file_offset,
@@ -450,30 +487,36 @@ impl Storage for OverlayStorage {
         if end > self.len {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
+        // Buffer index of a file offset inside the request.
+        let idx = |at: u64| usize::try_from(at - offset).map_err(io::Error::other);
+        let internal = || io::Error::other("overlay range error");
         let mut pos = offset;
         let first = offset / LOG_SECTOR_SIZE;
         let last = end.div_ceil(LOG_SECTOR_SIZE);
         for (&s, sector) in self.sectors.range(first..last) {
             let s_start = (s * LOG_SECTOR_SIZE).max(offset);
             if s_start > pos {
-                let a = (pos - offset) as usize;
-                let b = (s_start - offset) as usize;
-                self.read_base(pos, &mut buf[a..b])?;
+                let gap = buf.get_mut(idx(pos)?..idx(s_start)?).ok_or_else(internal)?;
+                self.read_base(pos, gap)?;
             }
             let s_end = ((s + 1) * LOG_SECTOR_SIZE).min(end);
-            let dst = &mut buf[(s_start - offset) as usize..(s_end - offset) as usize];
+            let dst = buf
+                .get_mut(idx(s_start)?..idx(s_end)?)
+                .ok_or_else(internal)?;
             match sector {
                 Sector::Zero => dst.fill(0),
                 Sector::Data(d) => {
-                    let from = (s_start - s * LOG_SECTOR_SIZE) as usize;
-                    dst.copy_from_slice(&d[from..from + dst.len()]);
+                    let from =
+                        usize::try_from(s_start - s * LOG_SECTOR_SIZE).map_err(io::Error::other)?;
+                    let src = d.get(from..from + dst.len()).ok_or_else(internal)?;
+                    dst.copy_from_slice(src);
                 }
             }
             pos = s_end;
         }
         if pos < end {
-            let a = (pos - offset) as usize;
-            self.read_base(pos, &mut buf[a..])?;
+            let rest = buf.get_mut(idx(pos)?..).ok_or_else(internal)?;
+            self.read_base(pos, rest)?;
         }
         Ok(())
     }

@@ -344,7 +344,7 @@ fn utf16(buf: &[u8], off: u32, len: u16, what: &str) -> std::result::Result<Stri
         .ok_or_else(|| bad("outside the item"))?;
     let units: Vec<u16> = bytes
         .chunks_exact(2)
-        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .map(|c| u16::from_le_bytes(c.try_into().unwrap_or([0, 0])))
         .collect();
     if units.contains(&0) {
         return Err(bad("contains a NUL"));

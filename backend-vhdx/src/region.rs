@@ -140,7 +140,8 @@ pub fn read_region_table(
             .at("region tables", REGION_TABLE_OFFSETS[0]));
         }
     };
-    let table_off = REGION_TABLE_OFFSETS[copy];
+    let [first_off, second_off] = REGION_TABLE_OFFSETS;
+    let table_off = if copy == 0 { first_off } else { second_off };
     let mut bat = None;
     let mut metadata = None;
     let mut others = Vec::new();

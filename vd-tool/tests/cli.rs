@@ -251,3 +251,172 @@ fn broken_pipe_is_not_an_error() {
     let o = child.wait_with_output().unwrap();
     assert!(!stderr(&o).contains("panicked"), "{}", stderr(&o));
 }
+
+/// A qemu-made dynamic VHDX with `0xab` at [1 MiB, 3 MiB) and `0xcd` at [40 MiB, 40 MiB + 4 KiB).
+fn qemu_vhdx(dir: &Path) -> std::path::PathBuf {
+    let img = dir.join("q.vhdx");
+    let st = Command::new(qemu_img())
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "vhdx",
+            "-o",
+            "block_size=1M",
+            p(&img),
+            "64M",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let st = Command::new("qemu-io")
+        .args([
+            "-f",
+            "vhdx",
+            "-c",
+            "write -P 0xab 1M 2M",
+            "-c",
+            "write -P 0xcd 40M 4k",
+            p(&img),
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    img
+}
+
+#[test]
+fn map_reports_data_and_zero_ranges() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_vhdx(dir.path());
+    let v = json(&vd_tool(&["map", "--output", "json", p(&img)]));
+    let extents: Vec<(u64, u64, String, Option<u64>)> = v["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["state"].as_str().unwrap().to_string(),
+                e["layer"].as_u64(),
+            )
+        })
+        .collect();
+    let mib = 1u64 << 20;
+    // Whole 1 MiB blocks are allocated around the writes.
+    assert_eq!(
+        extents,
+        vec![
+            (0, mib, "zero".into(), None),
+            (mib, 2 * mib, "data".into(), Some(0)),
+            (3 * mib, 37 * mib, "zero".into(), None),
+            (40 * mib, mib, "data".into(), Some(0)),
+            (41 * mib, 23 * mib, "zero".into(), None),
+        ]
+    );
+    let human = stdout(&vd_tool(&["map", p(&img)]));
+    assert!(
+        human
+            .lines()
+            .any(|l| l.starts_with("0x100000") && l.contains("data")),
+        "{human}"
+    );
+}
+
+#[test]
+fn compare_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_vhdx(dir.path());
+    let raw = dir.path().join("q.raw");
+    let st = Command::new(qemu_img())
+        .args(["convert", "-O", "raw", p(&img), p(&raw)])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = vd_tool(&["compare", p(&img), p(&raw)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "Images are identical.");
+    // Change one byte in the raw copy.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+        f.write_all_at(&[0x00], (40 << 20) + 100).unwrap();
+    }
+    let o = vd_tool(&["compare", p(&img), p(&raw)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stdout(&o).trim(),
+        format!("Content mismatch at offset {}!", (40 << 20) + 100)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(&vd_tool(&["compare", "--output", "json", p(&img), p(&raw)]).stdout)
+            .unwrap();
+    assert_eq!(v["identical"], false);
+    assert_eq!(v["first_difference"], (40 << 20) + 100);
+    // A larger image whose extra part is zeros is identical unless --strict.
+    let big = dir.path().join("big.raw");
+    std::fs::copy(&raw, &big).unwrap();
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&big).unwrap();
+        f.write_all_at(&[0xcd], (40 << 20) + 100).unwrap();
+        f.set_len(80 << 20).unwrap();
+    }
+    assert_eq!(
+        vd_tool(&["compare", p(&img), p(&big)]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        vd_tool(&["compare", "-s", p(&img), p(&big)]).status.code(),
+        Some(1)
+    );
+    assert_error(
+        &vd_tool(&["compare", p(&img), "/no/such/image"]),
+        "/no/such/image",
+    );
+}
+
+#[test]
+fn dump_and_info_describe_vhdx_structures() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_vhdx(dir.path());
+    let text = stdout(&vd_tool(&["dump", p(&img)]));
+    for needle in [
+        "file identifier: creator \"QEMU",
+        "header (slot",
+        "2dc27766-f623-4200-9d64-115e9bfd4a08",
+        "caa16737-fa36-4d43-b3b6-33f0aa44e76b",
+        "chunk ratio 4096",
+        "fully present 3",
+        "log: clean",
+    ] {
+        assert!(text.contains(needle), "dump lacks {needle:?}:\n{text}");
+    }
+    let v = json(&vd_tool(&["dump", "--output", "json", p(&img)]));
+    assert_eq!(v["format"], "vhdx");
+    assert!(v["lines"].as_array().unwrap().len() > 5);
+    let info = stdout(&vd_tool(&["info", p(&img)]));
+    for needle in [
+        "file format: vhdx",
+        "type: dynamic",
+        "block_size: 1048576",
+        "log_state: clean",
+    ] {
+        assert!(info.contains(needle), "info lacks {needle:?}:\n{info}");
+    }
+    // The source is never modified by reading commands.
+    let before = std::fs::read(&img).unwrap();
+    for args in [
+        vec!["info"],
+        vec!["map"],
+        vec!["dump"],
+        vec!["info", "--backing-chain"],
+    ] {
+        let mut a = args.clone();
+        a.push(p(&img));
+        assert!(vd_tool(&a).status.success());
+    }
+    assert_eq!(before, std::fs::read(&img).unwrap());
+}
