@@ -190,6 +190,20 @@ pub enum Corruption {
         /// The required length.
         expected: u32,
     },
+    /// A system metadata item has the wrong IsRequired or IsVirtualDisk flag.
+    #[error(
+        "the {name} metadata item has flags IsRequired={required}, IsVirtualDisk={virtual_disk}; expected {expected}"
+    )]
+    MetadataFlags {
+        /// Which item.
+        name: &'static str,
+        /// IsRequired as found.
+        required: bool,
+        /// IsVirtualDisk as found.
+        virtual_disk: bool,
+        /// What the specification requires.
+        expected: &'static str,
+    },
     /// The file carries the "incomplete file" item: its creation never finished.
     #[error("the image's creation did not finish (incomplete-file marker present)")]
     IncompleteFile,

@@ -142,7 +142,7 @@ impl VhdxImage {
             (header.log_offset(), header.log_length()),
             &mut warnings,
         )?;
-        let meta = read_metadata(storage.as_ref(), regions.metadata, &mut warnings)?;
+        let meta = read_metadata(storage.as_ref(), regions.metadata, strict, &mut warnings)?;
         let layout = Layout::new(&meta);
         let needed = layout.entries * 8;
         if needed > regions.bat.length || needed > MAX_BAT_SIZE {

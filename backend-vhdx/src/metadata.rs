@@ -126,6 +126,37 @@ fn fixed_len(item: &MetadataItem, name: &'static str, expected: u32, at: u64) ->
     Ok(())
 }
 
+/// Checks a system item's IsRequired and IsVirtualDisk flags (2.6.2). Early Hyper-V images lack
+/// IsRequired on the physical sector size item; that, and any other deviation when not
+/// `strict`, is a warning.
+fn check_flags(
+    item: &MetadataItem,
+    name: &'static str,
+    virtual_disk: bool,
+    at: u64,
+    strict: bool,
+    warnings: &mut Vec<String>,
+) -> Result<()> {
+    if item.is_required && item.is_virtual_disk == virtual_disk {
+        return Ok(());
+    }
+    let c = Corruption::MetadataFlags {
+        name,
+        required: item.is_required,
+        virtual_disk: item.is_virtual_disk,
+        expected: if virtual_disk {
+            "IsRequired and IsVirtualDisk"
+        } else {
+            "IsRequired only"
+        },
+    };
+    if strict {
+        return Err(c.at(format!("{name} metadata item"), at));
+    }
+    warnings.push(c.to_string());
+    Ok(())
+}
+
 /// Reads and validates the metadata table and the system items.
 ///
 /// # Errors
@@ -133,6 +164,7 @@ fn fixed_len(item: &MetadataItem, name: &'static str, expected: u32, at: u64) ->
 pub fn read_metadata(
     storage: &dyn Storage,
     region: Region,
+    strict: bool,
     warnings: &mut Vec<String>,
 ) -> Result<Metadata> {
     let table_off = region.offset;
@@ -249,6 +281,14 @@ pub fn read_metadata(
 
     let fp_item = find(META_FILE_PARAMETERS, "file parameters")?;
     fixed_len(&fp_item, "file parameters", 8, at(&fp_item))?;
+    check_flags(
+        &fp_item,
+        "file parameters",
+        false,
+        at(&fp_item),
+        strict,
+        warnings,
+    )?;
     let fp = FileParameters::read_from_bytes(&reader.read(&fp_item)?).map_err(|_| {
         Corruption::MissingMetadata {
             name: "file parameters",
@@ -264,9 +304,10 @@ pub fn read_metadata(
     let leave_block_allocated = flags & 1 != 0;
     let has_parent = flags & 2 != 0;
 
-    let sector = |guid, name: &'static str, which: &'static str| -> Result<u32> {
+    let mut sector = |guid, name: &'static str, which: &'static str| -> Result<u32> {
         let item = find(guid, name)?;
         fixed_len(&item, name, 4, at(&item))?;
+        check_flags(&item, name, true, at(&item), strict, warnings)?;
         let v = U32::read_from_bytes(&reader.read(&item)?)
             .map(|v| v.get())
             .unwrap_or(0);
@@ -285,6 +326,14 @@ pub fn read_metadata(
 
     let vs_item = find(META_VIRTUAL_DISK_SIZE, "virtual disk size")?;
     fixed_len(&vs_item, "virtual disk size", 8, at(&vs_item))?;
+    check_flags(
+        &vs_item,
+        "virtual disk size",
+        true,
+        at(&vs_item),
+        strict,
+        warnings,
+    )?;
     let virtual_size = U64::read_from_bytes(&reader.read(&vs_item)?)
         .map(|v| v.get())
         .unwrap_or(0);
@@ -307,12 +356,21 @@ pub fn read_metadata(
 
     let id_item = find(META_VIRTUAL_DISK_ID, "virtual disk id")?;
     fixed_len(&id_item, "virtual disk id", 16, at(&id_item))?;
+    check_flags(
+        &id_item,
+        "virtual disk id",
+        true,
+        at(&id_item),
+        strict,
+        warnings,
+    )?;
     let virtual_disk_id = Guid::read_from_bytes(&reader.read(&id_item)?)
         .map(Guid::to_uuid)
         .unwrap_or_default();
 
     let parent_locator = if has_parent {
         let item = find(META_PARENT_LOCATOR, "parent locator")?;
+        check_flags(&item, "parent locator", false, at(&item), strict, warnings)?;
         Some(parse_locator(&reader.read(&item)?).map_err(|c| c.at("parent locator", at(&item)))?)
     } else {
         None
