@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 use vd_core::{Result, Storage};
@@ -17,6 +18,8 @@ const ENTRIES_PER_PAGE: u64 = 512;
 /// Bytes per cached sector-bitmap page.
 const SB_PAGE: u64 = 4096;
 const SB_PAGE_BYTES: usize = 4096;
+/// Bytes per BAT page.
+const PAGE_BYTES: usize = 4096;
 
 /// The arithmetic of 2.5: blocks, chunks, and where their entries live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +110,7 @@ pub struct Bat {
     /// The layout.
     pub layout: Layout,
     region_offset: u64,
-    file_len: u64,
+    file_len: AtomicU64,
     forbidden: Vec<Forbidden>,
     pages: RwLock<HashMap<u64, Arc<[u64]>>>,
     bitmap_pages: RwLock<HashMap<u64, Arc<[u8]>>>,
@@ -141,35 +144,112 @@ impl Bat {
             storage,
             layout,
             region_offset,
-            file_len,
+            file_len: AtomicU64::new(file_len),
             forbidden,
             pages: RwLock::new(HashMap::new()),
             bitmap_pages: RwLock::new(HashMap::new()),
         }
     }
 
+    fn file_len(&self) -> u64 {
+        self.file_len.load(Ordering::Acquire)
+    }
+
+    /// Records that the file grew (a block was allocated).
+    pub fn set_file_len(&self, len: u64) {
+        self.file_len.fetch_max(len, Ordering::AcqRel);
+    }
+
+
+    /// Reads a whole 4 KiB page of the region (the part past the end of the file reads as
+    /// zeros). The region is a multiple of 1 MiB and holds every entry, so every page of an
+    /// entry lies inside it.
+    fn load_page(&self, page: u64) -> Result<Arc<[u64]>> {
+        let off = self.region_offset + page * ENTRIES_PER_PAGE * 8;
+        let mut buf = vec![0u8; PAGE_BYTES];
+        let avail = usize::try_from(self.file_len().saturating_sub(off))
+            .unwrap_or(usize::MAX)
+            .min(PAGE_BYTES);
+        if let Some(part) = buf.get_mut(..avail)
+            && !part.is_empty()
+        {
+            self.storage
+                .read_exact_at(off, part)
+                .map_err(|e| io_at("BAT", off, e))?;
+        }
+        Ok(buf
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect())
+    }
+
     fn page(&self, page: u64) -> Result<Arc<[u64]>> {
         if let Some(p) = self.pages.read().get(&page) {
             return Ok(p.clone());
         }
-        let first = page * ENTRIES_PER_PAGE;
-        let n = (self.layout.entries - first).min(ENTRIES_PER_PAGE);
-        let off = self.region_offset + first * 8;
-        let mut buf = vec![0u8; usize::try_from(n * 8).unwrap_or(0)];
-        match self.storage.read_exact_at(off, &mut buf) {
-            Ok(()) => {}
-            // A BAT page past the end of a sparse file reads as zeros (NOT_PRESENT).
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof && off >= self.file_len => {
-                buf.fill(0);
-            }
-            Err(e) => return Err(io_at("BAT", off, e)),
+        let entries = self.load_page(page)?;
+        Ok(self.pages.write().entry(page).or_insert(entries).clone())
+    }
+
+    /// Sets the raw entry at `index` in the cache and returns the index of its 4 KiB page,
+    /// which the caller must log and write back.
+    ///
+    /// # Errors
+    /// I/O errors loading the page.
+    pub fn set_raw(&self, index: u64, value: u64) -> Result<u64> {
+        let page = index / ENTRIES_PER_PAGE;
+        let current = self.page(page)?;
+        let mut copy = current.to_vec();
+        if let Some(slot) = copy.get_mut(usize::try_from(index % ENTRIES_PER_PAGE).unwrap_or(usize::MAX)) {
+            *slot = value;
         }
-        let entries: Arc<[u64]> = buf
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect();
-        self.pages.write().insert(page, entries.clone());
-        Ok(entries)
+        self.pages.write().insert(page, copy.into());
+        Ok(page)
+    }
+
+    /// The file offset and bytes of BAT page `page`, as cached.
+    ///
+    /// # Errors
+    /// I/O errors loading the page.
+    pub fn page_bytes(&self, page: u64) -> Result<(u64, Vec<u8>)> {
+        let entries = self.page(page)?;
+        let bytes = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
+        Ok((self.region_offset + page * ENTRIES_PER_PAGE * 8, bytes))
+    }
+
+    /// Sets the sector-bitmap bits `[first_bit, first_bit + count)` of the bitmap block at
+    /// `sb_offset` in the cache; returns the file offsets of the 4 KiB pages changed.
+    ///
+    /// # Errors
+    /// I/O errors loading a page.
+    pub fn set_bits(&self, sb_offset: u64, first_bit: u64, count: u64) -> Result<Vec<u64>> {
+        let mut changed = Vec::new();
+        let mut bit = first_bit;
+        let end = first_bit + count;
+        while bit < end {
+            let page_off = sb_offset + bit / 8 / SB_PAGE * SB_PAGE;
+            let page_end_bit = (bit / 8 / SB_PAGE + 1) * SB_PAGE * 8;
+            let stop = end.min(page_end_bit);
+            let mut copy = self.bitmap_page(page_off)?.to_vec();
+            for b in bit..stop {
+                let byte = usize::try_from(b / 8 % SB_PAGE).unwrap_or(usize::MAX);
+                if let Some(v) = copy.get_mut(byte) {
+                    *v |= 1 << (b % 8);
+                }
+            }
+            self.bitmap_pages.write().insert(page_off, copy.into());
+            changed.push(page_off);
+            bit = stop;
+        }
+        Ok(changed)
+    }
+
+    /// The bytes of the sector-bitmap page at `file_offset`, as cached.
+    ///
+    /// # Errors
+    /// I/O errors loading the page.
+    pub fn bitmap_page_bytes(&self, file_offset: u64) -> Result<Vec<u8>> {
+        Ok(self.bitmap_page(file_offset)?.to_vec())
     }
 
     /// The raw entry at `index`.
@@ -204,12 +284,12 @@ impl Bat {
         }
         if offset
             .checked_add(needed)
-            .is_none_or(|end| end > self.file_len)
+            .is_none_or(|end| end > self.file_len())
         {
             return Err(Corruption::BatBeyondFile {
                 index,
                 offset,
-                file_len: self.file_len,
+                file_len: self.file_len(),
             }
             .at(format!("BAT entry {index}"), self.entry_at(index)));
         }
@@ -297,12 +377,14 @@ impl Bat {
             .read_exact_at(file_offset, &mut buf)
             .map_err(|e| io_at("sector bitmap", file_offset, e))?;
         let page: Arc<[u8]> = buf.into();
-        let mut pages = self.bitmap_pages.write();
-        if pages.len() >= 4096 {
-            pages.clear();
-        }
-        pages.insert(file_offset, page.clone());
-        Ok(page)
+        // Cached pages may hold changes not yet written back, so they are never evicted; the
+        // cache is bounded by the bitmap blocks the session touches.
+        Ok(self
+            .bitmap_pages
+            .write()
+            .entry(file_offset)
+            .or_insert(page)
+            .clone())
     }
 
     /// Calls `f(first_sector, count, present)` for the runs of sectors `[first, first + count)`

@@ -20,6 +20,7 @@ use crate::header::{ActiveHeader, read_headers, read_identifier, update_headers}
 use crate::log::{EntrySummary, OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
 use crate::metadata::{Metadata, read_metadata};
 use crate::region::{RegionTable, read_region_table};
+use crate::write::WriteState;
 
 /// What happened to the log at open.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -53,6 +54,7 @@ pub struct VhdxImage {
     bat: Bat,
     log: LogState,
     warnings: Vec<String>,
+    write: parking_lot::Mutex<WriteState>,
 }
 
 impl std::fmt::Debug for VhdxImage {
@@ -205,7 +207,32 @@ impl VhdxImage {
             bat,
             log,
             warnings,
+            write: parking_lot::Mutex::new(WriteState::new(file_len)),
         })
+    }
+
+    pub(crate) fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub(crate) fn flags(&self) -> OpenFlags {
+        self.flags
+    }
+
+    pub(crate) fn path_buf(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn header_lock(&self) -> &RwLock<ActiveHeader> {
+        &self.header
+    }
+
+    pub(crate) fn bat(&self) -> &Bat {
+        &self.bat
+    }
+
+    pub(crate) fn write_state(&self) -> &parking_lot::Mutex<WriteState> {
+        &self.write
     }
 
     /// The block layout.
@@ -310,13 +337,6 @@ impl VhdxImage {
         Ok(())
     }
 
-    fn writable(&self, op: &str) -> Result<()> {
-        if self.flags.contains(OpenFlags::READ_ONLY) {
-            return Err(Error::read_only(op).with_path(&self.path));
-        }
-        Err(Error::not_supported(op).with_path(&self.path))
-    }
-
     fn locator_paths(&self) -> Vec<PathBuf> {
         let Some(loc) = &self.meta.parent_locator else {
             return Vec::new();
@@ -403,21 +423,26 @@ impl Image for VhdxImage {
         })
     }
 
-    fn write_at(&self, _offset: u64, _buf: &[u8]) -> Result<()> {
-        self.writable("writing VHDX images")
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.write_impl(offset, buf).map_err(|e| e.with_path(&self.path))
     }
 
     fn flush(&self) -> Result<()> {
-        if self.flags.contains(OpenFlags::READ_ONLY) {
-            return Ok(());
-        }
-        self.storage
-            .flush()
-            .map_err(|e| io_err("flush failed", e).with_path(&self.path))
+        self.flush_impl().map_err(|e| e.with_path(&self.path))
+    }
+
+    /// Discards whole blocks (they become ZERO; a fixed image keeps its blocks and zeros them)
+    /// and writes zeros over partial ones.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_impl(offset, len, true).map_err(|e| e.with_path(&self.path))
+    }
+
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.zero_impl(offset, len, false).map_err(|e| e.with_path(&self.path))
     }
 
     fn close(self: Box<Self>, delete: bool) -> Result<()> {
-        self.flush()?;
+        self.close_impl().map_err(|e| e.with_path(&self.path))?;
         if delete {
             self.provider
                 .delete(&self.path)

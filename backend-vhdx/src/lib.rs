@@ -57,6 +57,7 @@ use vd_core::{
 
 mod bat;
 mod checksum;
+mod create;
 mod error;
 mod format;
 mod guid;
@@ -65,6 +66,7 @@ mod image;
 mod log;
 mod metadata;
 mod region;
+mod write;
 
 pub use bat::{BatSummary, BlockState, Layout};
 pub use error::{Corruption, corruption_of};
@@ -95,7 +97,14 @@ impl Backend for VhdxBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::FILE | Capabilities::UUID | Capabilities::DIFF | Capabilities::MAP
+        Capabilities::FILE
+            | Capabilities::UUID
+            | Capabilities::DIFF
+            | Capabilities::MAP
+            | Capabilities::WRITE
+            | Capabilities::DISCARD
+            | Capabilities::CREATE_DYNAMIC
+            | Capabilities::CREATE_FIXED
     }
 
     fn priority(&self) -> i32 {
@@ -117,6 +126,16 @@ impl Backend for VhdxBackend {
     fn open(&self, req: OpenRequest<'_>) -> Result<Box<dyn Image>> {
         let path = req.path.to_path_buf();
         VhdxImage::open(req)
+            .map(|i| Box::new(i) as Box<dyn Image>)
+            .map_err(|e| e.with_path(path))
+    }
+
+    /// Creates a fixed, dynamic or differencing image. Options (`-o`): `subformat=dynamic|fixed`,
+    /// `block_size` (default 32M, 2M for differencing), `log_size` (default 1M),
+    /// `logical_sector_size`, `physical_sector_size` (512 or 4096).
+    fn create(&self, req: vd_core::CreateRequest<'_>) -> Result<Box<dyn Image>> {
+        let path = req.path.to_path_buf();
+        create::create(req)
             .map(|i| Box::new(i) as Box<dyn Image>)
             .map_err(|e| e.with_path(path))
     }

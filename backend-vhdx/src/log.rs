@@ -544,3 +544,86 @@ impl Storage for OverlayStorage {
         true
     }
 }
+
+/// Data sectors one entry can carry in a log of `log_len` bytes, keeping one sector free.
+pub fn max_pages_per_entry(log_len: u64) -> usize {
+    let sectors = log_len / LOG_SECTOR_SIZE;
+    let mut n = sectors.saturating_sub(2);
+    while n > 0 && (n + 2).div_ceil(128) + n > sectors.saturating_sub(1) {
+        n -= 1;
+    }
+    usize::try_from(n).unwrap_or(0)
+}
+
+/// Fields of a log entry header a writer chooses.
+#[derive(Debug, Clone, Copy)]
+pub struct EntryParams {
+    /// The session's LogGuid.
+    pub guid: Guid,
+    /// Sequence number (non-zero).
+    pub sequence: u64,
+    /// Log offset of the oldest entry not yet applied.
+    pub tail: u64,
+    /// File size known to be stable.
+    pub flushed_file_offset: u64,
+    /// File size needed for every structure the log refers to.
+    pub last_file_offset: u64,
+}
+
+/// Builds a log entry that writes each `(file_offset, 4 KiB page)`; the pages must be 4 KiB
+/// long and 4 KiB aligned.
+pub fn build_entry(params: &EntryParams, pages: &[(u64, Vec<u8>)]) -> Vec<u8> {
+    use zerocopy::IntoBytes;
+    use zerocopy::little_endian::{U32, U64};
+    let n = pages.len() as u64;
+    let desc_sectors = (n + 2).div_ceil(128);
+    let length = (desc_sectors + n) * LOG_SECTOR_SIZE;
+    let mut entry = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    let header = LogEntryHeader {
+        signature: U32::new(LOG_ENTRY_SIGNATURE),
+        checksum: U32::new(0),
+        entry_length: U32::new(u32::try_from(length).unwrap_or(u32::MAX)),
+        tail: U32::new(u32::try_from(params.tail).unwrap_or(u32::MAX)),
+        sequence_number: U64::new(params.sequence),
+        descriptor_count: U32::new(u32::try_from(n).unwrap_or(u32::MAX)),
+        reserved: U32::new(0),
+        log_guid: params.guid,
+        flushed_file_offset: U64::new(params.flushed_file_offset),
+        last_file_offset: U64::new(params.last_file_offset),
+    };
+    let put = |entry: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        if let Some(dst) = entry.get_mut(at..at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+    };
+    put(&mut entry, 0, header.as_bytes());
+    for (i, (offset, page)) in pages.iter().enumerate() {
+        let mut leading = [0u8; 8];
+        let mut trailing = [0u8; 4];
+        let mut middle = [0u8; 4084];
+        if let (Some(l), Some(m), Some(t)) = (page.get(..8), page.get(8..4092), page.get(4092..4096)) {
+            leading.copy_from_slice(l);
+            middle.copy_from_slice(m);
+            trailing.copy_from_slice(t);
+        }
+        let desc = Descriptor {
+            signature: U32::new(DATA_DESC_SIGNATURE),
+            trailing_bytes: trailing,
+            leading_bytes: leading,
+            file_offset: U64::new(*offset),
+            sequence_number: U64::new(params.sequence),
+        };
+        put(&mut entry, 64 + 32 * i, desc.as_bytes());
+        let sector = DataSector {
+            signature: U32::new(DATA_SECTOR_SIGNATURE),
+            sequence_high: U32::new(u32::try_from(params.sequence >> 32).unwrap_or(0)),
+            data: middle,
+            sequence_low: U32::new(u32::try_from(params.sequence & 0xffff_ffff).unwrap_or(0)),
+        };
+        let at = usize::try_from((desc_sectors + i as u64) * LOG_SECTOR_SIZE).unwrap_or(usize::MAX);
+        put(&mut entry, at, sector.as_bytes());
+    }
+    let sum = crc32c_with_zero_field(&entry, 4);
+    put(&mut entry, 4, &sum.to_le_bytes());
+    entry
+}

@@ -59,6 +59,52 @@ pub enum Command {
     Dump(DumpArgs),
     /// Compare the contents of two images (exit 0 identical, 1 different, 2 error).
     Compare(CompareArgs),
+    /// Create a new image.
+    Create(CreateArgs),
+    /// Read, write, discard and flush an image, like qemu-io.
+    Io(IoArgs),
+}
+
+/// Arguments of `create`.
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// Image format.
+    #[arg(short = 'f', long = "format")]
+    pub format: String,
+    /// Format options, `key=value,...` (vhdx: subformat=dynamic|fixed, block_size, log_size,
+    /// logical_sector_size, physical_sector_size).
+    #[arg(short = 'o', long = "options")]
+    pub options: Option<String>,
+    /// Create a differencing image over this parent.
+    #[arg(short = 'b', long = "backing")]
+    pub backing: Option<PathBuf>,
+    /// Format of the parent (otherwise probed).
+    #[arg(short = 'F', long = "backing-format")]
+    pub backing_format: Option<String>,
+    /// Replace the file if it exists.
+    #[arg(long)]
+    pub force: bool,
+    /// The new image.
+    pub file: PathBuf,
+    /// Virtual size (K, M, G, T suffixes); defaults to the parent's size.
+    pub size: Option<String>,
+}
+
+/// Arguments of `io`.
+#[derive(Debug, Args)]
+pub struct IoArgs {
+    /// Image format (otherwise probed).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Open read-only.
+    #[arg(short = 'r', long = "read-only")]
+    pub read_only: bool,
+    /// A command: `read [-P PATTERN] OFF LEN`, `write [-P PATTERN | -z] OFF LEN`,
+    /// `discard OFF LEN`, `flush`. Repeat for more.
+    #[arg(short = 'c', long = "cmd", required = true)]
+    pub commands: Vec<String>,
+    /// The image.
+    pub file: PathBuf,
 }
 
 /// Options shared by the commands that open an image with its backing chain.

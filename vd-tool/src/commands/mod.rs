@@ -12,8 +12,10 @@ use crate::cli::{Cli, Command};
 mod backends;
 mod compare;
 mod convert;
+mod create;
 mod dump;
 mod info;
+mod io;
 mod map;
 mod probe;
 
@@ -28,6 +30,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Map(args) => map::run(&registry, args, cli.output),
         Command::Dump(args) => dump::run(&registry, args, cli.output),
         Command::Compare(args) => compare::run(&registry, args, cli.output),
+        Command::Create(args) => create::run(&registry, args, cli.output),
+        Command::Io(args) => io::run(&registry, args),
     }
 }
 
@@ -62,6 +66,23 @@ pub fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
         pb.set_style(style.progress_chars("=> "));
     }
     pb
+}
+
+/// Parses a size with an optional K, M, G or T suffix (binary units).
+pub fn parse_size(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (&t[..t.len() - 1], 10),
+        Some('M') => (&t[..t.len() - 1], 20),
+        Some('G') => (&t[..t.len() - 1], 30),
+        Some('T') => (&t[..t.len() - 1], 40),
+        Some('B') => (&t[..t.len() - 1], 0),
+        _ => (t, 0),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(1u64 << shift))
+        .ok_or_else(|| anyhow::anyhow!("{s:?} is not a size"))
 }
 
 /// Parses `key=value,key=value` format options.

@@ -1,0 +1,319 @@
+//! Writing ([MS-VHDX] 2.2.2.1, 2.3, 2.5): the header protocol, block allocation, sector bitmaps,
+//! and the log writer.
+//!
+//! Crash-consistency ordering:
+//! 1. Before the first change of a session, the headers get a new FileWriteGuid and a new
+//!    DataWriteGuid (double update, flushed).
+//! 2. Payload data is written in place; a new block is appended at the 1 MiB-aligned end of the
+//!    file, so its unwritten rest reads as zeros. BAT and sector-bitmap changes stay in memory.
+//! 3. On `flush` (or when enough metadata is dirty): flush the data, write one log entry per
+//!    batch of changed 4 KiB metadata pages, flush, set the session's LogGuid in the headers
+//!    (once), write the pages to their final places, flush. Every entry's tail is itself, since
+//!    all earlier entries have been applied.
+//! 4. `close` does the same and then clears the LogGuid.
+//!
+//! A crash at any point leaves either the old metadata (the data of an unflushed allocation is
+//! unreferenced) or a log whose replay produces the new metadata.
+
+use std::collections::BTreeSet;
+
+use uuid::Uuid;
+use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
+
+use crate::bat::BlockState;
+use crate::format::{MIB, bat_state};
+use crate::guid::Guid;
+use crate::header::update_headers;
+use crate::image::VhdxImage;
+use crate::log::{EntryParams, build_entry, max_pages_per_entry};
+
+/// Dirty metadata pages that trigger a commit before the next `flush`.
+const MAX_DIRTY_PAGES: usize = 256;
+
+/// The mutable state of a writable session.
+#[derive(Debug, Default)]
+pub struct WriteState {
+    started: bool,
+    log_guid: Option<Guid>,
+    header_has_guid: bool,
+    log_pos: u64,
+    sequence: u64,
+    dirty_bat: BTreeSet<u64>,
+    dirty_bitmaps: BTreeSet<u64>,
+    file_end: u64,
+}
+
+impl WriteState {
+    /// A session over a file of `file_len` bytes.
+    pub fn new(file_len: u64) -> Self {
+        Self {
+            file_end: file_len.div_ceil(MIB) * MIB,
+            sequence: 1,
+            ..Self::default()
+        }
+    }
+}
+
+fn io(op: &str, e: std::io::Error) -> Error {
+    Error::io(op.to_string(), e)
+}
+
+fn entry_value(offset: u64, state: u8) -> u64 {
+    (offset / MIB) << 20 | u64::from(state)
+}
+
+impl VhdxImage {
+    /// `ReadOnly` unless the image was opened read-write on writable storage.
+    pub(crate) fn check_writable(&self, op: &str) -> Result<()> {
+        if self.flags().contains(OpenFlags::READ_ONLY) || self.storage().is_read_only() {
+            return Err(Error::read_only(op).with_path(self.path_buf()));
+        }
+        Ok(())
+    }
+
+    /// Step 1 of the protocol: new FileWriteGuid and DataWriteGuid before the first change.
+    fn begin(&self, ws: &mut WriteState) -> Result<()> {
+        if ws.started {
+            return Ok(());
+        }
+        let mut header = self.header_lock().write();
+        *header = update_headers(self.storage(), &header, |h| {
+            h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
+            h.data_write_guid = Guid::from_uuid(Uuid::new_v4());
+        })?;
+        ws.started = true;
+        Ok(())
+    }
+
+    /// Appends `len` zero bytes at the 1 MiB-aligned end of the file; returns their offset.
+    fn allocate(&self, ws: &mut WriteState, len: u64) -> Result<u64> {
+        let off = ws.file_end;
+        let end = off
+            .checked_add(len)
+            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "the file would exceed 2^64 bytes"))?;
+        self.storage()
+            .set_len(end)
+            .map_err(|e| io("cannot grow the file", e))?;
+        ws.file_end = end;
+        self.bat().set_file_len(end);
+        Ok(off)
+    }
+
+    fn set_entry(&self, ws: &mut WriteState, index: u64, value: u64) -> Result<()> {
+        let page = self.bat().set_raw(index, value)?;
+        ws.dirty_bat.insert(page);
+        Ok(())
+    }
+
+    /// Marks sectors `[first, first + count)` of `block` as present in this file, allocating the
+    /// chunk's sector bitmap when needed.
+    fn mark_present(&self, ws: &mut WriteState, block: u64, first: u64, count: u64) -> Result<()> {
+        let layout = self.layout();
+        let chunk = block / layout.chunk_ratio;
+        let sb = match self.bat().bitmap(chunk)? {
+            Some(off) => off,
+            None => {
+                let off = self.allocate(ws, MIB)?;
+                self.set_entry(ws, layout.bitmap_index(chunk), entry_value(off, bat_state::SB_PRESENT))?;
+                off
+            }
+        };
+        let base = (block % layout.chunk_ratio) * layout.sectors_per_block();
+        for page in self.bat().set_bits(sb, base + first, count)? {
+            ws.dirty_bitmaps.insert(page);
+        }
+        Ok(())
+    }
+
+    /// Writes `buf` at `offset`.
+    pub(crate) fn write_impl(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.check_writable("writing")?;
+        check_range(offset, buf.len() as u64, self.layout().virtual_size)?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        let layout = self.layout();
+        let mut ws = self.write_state().lock();
+        self.begin(&mut ws)?;
+        let storage = self.storage().clone();
+        let ss = layout.sector_size;
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let block = pos / layout.block_size;
+            let within = pos % layout.block_size;
+            let n = (layout.block_size - within).min((buf.len() - done) as u64);
+            let n_usize = usize::try_from(n).map_err(|_| Error::invalid_argument("write too large"))?;
+            let data = buf
+                .get(done..done + n_usize)
+                .ok_or_else(|| Error::invalid_argument("write range"))?;
+            let whole = within == 0 && (n == layout.block_size || pos + n == layout.virtual_size);
+            let aligned = within % ss == 0 && n % ss == 0;
+            let write = |file_off: u64| {
+                storage
+                    .write_all_at(file_off + within, data)
+                    .map_err(|e| io("write failed", e).with_offset(file_off + within))
+            };
+            match self.bat().block(block)? {
+                BlockState::Full(file) => write(file)?,
+                BlockState::Partial(file) => {
+                    if !aligned {
+                        return Err(Error::invalid_argument(format!(
+                            "a write into a differencing image must be {ss}-byte aligned"
+                        )));
+                    }
+                    write(file)?;
+                    self.mark_present(&mut ws, block, within / ss, n / ss)?;
+                }
+                BlockState::NotPresent if layout.has_parent && !whole => {
+                    if !aligned {
+                        return Err(Error::invalid_argument(format!(
+                            "a write into a differencing image must be {ss}-byte aligned"
+                        )));
+                    }
+                    let file = self.allocate(&mut ws, layout.block_size)?;
+                    write(file)?;
+                    self.mark_present(&mut ws, block, within / ss, n / ss)?;
+                    let index = layout.payload_index(block);
+                    self.set_entry(&mut ws, index, entry_value(file, bat_state::PARTIALLY_PRESENT))?;
+                }
+                // Not present in a base image, zero, unmapped, or a whole block: a new block
+                // whose unwritten rest reads as zeros.
+                BlockState::NotPresent | BlockState::Zero => {
+                    let file = self.allocate(&mut ws, layout.block_size)?;
+                    write(file)?;
+                    let index = layout.payload_index(block);
+                    self.set_entry(&mut ws, index, entry_value(file, bat_state::FULLY_PRESENT))?;
+                }
+            }
+            done += n_usize;
+        }
+        if ws.dirty_bat.len() + ws.dirty_bitmaps.len() > MAX_DIRTY_PAGES {
+            self.commit(&mut ws)?;
+        }
+        Ok(())
+    }
+
+    /// Sets whole blocks to `state` (ZERO or UNMAPPED), and writes zeros over partial ones.
+    pub(crate) fn zero_impl(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+        self.check_writable(if discard { "discard" } else { "writing zeros" })?;
+        check_range(offset, len, self.layout().virtual_size)?;
+        let layout = self.layout();
+        let end = offset + len;
+        let mut pos = offset;
+        let zeros = vec![0u8; usize::try_from(layout.block_size.min(len)).unwrap_or(0)];
+        while pos < end {
+            let block = pos / layout.block_size;
+            let within = pos % layout.block_size;
+            let n = (layout.block_size - within).min(end - pos);
+            let whole = within == 0 && (n == layout.block_size || pos + n == layout.virtual_size);
+            let state = self.bat().block(block)?;
+            if whole && !self.metadata().leave_block_allocated {
+                if state != BlockState::Zero {
+                    let mut ws = self.write_state().lock();
+                    self.begin(&mut ws)?;
+                    // ZERO, not UNMAPPED: the range must read as zeros in every reader, and in a
+                    // differencing image it must not fall through to the parent. The old block
+                    // stays in the file until `compact`.
+                    let index = layout.payload_index(block);
+                    self.set_entry(&mut ws, index, entry_value(0, bat_state::ZERO))?;
+                }
+            } else if state != BlockState::Zero && !(state == BlockState::NotPresent && !layout.has_parent) {
+                let part = zeros
+                    .get(..usize::try_from(n).unwrap_or(usize::MAX))
+                    .ok_or_else(|| Error::invalid_argument("zero range"))?;
+                self.write_impl(pos, part)?;
+            }
+            pos += n;
+        }
+        Ok(())
+    }
+
+    /// Makes every completed write durable: data first, then the metadata through the log.
+    pub(crate) fn flush_impl(&self) -> Result<()> {
+        if self.flags().contains(OpenFlags::READ_ONLY) {
+            return Ok(());
+        }
+        let mut ws = self.write_state().lock();
+        self.commit(&mut ws)?;
+        self.storage().flush().map_err(|e| io("flush failed", e))
+    }
+
+    /// Logs and applies the dirty metadata pages.
+    fn commit(&self, ws: &mut WriteState) -> Result<()> {
+        if ws.dirty_bat.is_empty() && ws.dirty_bitmaps.is_empty() {
+            return Ok(());
+        }
+        let storage = self.storage().clone();
+        // The data of new blocks is durable before any entry points at it.
+        storage.flush().map_err(|e| io("flush failed", e))?;
+        let mut pages = Vec::with_capacity(ws.dirty_bat.len() + ws.dirty_bitmaps.len());
+        for &p in &ws.dirty_bat {
+            pages.push(self.bat().page_bytes(p)?);
+        }
+        for &off in &ws.dirty_bitmaps {
+            pages.push((off, self.bat().bitmap_page_bytes(off)?));
+        }
+        let (log_offset, log_len) = {
+            let h = self.header_lock().read();
+            (h.log_offset(), h.log_length())
+        };
+        if log_len == 0 {
+            return Err(Error::new(ErrorKind::Unsupported, "the image has no log to write metadata through"));
+        }
+        let guid = *ws.log_guid.get_or_insert_with(|| Guid::from_uuid(Uuid::new_v4()));
+        let per_entry = max_pages_per_entry(log_len).max(1);
+        let file_len = storage.len().map_err(|e| io("cannot read the file size", e))?;
+        for batch in pages.chunks(per_entry) {
+            let entry_len = ((batch.len() as u64 + 2).div_ceil(128) + batch.len() as u64) * 4096;
+            if ws.log_pos + entry_len > log_len {
+                ws.log_pos = 0;
+            }
+            let entry = build_entry(
+                &EntryParams {
+                    guid,
+                    sequence: ws.sequence,
+                    tail: ws.log_pos,
+                    flushed_file_offset: file_len,
+                    last_file_offset: file_len.max(ws.file_end),
+                },
+                batch,
+            );
+            storage
+                .write_all_at(log_offset + ws.log_pos, &entry)
+                .and_then(|()| storage.flush())
+                .map_err(|e| io("cannot write the log", e))?;
+            if !ws.header_has_guid {
+                let mut header = self.header_lock().write();
+                *header = update_headers(&storage, &header, |h| h.log_guid = guid)?;
+                ws.header_has_guid = true;
+            }
+            for (off, page) in batch {
+                storage
+                    .write_all_at(*off, page)
+                    .map_err(|e| io("cannot write metadata", e).with_offset(*off))?;
+            }
+            storage.flush().map_err(|e| io("flush failed", e))?;
+            ws.log_pos += entry_len;
+            ws.sequence += 1;
+        }
+        ws.dirty_bat.clear();
+        ws.dirty_bitmaps.clear();
+        Ok(())
+    }
+
+    /// Applies everything and clears the LogGuid.
+    pub(crate) fn close_impl(&self) -> Result<()> {
+        if self.flags().contains(OpenFlags::READ_ONLY) || self.storage().is_read_only() {
+            return Ok(());
+        }
+        self.flush_impl()?;
+        let mut ws = self.write_state().lock();
+        if ws.header_has_guid {
+            let mut header = self.header_lock().write();
+            *header = update_headers(self.storage(), &header, |h| h.log_guid = Guid::ZERO)?;
+            ws.header_has_guid = false;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! `vd-tool io [-f FMT] [-r] -c CMD ... FILE`: a small qemu-io. Commands: `read [-P PATTERN]
+//! OFF LEN` (a pattern mismatch fails the run with exit code 1), `write [-P PATTERN | -z] OFF
+//! LEN`, `discard OFF LEN`, `flush`. One line per completed command, as qemu-io prints.
+
+use anyhow::{Context, bail};
+use vd_core::{Disk, DiskOptions, OpenFlags, Registry};
+
+use crate::cli::IoArgs;
+use crate::commands::parse_size;
+
+fn parse_pattern(s: &str) -> anyhow::Result<u8> {
+    let v = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        u64::from_str_radix(hex, 16)
+    } else {
+        s.parse::<u64>()
+    }
+    .with_context(|| format!("pattern {s:?} is not a number"))?;
+    u8::try_from(v).with_context(|| format!("pattern {s:?} is larger than a byte"))
+}
+
+/// Runs one command; `Ok(false)` when a read's pattern did not match.
+fn run_command(disk: &Disk, cmd: &str) -> anyhow::Result<bool> {
+    let words: Vec<&str> = cmd.split_whitespace().collect();
+    let Some((&name, rest)) = words.split_first() else {
+        bail!("empty command");
+    };
+    let mut pattern = None;
+    let mut zero = false;
+    let mut args = Vec::new();
+    let mut it = rest.iter();
+    while let Some(&w) = it.next() {
+        match w {
+            "-P" => {
+                let p = it.next().with_context(|| format!("{name}: -P needs a pattern"))?;
+                pattern = Some(parse_pattern(p)?);
+            }
+            "-z" => zero = true,
+            "-q" => {}
+            _ => args.push(w),
+        }
+    }
+    let range = || -> anyhow::Result<(u64, u64)> {
+        match args.as_slice() {
+            [off, len] => Ok((parse_size(off)?, parse_size(len)?)),
+            _ => bail!("{name}: expected OFFSET LENGTH"),
+        }
+    };
+    match name {
+        "read" => {
+            let (off, len) = range()?;
+            let mut buf = vec![0u8; usize::try_from(len)?];
+            disk.read_at(off, &mut buf)?;
+            if let Some(p) = pattern
+                && let Some(i) = buf.iter().position(|&b| b != p)
+            {
+                println!(
+                    "Pattern verification failed at offset {}, {} bytes",
+                    off + i as u64,
+                    len - i as u64
+                );
+                return Ok(false);
+            }
+            println!("read {len}/{len} bytes at offset {off}");
+        }
+        "write" => {
+            let (off, len) = range()?;
+            if zero {
+                if pattern.is_some() {
+                    bail!("write: -P and -z exclude each other");
+                }
+                disk.write_zeroes(off, len)?;
+            } else {
+                let buf = vec![pattern.unwrap_or(0xcd); usize::try_from(len)?];
+                disk.write_at(off, &buf)?;
+            }
+            println!("wrote {len}/{len} bytes at offset {off}");
+        }
+        "discard" => {
+            let (off, len) = range()?;
+            disk.discard(off, len)?;
+            println!("discard {len}/{len} bytes at offset {off}");
+        }
+        "flush" => {
+            disk.flush()?;
+            println!("flushed");
+        }
+        other => bail!("unknown command {other:?} (read, write, discard, flush)"),
+    }
+    Ok(true)
+}
+
+pub fn run(registry: &Registry, args: &IoArgs) -> anyhow::Result<u8> {
+    let flags = if args.read_only {
+        OpenFlags::READ_ONLY
+    } else {
+        OpenFlags::empty()
+    };
+    let disk = Disk::open(
+        registry,
+        &args.file,
+        &DiskOptions {
+            flags,
+            format: args.format.clone(),
+            ..DiskOptions::default()
+        },
+    )?;
+    let mut ok = true;
+    for cmd in &args.commands {
+        match run_command(&disk, cmd) {
+            Ok(true) => {}
+            Ok(false) => {
+                ok = false;
+                break;
+            }
+            Err(e) => {
+                // Keep what was written so far consistent before reporting.
+                if let Err(close) = disk.close() {
+                    log::warn!("closing after an error: {close}");
+                }
+                return Err(e.context(format!("{cmd:?}")));
+            }
+        }
+    }
+    disk.close()?;
+    Ok(if ok { crate::exit::OK } else { crate::exit::PROBLEMS })
+}
