@@ -160,7 +160,6 @@ impl Bat {
         self.file_len.fetch_max(len, Ordering::AcqRel);
     }
 
-
     /// Reads a whole 4 KiB page of the region (the part past the end of the file reads as
     /// zeros). The region is a multiple of 1 MiB and holds every entry, so every page of an
     /// entry lies inside it.
@@ -200,7 +199,9 @@ impl Bat {
         let page = index / ENTRIES_PER_PAGE;
         let current = self.page(page)?;
         let mut copy = current.to_vec();
-        if let Some(slot) = copy.get_mut(usize::try_from(index % ENTRIES_PER_PAGE).unwrap_or(usize::MAX)) {
+        if let Some(slot) =
+            copy.get_mut(usize::try_from(index % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
+        {
             *slot = value;
         }
         self.pages.write().insert(page, copy.into());

@@ -83,20 +83,35 @@ impl CreateOptions {
                 "subformat" => match v.as_str() {
                     "dynamic" => o.fixed = false,
                     "fixed" => o.fixed = true,
-                    _ => return Err(Error::invalid_argument(format!("subformat={v}: use dynamic or fixed"))),
+                    _ => {
+                        return Err(Error::invalid_argument(format!(
+                            "subformat={v}: use dynamic or fixed"
+                        )));
+                    }
                 },
                 "block_size" => {
                     let b = parse_size(k, v)?;
                     o.block_size = u32::try_from(b)
                         .ok()
-                        .filter(|b| b.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(b))
-                        .ok_or_else(|| Error::invalid_argument(format!("block_size={v}: a power of two from 1M to 256M")))?;
+                        .filter(|b| {
+                            b.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(b)
+                        })
+                        .ok_or_else(|| {
+                            Error::invalid_argument(format!(
+                                "block_size={v}: a power of two from 1M to 256M"
+                            ))
+                        })?;
                     block_size_given = true;
                 }
                 "log_size" => {
                     o.log_size = parse_size(k, v)?;
-                    if o.log_size < MIB || !o.log_size.is_multiple_of(MIB) || o.log_size > 1024 * MIB {
-                        return Err(Error::invalid_argument(format!("log_size={v}: a multiple of 1M from 1M to 1G")));
+                    if o.log_size < MIB
+                        || !o.log_size.is_multiple_of(MIB)
+                        || o.log_size > 1024 * MIB
+                    {
+                        return Err(Error::invalid_argument(format!(
+                            "log_size={v}: a multiple of 1M from 1M to 1G"
+                        )));
                     }
                 }
                 "logical_sector_size" | "physical_sector_size" => {
@@ -119,8 +134,12 @@ impl CreateOptions {
             }
         }
         if let Some((_, parent)) = req.parent {
-            if p.options.contains_key("logical_sector_size") && o.logical_sector_size != parent.sector_size() {
-                return Err(Error::invalid_argument("a differencing image must have its parent's logical sector size"));
+            if p.options.contains_key("logical_sector_size")
+                && o.logical_sector_size != parent.sector_size()
+            {
+                return Err(Error::invalid_argument(
+                    "a differencing image must have its parent's logical sector size",
+                ));
             }
             o.logical_sector_size = parent.sector_size();
             if !p.options.contains_key("physical_sector_size") {
@@ -133,10 +152,15 @@ impl CreateOptions {
                 o.size = parent.size();
             }
             if o.fixed {
-                return Err(Error::invalid_argument("a differencing image cannot be fixed"));
+                return Err(Error::invalid_argument(
+                    "a differencing image cannot be fixed",
+                ));
             }
         }
-        if o.size == 0 || o.size > MAX_VIRTUAL_SIZE || !o.size.is_multiple_of(u64::from(o.logical_sector_size)) {
+        if o.size == 0
+            || o.size > MAX_VIRTUAL_SIZE
+            || !o.size.is_multiple_of(u64::from(o.logical_sector_size))
+        {
             return Err(Error::invalid_argument(format!(
                 "size {} must be a non-zero multiple of {} up to 64 TiB",
                 o.size, o.logical_sector_size
@@ -215,10 +239,26 @@ fn metadata_region(o: &CreateOptions, locator: Option<&[u8]>, incomplete: bool) 
     let mut fp = o.block_size.to_le_bytes().to_vec();
     fp.extend_from_slice(&fp_flags.to_le_bytes());
     items.push((META_FILE_PARAMETERS, fp, REQ));
-    items.push((META_VIRTUAL_DISK_SIZE, o.size.to_le_bytes().to_vec(), REQ | VD));
-    items.push((META_VIRTUAL_DISK_ID, Guid::from_uuid(Uuid::new_v4()).0.to_vec(), REQ | VD));
-    items.push((META_LOGICAL_SECTOR_SIZE, o.logical_sector_size.to_le_bytes().to_vec(), REQ | VD));
-    items.push((META_PHYSICAL_SECTOR_SIZE, o.physical_sector_size.to_le_bytes().to_vec(), REQ | VD));
+    items.push((
+        META_VIRTUAL_DISK_SIZE,
+        o.size.to_le_bytes().to_vec(),
+        REQ | VD,
+    ));
+    items.push((
+        META_VIRTUAL_DISK_ID,
+        Guid::from_uuid(Uuid::new_v4()).0.to_vec(),
+        REQ | VD,
+    ));
+    items.push((
+        META_LOGICAL_SECTOR_SIZE,
+        o.logical_sector_size.to_le_bytes().to_vec(),
+        REQ | VD,
+    ));
+    items.push((
+        META_PHYSICAL_SECTOR_SIZE,
+        o.physical_sector_size.to_le_bytes().to_vec(),
+        REQ | VD,
+    ));
     if let Some(loc) = locator {
         items.push((META_PARENT_LOCATOR, loc.to_vec(), REQ));
     }
@@ -241,7 +281,11 @@ fn metadata_region(o: &CreateOptions, locator: Option<&[u8]>, incomplete: bool) 
     for (i, (guid, data, flags)) in items.iter().enumerate() {
         let entry = MetadataTableEntry {
             item_id: Guid::from_uuid(*guid),
-            offset: U32::new(if data.is_empty() { 0 } else { u32::try_from(data_off).unwrap_or(0) }),
+            offset: U32::new(if data.is_empty() {
+                0
+            } else {
+                u32::try_from(data_off).unwrap_or(0)
+            }),
             length: U32::new(u32::try_from(data.len()).unwrap_or(0)),
             flags: U32::new(*flags),
             reserved: U32::new(0),
@@ -309,8 +353,9 @@ pub fn create(req: CreateRequest<'_>) -> Result<VhdxImage> {
         Some((parent_path, parent)) => {
             let linkage = parent.modification_uuid()?;
             let mut pairs = vec![("parent_linkage", format!("{{{linkage}}}"))];
-            let rel = relative_windows_path(req.path, parent_path)
-                .ok_or_else(|| Error::invalid_argument("cannot express the parent path relative to the child"))?;
+            let rel = relative_windows_path(req.path, parent_path).ok_or_else(|| {
+                Error::invalid_argument("cannot express the parent path relative to the child")
+            })?;
             pairs.push(("relative_path", rel));
             Some(parent_locator(&pairs))
         }
@@ -338,11 +383,16 @@ pub fn create(req: CreateRequest<'_>) -> Result<VhdxImage> {
     ident.extend_from_slice(&utf16(concat!("vd ", env!("CARGO_PKG_VERSION"))));
     s.write_all_at(0, &ident).map_err(io)?;
     // Metadata first, marked incomplete.
-    s.write_all_at(meta_offset, &metadata_region(&o, locator.as_deref(), true)).map_err(io)?;
+    s.write_all_at(meta_offset, &metadata_region(&o, locator.as_deref(), true))
+        .map_err(io)?;
     // BAT.
     let mut end = data_offset;
     if o.fixed {
-        let mut bat = vec![0u8; usize::try_from(entries * 8).map_err(|_| Error::invalid_argument("disk too large"))?];
+        let mut bat = vec![
+            0u8;
+            usize::try_from(entries * 8)
+                .map_err(|_| Error::invalid_argument("disk too large"))?
+        ];
         for b in 0..data_blocks {
             let idx = usize::try_from(b + b / chunk_ratio).unwrap_or(usize::MAX);
             let v = ((data_offset + b * bs) / MIB) << 20 | u64::from(bat_state::FULLY_PRESENT);
@@ -360,19 +410,24 @@ pub fn create(req: CreateRequest<'_>) -> Result<VhdxImage> {
         s.write_all_at(off, &rt).map_err(io)?;
     }
     let h = header(0, log_offset, o.log_size);
-    s.write_all_at(HEADER_OFFSETS[0], h.as_bytes()).map_err(io)?;
+    s.write_all_at(HEADER_OFFSETS[0], h.as_bytes())
+        .map_err(io)?;
     let mut h2 = h;
     h2.sequence_number.set(1);
     h2.checksum.set(0);
     let sum = crc32c_with_zero_field(h2.as_bytes(), 4);
     h2.checksum.set(sum);
-    s.write_all_at(HEADER_OFFSETS[1], h2.as_bytes()).map_err(io)?;
+    s.write_all_at(HEADER_OFFSETS[1], h2.as_bytes())
+        .map_err(io)?;
     s.flush().map_err(io)?;
     // Complete: rewrite the metadata without the incomplete-file marker. The virtual disk id
     // must stay the same, so only the table entry count changes (the marker is the last entry).
     let mut table = vec![0u8; 64 * 1024];
     s.read_exact_at(meta_offset, &mut table).map_err(io)?;
-    let count = u16::from_le_bytes([table.get(10).copied().unwrap_or(0), table.get(11).copied().unwrap_or(0)]);
+    let count = u16::from_le_bytes([
+        table.get(10).copied().unwrap_or(0),
+        table.get(11).copied().unwrap_or(0),
+    ]);
     let last = 32 + 32 * usize::from(count.saturating_sub(1));
     if let Some(d) = table.get_mut(last..last + 32) {
         d.fill(0);
@@ -398,8 +453,17 @@ mod tests {
     #[test]
     fn relative_paths_are_windows_style() {
         let p = |s: &str| PathBuf::from(s);
-        assert_eq!(relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/b/p.vhdx")).unwrap(), r".\p.vhdx");
-        assert_eq!(relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/p.vhdx")).unwrap(), r"..\p.vhdx");
-        assert_eq!(relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/x/p.vhdx")).unwrap(), r"..\x\p.vhdx");
+        assert_eq!(
+            relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/b/p.vhdx")).unwrap(),
+            r".\p.vhdx"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/p.vhdx")).unwrap(),
+            r"..\p.vhdx"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/x/p.vhdx")).unwrap(),
+            r"..\x\p.vhdx"
+        );
     }
 }

@@ -424,7 +424,8 @@ impl Image for VhdxImage {
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        self.write_impl(offset, buf).map_err(|e| e.with_path(&self.path))
+        self.write_impl(offset, buf)
+            .map_err(|e| e.with_path(&self.path))
     }
 
     fn flush(&self) -> Result<()> {
@@ -434,11 +435,13 @@ impl Image for VhdxImage {
     /// Discards whole blocks (they become ZERO; a fixed image keeps its blocks and zeros them)
     /// and writes zeros over partial ones.
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
-        self.zero_impl(offset, len, true).map_err(|e| e.with_path(&self.path))
+        self.zero_impl(offset, len, true)
+            .map_err(|e| e.with_path(&self.path))
     }
 
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
-        self.zero_impl(offset, len, false).map_err(|e| e.with_path(&self.path))
+        self.zero_impl(offset, len, false)
+            .map_err(|e| e.with_path(&self.path))
     }
 
     fn close(self: Box<Self>, delete: bool) -> Result<()> {

@@ -601,7 +601,9 @@ pub fn build_entry(params: &EntryParams, pages: &[(u64, Vec<u8>)]) -> Vec<u8> {
         let mut leading = [0u8; 8];
         let mut trailing = [0u8; 4];
         let mut middle = [0u8; 4084];
-        if let (Some(l), Some(m), Some(t)) = (page.get(..8), page.get(8..4092), page.get(4092..4096)) {
+        if let (Some(l), Some(m), Some(t)) =
+            (page.get(..8), page.get(8..4092), page.get(4092..4096))
+        {
             leading.copy_from_slice(l);
             middle.copy_from_slice(m);
             trailing.copy_from_slice(t);

@@ -114,7 +114,11 @@ impl VhdxImage {
             Some(off) => off,
             None => {
                 let off = self.allocate(ws, MIB)?;
-                self.set_entry(ws, layout.bitmap_index(chunk), entry_value(off, bat_state::SB_PRESENT))?;
+                self.set_entry(
+                    ws,
+                    layout.bitmap_index(chunk),
+                    entry_value(off, bat_state::SB_PRESENT),
+                )?;
                 off
             }
         };
@@ -143,12 +147,13 @@ impl VhdxImage {
             let block = pos / layout.block_size;
             let within = pos % layout.block_size;
             let n = (layout.block_size - within).min((buf.len() - done) as u64);
-            let n_usize = usize::try_from(n).map_err(|_| Error::invalid_argument("write too large"))?;
+            let n_usize =
+                usize::try_from(n).map_err(|_| Error::invalid_argument("write too large"))?;
             let data = buf
                 .get(done..done + n_usize)
                 .ok_or_else(|| Error::invalid_argument("write range"))?;
             let whole = within == 0 && (n == layout.block_size || pos + n == layout.virtual_size);
-            let aligned = within % ss == 0 && n % ss == 0;
+            let aligned = within.is_multiple_of(ss) && n.is_multiple_of(ss);
             let write = |file_off: u64| {
                 storage
                     .write_all_at(file_off + within, data)
@@ -175,7 +180,11 @@ impl VhdxImage {
                     write(file)?;
                     self.mark_present(&mut ws, block, within / ss, n / ss)?;
                     let index = layout.payload_index(block);
-                    self.set_entry(&mut ws, index, entry_value(file, bat_state::PARTIALLY_PRESENT))?;
+                    self.set_entry(
+                        &mut ws,
+                        index,
+                        entry_value(file, bat_state::PARTIALLY_PRESENT),
+                    )?;
                 }
                 // Not present in a base image, zero, unmapped, or a whole block: a new block
                 // whose unwritten rest reads as zeros.
@@ -218,7 +227,9 @@ impl VhdxImage {
                     let index = layout.payload_index(block);
                     self.set_entry(&mut ws, index, entry_value(0, bat_state::ZERO))?;
                 }
-            } else if state != BlockState::Zero && !(state == BlockState::NotPresent && !layout.has_parent) {
+            } else if state != BlockState::Zero
+                && (layout.has_parent || state != BlockState::NotPresent)
+            {
                 let part = zeros
                     .get(..usize::try_from(n).unwrap_or(usize::MAX))
                     .ok_or_else(|| Error::invalid_argument("zero range"))?;
@@ -259,11 +270,18 @@ impl VhdxImage {
             (h.log_offset(), h.log_length())
         };
         if log_len == 0 {
-            return Err(Error::new(ErrorKind::Unsupported, "the image has no log to write metadata through"));
+            return Err(Error::new(
+                ErrorKind::Unsupported,
+                "the image has no log to write metadata through",
+            ));
         }
-        let guid = *ws.log_guid.get_or_insert_with(|| Guid::from_uuid(Uuid::new_v4()));
+        let guid = *ws
+            .log_guid
+            .get_or_insert_with(|| Guid::from_uuid(Uuid::new_v4()));
         let per_entry = max_pages_per_entry(log_len).max(1);
-        let file_len = storage.len().map_err(|e| io("cannot read the file size", e))?;
+        let file_len = storage
+            .len()
+            .map_err(|e| io("cannot read the file size", e))?;
         for batch in pages.chunks(per_entry) {
             let entry_len = ((batch.len() as u64 + 2).div_ceil(128) + batch.len() as u64) * 4096;
             if ws.log_pos + entry_len > log_len {

@@ -263,18 +263,26 @@ impl Disk {
         check_range(offset, buf.len() as u64, self.size())?;
         let ss = u64::from(self.top().sector_size().max(1));
         let end = offset + buf.len() as u64;
-        if self.layers.len() == 1 || (offset % ss == 0 && end % ss == 0) {
+        if self.layers.len() == 1 || (offset.is_multiple_of(ss) && end.is_multiple_of(ss)) {
             return self.top().write_at(offset, buf);
         }
         // A differencing image tracks whole sectors: widen the write to sector boundaries,
         // filling the edges with what the chain reads there now.
         let start = offset / ss * ss;
         let stop = end.div_ceil(ss) * ss;
-        let mut wide = vec![0u8; usize::try_from(stop - start).map_err(|_| Error::invalid_argument("write too large"))?];
+        let mut wide = vec![
+            0u8;
+            usize::try_from(stop - start)
+                .map_err(|_| Error::invalid_argument("write too large"))?
+        ];
         let head = usize::try_from(offset - start).unwrap_or(0);
         let tail_start = usize::try_from(end - start).unwrap_or(0);
         if head > 0 {
-            self.read_at(start, wide.get_mut(..usize::try_from(ss).unwrap_or(0)).unwrap_or_default())?;
+            self.read_at(
+                start,
+                wide.get_mut(..usize::try_from(ss).unwrap_or(0))
+                    .unwrap_or_default(),
+            )?;
         }
         if stop > end {
             let last = wide.len() - usize::try_from(ss).unwrap_or(0);

@@ -1,6 +1,5 @@
 //! `vd-tool create -f FMT [-o OPTS] [-b PARENT] FILE [SIZE]`.
 
-
 use anyhow::{Context, bail};
 use serde::Serialize;
 use vd_core::{CreateParams, ImageFlags, OpenFlags, Registry};
@@ -51,10 +50,7 @@ pub fn run(registry: &Registry, args: &CreateArgs, output: Output) -> anyhow::Re
         options,
         ..CreateParams::default()
     };
-    let parent_ref = args
-        .backing
-        .as_deref()
-        .zip(parent.as_deref());
+    let parent_ref = args.backing.as_deref().zip(parent.as_deref());
     let img = registry.create(&args.format, &args.file, &params, parent_ref, args.force)?;
     let created = Created {
         file: args.file.display().to_string(),

@@ -31,7 +31,9 @@ fn run_command(disk: &Disk, cmd: &str) -> anyhow::Result<bool> {
     while let Some(&w) = it.next() {
         match w {
             "-P" => {
-                let p = it.next().with_context(|| format!("{name}: -P needs a pattern"))?;
+                let p = it
+                    .next()
+                    .with_context(|| format!("{name}: -P needs a pattern"))?;
                 pattern = Some(parse_pattern(p)?);
             }
             "-z" => zero = true,
@@ -122,5 +124,9 @@ pub fn run(registry: &Registry, args: &IoArgs) -> anyhow::Result<u8> {
         }
     }
     disk.close()?;
-    Ok(if ok { crate::exit::OK } else { crate::exit::PROBLEMS })
+    Ok(if ok {
+        crate::exit::OK
+    } else {
+        crate::exit::PROBLEMS
+    })
 }
