@@ -8,8 +8,8 @@ use parking_lot::RwLock;
 use serde_json::json;
 use uuid::Uuid;
 use vd_core::{
-    Error, ErrorKind, Extent, ExtentKind, Image, ImageFlags, OpenFlags, OpenRequest, Result,
-    Storage, StorageProvider, check_range,
+    CheckReport, Error, ErrorKind, Extent, ExtentKind, Finding, Image, ImageFlags, OpenFlags,
+    OpenRequest, Result, Severity, Storage, StorageProvider, check_range,
 };
 
 use crate::bat::{Bat, BlockState, Forbidden, Layout};
@@ -573,6 +573,85 @@ impl Image for VhdxImage {
         Ok(out)
     }
 
+    /// Checks every BAT entry (states, reserved bits, offsets inside the file and outside the
+    /// other structures, no two blocks sharing space) and reports the log state and the
+    /// tolerated deviations found at open. A dirty log counts as repaired when the image was
+    /// opened read-write (the open replayed it).
+    fn repair(&self, dry_run: bool) -> Result<CheckReport> {
+        let _ = dry_run;
+        let mut report = CheckReport::default();
+        for w in &self.warnings {
+            report.findings.push(Finding {
+                severity: Severity::Warning,
+                message: w.clone(),
+                repaired: false,
+            });
+        }
+        if self.log.dirty {
+            report.findings.push(Finding {
+                severity: Severity::Error,
+                message: format!(
+                    "the log holds {} entries that had not been replayed",
+                    self.log.entries
+                ),
+                repaired: self.log.replay == "file",
+            });
+        }
+        let layout = self.bat.layout;
+        let mut used: Vec<(u64, u64, String)> = Vec::new();
+        for b in 0..layout.data_blocks {
+            match self.bat.block(b) {
+                Ok(BlockState::Full(off) | BlockState::Partial(off)) => {
+                    used.push((off, layout.block_size, format!("payload block {b}")));
+                }
+                Ok(_) => {}
+                Err(e) => report.findings.push(Finding {
+                    severity: Severity::Error,
+                    message: error_chain(&e),
+                    repaired: false,
+                }),
+            }
+        }
+        for c in 0..layout.data_blocks.div_ceil(layout.chunk_ratio) {
+            if layout.has_parent {
+                match self.bat.bitmap(c) {
+                    Ok(Some(off)) => {
+                        used.push((off, crate::format::MIB, format!("sector bitmap {c}")))
+                    }
+                    Ok(None) => {}
+                    Err(e) => report.findings.push(Finding {
+                        severity: Severity::Error,
+                        message: error_chain(&e),
+                        repaired: false,
+                    }),
+                }
+            } else if self.bat.raw(layout.bitmap_index(c)).is_ok_and(|r| r != 0)
+                && layout.bitmap_index(c) < layout.entries
+            {
+                report.findings.push(Finding {
+                    severity: Severity::Warning,
+                    message: format!(
+                        "sector bitmap entry of chunk {c} is set in an image without a parent"
+                    ),
+                    repaired: false,
+                });
+            }
+        }
+        used.sort_by_key(|u| u.0);
+        for w in used.windows(2) {
+            if let [a, b] = w
+                && a.0 + a.1 > b.0
+            {
+                report.findings.push(Finding {
+                    severity: Severity::Error,
+                    message: format!("{} at {:#x} overlaps {} at {:#x}", a.2, a.0, b.2, b.0),
+                    repaired: false,
+                });
+            }
+        }
+        Ok(report)
+    }
+
     fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
         let w = |e: io::Error| io_err("cannot write the dump", e);
         let h = self.header.read().clone();
@@ -680,4 +759,16 @@ impl Image for VhdxImage {
             "data_blocks": self.bat.layout.data_blocks,
         })
     }
+}
+
+/// An error and its causes on one line.
+fn error_chain(e: &Error) -> String {
+    let mut s = e.to_string();
+    let mut src = std::error::Error::source(e);
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
 }

@@ -105,6 +105,7 @@ impl Backend for VhdxBackend {
             | Capabilities::DISCARD
             | Capabilities::CREATE_DYNAMIC
             | Capabilities::CREATE_FIXED
+            | Capabilities::REPAIR
     }
 
     fn priority(&self) -> i32 {

@@ -63,6 +63,21 @@ pub enum Command {
     Create(CreateArgs),
     /// Read, write, discard and flush an image, like qemu-io.
     Io(IoArgs),
+    /// Check an image for problems (exit 0 clean, 1 problems found, 2 error).
+    Check(CheckArgs),
+}
+
+/// Arguments of `check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Image format (otherwise probed).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Repair what is safe: open read-write, which replays a dirty log.
+    #[arg(short = 'r', long = "repair")]
+    pub repair: bool,
+    /// The image.
+    pub file: PathBuf,
 }
 
 /// Arguments of `create`.

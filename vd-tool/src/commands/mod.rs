@@ -10,6 +10,7 @@ use vd_core::{Disk, DiskOptions, OpenFlags, Registry};
 use crate::cli::{Cli, Command};
 
 mod backends;
+mod check;
 mod compare;
 mod convert;
 mod create;
@@ -32,6 +33,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Compare(args) => compare::run(&registry, args, cli.output),
         Command::Create(args) => create::run(&registry, args, cli.output),
         Command::Io(args) => io::run(&registry, args),
+        Command::Check(args) => check::run(&registry, args, cli.output),
     }
 }
 

@@ -1,0 +1,102 @@
+//! `vd-tool check [-r] FILE`: exit 0 when clean, 1 when problems were found (and not all
+//! repaired), 2 on error. An image too corrupt to open counts as a problem found.
+
+
+use serde::Serialize;
+use vd_core::{ErrorKind, Finding, OpenFlags, Registry, Severity};
+
+use crate::cli::{CheckArgs, Output};
+use crate::render::{emit, sanitize};
+
+#[derive(Debug, Serialize)]
+struct CheckResult {
+    filename: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format: Option<&'static str>,
+    findings: Vec<Finding>,
+    errors: usize,
+    warnings: usize,
+    repaired: usize,
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
+pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Result<u8> {
+    let flags = if args.repair {
+        OpenFlags::empty()
+    } else {
+        OpenFlags::READ_ONLY
+    };
+    let opened = match &args.format {
+        Some(f) => registry.open_as(f, &args.file, flags),
+        None => registry.open(&args.file, flags),
+    };
+    let (format, findings) = match opened {
+        Ok(img) => {
+            let report = img.repair(!args.repair)?;
+            let format = img.format();
+            img.close(false)?;
+            (Some(format), report.findings)
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidHeader) => (
+            None,
+            vec![Finding {
+                severity: Severity::Error,
+                message: format!("the image cannot be opened: {}", chain(&e)),
+                repaired: false,
+            }],
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let count = |sev| findings.iter().filter(|f| f.severity == sev).count();
+    let result = CheckResult {
+        filename: args.file.display().to_string(),
+        format,
+        errors: count(Severity::Error),
+        warnings: count(Severity::Warning),
+        repaired: findings.iter().filter(|f| f.repaired).count(),
+        findings,
+    };
+    emit(output, &result, |out, r| {
+        for f in &r.findings {
+            let label = match (f.severity, f.repaired) {
+                (_, true) => "Repaired",
+                (Severity::Error, false) => "ERROR",
+                (Severity::Warning, false) => "Warning",
+            };
+            writeln!(out, "{label}: {}", sanitize(&f.message))?;
+        }
+        let unrepaired = r
+            .findings
+            .iter()
+            .filter(|f| f.severity == Severity::Error && !f.repaired)
+            .count();
+        if unrepaired == 0 {
+            writeln!(out, "No errors were found on the image.")?;
+        } else {
+            writeln!(out, "{unrepaired} errors were found on the image.")?;
+        }
+        if r.repaired > 0 {
+            writeln!(out, "{} problems were repaired.", r.repaired)?;
+        }
+        Ok(())
+    })?;
+    let unrepaired = result
+        .findings
+        .iter()
+        .any(|f| f.severity == Severity::Error && !f.repaired);
+    Ok(if unrepaired {
+        crate::exit::PROBLEMS
+    } else {
+        crate::exit::OK
+    })
+}
