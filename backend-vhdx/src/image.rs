@@ -616,7 +616,7 @@ impl Image for VhdxImage {
             if layout.has_parent {
                 match self.bat.bitmap(c) {
                     Ok(Some(off)) => {
-                        used.push((off, crate::format::MIB, format!("sector bitmap {c}")))
+                        used.push((off, crate::format::MIB, format!("sector bitmap {c}")));
                     }
                     Ok(None) => {}
                     Err(e) => report.findings.push(Finding {
