@@ -192,7 +192,7 @@ fn utf16(s: &str) -> Vec<u8> {
     s.encode_utf16().flat_map(u16::to_le_bytes).collect()
 }
 
-fn parent_locator(pairs: &[(&str, String)]) -> Vec<u8> {
+pub(crate) fn parent_locator(pairs: &[(&str, String)]) -> Vec<u8> {
     let header_len = 20 + 12 * pairs.len();
     let mut strings = Vec::new();
     let mut entries = Vec::new();

@@ -8,8 +8,8 @@ use parking_lot::RwLock;
 use serde_json::json;
 use uuid::Uuid;
 use vd_core::{
-    CheckReport, Error, ErrorKind, Extent, ExtentKind, Finding, Image, ImageFlags, OpenFlags,
-    OpenRequest, Result, Severity, Storage, StorageProvider, check_range,
+    CheckReport, Error, ErrorKind, Extent, ExtentKind, Finding, Geometry, Image, ImageFlags,
+    OpenFlags, OpenRequest, Result, Severity, Storage, StorageProvider, check_range,
 };
 
 use crate::bat::{Bat, BlockState, Forbidden, Layout};
@@ -18,6 +18,7 @@ use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
 use crate::guid::Guid;
 use crate::header::{ActiveHeader, read_headers, read_identifier, update_headers};
 use crate::log::{EntrySummary, OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
+use crate::meta_edit::{USER_COMMENT, USER_LCHS, USER_PCHS};
 use crate::metadata::{Metadata, read_metadata};
 use crate::region::{RegionTable, read_region_table};
 use crate::write::WriteState;
@@ -50,7 +51,7 @@ pub struct VhdxImage {
     creator: String,
     header: RwLock<ActiveHeader>,
     regions: RegionTable,
-    meta: Metadata,
+    meta: RwLock<Metadata>,
     bat: Bat,
     log: LogState,
     warnings: Vec<String>,
@@ -61,7 +62,7 @@ impl std::fmt::Debug for VhdxImage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VhdxImage")
             .field("path", &self.path)
-            .field("size", &self.meta.virtual_size)
+            .field("size", &self.metadata().virtual_size)
             .finish_non_exhaustive()
     }
 }
@@ -106,15 +107,20 @@ impl VhdxImage {
         };
         let mut storage = file.clone();
         if log.dirty {
+            if flags.contains(OpenFlags::REFUSE_DIRTY_LOG) {
+                let at = crate::format::HEADER_OFFSETS
+                    .get(header.slot)
+                    .copied()
+                    .unwrap_or(0)
+                    + 48;
+                return Err(Corruption::DirtyLogRefused.at("header log guid", at));
+            }
             let bytes = read_log(file.as_ref(), header.log_offset(), header.log_length())?;
             let plan: ReplayPlan =
                 plan_replay(&bytes, header.log_offset(), header.log_guid(), file_len)?;
             log.entries = plan.entries;
             log.head_sequence = plan.head_sequence;
             log.sequence = plan.summary.clone();
-            if flags.contains(OpenFlags::REFUSE_DIRTY_LOG) {
-                return Err(Corruption::DirtyLogRefused.at("header log guid", 0x10000 + 48));
-            }
             if read_only {
                 storage = Arc::new(
                     OverlayStorage::new(file.clone(), &plan)
@@ -203,7 +209,7 @@ impl VhdxImage {
             creator,
             header: RwLock::new(header),
             regions,
-            meta,
+            meta: RwLock::new(meta),
             bat,
             log,
             warnings,
@@ -227,6 +233,14 @@ impl VhdxImage {
         &self.header
     }
 
+    pub(crate) fn metadata_lock(&self) -> &RwLock<Metadata> {
+        &self.meta
+    }
+
+    pub(crate) fn regions(&self) -> &RegionTable {
+        &self.regions
+    }
+
     pub(crate) fn bat(&self) -> &Bat {
         &self.bat
     }
@@ -241,8 +255,8 @@ impl VhdxImage {
     }
 
     /// The parsed metadata.
-    pub fn metadata(&self) -> &Metadata {
-        &self.meta
+    pub fn metadata(&self) -> parking_lot::RwLockReadGuard<'_, Metadata> {
+        self.meta.read()
     }
 
     /// What happened to the log at open.
@@ -338,7 +352,7 @@ impl VhdxImage {
     }
 
     fn locator_paths(&self) -> Vec<PathBuf> {
-        let Some(loc) = &self.meta.parent_locator else {
+        let Some(loc) = &self.metadata().parent_locator else {
             return Vec::new();
         };
         let dir = self
@@ -421,6 +435,7 @@ impl Image for VhdxImage {
                 }
             }
         })
+        .map_err(|e| e.with_path(&self.path))
     }
 
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
@@ -463,15 +478,25 @@ impl Image for VhdxImage {
     }
 
     fn size(&self) -> u64 {
-        self.meta.virtual_size
+        self.metadata().virtual_size
     }
 
     fn sector_size(&self) -> u32 {
-        self.meta.logical_sector_size
+        self.metadata().logical_sector_size
+    }
+
+    /// A differencing image tracks whole logical sectors in its sector bitmap.
+    fn write_granularity(&self) -> u32 {
+        let m = self.metadata();
+        if m.has_parent {
+            m.logical_sector_size
+        } else {
+            1
+        }
     }
 
     fn physical_sector_size(&self) -> u32 {
-        self.meta.physical_sector_size
+        self.metadata().physical_sector_size
     }
 
     fn file_size(&self) -> Result<u64> {
@@ -482,10 +507,10 @@ impl Image for VhdxImage {
 
     fn image_flags(&self) -> ImageFlags {
         let mut f = ImageFlags::empty();
-        if self.meta.leave_block_allocated {
+        if self.metadata().leave_block_allocated {
             f |= ImageFlags::FIXED;
         }
-        if self.meta.has_parent {
+        if self.metadata().has_parent {
             f |= ImageFlags::DIFF;
         }
         f
@@ -495,9 +520,100 @@ impl Image for VhdxImage {
         self.flags
     }
 
+    /// Stored in vd's user metadata item when set; synthesised otherwise.
+    fn pchs_geometry(&self) -> Result<Geometry> {
+        Ok(self
+            .stored_geometry(USER_PCHS)?
+            .unwrap_or_else(|| Geometry::synthesize_pchs(self.size())))
+    }
+
+    /// Stored as vd's own non-required user metadata item, which other readers ignore.
+    fn set_pchs_geometry(&self, geometry: Geometry) -> Result<()> {
+        self.set_geometry(USER_PCHS, geometry)
+            .map_err(|e| e.with_path(&self.path))
+    }
+
+    /// Stored in vd's user metadata item when set; synthesised otherwise.
+    fn lchs_geometry(&self) -> Result<Geometry> {
+        Ok(self
+            .stored_geometry(USER_LCHS)?
+            .unwrap_or_else(|| Geometry::synthesize_lchs(self.size())))
+    }
+
+    /// Stored as vd's own non-required user metadata item.
+    fn set_lchs_geometry(&self, geometry: Geometry) -> Result<()> {
+        self.set_geometry(USER_LCHS, geometry)
+            .map_err(|e| e.with_path(&self.path))
+    }
+
+    /// vd's user metadata item (VHDX itself has no comment).
+    fn comment(&self) -> Result<Option<String>> {
+        Ok(self
+            .item_data(USER_COMMENT, true)?
+            .map(|d| String::from_utf8_lossy(&d).into_owned()))
+    }
+
+    fn set_comment(&self, comment: Option<&str>) -> Result<()> {
+        self.set_comment_item(comment)
+            .map_err(|e| e.with_path(&self.path))
+    }
+
+    /// Rewrites the Virtual Disk ID (page 83) item.
+    fn set_uuid(&self, uuid: Uuid) -> Result<()> {
+        self.set_disk_id(uuid).map_err(|e| e.with_path(&self.path))
+    }
+
+    /// Sets the header's DataWriteGuid (children recording the old one no longer match).
+    fn set_modification_uuid(&self, uuid: Uuid) -> Result<()> {
+        self.check_writable("setting the modification UUID")?;
+        let mut ws = self.write_state().lock();
+        self.begin(&mut ws)?;
+        let mut header = self.header.write();
+        *header = update_headers(&self.storage, &header, |h| {
+            h.data_write_guid = Guid::from_uuid(uuid);
+        })?;
+        Ok(())
+    }
+
+    /// Rewrites `parent_linkage`.
+    fn set_parent_uuid(&self, uuid: Uuid) -> Result<()> {
+        self.set_locator_key("parent_linkage", format!("{{{uuid}}}"))
+            .map_err(|e| e.with_path(&self.path))
+    }
+
+    /// Rewrites `parent_linkage2`.
+    fn set_parent_modification_uuid(&self, uuid: Uuid) -> Result<()> {
+        self.set_locator_key("parent_linkage2", format!("{{{uuid}}}"))
+            .map_err(|e| e.with_path(&self.path))
+    }
+
+    /// Rewrites `relative_path` (Windows separators).
+    fn set_parent_filename(&self, name: &str) -> Result<()> {
+        self.set_locator_key("relative_path", name.replace('/', "\\"))
+            .map_err(|e| e.with_path(&self.path))
+    }
+
+    /// The parent must have this image's logical sector size, and its DataWriteGuid must match
+    /// `parent_linkage` (or `parent_linkage2`).
+    fn check_parent(&self, parent: &dyn Image) -> Result<()> {
+        let ss = self.sector_size();
+        if parent.sector_size() != ss {
+            return Err(Error::new(
+                ErrorKind::ParentMismatch,
+                format!(
+                    "parent {} has {}-byte logical sectors, the child {ss}-byte ones",
+                    parent.path().display(),
+                    parent.sector_size()
+                ),
+            )
+            .with_path(&self.path));
+        }
+        vd_core::check_parent_identity(self, parent)
+    }
+
     /// The Virtual Disk ID (page 83) metadata item.
     fn uuid(&self) -> Result<Uuid> {
-        Ok(self.meta.virtual_disk_id)
+        Ok(self.metadata().virtual_disk_id)
     }
 
     /// The header's DataWriteGuid: it changes whenever user-visible data changes.
@@ -507,7 +623,7 @@ impl Image for VhdxImage {
 
     /// `parent_linkage`: the parent's DataWriteGuid when this child was made.
     fn parent_uuid(&self) -> Result<Uuid> {
-        self.meta
+        self.metadata()
             .parent_locator
             .as_ref()
             .and_then(|l| l.linkage())
@@ -516,7 +632,7 @@ impl Image for VhdxImage {
 
     /// `parent_linkage2`, where present and not nil.
     fn parent_modification_uuid(&self) -> Result<Uuid> {
-        self.meta
+        self.metadata()
             .parent_locator
             .as_ref()
             .and_then(|l| l.linkage2())
@@ -526,10 +642,11 @@ impl Image for VhdxImage {
     /// The first path key of the parent locator: `relative_path`, `volume_path`, then
     /// `absolute_win32_path`.
     fn parent_filename(&self) -> Result<String> {
-        let loc =
-            self.meta.parent_locator.as_ref().ok_or_else(|| {
-                Error::not_supported("parent file names of images without a parent")
-            })?;
+        let meta = self.metadata();
+        let loc = meta
+            .parent_locator
+            .as_ref()
+            .ok_or_else(|| Error::not_supported("parent file names of images without a parent"))?;
         ["relative_path", "volume_path", "absolute_win32_path"]
             .iter()
             .find_map(|k| loc.get(k))
@@ -541,7 +658,7 @@ impl Image for VhdxImage {
     /// `absolute_win32_path` mapped to this host where possible, then each path's file name
     /// next to this image.
     fn parent_candidates(&self) -> Result<Vec<PathBuf>> {
-        if self.meta.parent_locator.is_none() {
+        if self.metadata().parent_locator.is_none() {
             return Err(Error::not_supported(
                 "parent lookup of images without a parent",
             ));
@@ -569,7 +686,8 @@ impl Image for VhdxImage {
                 }),
             }
             Ok(())
-        })?;
+        })
+        .map_err(|e| e.with_path(&self.path))?;
         Ok(out)
     }
 
@@ -682,7 +800,7 @@ impl Image for VhdxImage {
             .map_err(w)?;
         }
         writeln!(out, "metadata:").map_err(w)?;
-        for i in &self.meta.items {
+        for i in &self.metadata().items {
             writeln!(
                 out,
                 "  {} at +{:#x}, length {}, user {}, virtual disk {}, required {}",
@@ -690,7 +808,7 @@ impl Image for VhdxImage {
             )
             .map_err(w)?;
         }
-        if let Some(loc) = &self.meta.parent_locator {
+        if let Some(loc) = &self.metadata().parent_locator {
             writeln!(out, "parent locator:").map_err(w)?;
             for (k, v) in &loc.entries {
                 writeln!(out, "  {k} = {v}").map_err(w)?;
@@ -702,7 +820,7 @@ impl Image for VhdxImage {
             l.entries, l.chunk_ratio, l.data_blocks, l.block_size
         )
         .map_err(w)?;
-        let s = self.bat.summary()?;
+        let s = self.bat.summary().map_err(|e| e.with_path(&self.path))?;
         writeln!(
             out,
             "  not present {}, zero {}, fully present {}, partially present {}, bitmaps present {}",
@@ -735,9 +853,9 @@ impl Image for VhdxImage {
 
     fn details(&self) -> serde_json::Value {
         let h = self.header.read();
-        let kind = if self.meta.has_parent {
+        let kind = if self.metadata().has_parent {
             "differencing"
-        } else if self.meta.leave_block_allocated {
+        } else if self.metadata().leave_block_allocated {
             "fixed"
         } else {
             "dynamic"
@@ -745,15 +863,15 @@ impl Image for VhdxImage {
         json!({
             "type": kind,
             "creator": self.creator,
-            "block_size": self.meta.block_size,
-            "logical_sector_size": self.meta.logical_sector_size,
-            "physical_sector_size": self.meta.physical_sector_size,
-            "virtual_disk_id": self.meta.virtual_disk_id.to_string(),
+            "block_size": self.metadata().block_size,
+            "logical_sector_size": self.metadata().logical_sector_size,
+            "physical_sector_size": self.metadata().physical_sector_size,
+            "virtual_disk_id": self.metadata().virtual_disk_id.to_string(),
             "data_write_guid": h.data_write_guid().to_uuid().to_string(),
             "file_write_guid": h.file_write_guid().to_uuid().to_string(),
             "log_state": if self.log.dirty { format!("dirty, replayed in {}", self.log.replay) } else { "clean".to_string() },
             "log": self.log,
-            "parent_locator": self.meta.parent_locator.as_ref().map(|l| &l.entries),
+            "parent_locator": self.metadata().parent_locator.as_ref().map(|l| &l.entries),
             "chunk_ratio": self.bat.layout.chunk_ratio,
             "bat_entries": self.bat.layout.entries,
             "data_blocks": self.bat.layout.data_blocks,

@@ -64,6 +64,7 @@ mod guid;
 mod header;
 mod image;
 mod log;
+mod meta_edit;
 mod metadata;
 mod region;
 mod write;
@@ -72,6 +73,7 @@ pub use bat::{BatSummary, BlockState, Layout};
 pub use error::{Corruption, corruption_of};
 pub use image::{LogState, VhdxImage};
 pub use log::EntrySummary;
+pub use meta_edit::{USER_COMMENT, USER_LCHS, USER_PCHS};
 
 /// The file-type identifier signature at offset 0 ([MS-VHDX] 2.2.1).
 pub const FILE_SIGNATURE: [u8; 8] = *b"vhdxfile";

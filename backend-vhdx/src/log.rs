@@ -282,6 +282,7 @@ pub fn plan_replay(
         }
         let Some(first) = get(pos)? else { continue };
         // Follow the chain of consecutive entries.
+        let mut seen = std::collections::HashSet::from([first.position]);
         let mut chain = vec![first];
         while let Some(last) = chain.last() {
             if chain.len() as u64 > sectors {
@@ -290,11 +291,7 @@ pub fn plan_replay(
             let next_pos = (last.position + last.length) % log.len();
             let want = last.sequence.wrapping_add(1);
             match get(next_pos)? {
-                Some(e)
-                    if e.sequence == want && !chain.iter().any(|c| c.position == e.position) =>
-                {
-                    chain.push(e);
-                }
+                Some(e) if e.sequence == want && seen.insert(e.position) => chain.push(e),
                 _ => break,
             }
         }

@@ -15,7 +15,7 @@
 //! A crash at any point leaves either the old metadata (the data of an unflushed allocation is
 //! unreferenced) or a log whose replay produces the new metadata.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use uuid::Uuid;
 use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
@@ -40,10 +40,16 @@ pub struct WriteState {
     sequence: u64,
     dirty_bat: BTreeSet<u64>,
     dirty_bitmaps: BTreeSet<u64>,
+    dirty_pages: BTreeMap<u64, Vec<u8>>,
     file_end: u64,
 }
 
 impl WriteState {
+    /// Queues a whole 4 KiB page of metadata for the next commit.
+    pub fn queue_page(&mut self, offset: u64, page: Vec<u8>) {
+        self.dirty_pages.insert(offset, page);
+    }
+
     /// A session over a file of `file_len` bytes.
     pub fn new(file_len: u64) -> Self {
         Self {
@@ -72,7 +78,7 @@ impl VhdxImage {
     }
 
     /// Step 1 of the protocol: new FileWriteGuid and DataWriteGuid before the first change.
-    fn begin(&self, ws: &mut WriteState) -> Result<()> {
+    pub(crate) fn begin(&self, ws: &mut WriteState) -> Result<()> {
         if ws.started {
             return Ok(());
         }
@@ -251,8 +257,8 @@ impl VhdxImage {
     }
 
     /// Logs and applies the dirty metadata pages.
-    fn commit(&self, ws: &mut WriteState) -> Result<()> {
-        if ws.dirty_bat.is_empty() && ws.dirty_bitmaps.is_empty() {
+    pub(crate) fn commit(&self, ws: &mut WriteState) -> Result<()> {
+        if ws.dirty_bat.is_empty() && ws.dirty_bitmaps.is_empty() && ws.dirty_pages.is_empty() {
             return Ok(());
         }
         let storage = self.storage().clone();
@@ -264,6 +270,9 @@ impl VhdxImage {
         }
         for &off in &ws.dirty_bitmaps {
             pages.push((off, self.bat().bitmap_page_bytes(off)?));
+        }
+        for (off, page) in &ws.dirty_pages {
+            pages.push((*off, page.clone()));
         }
         let (log_offset, log_len) = {
             let h = self.header_lock().read();
@@ -317,6 +326,7 @@ impl VhdxImage {
         }
         ws.dirty_bat.clear();
         ws.dirty_bitmaps.clear();
+        ws.dirty_pages.clear();
         Ok(())
     }
 

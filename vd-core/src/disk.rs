@@ -261,7 +261,7 @@ impl Disk {
     /// `OutOfRange`; errors of the top image.
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         check_range(offset, buf.len() as u64, self.size())?;
-        let ss = u64::from(self.top().sector_size().max(1));
+        let ss = u64::from(self.top().write_granularity().max(1));
         let end = offset + buf.len() as u64;
         if self.layers.len() == 1 || (offset.is_multiple_of(ss) && end.is_multiple_of(ss)) {
             return self.top().write_at(offset, buf);

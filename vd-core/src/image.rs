@@ -129,6 +129,14 @@ pub trait Image: Send + Sync {
         512
     }
 
+    /// The unit a differencing image records as "in this layer or the parent's": [`Disk`]
+    /// widens writes to it, filling the edges from the chain. 1 (the default) means bytes.
+    ///
+    /// [`Disk`]: crate::Disk
+    fn write_granularity(&self) -> u32 {
+        1
+    }
+
     /// Physical sector size in bytes.
     fn physical_sector_size(&self) -> u32 {
         self.sector_size()
@@ -313,29 +321,7 @@ pub trait Image: Send + Sync {
     /// # Errors
     /// `ParentMismatch` naming both identities.
     fn check_parent(&self, parent: &dyn Image) -> Result<()> {
-        let want = match self.parent_uuid() {
-            Ok(u) => u,
-            Err(e) if e.kind() == ErrorKind::NotSupported => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        let want2 = self.parent_modification_uuid().ok();
-        let have = match parent.modification_uuid() {
-            Ok(u) => u,
-            Err(e) if e.kind() == ErrorKind::NotSupported => return Ok(()),
-            Err(e) => return Err(e),
-        };
-        if have == want || want2.is_some_and(|w| !w.is_nil() && w == have) {
-            Ok(())
-        } else {
-            Err(Error::new(
-                ErrorKind::ParentMismatch,
-                format!(
-                    "parent {} has modification id {have}, but the child expects {want}",
-                    parent.path().display()
-                ),
-            )
-            .with_path(self.path()))
-        }
+        check_parent_identity(self, parent)
     }
 
     /// Time of last modification where the format stores one (`pfnGetTimestamp`).
@@ -422,6 +408,38 @@ pub trait Image: Send + Sync {
     /// Format-specific facts for `info` (like qemu-img's "format specific information").
     fn details(&self) -> serde_json::Value {
         serde_json::Value::Null
+    }
+}
+
+/// The identity check behind [`Image::check_parent`]'s default: the child's recorded parent UUID
+/// (or parent modification UUID, where stored and not nil) must equal the parent's modification
+/// UUID; images that record neither are accepted.
+///
+/// # Errors
+/// `ParentMismatch` naming both identities.
+pub fn check_parent_identity<C: Image + ?Sized>(child: &C, parent: &dyn Image) -> Result<()> {
+    let want = match child.parent_uuid() {
+        Ok(u) => u,
+        Err(e) if e.kind() == ErrorKind::NotSupported => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    let want2 = child.parent_modification_uuid().ok();
+    let have = match parent.modification_uuid() {
+        Ok(u) => u,
+        Err(e) if e.kind() == ErrorKind::NotSupported => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if have == want || want2.is_some_and(|w| !w.is_nil() && w == have) {
+        Ok(())
+    } else {
+        Err(Error::new(
+            ErrorKind::ParentMismatch,
+            format!(
+                "parent {} has modification id {have}, but the child expects {want}",
+                parent.path().display()
+            ),
+        )
+        .with_path(child.path()))
     }
 }
 

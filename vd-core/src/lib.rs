@@ -46,7 +46,10 @@ pub use disk::{Disk, DiskExtent, DiskOptions, MAX_CHAIN_DEPTH};
 pub use error::{Context, Error, ErrorKind, Result};
 pub use flags::{Capabilities, ImageFlags, OpenFlags, flag_names};
 pub use geometry::Geometry;
-pub use image::{CheckReport, Extent, ExtentKind, Finding, Image, Progress, Severity, check_range};
+pub use image::{
+    CheckReport, Extent, ExtentKind, Finding, Image, Progress, Severity, check_parent_identity,
+    check_range,
+};
 pub use registry::{BACKENDS, ProbeMatch, Registry};
 pub use storage::{
     FileStorage, FileSystem, MemFileSystem, MemStorage, OpenMode, Storage, StorageProvider,
