@@ -107,8 +107,7 @@ pub struct Forbidden {
 #[derive(Debug)]
 pub struct Bat {
     storage: Arc<dyn Storage>,
-    /// The layout.
-    pub layout: Layout,
+    layout: RwLock<Layout>,
     region_offset: u64,
     file_len: AtomicU64,
     forbidden: Vec<Forbidden>,
@@ -142,13 +141,28 @@ impl Bat {
     ) -> Self {
         Self {
             storage,
-            layout,
+            layout: RwLock::new(layout),
             region_offset,
             file_len: AtomicU64::new(file_len),
             forbidden,
             pages: RwLock::new(HashMap::new()),
             bitmap_pages: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// Sets the file length after truncation.
+    pub fn reset_file_len(&self, len: u64) {
+        self.file_len.store(len, Ordering::Release);
+    }
+
+    /// The current layout (it changes on resize).
+    pub fn layout(&self) -> Layout {
+        *self.layout.read()
+    }
+
+    /// Replaces the layout after a resize.
+    pub fn set_layout(&self, layout: Layout) {
+        *self.layout.write() = layout;
     }
 
     fn file_len(&self) -> u64 {
@@ -258,7 +272,7 @@ impl Bat {
     /// # Errors
     /// I/O errors.
     pub fn raw(&self, index: u64) -> Result<u64> {
-        if index >= self.layout.entries {
+        if index >= self.layout().entries {
             return Ok(0);
         }
         let page = self.page(index / ENTRIES_PER_PAGE)?;
@@ -303,7 +317,7 @@ impl Bat {
     /// `Corrupt` for reserved bits, invalid states, offsets outside the file or inside other
     /// structures; I/O errors.
     pub fn block(&self, block: u64) -> Result<BlockState> {
-        let index = self.layout.payload_index(block);
+        let index = self.layout().payload_index(block);
         let raw = self.raw(index)?;
         if raw & BAT_RESERVED_MASK != 0 {
             return Err(Corruption::BatReservedBits { index, value: raw }
@@ -312,8 +326,8 @@ impl Bat {
         let state = (raw & 7) as u8;
         let offset = (raw >> 20) * MIB;
         // The last block may be partial; only the part inside the virtual disk must exist.
-        let needed =
-            (self.layout.virtual_size - block * self.layout.block_size).min(self.layout.block_size);
+        let needed = (self.layout().virtual_size - block * self.layout().block_size)
+            .min(self.layout().block_size);
         Ok(match state {
             bat_state::NOT_PRESENT => BlockState::NotPresent,
             bat_state::UNDEFINED
@@ -325,7 +339,7 @@ impl Bat {
                 BlockState::Full(offset)
             }
             bat_state::PARTIALLY_PRESENT => {
-                if !self.layout.has_parent {
+                if !self.layout().has_parent {
                     return Err(Corruption::PartiallyPresentWithoutParent { index }
                         .at(format!("BAT entry {index}"), self.entry_at(index)));
                 }
@@ -347,7 +361,7 @@ impl Bat {
     /// # Errors
     /// `Corrupt` for invalid entries; I/O errors.
     pub fn bitmap(&self, chunk: u64) -> Result<Option<u64>> {
-        let index = self.layout.bitmap_index(chunk);
+        let index = self.layout().bitmap_index(chunk);
         let raw = self.raw(index)?;
         if raw & BAT_RESERVED_MASK != 0 {
             return Err(Corruption::BatReservedBits { index, value: raw }
@@ -400,13 +414,13 @@ impl Bat {
         count: u64,
         mut f: impl FnMut(u64, u64, bool),
     ) -> Result<()> {
-        let chunk = block / self.layout.chunk_ratio;
+        let chunk = block / self.layout().chunk_ratio;
         let Some(sb) = self.bitmap(chunk)? else {
-            let index = self.layout.payload_index(block);
+            let index = self.layout().payload_index(block);
             return Err(Corruption::SectorBitmapMissing { index }
                 .at(format!("BAT entry {index}"), self.entry_at(index)));
         };
-        let base = (block % self.layout.chunk_ratio) * self.layout.sectors_per_block();
+        let base = (block % self.layout().chunk_ratio) * self.layout().sectors_per_block();
         let mut run_start = first;
         let mut run_value = None;
         let mut page_cache: Option<(u64, Arc<[u8]>)> = None;
@@ -447,7 +461,7 @@ impl Bat {
     /// As [`block`](Bat::block).
     pub fn summary(&self) -> Result<BatSummary> {
         let mut s = BatSummary::default();
-        for b in 0..self.layout.data_blocks {
+        for b in 0..self.layout().data_blocks {
             match self.block(b)? {
                 BlockState::NotPresent => s.not_present += 1,
                 BlockState::Zero => s.zero += 1,
@@ -455,8 +469,12 @@ impl Bat {
                 BlockState::Partial(_) => s.partially_present += 1,
             }
         }
-        if self.layout.has_parent {
-            for c in 0..self.layout.data_blocks.div_ceil(self.layout.chunk_ratio) {
+        if self.layout().has_parent {
+            for c in 0..self
+                .layout()
+                .data_blocks
+                .div_ceil(self.layout().chunk_ratio)
+            {
                 if self.bitmap(c)?.is_some() {
                     s.bitmaps_present += 1;
                 }

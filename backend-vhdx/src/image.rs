@@ -251,7 +251,7 @@ impl VhdxImage {
 
     /// The block layout.
     pub fn layout(&self) -> Layout {
-        self.bat.layout
+        self.bat.layout()
     }
 
     /// The parsed metadata.
@@ -277,7 +277,7 @@ impl VhdxImage {
         len: u64,
         mut f: impl FnMut(u64, u64, Source) -> Result<()>,
     ) -> Result<()> {
-        let layout = self.bat.layout;
+        let layout = self.bat.layout();
         let mut pending: Option<(u64, u64, Source)> = None;
         let mut emit = |off: u64,
                         n: u64,
@@ -593,6 +593,21 @@ impl Image for VhdxImage {
             .map_err(|e| e.with_path(&self.path))
     }
 
+    /// Moves blocks down into holes and truncates the file.
+    fn compact(&self, progress: vd_core::Progress<'_>) -> Result<()> {
+        self.compact_impl(progress)
+            .map_err(|e| e.with_path(&self.path))
+    }
+
+    /// Grows (zeroing the old partial last block's tail; preallocating in fixed images) or
+    /// shrinks (refused when the part cut off holds data). The BAT must fit in its region.
+    fn resize(&self, new_size: u64, progress: vd_core::Progress<'_>) -> Result<()> {
+        self.resize_impl(new_size)
+            .map_err(|e| e.with_path(&self.path))?;
+        progress(1, 1);
+        Ok(())
+    }
+
     /// The parent must have this image's logical sector size, and its DataWriteGuid must match
     /// `parent_linkage` (or `parent_linkage2`).
     fn check_parent(&self, parent: &dyn Image) -> Result<()> {
@@ -715,7 +730,7 @@ impl Image for VhdxImage {
                 repaired: self.log.replay == "file",
             });
         }
-        let layout = self.bat.layout;
+        let layout = self.bat.layout();
         let mut used: Vec<(u64, u64, String)> = Vec::new();
         for b in 0..layout.data_blocks {
             match self.bat.block(b) {
@@ -773,7 +788,7 @@ impl Image for VhdxImage {
     fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
         let w = |e: io::Error| io_err("cannot write the dump", e);
         let h = self.header.read().clone();
-        let l = self.bat.layout;
+        let l = self.bat.layout();
         writeln!(out, "file identifier: creator {:?}", self.creator).map_err(w)?;
         writeln!(
             out,
@@ -872,9 +887,9 @@ impl Image for VhdxImage {
             "log_state": if self.log.dirty { format!("dirty, replayed in {}", self.log.replay) } else { "clean".to_string() },
             "log": self.log,
             "parent_locator": self.metadata().parent_locator.as_ref().map(|l| &l.entries),
-            "chunk_ratio": self.bat.layout.chunk_ratio,
-            "bat_entries": self.bat.layout.entries,
-            "data_blocks": self.bat.layout.data_blocks,
+            "chunk_ratio": self.bat.layout().chunk_ratio,
+            "bat_entries": self.bat.layout().entries,
+            "data_blocks": self.bat.layout().data_blocks,
         })
     }
 }

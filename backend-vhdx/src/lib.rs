@@ -57,6 +57,7 @@ use vd_core::{
 
 mod bat;
 mod checksum;
+mod compact;
 mod create;
 mod error;
 mod format;
@@ -67,6 +68,7 @@ mod log;
 mod meta_edit;
 mod metadata;
 mod region;
+mod resize;
 mod write;
 
 pub use bat::{BatSummary, BlockState, Layout};
@@ -108,6 +110,8 @@ impl Backend for VhdxBackend {
             | Capabilities::CREATE_DYNAMIC
             | Capabilities::CREATE_FIXED
             | Capabilities::REPAIR
+            | Capabilities::RESIZE
+            | Capabilities::COMPACT
     }
 
     fn priority(&self) -> i32 {

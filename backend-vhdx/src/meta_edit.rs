@@ -60,6 +60,13 @@ fn set_item(items: &mut Vec<ItemData>, guid: Uuid, flags: u32, data: Option<Vec<
     }
 }
 
+/// Replaces the data of an existing system item.
+pub(crate) fn replace_item(items: &mut [ItemData], guid: Uuid, data: Vec<u8>) {
+    if let Some(i) = items.iter_mut().find(|i| i.guid == guid && !i.is_user()) {
+        i.data = data;
+    }
+}
+
 fn geometry_bytes(g: Geometry) -> Vec<u8> {
     [g.cylinders, g.heads, g.sectors]
         .iter()

@@ -45,6 +45,16 @@ pub struct WriteState {
 }
 
 impl WriteState {
+    /// The next allocation offset (the 1 MiB-aligned end of the file).
+    pub fn file_end(&self) -> u64 {
+        self.file_end
+    }
+
+    /// Sets the end of the file after truncation.
+    pub fn set_file_end(&mut self, end: u64) {
+        self.file_end = end.div_ceil(MIB) * MIB;
+    }
+
     /// Queues a whole 4 KiB page of metadata for the next commit.
     pub fn queue_page(&mut self, offset: u64, page: Vec<u8>) {
         self.dirty_pages.insert(offset, page);
@@ -92,7 +102,7 @@ impl VhdxImage {
     }
 
     /// Appends `len` zero bytes at the 1 MiB-aligned end of the file; returns their offset.
-    fn allocate(&self, ws: &mut WriteState, len: u64) -> Result<u64> {
+    pub(crate) fn allocate(&self, ws: &mut WriteState, len: u64) -> Result<u64> {
         let off = ws.file_end;
         let end = off
             .checked_add(len)
@@ -105,7 +115,7 @@ impl VhdxImage {
         Ok(off)
     }
 
-    fn set_entry(&self, ws: &mut WriteState, index: u64, value: u64) -> Result<()> {
+    pub(crate) fn set_entry(&self, ws: &mut WriteState, index: u64, value: u64) -> Result<()> {
         let page = self.bat().set_raw(index, value)?;
         ws.dirty_bat.insert(page);
         Ok(())

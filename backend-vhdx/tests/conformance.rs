@@ -89,9 +89,6 @@ impl Subject for Vhdx {
         self.sector
     }
 
-    fn supports_resize(&self) -> bool {
-        false
-    }
 }
 
 const DYNAMIC: Vhdx = Vhdx {

@@ -65,6 +65,115 @@ pub enum Command {
     Io(IoArgs),
     /// Check an image for problems (exit 0 clean, 1 problems found, 2 error).
     Check(CheckArgs),
+    /// Change the virtual size: `SIZE`, `+SIZE` or `-SIZE`.
+    Resize(ResizeArgs),
+    /// Discard a range so that it reads as zeros (whole blocks are released).
+    Discard(DiscardArgs),
+    /// Merge a differencing image into its parent.
+    Commit(CommitArgs),
+    /// Set the image UUIDs (a new random image UUID when none is given).
+    Setuuid(SetuuidArgs),
+    /// Show or set the CHS geometry.
+    Geometry(GeometryArgs),
+    /// Show or set the comment.
+    Comment(CommentArgs),
+    /// Move data down into holes and shrink the file.
+    Compact(FileArgs),
+}
+
+/// An image and its format.
+#[derive(Debug, Args)]
+pub struct FileArgs {
+    /// Image format (otherwise probed).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// The image.
+    pub file: PathBuf,
+}
+
+/// Arguments of `resize`.
+#[derive(Debug, Args)]
+pub struct ResizeArgs {
+    /// The image.
+    #[command(flatten)]
+    pub image: FileArgs,
+    /// Allow making the disk smaller (refused when the part cut off holds data).
+    #[arg(long)]
+    pub shrink: bool,
+    /// With --shrink: discard the part cut off first, even when it holds data.
+    #[arg(long, requires = "shrink")]
+    pub force: bool,
+    /// The new size, or `+SIZE` / `-SIZE` relative to the current one.
+    #[arg(allow_hyphen_values = true)]
+    pub size: String,
+}
+
+/// Arguments of `discard`.
+#[derive(Debug, Args)]
+pub struct DiscardArgs {
+    /// The image.
+    #[command(flatten)]
+    pub image: FileArgs,
+    /// Start of the range.
+    pub offset: String,
+    /// Length of the range.
+    pub length: String,
+}
+
+/// Arguments of `commit`.
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The differencing image.
+    #[command(flatten)]
+    pub image: FileArgs,
+    /// Show a progress bar on stderr.
+    #[arg(short = 'p', long = "progress")]
+    pub progress: bool,
+}
+
+/// Arguments of `setuuid`.
+#[derive(Debug, Args)]
+pub struct SetuuidArgs {
+    /// The image.
+    #[command(flatten)]
+    pub image: FileArgs,
+    /// The image UUID (VHDX: the virtual disk id).
+    #[arg(long)]
+    pub uuid: Option<String>,
+    /// The modification UUID (VHDX: DataWriteGuid).
+    #[arg(long)]
+    pub modification_uuid: Option<String>,
+    /// The parent UUID (VHDX: parent_linkage).
+    #[arg(long)]
+    pub parent_uuid: Option<String>,
+}
+
+/// Arguments of `geometry`.
+#[derive(Debug, Args)]
+pub struct GeometryArgs {
+    /// The image.
+    #[command(flatten)]
+    pub image: FileArgs,
+    /// Set the physical geometry, `C/H/S`.
+    #[arg(long)]
+    pub pchs: Option<String>,
+    /// Set the logical geometry, `C/H/S`.
+    #[arg(long)]
+    pub lchs: Option<String>,
+}
+
+/// Arguments of `comment`.
+#[derive(Debug, Args)]
+pub struct CommentArgs {
+    /// The image.
+    #[command(flatten)]
+    pub image: FileArgs,
+    /// Set this comment.
+    #[arg(long, conflicts_with = "clear")]
+    pub set: Option<String>,
+    /// Remove the comment.
+    #[arg(long)]
+    pub clear: bool,
 }
 
 /// Arguments of `check`.

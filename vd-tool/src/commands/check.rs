@@ -1,7 +1,6 @@
 //! `vd-tool check [-r] FILE`: exit 0 when clean, 1 when problems were found (and not all
 //! repaired), 2 on error. An image too corrupt to open counts as a problem found.
 
-
 use serde::Serialize;
 use vd_core::{ErrorKind, Finding, OpenFlags, Registry, Severity};
 

@@ -18,6 +18,7 @@ mod dump;
 mod info;
 mod io;
 mod map;
+mod modify;
 mod probe;
 
 /// Runs the command line's subcommand and returns the exit code.
@@ -34,6 +35,13 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Create(args) => create::run(&registry, args, cli.output),
         Command::Io(args) => io::run(&registry, args),
         Command::Check(args) => check::run(&registry, args, cli.output),
+        Command::Resize(args) => modify::resize(&registry, args, cli.output),
+        Command::Discard(args) => modify::discard(&registry, args, cli.output),
+        Command::Commit(args) => modify::commit(&registry, args, cli.output),
+        Command::Setuuid(args) => modify::setuuid(&registry, args, cli.output),
+        Command::Geometry(args) => modify::geometry(&registry, args, cli.output),
+        Command::Comment(args) => modify::comment(&registry, args, cli.output),
+        Command::Compact(args) => modify::compact(&registry, args, cli.output),
     }
 }
 

@@ -1,0 +1,127 @@
+//! Compacting: moving blocks down into holes (left by discards and shrinks) and truncating the
+//! file.
+//!
+//! Each move copies the block to free space, flushes, and only then points the BAT entry at
+//! the copy through the log; the file is truncated after the last entry is applied. A crash at
+//! any point leaves every entry pointing at a complete copy of its block.
+
+use vd_core::{Error, Result};
+
+use crate::bat::BlockState;
+use crate::format::{HEADER_SECTION_SIZE, MIB, bat_state};
+use crate::image::VhdxImage;
+
+#[derive(Debug, Clone, Copy)]
+enum Owner {
+    Payload(u64, u8),
+    Bitmap(u64),
+}
+
+impl VhdxImage {
+    pub(crate) fn compact_impl(&self, progress: vd_core::Progress<'_>) -> Result<()> {
+        self.check_writable("compacting")?;
+        let layout = self.layout();
+        let storage = self.storage().clone();
+        let mut ws = self.write_state().lock();
+        self.begin(&mut ws)?;
+        self.commit(&mut ws)?;
+        // Structures that never move.
+        let regions = self.regions();
+        let header = self.header_lock().read().clone();
+        let mut fixed: Vec<(u64, u64)> = vec![
+            (0, HEADER_SECTION_SIZE),
+            (regions.bat.offset, regions.bat.offset + regions.bat.length),
+            (
+                regions.metadata.offset,
+                regions.metadata.offset + regions.metadata.length,
+            ),
+        ];
+        if header.log_length() > 0 {
+            fixed.push((
+                header.log_offset(),
+                header.log_offset() + header.log_length(),
+            ));
+        }
+        fixed.extend(
+            regions
+                .others
+                .iter()
+                .map(|r| (r.offset, r.offset + r.length)),
+        );
+        let mut blocks: Vec<(u64, u64, Owner)> = Vec::new();
+        for b in 0..layout.data_blocks {
+            match self.bat().block(b)? {
+                BlockState::Full(off) => blocks.push((
+                    off,
+                    layout.block_size,
+                    Owner::Payload(b, bat_state::FULLY_PRESENT),
+                )),
+                BlockState::Partial(off) => {
+                    blocks.push((
+                        off,
+                        layout.block_size,
+                        Owner::Payload(b, bat_state::PARTIALLY_PRESENT),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if layout.has_parent {
+            for c in 0..layout.data_blocks.div_ceil(layout.chunk_ratio) {
+                if let Some(off) = self.bat().bitmap(c)? {
+                    blocks.push((off, MIB, Owner::Bitmap(c)));
+                }
+            }
+        }
+        blocks.sort_by_key(|b| b.0);
+        let total = blocks.len() as u64;
+        let overlaps_fixed = |start: u64, len: u64| {
+            fixed
+                .iter()
+                .find(|f| start < f.1 && start + len > f.0)
+                .copied()
+        };
+        let mut target = MIB;
+        let mut buf = vec![0u8; usize::try_from(MIB).unwrap_or(0)];
+        for (n, (off, len, owner)) in blocks.into_iter().enumerate() {
+            // The lowest free, 1 MiB-aligned place at or after `target`.
+            while let Some(f) = overlaps_fixed(target, len) {
+                target = f.1.div_ceil(MIB) * MIB;
+            }
+            if target < off {
+                let mut done = 0;
+                while done < len {
+                    let chunk = buf
+                        .get_mut(..usize::try_from((len - done).min(MIB)).unwrap_or(0))
+                        .ok_or_else(|| Error::invalid_argument("copy chunk"))?;
+                    storage
+                        .read_exact_at(off + done, chunk)
+                        .and_then(|()| storage.write_all_at(target + done, chunk))
+                        .map_err(|e| Error::io("cannot move a block", e))?;
+                    done += chunk.len() as u64;
+                }
+                let (index, state) = match owner {
+                    Owner::Payload(b, s) => (layout.payload_index(b), s),
+                    Owner::Bitmap(c) => (layout.bitmap_index(c), bat_state::SB_PRESENT),
+                };
+                self.set_entry(&mut ws, index, (target / MIB) << 20 | u64::from(state))?;
+                // Data is flushed before the entry that points at it (commit flushes first).
+                self.commit(&mut ws)?;
+                target += len;
+            } else {
+                target = target.max(off + len);
+            }
+            progress(n as u64 + 1, total);
+        }
+        let end = fixed.iter().map(|f| f.1).fold(target, u64::max);
+        if end < ws.file_end() {
+            storage
+                .set_len(end)
+                .and_then(|()| storage.flush())
+                .map_err(|e| Error::io("cannot truncate the file", e))?;
+            ws.set_file_end(end);
+            self.bat().reset_file_len(end);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,106 @@
+//! Resizing ([MS-VHDX] 2.6.2.2): the Virtual Disk Size item changes through the log, together
+//! with any BAT entries that must change.
+//!
+//! - Growing zeros the tail of a partially used last block (so old bytes past the end can never
+//!   reappear) and, in a fixed image, preallocates the new blocks. The BAT must fit in its
+//!   region; moving the BAT region is not implemented yet.
+//! - Shrinking is refused when the part cut off holds data; the blocks past the new end become
+//!   NOT_PRESENT.
+
+use vd_core::{Error, ErrorKind, Result};
+
+use crate::bat::{BlockState, Layout};
+use crate::format::{MAX_VIRTUAL_SIZE, MIB, bat_state};
+use crate::guid::META_VIRTUAL_DISK_SIZE;
+use crate::image::VhdxImage;
+
+impl VhdxImage {
+    pub(crate) fn resize_impl(&self, new_size: u64) -> Result<()> {
+        self.check_writable("resizing")?;
+        let old = self.layout();
+        let ss = old.sector_size;
+        if new_size == 0 || new_size > MAX_VIRTUAL_SIZE || !new_size.is_multiple_of(ss) {
+            return Err(Error::invalid_argument(format!(
+                "the new size {new_size} must be a non-zero multiple of {ss} up to 64 TiB"
+            )));
+        }
+        if new_size == old.virtual_size {
+            return Ok(());
+        }
+        let mut meta = self.metadata().clone();
+        meta.virtual_size = new_size;
+        let new = Layout::new(&meta);
+        if new.entries * 8 > self.regions().bat.length {
+            return Err(Error::new(
+                ErrorKind::NotSupported,
+                format!(
+                    "growing to {new_size} bytes needs a BAT of {} bytes but its region holds {}; moving the BAT is not implemented yet",
+                    new.entries * 8,
+                    self.regions().bat.length
+                ),
+            ));
+        }
+        let storage = self.storage().clone();
+        {
+            let mut ws = self.write_state().lock();
+            self.begin(&mut ws)?;
+            if new_size < old.virtual_size {
+                // Nothing past the new end may hold data.
+                let first_cut = new_size / old.block_size;
+                for b in first_cut..old.data_blocks {
+                    let state = self.bat().block(b)?;
+                    let start = (b * old.block_size).max(new_size);
+                    let end = ((b + 1) * old.block_size).min(old.virtual_size);
+                    if matches!(state, BlockState::Full(_) | BlockState::Partial(_)) {
+                        let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+                        self.read_own(start, &mut buf)?;
+                        if buf.iter().any(|&x| x != 0) {
+                            return Err(Error::invalid_argument(format!(
+                                "the part of the disk beyond {new_size} bytes holds data (block {b}); discard it first"
+                            )));
+                        }
+                    }
+                }
+                for b in new.data_blocks..old.data_blocks {
+                    self.set_entry(&mut ws, old.payload_index(b), 0)?;
+                }
+            } else {
+                // The tail of a partial last block must read as zeros once it is inside the disk.
+                if !old.virtual_size.is_multiple_of(old.block_size) {
+                    let b = old.data_blocks - 1;
+                    if let BlockState::Full(off) = self.bat().block(b)? {
+                        let within = old.virtual_size % old.block_size;
+                        storage
+                            .zero_range(off + within, old.block_size - within)
+                            .map_err(|e| Error::io("cannot zero the old last block", e))?;
+                    }
+                }
+                if meta.leave_block_allocated {
+                    for b in old.data_blocks..new.data_blocks {
+                        let off = self.allocate(&mut ws, old.block_size)?;
+                        self.set_entry(
+                            &mut ws,
+                            new.payload_index(b),
+                            (off / MIB) << 20 | u64::from(bat_state::FULLY_PRESENT),
+                        )?;
+                    }
+                }
+            }
+        }
+        self.edit_metadata(|items| {
+            crate::meta_edit::replace_item(
+                items,
+                META_VIRTUAL_DISK_SIZE,
+                new_size.to_le_bytes().to_vec(),
+            );
+            Ok(())
+        })?;
+        self.bat().set_layout(new);
+        Ok(())
+    }
+
+    /// Reads this layer only (zeros where the parent would be consulted).
+    fn read_own(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        vd_core::Image::read_at(self, offset, buf)
+    }
+}

@@ -1,0 +1,290 @@
+//! Commands that change an image: `resize`, `discard`, `commit`, `setuuid`, `geometry`,
+//! `comment`, `compact`. Each opens the image read-write, changes it, and closes it (which
+//! applies the log and clears it).
+
+use anyhow::{Context, bail};
+use serde::Serialize;
+use vd_core::{Disk, DiskOptions, ErrorKind, ExtentKind, Geometry, Image, OpenFlags, Registry};
+
+use crate::cli::{
+    CommentArgs, CommitArgs, DiscardArgs, FileArgs, GeometryArgs, Output, ResizeArgs, SetuuidArgs,
+};
+use crate::commands::{parse_size, progress_bar};
+use crate::render::{emit, sanitize};
+
+fn open_rw(registry: &Registry, a: &FileArgs) -> anyhow::Result<Box<dyn Image>> {
+    Ok(match &a.format {
+        Some(f) => registry.open_as(f, &a.file, OpenFlags::empty()),
+        None => registry.open(&a.file, OpenFlags::empty()),
+    }?)
+}
+
+fn open_ro(registry: &Registry, a: &FileArgs) -> anyhow::Result<Box<dyn Image>> {
+    Ok(match &a.format {
+        Some(f) => registry.open_as(f, &a.file, OpenFlags::READ_ONLY),
+        None => registry.open(&a.file, OpenFlags::READ_ONLY),
+    }?)
+}
+
+#[derive(Debug, Serialize)]
+struct Done {
+    file: String,
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    virtual_size: Option<u64>,
+}
+
+fn done(
+    output: Output,
+    file: &std::path::Path,
+    action: &'static str,
+    size: Option<u64>,
+    text: String,
+) -> anyhow::Result<u8> {
+    let d = Done {
+        file: file.display().to_string(),
+        action,
+        virtual_size: size,
+    };
+    emit(output, &d, |out, _| writeln!(out, "{}", sanitize(&text)))?;
+    Ok(crate::exit::OK)
+}
+
+pub fn resize(registry: &Registry, args: &ResizeArgs, output: Output) -> anyhow::Result<u8> {
+    let img = open_rw(registry, &args.image)?;
+    let old = img.size();
+    let s = args.size.trim();
+    let new = if let Some(d) = s.strip_prefix('+') {
+        old.checked_add(parse_size(d)?)
+            .context("the size overflows")?
+    } else if let Some(d) = s.strip_prefix('-') {
+        old.checked_sub(parse_size(d)?)
+            .context("the size would be negative")?
+    } else {
+        parse_size(s)?
+    };
+    if new < old && !args.shrink {
+        bail!("use --shrink to make the image smaller ({old} -> {new} bytes)");
+    }
+    if new < old && args.force {
+        img.discard(new, old - new)?;
+    }
+    img.resize(new, &mut |_, _| {})?;
+    img.close(false)?;
+    done(
+        output,
+        &args.image.file,
+        "resize",
+        Some(new),
+        "Image resized.".into(),
+    )
+}
+
+pub fn discard(registry: &Registry, args: &DiscardArgs, output: Output) -> anyhow::Result<u8> {
+    let img = open_rw(registry, &args.image)?;
+    let (off, len) = (parse_size(&args.offset)?, parse_size(&args.length)?);
+    img.discard(off, len)?;
+    img.close(false)?;
+    done(
+        output,
+        &args.image.file,
+        "discard",
+        None,
+        format!("discarded {len} bytes at offset {off}"),
+    )
+}
+
+/// Merges the child's own data into its parent (VirtualBox's VDMerge, qemu-img commit), then
+/// points the child at the parent's new identity so the chain stays valid.
+pub fn commit(registry: &Registry, args: &CommitArgs, output: Output) -> anyhow::Result<u8> {
+    let chain = Disk::open(
+        registry,
+        &args.image.file,
+        &DiskOptions {
+            flags: OpenFlags::READ_ONLY,
+            format: args.image.format.clone(),
+            ..DiskOptions::default()
+        },
+    )?;
+    let [child, parent_ro, ..] = chain.layers() else {
+        bail!(
+            "{}: not a differencing image; nothing to commit",
+            args.image.file.display()
+        );
+    };
+    let parent_path = parent_ro.path().to_path_buf();
+    let parent = registry.open(&parent_path, OpenFlags::empty())?;
+    if child.size() > parent.size() {
+        parent.resize(child.size(), &mut |_, _| {})?;
+    }
+    let size = child.size();
+    let pb = progress_bar(args.progress, size);
+    let mut buf = vec![0u8; 1 << 20];
+    for e in child.map(0, size)? {
+        match e.kind {
+            ExtentKind::Data => {
+                let mut pos = e.offset;
+                while pos < e.offset + e.length {
+                    let n = (e.offset + e.length - pos).min(buf.len() as u64);
+                    let chunk = &mut buf[..usize::try_from(n)?];
+                    chain.read_at(pos, chunk)?;
+                    parent.write_at(pos, chunk)?;
+                    pos += n;
+                }
+            }
+            ExtentKind::Zero => parent.write_zeroes(e.offset, e.length)?,
+            ExtentKind::Unallocated => {}
+        }
+        pb.inc(e.length);
+    }
+    pb.finish_and_clear();
+    parent.flush()?;
+    let new_id = parent.modification_uuid();
+    parent.close(false)?;
+    chain.close()?;
+    if let Ok(id) = new_id {
+        let child = open_rw(registry, &args.image)?;
+        match child.set_parent_uuid(id) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotSupported => {}
+            Err(e) => return Err(e.into()),
+        }
+        child.close(false)?;
+    }
+    done(
+        output,
+        &args.image.file,
+        "commit",
+        Some(size),
+        format!("Image committed into {}.", parent_path.display()),
+    )
+}
+
+fn parse_uuid(s: &str) -> anyhow::Result<uuid::Uuid> {
+    let t = s.trim().trim_start_matches('{').trim_end_matches('}');
+    uuid::Uuid::parse_str(t).with_context(|| format!("{s:?} is not a UUID"))
+}
+
+pub fn setuuid(registry: &Registry, args: &SetuuidArgs, output: Output) -> anyhow::Result<u8> {
+    let img = open_rw(registry, &args.image)?;
+    let mut said = Vec::new();
+    let any = args.uuid.is_some() || args.modification_uuid.is_some() || args.parent_uuid.is_some();
+    if !any || args.uuid.is_some() {
+        let u = match &args.uuid {
+            Some(s) => parse_uuid(s)?,
+            None => uuid::Uuid::new_v4(),
+        };
+        img.set_uuid(u)?;
+        said.push(format!("UUID changed to: {u}"));
+    }
+    if let Some(s) = &args.modification_uuid {
+        let u = parse_uuid(s)?;
+        img.set_modification_uuid(u)?;
+        said.push(format!("Modification UUID changed to: {u}"));
+    }
+    if let Some(s) = &args.parent_uuid {
+        let u = parse_uuid(s)?;
+        img.set_parent_uuid(u)?;
+        said.push(format!("Parent UUID changed to: {u}"));
+    }
+    img.close(false)?;
+    done(output, &args.image.file, "setuuid", None, said.join("\n"))
+}
+
+fn parse_chs(s: &str) -> anyhow::Result<Geometry> {
+    let v: Vec<u32> = s
+        .split('/')
+        .map(|p| p.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("{s:?} is not C/H/S"))?;
+    match v.as_slice() {
+        [c, h, sec] if *h > 0 && *sec > 0 => Ok(Geometry {
+            cylinders: *c,
+            heads: *h,
+            sectors: *sec,
+        }),
+        _ => bail!("{s:?} is not C/H/S with non-zero heads and sectors"),
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Geometries {
+    pchs: Geometry,
+    lchs: Geometry,
+}
+
+pub fn geometry(registry: &Registry, args: &GeometryArgs, output: Output) -> anyhow::Result<u8> {
+    let img = if args.pchs.is_some() || args.lchs.is_some() {
+        let img = open_rw(registry, &args.image)?;
+        if let Some(p) = &args.pchs {
+            img.set_pchs_geometry(parse_chs(p)?)?;
+        }
+        if let Some(l) = &args.lchs {
+            img.set_lchs_geometry(parse_chs(l)?)?;
+        }
+        img
+    } else {
+        open_ro(registry, &args.image)?
+    };
+    let g = Geometries {
+        pchs: img.pchs_geometry()?,
+        lchs: img.lchs_geometry()?,
+    };
+    img.close(false)?;
+    emit(output, &g, |out, g| {
+        writeln!(
+            out,
+            "physical: {}/{}/{}",
+            g.pchs.cylinders, g.pchs.heads, g.pchs.sectors
+        )?;
+        writeln!(
+            out,
+            "logical: {}/{}/{}",
+            g.lchs.cylinders, g.lchs.heads, g.lchs.sectors
+        )
+    })?;
+    Ok(crate::exit::OK)
+}
+
+#[derive(Debug, Serialize)]
+struct CommentOut {
+    comment: Option<String>,
+}
+
+pub fn comment(registry: &Registry, args: &CommentArgs, output: Output) -> anyhow::Result<u8> {
+    let img = if args.set.is_some() || args.clear {
+        let img = open_rw(registry, &args.image)?;
+        img.set_comment(if args.clear {
+            None
+        } else {
+            args.set.as_deref()
+        })?;
+        img
+    } else {
+        open_ro(registry, &args.image)?
+    };
+    let c = CommentOut {
+        comment: img.comment()?,
+    };
+    img.close(false)?;
+    emit(output, &c, |out, c| match &c.comment {
+        Some(t) => writeln!(out, "{}", sanitize(t)),
+        None => writeln!(out, "(no comment)"),
+    })?;
+    Ok(crate::exit::OK)
+}
+
+pub fn compact(registry: &Registry, args: &FileArgs, output: Output) -> anyhow::Result<u8> {
+    let img = open_rw(registry, args)?;
+    let before = img.file_size()?;
+    img.compact(&mut |_, _| {})?;
+    let after = img.file_size()?;
+    img.close(false)?;
+    done(
+        output,
+        &args.file,
+        "compact",
+        None,
+        format!("compacted from {before} to {after} bytes"),
+    )
+}
