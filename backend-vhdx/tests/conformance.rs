@@ -88,7 +88,6 @@ impl Subject for Vhdx {
     fn alignment(&self) -> u64 {
         self.sector
     }
-
 }
 
 const DYNAMIC: Vhdx = Vhdx {
