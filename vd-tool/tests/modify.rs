@@ -1,0 +1,278 @@
+//! End-to-end tests of the commands that change VHDX images — resize, compact, discard, commit,
+//! setuuid, geometry, comment — checking contents with our reader and with qemu-img/qemu-io,
+//! and `qemu-img check` afterwards.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vd-tool"))
+        .args(args)
+        .output()
+        .expect("vd-tool runs")
+}
+
+fn ok(args: &[&str]) -> String {
+    let o = run(args);
+    assert!(
+        o.status.success(),
+        "vd-tool {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let mut a = args.to_vec();
+    a.extend(["--output", "json"]);
+    serde_json::from_str(&ok(&a)).unwrap()
+}
+
+fn qemu(tool: &str, args: &[&str]) -> Output {
+    let o = Command::new(tool)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{tool} is required (CI installs qemu-utils): {e}"));
+    assert!(
+        o.status.success(),
+        "{tool} {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    o
+}
+
+fn qemu_check(img: &Path) {
+    qemu("qemu-img", &["check", "-f", "vhdx", s(img)]);
+}
+
+/// qemu-io verifies `pattern` over `[off, off + len)`; qemu-io exits 0 even when a pattern
+/// fails, so its output is read.
+fn qemu_reads(img: &Path, pattern: u8, off: u64, len: u64) {
+    let o = qemu(
+        "qemu-io",
+        &[
+            "-r",
+            "-f",
+            "vhdx",
+            "-c",
+            &format!("read -P {pattern:#x} {off} {len}"),
+            s(img),
+        ],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !out.contains("Pattern verification failed"),
+        "{}: {out}",
+        img.display()
+    );
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
+    let p = dir.join(name);
+    ok(&["create", "-f", "vhdx", "-o", opts, s(&p), size]);
+    p
+}
+
+fn io(img: &Path, cmds: &[&str]) {
+    let mut a = vec!["io"];
+    for c in cmds {
+        a.extend(["-c", c]);
+    }
+    a.push(s(img));
+    ok(&a);
+}
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn resize_grows_shrinks_and_keeps_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "r.vhdx", "block_size=1M", "64M");
+    io(&img, &["write -P 0xab 0 3M", "write -P 0xcd 63M 1M"]);
+    ok(&["resize", s(&img), "+64M"]);
+    qemu_check(&img);
+    assert_eq!(json(&["info", s(&img)])["virtual_size"], 128 * MIB);
+    qemu_reads(&img, 0xab, 0, 3 * MIB);
+    qemu_reads(&img, 0xcd, 63 * MIB, MIB);
+    qemu_reads(&img, 0, 64 * MIB, 64 * MIB);
+    // Shrinking needs --shrink, and is refused over data unless forced.
+    assert_eq!(run(&["resize", s(&img), "32M"]).status.code(), Some(2));
+    let o = run(&["resize", "--shrink", s(&img), "2M"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("holds data"));
+    ok(&["discard", s(&img), "63M", "1M"]);
+    ok(&["resize", "--shrink", s(&img), "3M"]);
+    qemu_check(&img);
+    assert_eq!(json(&["info", s(&img)])["virtual_size"], 3 * MIB);
+    ok(&["resize", "--shrink", "--force", s(&img), "1536K"]);
+    qemu_check(&img);
+    // Growing again: the old bytes past 1.5 MiB must not come back.
+    ok(&["resize", s(&img), "8M"]);
+    qemu_check(&img);
+    qemu_reads(&img, 0xab, 0, 1536 * 1024);
+    qemu_reads(&img, 0, 1536 * 1024, 8 * MIB - 1536 * 1024);
+    io(&img, &["read -P 0 1536K 6656K"]);
+}
+
+#[test]
+fn resize_fixed_preallocates() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "f.vhdx", "subformat=fixed,block_size=1M", "8M");
+    io(&img, &["write -P 0x11 7M 1M"]);
+    ok(&["resize", s(&img), "16M"]);
+    qemu_check(&img);
+    let map = json(&["map", s(&img)]);
+    let data: u64 = map["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["state"] == "data")
+        .map(|e| e["length"].as_u64().unwrap())
+        .sum();
+    assert_eq!(data, 16 * MIB, "every block of a fixed image is allocated");
+    qemu_reads(&img, 0x11, 7 * MIB, MIB);
+    qemu_reads(&img, 0, 8 * MIB, 8 * MIB);
+}
+
+#[test]
+fn discard_and_compact_release_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "c.vhdx", "block_size=1M", "64M");
+    io(
+        &img,
+        &[
+            "write -P 0xaa 0 8M",
+            "write -P 0xbb 30M 2M",
+            "write -P 0xcc 60M 1M",
+        ],
+    );
+    ok(&["discard", s(&img), "0", "6M"]);
+    // A partial discard zeros the range.
+    ok(&["discard", s(&img), "30M", "4K"]);
+    qemu_check(&img);
+    qemu_reads(&img, 0, 0, 6 * MIB);
+    qemu_reads(&img, 0xaa, 6 * MIB, 2 * MIB);
+    qemu_reads(&img, 0, 30 * MIB, 4096);
+    qemu_reads(&img, 0xbb, 30 * MIB + 4096, 2 * MIB - 4096);
+    let map = json(&["map", s(&img)]);
+    assert_eq!(map["extents"][0]["state"], "zero");
+    assert_eq!(map["extents"][0]["length"], 6 * MIB);
+    let raw = dir.path().join("before.raw");
+    ok(&["convert", "-O", "raw", s(&img), s(&raw)]);
+    let before = std::fs::metadata(&img).unwrap().len();
+    ok(&["compact", s(&img)]);
+    let after = std::fs::metadata(&img).unwrap().len();
+    assert!(after <= before - 6 * MIB, "compact: {before} -> {after}");
+    qemu_check(&img);
+    qemu(
+        "qemu-img",
+        &["compare", "-f", "vhdx", "-F", "raw", s(&img), s(&raw)],
+    );
+    assert_eq!(run(&["compare", s(&img), s(&raw)]).status.code(), Some(0));
+}
+
+#[test]
+fn commit_merges_a_child_into_its_parent() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = create(dir.path(), "p.vhdx", "block_size=1M", "64M");
+    io(&parent, &["write -P 0xaa 0 8M"]);
+    let child = dir.path().join("c.vhdx");
+    ok(&["create", "-f", "vhdx", "-b", s(&parent), s(&child)]);
+    io(
+        &child,
+        &[
+            "write -P 0xbb 1M 1000",
+            "write -P 0xcc 20M 3M",
+            "write -z 4M 2M",
+        ],
+    );
+    let raw = dir.path().join("chain.raw");
+    ok(&["convert", "-O", "raw", s(&child), s(&raw)]);
+    ok(&["commit", s(&child)]);
+    qemu_check(&parent);
+    qemu(
+        "qemu-img",
+        &["compare", "-f", "vhdx", "-F", "raw", s(&parent), s(&raw)],
+    );
+    // The child was relinked to the parent's new identity and still reads the same.
+    assert_eq!(run(&["compare", s(&child), s(&raw)]).status.code(), Some(0));
+    let child_info = json(&["info", s(&child)]);
+    let parent_info = json(&["info", s(&parent)]);
+    assert_eq!(child_info["parent_uuid"], parent_info["modification_uuid"]);
+    // A base image has nothing to commit.
+    assert_eq!(run(&["commit", s(&parent)]).status.code(), Some(2));
+}
+
+#[test]
+fn setters_persist_and_survive_rewrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "s.vhdx", "block_size=1M", "64M");
+    io(&img, &["write -P 0x42 0 1M"]);
+    let id = "11111111-2222-3333-4444-555555555555";
+    ok(&["setuuid", "--uuid", id, s(&img)]);
+    ok(&[
+        "geometry",
+        "--pchs",
+        "100/16/63",
+        "--lchs",
+        "65/16/63",
+        s(&img),
+    ]);
+    ok(&["comment", "--set", "made by the setters test", s(&img)]);
+    let before = json(&["info", s(&img)]);
+    // Metadata rewrites (resize) keep our user items.
+    ok(&["resize", s(&img), "+1M"]);
+    let info = json(&["info", s(&img)]);
+    assert_eq!(info["uuid"], id);
+    assert_eq!(info["format_specific"]["virtual_disk_id"], id);
+    assert_eq!(info["comment"], "made by the setters test");
+    assert_eq!(info["pchs_geometry"]["cylinders"], 100);
+    assert_eq!(info["lchs_geometry"]["cylinders"], 65);
+    assert_ne!(
+        info["modification_uuid"], before["modification_uuid"],
+        "resize is user-visible"
+    );
+    qemu_check(&img);
+    qemu_reads(&img, 0x42, 0, MIB);
+    let g = json(&["geometry", s(&img)]);
+    assert_eq!(g["pchs"]["heads"], 16);
+    ok(&["comment", "--clear", s(&img)]);
+    assert!(json(&["info", s(&img)]).get("comment").is_none());
+    let m = "99999999-8888-7777-6666-555555555555";
+    ok(&["setuuid", "--modification-uuid", m, s(&img)]);
+    assert_eq!(json(&["info", s(&img)])["modification_uuid"], m);
+    qemu_check(&img);
+
+    // A child whose parent UUID no longer matches is refused, and accepted again once fixed.
+    let child = dir.path().join("c.vhdx");
+    ok(&["create", "-f", "vhdx", "-b", s(&img), s(&child)]);
+    let z = "00000000-0000-0000-0000-00000000abcd";
+    ok(&["setuuid", "--parent-uuid", z, s(&child)]);
+    let o = run(&[
+        "convert",
+        "-O",
+        "raw",
+        s(&child),
+        s(&dir.path().join("x.raw")),
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(z),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    ok(&["setuuid", "--parent-uuid", m, s(&child)]);
+    ok(&[
+        "convert",
+        "-O",
+        "raw",
+        s(&child),
+        s(&dir.path().join("x.raw")),
+    ]);
+}
