@@ -205,8 +205,11 @@ impl Storage for FaultyStorage {
     fn flush(&self) -> io::Result<()> {
         let mut s = self.state.lock();
         self.begin(&mut s, true)?;
-        s.durable = s.current.clone();
-        s.pending.clear();
+        // Apply the pending operations instead of copying the whole file: O(bytes written).
+        let pending = std::mem::take(&mut s.pending);
+        for p in &pending {
+            apply(&mut s.durable, p);
+        }
         Ok(())
     }
 }
