@@ -12,7 +12,7 @@ use backend_vhdx as _;
 use vd_core::testing::{FaultyStorage, LossMode, fill_pattern};
 use vd_core::{
     CreateParams, Disk, DiskOptions, ImageFlags, MemFileSystem, MemStorage, OpenFlags, Registry,
-    Severity, Storage,
+    Severity,
 };
 
 const CHILD: &str = "/crash/child.vhdx";
