@@ -108,9 +108,9 @@ pub struct Forbidden {
 pub struct Bat {
     storage: Arc<dyn Storage>,
     layout: RwLock<Layout>,
-    region_offset: u64,
+    region_offset: AtomicU64,
     file_len: AtomicU64,
-    forbidden: Vec<Forbidden>,
+    forbidden: RwLock<Vec<Forbidden>>,
     pages: RwLock<HashMap<u64, Arc<[u64]>>>,
     bitmap_pages: RwLock<HashMap<u64, Arc<[u8]>>>,
 }
@@ -142,12 +142,29 @@ impl Bat {
         Self {
             storage,
             layout: RwLock::new(layout),
-            region_offset,
+            region_offset: AtomicU64::new(region_offset),
             file_len: AtomicU64::new(file_len),
-            forbidden,
+            forbidden: RwLock::new(forbidden),
             pages: RwLock::new(HashMap::new()),
             bitmap_pages: RwLock::new(HashMap::new()),
         }
+    }
+
+    /// The BAT's file offset.
+    pub fn region_offset(&self) -> u64 {
+        self.region_offset.load(Ordering::Acquire)
+    }
+
+    /// Points the BAT at its new region (after its contents were copied there) and replaces the
+    /// ranges blocks may not overlap.
+    pub fn relocate(&self, offset: u64, forbidden: Vec<Forbidden>) {
+        *self.forbidden.write() = forbidden;
+        self.region_offset.store(offset, Ordering::Release);
+    }
+
+    /// The ranges blocks may not overlap.
+    pub fn forbidden(&self) -> Vec<Forbidden> {
+        self.forbidden.read().clone()
     }
 
     /// Sets the file length after truncation.
@@ -178,7 +195,7 @@ impl Bat {
     /// zeros). The region is a multiple of 1 MiB and holds every entry, so every page of an
     /// entry lies inside it.
     fn load_page(&self, page: u64) -> Result<Arc<[u64]>> {
-        let off = self.region_offset + page * ENTRIES_PER_PAGE * 8;
+        let off = self.region_offset() + page * ENTRIES_PER_PAGE * 8;
         let mut buf = vec![0u8; PAGE_BYTES];
         let avail = usize::try_from(self.file_len().saturating_sub(off))
             .unwrap_or(usize::MAX)
@@ -229,7 +246,7 @@ impl Bat {
     pub fn page_bytes(&self, page: u64) -> Result<(u64, Vec<u8>)> {
         let entries = self.page(page)?;
         let bytes = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-        Ok((self.region_offset + page * ENTRIES_PER_PAGE * 8, bytes))
+        Ok((self.region_offset() + page * ENTRIES_PER_PAGE * 8, bytes))
     }
 
     /// Sets the sector-bitmap bits `[first_bit, first_bit + count)` of the bitmap block at
@@ -283,11 +300,11 @@ impl Bat {
     }
 
     fn entry_at(&self, index: u64) -> u64 {
-        self.region_offset + index * 8
+        self.region_offset() + index * 8
     }
 
     fn check_block(&self, index: u64, offset: u64, needed: u64) -> Result<()> {
-        for f in &self.forbidden {
+        for f in self.forbidden.read().iter() {
             if offset < f.end && offset + needed > f.start {
                 return Err(Corruption::BatOverlap {
                     index,

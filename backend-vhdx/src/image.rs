@@ -50,7 +50,7 @@ pub struct VhdxImage {
     flags: OpenFlags,
     creator: String,
     header: RwLock<ActiveHeader>,
-    regions: RegionTable,
+    regions: RwLock<RegionTable>,
     meta: RwLock<Metadata>,
     bat: Bat,
     log: LogState,
@@ -208,7 +208,7 @@ impl VhdxImage {
             flags,
             creator,
             header: RwLock::new(header),
-            regions,
+            regions: RwLock::new(regions),
             meta: RwLock::new(meta),
             bat,
             log,
@@ -237,7 +237,11 @@ impl VhdxImage {
         &self.meta
     }
 
-    pub(crate) fn regions(&self) -> &RegionTable {
+    pub(crate) fn regions(&self) -> RegionTable {
+        self.regions.read().clone()
+    }
+
+    pub(crate) fn regions_lock(&self) -> &RwLock<RegionTable> {
         &self.regions
     }
 
@@ -802,10 +806,11 @@ impl Image for VhdxImage {
             h.log_length()
         )
         .map_err(w)?;
-        writeln!(out, "region table (copy {}):", self.regions.copy + 1).map_err(w)?;
-        for r in [self.regions.bat, self.regions.metadata]
+        let regions = self.regions();
+        writeln!(out, "region table (copy {}):", regions.copy + 1).map_err(w)?;
+        for r in [regions.bat, regions.metadata]
             .iter()
-            .chain(&self.regions.others)
+            .chain(&regions.others)
         {
             writeln!(
                 out,

@@ -227,3 +227,39 @@ pub fn read_region_table(
         copy,
     })
 }
+
+/// Serialises a region table (the BAT, the metadata region, then every other region) with its
+/// checksum, as a 64 KiB block.
+pub fn build_region_table(t: &RegionTable) -> Vec<u8> {
+    use zerocopy::IntoBytes;
+    use zerocopy::little_endian::{U32, U64};
+    let regions: Vec<Region> = [t.bat, t.metadata]
+        .into_iter()
+        .chain(t.others.iter().copied())
+        .collect();
+    let mut out = vec![0u8; REGION_TABLE_SIZE];
+    let header = RegionTableHeader {
+        signature: U32::new(REGION_SIGNATURE),
+        checksum: U32::new(0),
+        entry_count: U32::new(u32::try_from(regions.len()).unwrap_or(0)),
+        reserved: U32::new(0),
+    };
+    let mut bytes = header.as_bytes().to_vec();
+    for r in &regions {
+        let e = RegionTableEntry {
+            guid: crate::guid::Guid::from_uuid(r.guid),
+            file_offset: U64::new(r.offset),
+            length: U32::new(u32::try_from(r.length).unwrap_or(u32::MAX)),
+            flags: U32::new(u32::from(r.required)),
+        };
+        bytes.extend_from_slice(e.as_bytes());
+    }
+    if let Some(d) = out.get_mut(..bytes.len()) {
+        d.copy_from_slice(&bytes);
+    }
+    let sum = crc32c_with_zero_field(&out, 4);
+    if let Some(d) = out.get_mut(4..8) {
+        d.copy_from_slice(&sum.to_le_bytes());
+    }
+    out
+}

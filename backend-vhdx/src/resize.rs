@@ -3,16 +3,18 @@
 //!
 //! - Growing zeros the tail of a partially used last block (so old bytes past the end can never
 //!   reappear) and, in a fixed image, preallocates the new blocks. The BAT must fit in its
-//!   region; moving the BAT region is not implemented yet.
+//!   region, or it moves to a larger region at the end of the file (copied and flushed before
+//!   both region tables switch to it through the log).
 //! - Shrinking is refused when the part cut off holds data; the blocks past the new end become
 //!   NOT_PRESENT.
 
 use vd_core::{Error, ErrorKind, Result};
 
-use crate::bat::{BlockState, Layout};
-use crate::format::{MAX_VIRTUAL_SIZE, MIB, bat_state};
+use crate::bat::{BlockState, Forbidden, Layout};
+use crate::format::{MAX_BAT_SIZE, MAX_VIRTUAL_SIZE, MIB, REGION_TABLE_OFFSETS, bat_state};
 use crate::guid::META_VIRTUAL_DISK_SIZE;
 use crate::image::VhdxImage;
+use crate::region::build_region_table;
 
 impl VhdxImage {
     pub(crate) fn resize_impl(&self, new_size: u64) -> Result<()> {
@@ -30,15 +32,14 @@ impl VhdxImage {
         let mut meta = self.metadata().clone();
         meta.virtual_size = new_size;
         let new = Layout::new(&meta);
-        if new.entries * 8 > self.regions().bat.length {
+        if new.entries * 8 > MAX_BAT_SIZE {
             return Err(Error::new(
-                ErrorKind::NotSupported,
-                format!(
-                    "growing to {new_size} bytes needs a BAT of {} bytes but its region holds {}; moving the BAT is not implemented yet",
-                    new.entries * 8,
-                    self.regions().bat.length
-                ),
+                ErrorKind::OutOfRange,
+                format!("a BAT for {new_size} bytes would be too large"),
             ));
+        }
+        if new.entries * 8 > self.regions().bat.length {
+            self.move_bat((new.entries * 8).div_ceil(MIB) * MIB)?;
         }
         let storage = self.storage().clone();
         {
@@ -96,6 +97,61 @@ impl VhdxImage {
             Ok(())
         })?;
         self.bat().set_layout(new);
+        Ok(())
+    }
+
+    /// Moves the BAT to a larger region at the end of the file: copy, flush, then switch both
+    /// region tables through the log.
+    fn move_bat(&self, new_len: u64) -> Result<()> {
+        let storage = self.storage().clone();
+        let mut ws = self.write_state().lock();
+        self.begin(&mut ws)?;
+        self.commit(&mut ws)?;
+        let mut table = self.regions();
+        let old = table.bat;
+        let new_off = self.allocate(&mut ws, new_len)?;
+        let mut buf = vec![0u8; usize::try_from(MIB).unwrap_or(0)];
+        let copy = old.length.min(new_len);
+        let mut done = 0;
+        while done < copy {
+            let chunk = buf
+                .get_mut(..usize::try_from((copy - done).min(MIB)).unwrap_or(0))
+                .ok_or_else(|| Error::invalid_argument("copy chunk"))?;
+            storage
+                .read_exact_at(old.offset + done, chunk)
+                .and_then(|()| storage.write_all_at(new_off + done, chunk))
+                .map_err(|e| Error::io("cannot copy the BAT", e))?;
+            done += chunk.len() as u64;
+        }
+        table.bat.offset = new_off;
+        table.bat.length = new_len;
+        let bytes = build_region_table(&table);
+        for copy_off in REGION_TABLE_OFFSETS {
+            let mut current = vec![0u8; bytes.len()];
+            storage
+                .read_exact_at(copy_off, &mut current)
+                .map_err(|e| Error::io("cannot read the region table", e))?;
+            for (k, (a, b)) in current.chunks(4096).zip(bytes.chunks(4096)).enumerate() {
+                if a != b {
+                    ws.queue_page(copy_off + 4096 * k as u64, b.to_vec());
+                }
+            }
+        }
+        // The copy is flushed by the commit before the entry that switches to it.
+        self.commit(&mut ws)?;
+        let mut forbidden: Vec<Forbidden> = self
+            .bat()
+            .forbidden()
+            .into_iter()
+            .filter(|f| f.start != old.offset)
+            .collect();
+        forbidden.push(Forbidden {
+            start: new_off,
+            end: new_off + new_len,
+            what: "BAT region",
+        });
+        self.bat().relocate(new_off, forbidden);
+        *self.regions_lock().write() = table;
         Ok(())
     }
 

@@ -276,3 +276,27 @@ fn setters_persist_and_survive_rewrites() {
         s(&dir.path().join("x.raw")),
     ]);
 }
+
+#[test]
+fn resize_moves_the_bat_when_it_must_grow() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "big.vhdx", "block_size=1M", "4G");
+    io(&img, &["write -P 0xaa 0 2M", "write -P 0xbb 4095M 1M"]);
+    let bat_offset = |dump: &str| {
+        dump.lines()
+            .find(|l| l.contains("2dc27766-f623-4200-9d64-115e9bfd4a08"))
+            .map(str::to_string)
+            .unwrap()
+    };
+    let before = bat_offset(&ok(&["dump", s(&img)]));
+    ok(&["resize", s(&img), "600G"]);
+    let after = bat_offset(&ok(&["dump", s(&img)]));
+    assert_ne!(before, after, "the BAT region moved");
+    qemu_check(&img);
+    qemu_reads(&img, 0xaa, 0, 2 * MIB);
+    qemu_reads(&img, 0xbb, 4095 * MIB, MIB);
+    qemu_reads(&img, 0, 500 << 30, MIB);
+    io(&img, &["write -P 0xcc 599G 1M"]);
+    qemu_reads(&img, 0xcc, 599 << 30, MIB);
+    qemu_check(&img);
+}
