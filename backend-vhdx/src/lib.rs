@@ -2,10 +2,22 @@
 //!
 //! Microsoft's VHDX format ([MS-VHDX] 1.0) for vd.
 //!
-//! Reading is complete: fixed, dynamic and differencing images, 512 and 4096-byte sectors, block
-//! sizes 1–256 MiB, every payload and sector-bitmap state, and dirty logs (replayed into the
-//! file on read-write opens, into an in-memory overlay on read-only opens). Writing and creating
-//! come next.
+//! Fixed, dynamic and differencing images, 512 and 4096-byte sectors, block sizes 1–256 MiB,
+//! every payload and sector-bitmap state; dirty logs are replayed into the file on read-write
+//! opens and into an in-memory overlay on read-only opens.
+//!
+//! | feature | support |
+//! | --- | --- |
+//! | read, every image kind, 4 KiB sectors | yes |
+//! | log replay (read-write: into the file; read-only: in memory; or refuse) | yes |
+//! | write, with BAT / sector-bitmap updates through a batched log | yes |
+//! | create fixed / dynamic / differencing (incomplete-file marker while creating) | yes |
+//! | discard, write-zeroes (whole blocks become ZERO) | yes |
+//! | resize (grow, moving the BAT if needed; shrink when the cut-off part is empty) | yes |
+//! | compact (move blocks into holes, truncate) | yes |
+//! | check (BAT states, offsets, overlaps, log) | yes |
+//! | geometry and comment (vd's own non-required user metadata items) | yes |
+//! | updating stale parent locator paths after a chain opens | no |
 //!
 //! ## File layout
 //!
@@ -22,6 +34,15 @@
 //! 3. A non-zero LogGuid: find the active log sequence, validate every entry, replay it.
 //! 4. Both region tables (either valid copy), then the metadata table and system items.
 //! 5. The BAT, lazily, page by page; each entry is validated when first used.
+//!
+//! ## Write lifecycle and crash consistency
+//!
+//! The first change of a session writes new FileWriteGuid and DataWriteGuid values (both header
+//! slots, flushed). Payload data goes in place or into new blocks appended at the 1 MiB-aligned
+//! end of the file; BAT and sector-bitmap changes stay in memory. `flush` makes the data durable,
+//! then writes the changed 4 KiB metadata pages as log entries, sets the session's LogGuid,
+//! writes the pages to their places and flushes; `close` clears the LogGuid. A crash at any point
+//! leaves an image that opens by replaying its log, with every flushed write intact.
 //!
 //! ## I/O model
 //!

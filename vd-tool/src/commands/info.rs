@@ -119,6 +119,11 @@ fn write_human(out: &mut dyn Write, i: &ImageInfo) -> std::io::Result<()> {
     if let Some(obj) = i.format_specific.as_object() {
         writeln!(out, "format specific information:")?;
         for (k, v) in obj {
+            if v.is_null()
+                || (k == "log" && !i.format_specific["log"]["dirty"].as_bool().unwrap_or(false))
+            {
+                continue;
+            }
             let text = match v {
                 serde_json::Value::String(s) => s.clone(),
                 other => other.to_string(),
