@@ -300,7 +300,42 @@ impl Disk {
     /// As [`write_at`](Disk::write_at).
     pub fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.size())?;
-        self.top().write_zeroes(offset, len)
+        self.zero_aligned(offset, len, |o, l| self.top().write_zeroes(o, l))
+    }
+
+    /// Runs `op` on the part of `[offset, offset + len)` aligned to the top image's write
+    /// granularity, and writes zeros (widened through the chain) over the unaligned edges.
+    fn zero_aligned(
+        &self,
+        offset: u64,
+        len: u64,
+        op: impl Fn(u64, u64) -> Result<()>,
+    ) -> Result<()> {
+        let g = u64::from(self.top().write_granularity().max(1));
+        let end = offset + len;
+        if g == 1 || self.layers.len() == 1 || (offset.is_multiple_of(g) && end.is_multiple_of(g)) {
+            return op(offset, len);
+        }
+        let mid_start = offset.div_ceil(g) * g;
+        let mid_end = end / g * g;
+        if mid_start >= mid_end {
+            let zeros = vec![
+                0u8;
+                usize::try_from(len)
+                    .map_err(|_| Error::invalid_argument("range too large"))?
+            ];
+            return self.write_at(offset, &zeros);
+        }
+        let head = vec![0u8; usize::try_from(mid_start - offset).unwrap_or(0)];
+        let tail = vec![0u8; usize::try_from(end - mid_end).unwrap_or(0)];
+        if !head.is_empty() {
+            self.write_at(offset, &head)?;
+        }
+        op(mid_start, mid_end - mid_start)?;
+        if !tail.is_empty() {
+            self.write_at(mid_end, &tail)?;
+        }
+        Ok(())
     }
 
     /// Discards a range of the top image.
@@ -309,7 +344,7 @@ impl Disk {
     /// `OutOfRange`; errors of the top image.
     pub fn discard(&self, offset: u64, len: u64) -> Result<()> {
         check_range(offset, len, self.size())?;
-        self.top().discard(offset, len)
+        self.zero_aligned(offset, len, |o, l| self.top().discard(o, l))
     }
 
     /// Flushes the top image.
