@@ -47,17 +47,7 @@ pub struct CreateOptions {
 }
 
 fn parse_size(key: &str, v: &str) -> Result<u64> {
-    let t = v.trim();
-    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M') => (&t[..t.len() - 1], 1 << 20),
-        Some('G') => (&t[..t.len() - 1], 1 << 30),
-        Some('T') => (&t[..t.len() - 1], 1 << 40),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
+    vd_core::parse_size(v)
         .ok_or_else(|| Error::invalid_argument(format!("{key}={v} is not a size")))
 }
 

@@ -72,6 +72,21 @@ impl Geometry {
     }
 }
 
+/// Parses a byte count with an optional binary suffix: `512`, `4K`, `1M`, `8G`, `2T`, `10B`.
+/// Returns `None` for anything else or an overflow.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let t = s.trim();
+    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('K') => (t.get(..t.len() - 1)?, 10),
+        Some('M') => (t.get(..t.len() - 1)?, 20),
+        Some('G') => (t.get(..t.len() - 1)?, 30),
+        Some('T') => (t.get(..t.len() - 1)?, 40),
+        Some('B') => (t.get(..t.len() - 1)?, 0),
+        _ => (t, 0),
+    };
+    num.parse::<u64>().ok()?.checked_mul(1u64 << shift)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +126,19 @@ mod tests {
                 sectors: 17
             }
         );
+    }
+
+    #[test]
+    fn sizes_parse_with_suffixes() {
+        assert_eq!(parse_size("512"), Some(512));
+        assert_eq!(parse_size("4k"), Some(4096));
+        assert_eq!(parse_size("1M"), Some(1 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("1T"), Some(1 << 40));
+        assert_eq!(parse_size("7B"), Some(7));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("99999999999T"), None);
     }
 
     #[test]

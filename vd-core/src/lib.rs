@@ -45,7 +45,7 @@ pub use backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest}
 pub use disk::{Disk, DiskExtent, DiskOptions, MAX_CHAIN_DEPTH};
 pub use error::{Context, Error, ErrorKind, Result};
 pub use flags::{Capabilities, ImageFlags, OpenFlags, flag_names};
-pub use geometry::Geometry;
+pub use geometry::{Geometry, parse_size};
 pub use image::{
     CheckReport, Extent, ExtentKind, Finding, Image, Progress, Severity, check_parent_identity,
     check_range,

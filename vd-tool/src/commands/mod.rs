@@ -80,19 +80,7 @@ pub fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
 
 /// Parses a size with an optional K, M, G or T suffix (binary units).
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (&t[..t.len() - 1], 10),
-        Some('M') => (&t[..t.len() - 1], 20),
-        Some('G') => (&t[..t.len() - 1], 30),
-        Some('T') => (&t[..t.len() - 1], 40),
-        Some('B') => (&t[..t.len() - 1], 0),
-        _ => (t, 0),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(1u64 << shift))
-        .ok_or_else(|| anyhow::anyhow!("{s:?} is not a size"))
+    vd_core::parse_size(s).ok_or_else(|| anyhow::anyhow!("{s:?} is not a size"))
 }
 
 /// Parses `key=value,key=value` format options.
