@@ -124,7 +124,7 @@ impl VhdxImage {
         let storage = self.storage().clone();
         let region = self.regions().metadata;
         let mut ws = self.write_state().lock();
-        self.begin(&mut ws)?;
+        self.begin_visible(&mut ws)?;
         self.commit(&mut ws)?;
         let len = usize::try_from(region.length)
             .map_err(|_| Error::invalid_argument("metadata region too large"))?;

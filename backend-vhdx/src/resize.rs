@@ -44,7 +44,7 @@ impl VhdxImage {
         let storage = self.storage().clone();
         {
             let mut ws = self.write_state().lock();
-            self.begin(&mut ws)?;
+            self.begin_visible(&mut ws)?;
             if new_size < old.virtual_size {
                 // Nothing past the new end may hold data.
                 let first_cut = new_size / old.block_size;
@@ -105,7 +105,7 @@ impl VhdxImage {
     fn move_bat(&self, new_len: u64) -> Result<()> {
         let storage = self.storage().clone();
         let mut ws = self.write_state().lock();
-        self.begin(&mut ws)?;
+        self.begin_visible(&mut ws)?;
         self.commit(&mut ws)?;
         let mut table = self.regions();
         let old = table.bat;

@@ -34,6 +34,7 @@ const MAX_DIRTY_PAGES: usize = 256;
 #[derive(Debug, Default)]
 pub struct WriteState {
     started: bool,
+    data_changed: bool,
     log_guid: Option<Guid>,
     header_has_guid: bool,
     log_pos: u64,
@@ -87,7 +88,8 @@ impl VhdxImage {
         Ok(())
     }
 
-    /// Step 1 of the protocol: new FileWriteGuid and DataWriteGuid before the first change.
+    /// Step 1 of the protocol: a new FileWriteGuid before the first change of any kind (moving
+    /// blocks, say). The DataWriteGuid is left alone, so children of this image stay valid.
     pub(crate) fn begin(&self, ws: &mut WriteState) -> Result<()> {
         if ws.started {
             return Ok(());
@@ -95,9 +97,28 @@ impl VhdxImage {
         let mut header = self.header_lock().write();
         *header = update_headers(self.storage(), &header, |h| {
             h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
+        })?;
+        ws.started = true;
+        Ok(())
+    }
+
+    /// Before the first change a reader of the disk could see (data, size, identity, user
+    /// metadata): a new DataWriteGuid too, in the same header update when the session has not
+    /// started yet.
+    pub(crate) fn begin_visible(&self, ws: &mut WriteState) -> Result<()> {
+        if ws.data_changed {
+            return Ok(());
+        }
+        let started = ws.started;
+        let mut header = self.header_lock().write();
+        *header = update_headers(self.storage(), &header, |h| {
+            if !started {
+                h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
+            }
             h.data_write_guid = Guid::from_uuid(Uuid::new_v4());
         })?;
         ws.started = true;
+        ws.data_changed = true;
         Ok(())
     }
 
@@ -154,7 +175,7 @@ impl VhdxImage {
         }
         let layout = self.layout();
         let mut ws = self.write_state().lock();
-        self.begin(&mut ws)?;
+        self.begin_visible(&mut ws)?;
         let storage = self.storage().clone();
         let ss = layout.sector_size;
         let mut done = 0usize;
@@ -236,7 +257,7 @@ impl VhdxImage {
             if whole && !self.metadata().leave_block_allocated {
                 if state != BlockState::Zero {
                     let mut ws = self.write_state().lock();
-                    self.begin(&mut ws)?;
+                    self.begin_visible(&mut ws)?;
                     // ZERO, not UNMAPPED: the range must read as zeros in every reader, and in a
                     // differencing image it must not fall through to the parent. The old block
                     // stays in the file until `compact`.

@@ -166,7 +166,13 @@ fn discard_and_compact_release_space() {
     let raw = dir.path().join("before.raw");
     ok(&["convert", "-O", "raw", s(&img), s(&raw)]);
     let before = std::fs::metadata(&img).unwrap().len();
+    let id_before = json(&["info", s(&img)])["modification_uuid"].clone();
+    // A child of this image must stay valid: moving blocks is not a user-visible change.
+    let child = dir.path().join("child.vhdx");
+    ok(&["create", "-f", "vhdx", "-b", s(&img), s(&child)]);
     ok(&["compact", s(&img)]);
+    assert_eq!(json(&["info", s(&img)])["modification_uuid"], id_before);
+    assert_eq!(run(&["compare", s(&child), s(&raw)]).status.code(), Some(0));
     let after = std::fs::metadata(&img).unwrap().len();
     assert!(after <= before - 6 * MIB, "compact: {before} -> {after}");
     qemu_check(&img);
