@@ -306,3 +306,85 @@ fn resize_moves_the_bat_when_it_must_grow() {
     qemu_reads(&img, 0xcc, 599 << 30, MIB);
     qemu_check(&img);
 }
+
+/// The metadata region's (offset, length), from region table copy 1.
+fn metadata_region(bytes: &[u8]) -> (usize, usize) {
+    let meta = uuid::Uuid::parse_str("8B7CA206-4790-4B9A-B8FE-575F050F886E")
+        .unwrap()
+        .to_bytes_le();
+    let rt = &bytes[192 * 1024..256 * 1024];
+    let n = u32::from_le_bytes(rt[8..12].try_into().unwrap()) as usize;
+    (0..n)
+        .map(|i| &rt[16 + 32 * i..48 + 32 * i])
+        .find(|e| e[..16] == meta)
+        .map(|e| {
+            (
+                u64::from_le_bytes(e[16..24].try_into().unwrap()) as usize,
+                u32::from_le_bytes(e[24..28].try_into().unwrap()) as usize,
+            )
+        })
+        .unwrap()
+}
+
+/// The data of metadata item `guid` (any flags), if present.
+fn item(bytes: &[u8], guid: uuid::Uuid) -> Option<Vec<u8>> {
+    let (off, _) = metadata_region(bytes);
+    let t = &bytes[off..off + 64 * 1024];
+    let n = u16::from_le_bytes(t[10..12].try_into().unwrap()) as usize;
+    (0..n)
+        .map(|i| &t[32 + 32 * i..64 + 32 * i])
+        .find(|e| e[..16] == guid.to_bytes_le())
+        .map(|e| {
+            let o = u32::from_le_bytes(e[16..20].try_into().unwrap()) as usize;
+            let l = u32::from_le_bytes(e[20..24].try_into().unwrap()) as usize;
+            bytes[off + o..off + o + l].to_vec()
+        })
+}
+
+#[test]
+fn unknown_optional_metadata_survives_rewrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = create(dir.path(), "u.vhdx", "block_size=1M", "16M");
+    io(&img, &["write -P 0x5a 0 1M"]);
+    // Add an optional system item and a user item we do not know, as another tool might.
+    let mut bytes = std::fs::read(&img).unwrap();
+    let (off, _) = metadata_region(&bytes);
+    let foreign = uuid::Uuid::parse_str("0f0e0d0c-0b0a-4908-8706-050403020100").unwrap();
+    let user = uuid::Uuid::parse_str("1f1e1d1c-1b1a-4918-9716-151413121110").unwrap();
+    let n = u16::from_le_bytes(bytes[off + 10..off + 12].try_into().unwrap()) as usize;
+    for (k, (guid, flags, data)) in [
+        (foreign, 0u32, b"kept by vd 1".as_slice()),
+        (user, 1, b"user data 2".as_slice()),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let data_off = 200 * 1024 + 4096 * k;
+        let e = off + 32 + 32 * (n + k);
+        bytes[e..e + 16].copy_from_slice(&guid.to_bytes_le());
+        bytes[e + 16..e + 20].copy_from_slice(&(data_off as u32).to_le_bytes());
+        bytes[e + 20..e + 24].copy_from_slice(&(data.len() as u32).to_le_bytes());
+        bytes[e + 24..e + 28].copy_from_slice(&flags.to_le_bytes());
+        bytes[off + data_off..off + data_off + data.len()].copy_from_slice(data);
+    }
+    bytes[off + 10..off + 12].copy_from_slice(&((n + 2) as u16).to_le_bytes());
+    std::fs::write(&img, &bytes).unwrap();
+    qemu_check(&img);
+    // Every metadata rewrite keeps both items.
+    ok(&["comment", "--set", "a comment", s(&img)]);
+    ok(&["resize", s(&img), "+16M"]);
+    ok(&["setuuid", s(&img)]);
+    ok(&["geometry", "--pchs", "10/16/63", s(&img)]);
+    let after = std::fs::read(&img).unwrap();
+    assert_eq!(
+        item(&after, foreign).as_deref(),
+        Some(b"kept by vd 1".as_slice())
+    );
+    assert_eq!(
+        item(&after, user).as_deref(),
+        Some(b"user data 2".as_slice())
+    );
+    assert_eq!(json(&["info", s(&img)])["comment"], "a comment");
+    qemu_check(&img);
+    qemu_reads(&img, 0x5a, 0, MIB);
+}
