@@ -254,13 +254,29 @@ impl VhdxImage {
             let n = (layout.block_size - within).min(end - pos);
             let whole = within == 0 && (n == layout.block_size || pos + n == layout.virtual_size);
             let state = self.bat().block(block)?;
-            if whole && !self.metadata().leave_block_allocated {
+            if whole && layout.has_parent {
+                // In a differencing image, a zeroed block becomes a present block of zeros (a
+                // hole in the file, so it costs no space) rather than ZERO: ZERO must read as
+                // zeros, but some readers (libvhdi 20260901) wrongly send it to the parent.
                 if state != BlockState::Zero {
                     let mut ws = self.write_state().lock();
                     self.begin_visible(&mut ws)?;
-                    // ZERO, not UNMAPPED: the range must read as zeros in every reader, and in a
-                    // differencing image it must not fall through to the parent. The old block
-                    // stays in the file until `compact`.
+                    let index = layout.payload_index(block);
+                    if let BlockState::Full(off) = state {
+                        self.storage()
+                            .discard(off, layout.block_size)
+                            .map_err(|e| io("cannot zero a block", e))?;
+                    } else {
+                        let off = self.allocate(&mut ws, layout.block_size)?;
+                        self.set_entry(&mut ws, index, entry_value(off, bat_state::FULLY_PRESENT))?;
+                    }
+                }
+            } else if whole && !self.metadata().leave_block_allocated {
+                if state != BlockState::Zero {
+                    let mut ws = self.write_state().lock();
+                    self.begin_visible(&mut ws)?;
+                    // ZERO, not UNMAPPED, so the range reads as zeros in every reader. The old
+                    // block stays in the file until `compact`.
                     let index = layout.payload_index(block);
                     self.set_entry(&mut ws, index, entry_value(0, bat_state::ZERO))?;
                 }
