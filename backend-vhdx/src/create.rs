@@ -18,9 +18,7 @@ use zerocopy::little_endian::{U16, U32, U64};
 use crate::checksum::crc32c_with_zero_field;
 use crate::format::{
     FILE_SIGNATURE, HEADER_OFFSETS, HEADER_SIGNATURE, Header, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE,
-    METADATA_SIGNATURE, MIB, MIN_BLOCK_SIZE, MetadataTableEntry, MetadataTableHeader,
-    ParentLocatorEntry, ParentLocatorHeader, REGION_SIGNATURE, REGION_TABLE_OFFSETS,
-    REGION_TABLE_SIZE, RegionTableEntry, RegionTableHeader, bat_state,
+    MIB, MIN_BLOCK_SIZE, ParentLocatorEntry, ParentLocatorHeader, REGION_TABLE_OFFSETS, bat_state,
 };
 use crate::guid::{
     Guid, META_FILE_PARAMETERS, META_INCOMPLETE_FILE, META_LOGICAL_SECTOR_SIZE,
@@ -28,6 +26,8 @@ use crate::guid::{
     PARENT_LOCATOR_TYPE_VHDX, REGION_BAT, REGION_METADATA,
 };
 use crate::image::VhdxImage;
+use crate::meta_edit::{ItemData, build_metadata_region};
+use crate::region::{Region, RegionTable, build_region_table};
 
 /// Validated creation options.
 #[derive(Debug, Clone)]
@@ -213,78 +213,43 @@ pub(crate) fn parent_locator(pairs: &[(&str, String)]) -> Vec<u8> {
     out
 }
 
-/// Builds the 64 KiB metadata table and the items area for these options.
-fn metadata_region(o: &CreateOptions, locator: Option<&[u8]>, incomplete: bool) -> Vec<u8> {
-    let mut region = vec![0u8; usize::try_from(MIB).unwrap_or(0)];
-    let mut items: Vec<(Uuid, Vec<u8>, u32)> = Vec::new();
+/// The metadata region for these options (the incomplete-file marker last, when asked for).
+fn metadata_region(o: &CreateOptions, locator: Option<&[u8]>, incomplete: bool) -> Result<Vec<u8>> {
     const REQ: u32 = 4;
     const VD: u32 = 2;
-    let mut fp_flags = 0u32;
-    if o.fixed {
-        fp_flags |= 1;
-    }
-    if locator.is_some() {
-        fp_flags |= 2;
-    }
+    let fp_flags = u32::from(o.fixed) | u32::from(locator.is_some()) << 1;
     let mut fp = o.block_size.to_le_bytes().to_vec();
     fp.extend_from_slice(&fp_flags.to_le_bytes());
-    items.push((META_FILE_PARAMETERS, fp, REQ));
-    items.push((
-        META_VIRTUAL_DISK_SIZE,
-        o.size.to_le_bytes().to_vec(),
-        REQ | VD,
-    ));
-    items.push((
-        META_VIRTUAL_DISK_ID,
-        Guid::from_uuid(Uuid::new_v4()).0.to_vec(),
-        REQ | VD,
-    ));
-    items.push((
-        META_LOGICAL_SECTOR_SIZE,
-        o.logical_sector_size.to_le_bytes().to_vec(),
-        REQ | VD,
-    ));
-    items.push((
-        META_PHYSICAL_SECTOR_SIZE,
-        o.physical_sector_size.to_le_bytes().to_vec(),
-        REQ | VD,
-    ));
+    let mut items = vec![
+        ItemData::new(META_FILE_PARAMETERS, REQ, fp),
+        ItemData::new(
+            META_VIRTUAL_DISK_SIZE,
+            REQ | VD,
+            o.size.to_le_bytes().to_vec(),
+        ),
+        ItemData::new(
+            META_VIRTUAL_DISK_ID,
+            REQ | VD,
+            Guid::from_uuid(Uuid::new_v4()).0.to_vec(),
+        ),
+        ItemData::new(
+            META_LOGICAL_SECTOR_SIZE,
+            REQ | VD,
+            o.logical_sector_size.to_le_bytes().to_vec(),
+        ),
+        ItemData::new(
+            META_PHYSICAL_SECTOR_SIZE,
+            REQ | VD,
+            o.physical_sector_size.to_le_bytes().to_vec(),
+        ),
+    ];
     if let Some(loc) = locator {
-        items.push((META_PARENT_LOCATOR, loc.to_vec(), REQ));
+        items.push(ItemData::new(META_PARENT_LOCATOR, REQ, loc.to_vec()));
     }
     if incomplete {
-        items.push((META_INCOMPLETE_FILE, Vec::new(), REQ));
+        items.push(ItemData::new(META_INCOMPLETE_FILE, REQ, Vec::new()));
     }
-    let header = MetadataTableHeader {
-        signature: U64::new(METADATA_SIGNATURE),
-        reserved: U16::new(0),
-        entry_count: U16::new(u16::try_from(items.len()).unwrap_or(0)),
-        reserved2: [0; 20],
-    };
-    let put = |region: &mut Vec<u8>, at: usize, b: &[u8]| {
-        if let Some(d) = region.get_mut(at..at + b.len()) {
-            d.copy_from_slice(b);
-        }
-    };
-    put(&mut region, 0, header.as_bytes());
-    let mut data_off = 64 * 1024usize;
-    for (i, (guid, data, flags)) in items.iter().enumerate() {
-        let entry = MetadataTableEntry {
-            item_id: Guid::from_uuid(*guid),
-            offset: U32::new(if data.is_empty() {
-                0
-            } else {
-                u32::try_from(data_off).unwrap_or(0)
-            }),
-            length: U32::new(u32::try_from(data.len()).unwrap_or(0)),
-            flags: U32::new(*flags),
-            reserved: U32::new(0),
-        };
-        put(&mut region, 32 + 32 * i, entry.as_bytes());
-        put(&mut region, data_off, data);
-        data_off += data.len().div_ceil(8) * 8;
-    }
-    region
+    build_metadata_region(&items, usize::try_from(MIB).unwrap_or(0))
 }
 
 fn header(seq: u64, log_offset: u64, log_len: u64) -> Header {
@@ -304,33 +269,6 @@ fn header(seq: u64, log_offset: u64, log_len: u64) -> Header {
     let sum = crc32c_with_zero_field(h.as_bytes(), 4);
     h.checksum.set(sum);
     h
-}
-
-fn region_table(bat: (u64, u64), meta: (u64, u64)) -> Vec<u8> {
-    let mut t = vec![0u8; REGION_TABLE_SIZE];
-    let h = RegionTableHeader {
-        signature: U32::new(REGION_SIGNATURE),
-        checksum: U32::new(0),
-        entry_count: U32::new(2),
-        reserved: U32::new(0),
-    };
-    let e = |guid, (off, len): (u64, u64)| RegionTableEntry {
-        guid: Guid::from_uuid(guid),
-        file_offset: U64::new(off),
-        length: U32::new(u32::try_from(len).unwrap_or(0)),
-        flags: U32::new(1),
-    };
-    let mut bytes = h.as_bytes().to_vec();
-    bytes.extend_from_slice(e(REGION_BAT, bat).as_bytes());
-    bytes.extend_from_slice(e(REGION_METADATA, meta).as_bytes());
-    if let Some(d) = t.get_mut(..bytes.len()) {
-        d.copy_from_slice(&bytes);
-    }
-    let sum = crc32c_with_zero_field(&t, 4);
-    if let Some(d) = t.get_mut(4..8) {
-        d.copy_from_slice(&sum.to_le_bytes());
-    }
-    t
 }
 
 /// Creates an image as `req` asks and opens it read-write.
@@ -373,7 +311,7 @@ pub fn create(req: CreateRequest<'_>) -> Result<VhdxImage> {
     ident.extend_from_slice(&utf16(concat!("vd ", env!("CARGO_PKG_VERSION"))));
     s.write_all_at(0, &ident).map_err(io)?;
     // Metadata first, marked incomplete.
-    s.write_all_at(meta_offset, &metadata_region(&o, locator.as_deref(), true))
+    s.write_all_at(meta_offset, &metadata_region(&o, locator.as_deref(), true)?)
         .map_err(io)?;
     // BAT.
     let mut end = data_offset;
@@ -395,7 +333,18 @@ pub fn create(req: CreateRequest<'_>) -> Result<VhdxImage> {
     }
     s.set_len(end.max(bat_offset + bat_len)).map_err(io)?;
     // Region tables and headers.
-    let rt = region_table((bat_offset, bat_len), (meta_offset, MIB));
+    let region = |guid, offset, length| Region {
+        guid,
+        offset,
+        length,
+        required: true,
+    };
+    let rt = build_region_table(&RegionTable {
+        bat: region(REGION_BAT, bat_offset, bat_len),
+        metadata: region(REGION_METADATA, meta_offset, MIB),
+        others: Vec::new(),
+        copy: 0,
+    });
     for off in REGION_TABLE_OFFSETS {
         s.write_all_at(off, &rt).map_err(io)?;
     }

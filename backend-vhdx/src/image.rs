@@ -744,7 +744,7 @@ impl Image for VhdxImage {
                 Ok(_) => {}
                 Err(e) => report.findings.push(Finding {
                     severity: Severity::Error,
-                    message: error_chain(&e),
+                    message: vd_core::error_chain(&e),
                     repaired: false,
                 }),
             }
@@ -758,7 +758,7 @@ impl Image for VhdxImage {
                     Ok(None) => {}
                     Err(e) => report.findings.push(Finding {
                         severity: Severity::Error,
-                        message: error_chain(&e),
+                        message: vd_core::error_chain(&e),
                         repaired: false,
                     }),
                 }
@@ -897,16 +897,4 @@ impl Image for VhdxImage {
             "data_blocks": self.bat.layout().data_blocks,
         })
     }
-}
-
-/// An error and its causes on one line.
-fn error_chain(e: &Error) -> String {
-    let mut s = e.to_string();
-    let mut src = std::error::Error::source(e);
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
 }

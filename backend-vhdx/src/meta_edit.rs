@@ -32,6 +32,11 @@ pub struct ItemData {
 }
 
 impl ItemData {
+    /// An item with raw flags (bit 0 IsUser, bit 1 IsVirtualDisk, bit 2 IsRequired).
+    pub(crate) fn new(guid: Uuid, flags: u32, data: Vec<u8>) -> Self {
+        Self { guid, flags, data }
+    }
+
     fn is_user(&self) -> bool {
         self.flags & FLAG_USER != 0
     }
@@ -72,6 +77,53 @@ fn geometry_bytes(g: Geometry) -> Vec<u8> {
         .iter()
         .flat_map(|v| v.to_le_bytes())
         .collect()
+}
+
+/// Lays out a metadata region of `len` bytes: the table, then each item's data from 64 KiB on,
+/// 8-byte aligned, in order.
+///
+/// # Errors
+/// `OutOfRange` when the items do not fit.
+pub(crate) fn build_metadata_region(items: &[ItemData], len: usize) -> Result<Vec<u8>> {
+    use zerocopy::IntoBytes;
+    let mut new = vec![0u8; len];
+    let header = MetadataTableHeader {
+        signature: zerocopy::little_endian::U64::new(METADATA_SIGNATURE),
+        reserved: zerocopy::little_endian::U16::new(0),
+        entry_count: zerocopy::little_endian::U16::new(
+            u16::try_from(items.len()).unwrap_or(u16::MAX),
+        ),
+        reserved2: [0; 20],
+    };
+    let full = || Error::new(ErrorKind::OutOfRange, "the metadata region is full");
+    let put = |buf: &mut Vec<u8>, at: usize, b: &[u8]| -> Result<()> {
+        buf.get_mut(at..at + b.len())
+            .ok_or_else(full)?
+            .copy_from_slice(b);
+        Ok(())
+    };
+    put(&mut new, 0, header.as_bytes())?;
+    let mut data_off = METADATA_TABLE_SIZE;
+    for (n, i) in items.iter().enumerate() {
+        if 32 + 32 * (n + 1) > METADATA_TABLE_SIZE {
+            return Err(full());
+        }
+        let entry = MetadataTableEntry {
+            item_id: Guid::from_uuid(i.guid),
+            offset: zerocopy::little_endian::U32::new(if i.data.is_empty() {
+                0
+            } else {
+                u32::try_from(data_off).unwrap_or(0)
+            }),
+            length: zerocopy::little_endian::U32::new(u32::try_from(i.data.len()).unwrap_or(0)),
+            flags: zerocopy::little_endian::U32::new(i.flags),
+            reserved: zerocopy::little_endian::U32::new(0),
+        };
+        put(&mut new, 32 + 32 * n, entry.as_bytes())?;
+        put(&mut new, data_off, &i.data)?;
+        data_off += i.data.len().div_ceil(8) * 8;
+    }
+    Ok(new)
 }
 
 impl VhdxImage {
@@ -148,44 +200,7 @@ impl VhdxImage {
             })
             .collect();
         edit(&mut items)?;
-        let mut new = vec![0u8; len];
-        let header = MetadataTableHeader {
-            signature: zerocopy::little_endian::U64::new(METADATA_SIGNATURE),
-            reserved: zerocopy::little_endian::U16::new(0),
-            entry_count: zerocopy::little_endian::U16::new(
-                u16::try_from(items.len()).unwrap_or(u16::MAX),
-            ),
-            reserved2: [0; 20],
-        };
-        let full = || Error::new(ErrorKind::OutOfRange, "the metadata region is full");
-        let put = |buf: &mut Vec<u8>, at: usize, b: &[u8]| -> Result<()> {
-            buf.get_mut(at..at + b.len())
-                .ok_or_else(full)?
-                .copy_from_slice(b);
-            Ok(())
-        };
-        use zerocopy::IntoBytes;
-        put(&mut new, 0, header.as_bytes())?;
-        let mut data_off = METADATA_TABLE_SIZE;
-        for (n, i) in items.iter().enumerate() {
-            if 32 + 32 * (n + 1) > METADATA_TABLE_SIZE {
-                return Err(full());
-            }
-            let entry = MetadataTableEntry {
-                item_id: Guid::from_uuid(i.guid),
-                offset: zerocopy::little_endian::U32::new(if i.data.is_empty() {
-                    0
-                } else {
-                    u32::try_from(data_off).unwrap_or(0)
-                }),
-                length: zerocopy::little_endian::U32::new(u32::try_from(i.data.len()).unwrap_or(0)),
-                flags: zerocopy::little_endian::U32::new(i.flags),
-                reserved: zerocopy::little_endian::U32::new(0),
-            };
-            put(&mut new, 32 + 32 * n, entry.as_bytes())?;
-            put(&mut new, data_off, &i.data)?;
-            data_off += i.data.len().div_ceil(8) * 8;
-        }
+        let new = build_metadata_region(&items, len)?;
         let page = usize::try_from(LOG_SECTOR_SIZE).unwrap_or(4096);
         for (k, (a, b)) in old.chunks(page).zip(new.chunks(page)).enumerate() {
             if a != b {

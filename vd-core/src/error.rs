@@ -219,6 +219,18 @@ impl StdError for Error {
     }
 }
 
+/// An error and all its causes on one line, joined by `": "`.
+pub fn error_chain(e: &(dyn StdError + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(c) = src {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        src = c.source();
+    }
+    s
+}
+
 impl From<io::Error> for Error {
     fn from(err: io::Error) -> Self {
         Self::io("i/o failed", err)

@@ -18,17 +18,6 @@ struct CheckResult {
     repaired: usize,
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(c) = src {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        src = c.source();
-    }
-    s
-}
-
 pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Result<u8> {
     let flags = if args.repair {
         OpenFlags::empty()
@@ -50,7 +39,7 @@ pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Res
             None,
             vec![Finding {
                 severity: Severity::Error,
-                message: format!("the image cannot be opened: {}", chain(&e)),
+                message: format!("the image cannot be opened: {}", vd_core::error_chain(&e)),
                 repaired: false,
             }],
         ),
