@@ -79,6 +79,37 @@ pub enum Command {
     Comment(CommentArgs),
     /// Move data down into holes and shrink the file.
     Compact(FileArgs),
+    /// Time COUNT sequential requests of SIZE bytes (like `qemu-img bench`).
+    Bench(BenchArgs),
+}
+
+/// Arguments of `bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The image.
+    #[command(flatten)]
+    pub image: FileArgs,
+    /// Number of requests.
+    #[arg(short = 'c', long, default_value_t = 75000)]
+    pub count: u64,
+    /// Request size.
+    #[arg(short = 's', long = "buffer-size", default_value = "4K")]
+    pub size: String,
+    /// Distance between request starts (default: the request size).
+    #[arg(short = 'S', long = "step-size")]
+    pub step: Option<String>,
+    /// Offset of the first request.
+    #[arg(short = 'o', long, default_value = "0")]
+    pub offset: String,
+    /// Write instead of read.
+    #[arg(short = 'w', long)]
+    pub write: bool,
+    /// Write this byte (default 0xa5).
+    #[arg(long, default_value = "165")]
+    pub pattern: u8,
+    /// With -w: flush after this many requests (0: only at the end).
+    #[arg(long, default_value_t = 0)]
+    pub flush_interval: u64,
 }
 
 /// An image and its format.

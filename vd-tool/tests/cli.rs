@@ -420,3 +420,47 @@ fn dump_and_info_describe_vhdx_structures() {
     }
     assert_eq!(before, std::fs::read(&img).unwrap());
 }
+
+#[test]
+fn bench_reads_and_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_vhdx(dir.path());
+    let v = json(&vd_tool(&[
+        "bench",
+        "--output",
+        "json",
+        "-c",
+        "100",
+        "-s",
+        "64K",
+        p(&img),
+    ]));
+    assert_eq!(v["mode"], "read");
+    assert_eq!(v["bytes"], 100 * 65536);
+    assert!(v["seconds"].as_f64().unwrap() > 0.0);
+    // Writes wrap around at the end of the disk and leave the pattern behind.
+    let v = json(&vd_tool(&[
+        "bench",
+        "--output",
+        "json",
+        "-w",
+        "--pattern",
+        "66",
+        "-c",
+        "80",
+        "-s",
+        "1M",
+        "--flush-interval",
+        "7",
+        p(&img),
+    ]));
+    assert_eq!(v["mode"], "write");
+    let o = vd_tool(&["io", "-r", "-c", "read -P 66 0 64M", p(&img)]);
+    assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
+    let st = Command::new(qemu_img())
+        .args(["check", p(&img)])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert_error(&vd_tool(&["bench", "-s", "0", p(&img)]), "request size");
+}

@@ -8,7 +8,7 @@ use serde::Serialize;
 use vd_core::{Disk, ExtentKind, Registry};
 
 use crate::cli::{CompareArgs, Output};
-use crate::commands::{open_disk, progress_bar};
+use crate::commands::{AlignedBuf, open_disk, progress_bar};
 use crate::render::emit;
 
 const CHUNK: u64 = 4 << 20;
@@ -39,8 +39,9 @@ fn first_difference(
     to: u64,
     pb: &indicatif::ProgressBar,
 ) -> anyhow::Result<Option<u64>> {
-    let mut ba = vec![0u8; CHUNK as usize];
-    let mut bb = vec![0u8; CHUNK as usize];
+    let mut aa = AlignedBuf::new(CHUNK as usize);
+    let mut ab = AlignedBuf::new(CHUNK as usize);
+    let (ba, bb) = (aa.as_mut(), ab.as_mut());
     let mut pos = from;
     while pos < to {
         let n = (to - pos).min(CHUNK);

@@ -11,7 +11,7 @@ use serde::Serialize;
 use vd_core::{CreateParams, Disk, ExtentKind, Image, Registry};
 
 use crate::cli::{ConvertArgs, Output};
-use crate::commands::{open_disk, parse_options, progress_bar};
+use crate::commands::{AlignedBuf, open_disk, parse_options, progress_bar};
 use crate::render::{emit, sanitize};
 
 /// Copy granularity; also the granularity at which all-zero data is detected and skipped.
@@ -31,7 +31,8 @@ struct ConvertResult {
 /// `(written, skipped)` byte counts.
 fn copy(src: &Disk, dst: &dyn Image, pb: &ProgressBar) -> anyhow::Result<(u64, u64)> {
     let size = src.size();
-    let mut buf = vec![0u8; usize::try_from(CHUNK)?];
+    let mut aligned = AlignedBuf::new(usize::try_from(CHUNK)?);
+    let buf = aligned.as_mut();
     let (mut written, mut skipped) = (0u64, 0u64);
     for e in src.map(0, size)? {
         if e.kind != ExtentKind::Data {

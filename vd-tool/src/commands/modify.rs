@@ -9,7 +9,7 @@ use vd_core::{Disk, DiskOptions, ErrorKind, ExtentKind, Geometry, Image, OpenFla
 use crate::cli::{
     CommentArgs, CommitArgs, DiscardArgs, FileArgs, GeometryArgs, Output, ResizeArgs, SetuuidArgs,
 };
-use crate::commands::{parse_size, progress_bar};
+use crate::commands::{AlignedBuf, parse_size, progress_bar};
 use crate::render::{emit, sanitize};
 
 fn open_rw(registry: &Registry, a: &FileArgs) -> anyhow::Result<Box<dyn Image>> {
@@ -119,7 +119,8 @@ pub fn commit(registry: &Registry, args: &CommitArgs, output: Output) -> anyhow:
     }
     let size = child.size();
     let pb = progress_bar(args.progress, size);
-    let mut buf = vec![0u8; 1 << 20];
+    let mut aligned = AlignedBuf::new(1 << 20);
+    let buf = aligned.as_mut();
     for e in child.map(0, size)? {
         match e.kind {
             ExtentKind::Data => {
