@@ -289,7 +289,8 @@ impl Bat {
     /// # Errors
     /// I/O errors.
     pub fn raw(&self, index: u64) -> Result<u64> {
-        if index >= self.layout().entries {
+        let layout = self.layout();
+        if index >= layout.entries {
             return Ok(0);
         }
         let page = self.page(index / ENTRIES_PER_PAGE)?;
@@ -334,7 +335,8 @@ impl Bat {
     /// `Corrupt` for reserved bits, invalid states, offsets outside the file or inside other
     /// structures; I/O errors.
     pub fn block(&self, block: u64) -> Result<BlockState> {
-        let index = self.layout().payload_index(block);
+        let layout = self.layout();
+        let index = layout.payload_index(block);
         let raw = self.raw(index)?;
         if raw & BAT_RESERVED_MASK != 0 {
             return Err(Corruption::BatReservedBits { index, value: raw }
@@ -343,8 +345,7 @@ impl Bat {
         let state = (raw & 7) as u8;
         let offset = (raw >> 20) * MIB;
         // The last block may be partial; only the part inside the virtual disk must exist.
-        let needed = (self.layout().virtual_size - block * self.layout().block_size)
-            .min(self.layout().block_size);
+        let needed = (layout.virtual_size - block * layout.block_size).min(layout.block_size);
         Ok(match state {
             bat_state::NOT_PRESENT => BlockState::NotPresent,
             bat_state::UNDEFINED
@@ -356,7 +357,7 @@ impl Bat {
                 BlockState::Full(offset)
             }
             bat_state::PARTIALLY_PRESENT => {
-                if !self.layout().has_parent {
+                if !layout.has_parent {
                     return Err(Corruption::PartiallyPresentWithoutParent { index }
                         .at(format!("BAT entry {index}"), self.entry_at(index)));
                 }
@@ -378,7 +379,8 @@ impl Bat {
     /// # Errors
     /// `Corrupt` for invalid entries; I/O errors.
     pub fn bitmap(&self, chunk: u64) -> Result<Option<u64>> {
-        let index = self.layout().bitmap_index(chunk);
+        let layout = self.layout();
+        let index = layout.bitmap_index(chunk);
         let raw = self.raw(index)?;
         if raw & BAT_RESERVED_MASK != 0 {
             return Err(Corruption::BatReservedBits { index, value: raw }
@@ -431,13 +433,14 @@ impl Bat {
         count: u64,
         mut f: impl FnMut(u64, u64, bool),
     ) -> Result<()> {
-        let chunk = block / self.layout().chunk_ratio;
+        let layout = self.layout();
+        let chunk = block / layout.chunk_ratio;
         let Some(sb) = self.bitmap(chunk)? else {
-            let index = self.layout().payload_index(block);
+            let index = layout.payload_index(block);
             return Err(Corruption::SectorBitmapMissing { index }
                 .at(format!("BAT entry {index}"), self.entry_at(index)));
         };
-        let base = (block % self.layout().chunk_ratio) * self.layout().sectors_per_block();
+        let base = (block % layout.chunk_ratio) * layout.sectors_per_block();
         let mut run_start = first;
         let mut run_value = None;
         let mut page_cache: Option<(u64, Arc<[u8]>)> = None;
@@ -477,8 +480,9 @@ impl Bat {
     /// # Errors
     /// As [`block`](Bat::block).
     pub fn summary(&self) -> Result<BatSummary> {
+        let layout = self.layout();
         let mut s = BatSummary::default();
-        for b in 0..self.layout().data_blocks {
+        for b in 0..layout.data_blocks {
             match self.block(b)? {
                 BlockState::NotPresent => s.not_present += 1,
                 BlockState::Zero => s.zero += 1,
@@ -486,12 +490,8 @@ impl Bat {
                 BlockState::Partial(_) => s.partially_present += 1,
             }
         }
-        if self.layout().has_parent {
-            for c in 0..self
-                .layout()
-                .data_blocks
-                .div_ceil(self.layout().chunk_ratio)
-            {
+        if layout.has_parent {
+            for c in 0..self.layout().data_blocks.div_ceil(layout.chunk_ratio) {
                 if self.bitmap(c)?.is_some() {
                     s.bitmaps_present += 1;
                 }

@@ -10,6 +10,7 @@ use vd_core::{Error, Result};
 use crate::bat::BlockState;
 use crate::format::{HEADER_SECTION_SIZE, MIB, bat_state};
 use crate::image::VhdxImage;
+use crate::write::copy_range;
 
 #[derive(Debug, Clone, Copy)]
 enum Owner {
@@ -82,24 +83,13 @@ impl VhdxImage {
                 .copied()
         };
         let mut target = MIB;
-        let mut buf = vec![0u8; usize::try_from(MIB).unwrap_or(0)];
         for (n, (off, len, owner)) in blocks.into_iter().enumerate() {
             // The lowest free, 1 MiB-aligned place at or after `target`.
             while let Some(f) = overlaps_fixed(target, len) {
                 target = f.1.div_ceil(MIB) * MIB;
             }
             if target < off {
-                let mut done = 0;
-                while done < len {
-                    let chunk = buf
-                        .get_mut(..usize::try_from((len - done).min(MIB)).unwrap_or(0))
-                        .ok_or_else(|| Error::invalid_argument("copy chunk"))?;
-                    storage
-                        .read_exact_at(off + done, chunk)
-                        .and_then(|()| storage.write_all_at(target + done, chunk))
-                        .map_err(|e| Error::io("cannot move a block", e))?;
-                    done += chunk.len() as u64;
-                }
+                copy_range(storage.as_ref(), off, target, len, "cannot move a block")?;
                 let (index, state) = match owner {
                     Owner::Payload(b, s) => (layout.payload_index(b), s),
                     Owner::Bitmap(c) => (layout.bitmap_index(c), bat_state::SB_PRESENT),

@@ -15,7 +15,6 @@ use vd_core::{CreateRequest, Error, ImageFlags, OpenFlags, OpenRequest, Result};
 use zerocopy::IntoBytes;
 use zerocopy::little_endian::{U16, U32, U64};
 
-use crate::checksum::crc32c_with_zero_field;
 use crate::format::{
     FILE_SIGNATURE, HEADER_OFFSETS, HEADER_SIGNATURE, Header, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE,
     MIB, MIN_BLOCK_SIZE, ParentLocatorEntry, ParentLocatorHeader, REGION_TABLE_OFFSETS, bat_state,
@@ -25,6 +24,7 @@ use crate::guid::{
     META_PARENT_LOCATOR, META_PHYSICAL_SECTOR_SIZE, META_VIRTUAL_DISK_ID, META_VIRTUAL_DISK_SIZE,
     PARENT_LOCATOR_TYPE_VHDX, REGION_BAT, REGION_METADATA,
 };
+use crate::header::seal;
 use crate::image::VhdxImage;
 use crate::meta_edit::{ItemData, build_metadata_region};
 use crate::region::{Region, RegionTable, build_region_table};
@@ -266,8 +266,7 @@ fn header(seq: u64, log_offset: u64, log_len: u64) -> Header {
         log_offset: U64::new(log_offset),
         reserved: [0; 4016],
     };
-    let sum = crc32c_with_zero_field(h.as_bytes(), 4);
-    h.checksum.set(sum);
+    seal(&mut h);
     h
 }
 
@@ -353,9 +352,7 @@ pub fn create(req: CreateRequest<'_>) -> Result<VhdxImage> {
         .map_err(io)?;
     let mut h2 = h;
     h2.sequence_number.set(1);
-    h2.checksum.set(0);
-    let sum = crc32c_with_zero_field(h2.as_bytes(), 4);
-    h2.checksum.set(sum);
+    seal(&mut h2);
     s.write_all_at(HEADER_OFFSETS[1], h2.as_bytes())
         .map_err(io)?;
     s.flush().map_err(io)?;

@@ -356,6 +356,11 @@ pub fn corruption_of(err: &Error) -> Option<&Corruption> {
     std::error::Error::source(err).and_then(|s| s.downcast_ref::<Corruption>())
 }
 
+/// An I/O error during `op`.
+pub(crate) fn io_err(op: &str, e: std::io::Error) -> Error {
+    Error::io(op.to_string(), e)
+}
+
 /// An I/O error while reading `what` at `offset`.
 pub fn io_at(what: &str, offset: u64, e: std::io::Error) -> Error {
     Error::io(format!("cannot read the {what}"), e)

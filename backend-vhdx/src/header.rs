@@ -209,10 +209,15 @@ pub fn read_headers(storage: &dyn Storage, file_len: u64, strict: bool) -> Resul
     })
 }
 
-fn write_slot(storage: &dyn Storage, slot: usize, mut h: Header) -> Result<Header> {
+/// Sets a header's checksum over its 4 KiB with the field taken as zero.
+pub fn seal(h: &mut Header) {
     h.checksum.set(0);
     let sum = crc32c_with_zero_field(h.as_bytes(), 4);
     h.checksum.set(sum);
+}
+
+fn write_slot(storage: &dyn Storage, slot: usize, mut h: Header) -> Result<Header> {
+    seal(&mut h);
     let [first, second] = HEADER_OFFSETS;
     let off = if slot & 1 == 0 { first } else { second };
     storage

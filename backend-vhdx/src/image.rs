@@ -13,7 +13,7 @@ use vd_core::{
 };
 
 use crate::bat::{Bat, BlockState, Forbidden, Layout};
-use crate::error::Corruption;
+use crate::error::{Corruption, io_err};
 use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
 use crate::guid::Guid;
 use crate::header::{ActiveHeader, read_headers, read_identifier, update_headers};
@@ -73,10 +73,6 @@ enum Source {
     File(u64),
     Zero,
     Parent,
-}
-
-fn io_err(op: &str, e: io::Error) -> Error {
-    Error::io(op.to_string(), e)
 }
 
 impl VhdxImage {

@@ -15,6 +15,7 @@ use crate::format::{MAX_BAT_SIZE, MAX_VIRTUAL_SIZE, MIB, REGION_TABLE_OFFSETS, b
 use crate::guid::META_VIRTUAL_DISK_SIZE;
 use crate::image::VhdxImage;
 use crate::region::build_region_table;
+use crate::write::copy_range;
 
 impl VhdxImage {
     pub(crate) fn resize_impl(&self, new_size: u64) -> Result<()> {
@@ -110,19 +111,14 @@ impl VhdxImage {
         let mut table = self.regions();
         let old = table.bat;
         let new_off = self.allocate(&mut ws, new_len)?;
-        let mut buf = vec![0u8; usize::try_from(MIB).unwrap_or(0)];
         let copy = old.length.min(new_len);
-        let mut done = 0;
-        while done < copy {
-            let chunk = buf
-                .get_mut(..usize::try_from((copy - done).min(MIB)).unwrap_or(0))
-                .ok_or_else(|| Error::invalid_argument("copy chunk"))?;
-            storage
-                .read_exact_at(old.offset + done, chunk)
-                .and_then(|()| storage.write_all_at(new_off + done, chunk))
-                .map_err(|e| Error::io("cannot copy the BAT", e))?;
-            done += chunk.len() as u64;
-        }
+        copy_range(
+            storage.as_ref(),
+            old.offset,
+            new_off,
+            copy,
+            "cannot copy the BAT",
+        )?;
         table.bat.offset = new_off;
         table.bat.length = new_len;
         let bytes = build_region_table(&table);

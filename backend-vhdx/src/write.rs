@@ -21,6 +21,7 @@ use uuid::Uuid;
 use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
 
 use crate::bat::BlockState;
+use crate::error::io_err;
 use crate::format::{MIB, bat_state};
 use crate::guid::Guid;
 use crate::header::update_headers;
@@ -71,12 +72,31 @@ impl WriteState {
     }
 }
 
-fn io(op: &str, e: std::io::Error) -> Error {
-    Error::io(op.to_string(), e)
-}
-
 fn entry_value(offset: u64, state: u8) -> u64 {
     (offset / MIB) << 20 | u64::from(state)
+}
+
+/// Copies `len` bytes of the file from `from` to `to` in 1 MiB pieces.
+pub(crate) fn copy_range(
+    storage: &dyn vd_core::Storage,
+    from: u64,
+    to: u64,
+    len: u64,
+    what: &str,
+) -> Result<()> {
+    let mut buf = vec![0u8; usize::try_from(MIB.min(len)).unwrap_or(0)];
+    let mut done = 0;
+    while done < len {
+        let chunk = buf
+            .get_mut(..usize::try_from((len - done).min(MIB)).unwrap_or(0))
+            .ok_or_else(|| Error::invalid_argument("copy chunk"))?;
+        storage
+            .read_exact_at(from + done, chunk)
+            .and_then(|()| storage.write_all_at(to + done, chunk))
+            .map_err(|e| io_err(what, e))?;
+        done += chunk.len() as u64;
+    }
+    Ok(())
 }
 
 impl VhdxImage {
@@ -130,7 +150,7 @@ impl VhdxImage {
             .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "the file would exceed 2^64 bytes"))?;
         self.storage()
             .set_len(end)
-            .map_err(|e| io("cannot grow the file", e))?;
+            .map_err(|e| io_err("cannot grow the file", e))?;
         ws.file_end = end;
         self.bat().set_file_len(end);
         Ok(off)
@@ -194,7 +214,7 @@ impl VhdxImage {
             let write = |file_off: u64| {
                 storage
                     .write_all_at(file_off + within, data)
-                    .map_err(|e| io("write failed", e).with_offset(file_off + within))
+                    .map_err(|e| io_err("write failed", e).with_offset(file_off + within))
             };
             match self.bat().block(block)? {
                 BlockState::Full(file) => write(file)?,
@@ -265,7 +285,7 @@ impl VhdxImage {
                     if let BlockState::Full(off) = state {
                         self.storage()
                             .discard(off, layout.block_size)
-                            .map_err(|e| io("cannot zero a block", e))?;
+                            .map_err(|e| io_err("cannot zero a block", e))?;
                     } else {
                         let off = self.allocate(&mut ws, layout.block_size)?;
                         self.set_entry(&mut ws, index, entry_value(off, bat_state::FULLY_PRESENT))?;
@@ -300,7 +320,9 @@ impl VhdxImage {
         }
         let mut ws = self.write_state().lock();
         self.commit(&mut ws)?;
-        self.storage().flush().map_err(|e| io("flush failed", e))
+        self.storage()
+            .flush()
+            .map_err(|e| io_err("flush failed", e))
     }
 
     /// Logs and applies the dirty metadata pages.
@@ -310,7 +332,7 @@ impl VhdxImage {
         }
         let storage = self.storage().clone();
         // The data of new blocks is durable before any entry points at it.
-        storage.flush().map_err(|e| io("flush failed", e))?;
+        storage.flush().map_err(|e| io_err("flush failed", e))?;
         let mut pages = Vec::with_capacity(ws.dirty_bat.len() + ws.dirty_bitmaps.len());
         for &p in &ws.dirty_bat {
             pages.push(self.bat().page_bytes(p)?);
@@ -337,7 +359,7 @@ impl VhdxImage {
         let per_entry = max_pages_per_entry(log_len).max(1);
         let file_len = storage
             .len()
-            .map_err(|e| io("cannot read the file size", e))?;
+            .map_err(|e| io_err("cannot read the file size", e))?;
         for batch in pages.chunks(per_entry) {
             let entry_len = ((batch.len() as u64 + 2).div_ceil(128) + batch.len() as u64) * 4096;
             if ws.log_pos + entry_len > log_len {
@@ -356,7 +378,7 @@ impl VhdxImage {
             storage
                 .write_all_at(log_offset + ws.log_pos, &entry)
                 .and_then(|()| storage.flush())
-                .map_err(|e| io("cannot write the log", e))?;
+                .map_err(|e| io_err("cannot write the log", e))?;
             if !ws.header_has_guid {
                 let mut header = self.header_lock().write();
                 *header = update_headers(&storage, &header, |h| h.log_guid = guid)?;
@@ -365,9 +387,9 @@ impl VhdxImage {
             for (off, page) in batch {
                 storage
                     .write_all_at(*off, page)
-                    .map_err(|e| io("cannot write metadata", e).with_offset(*off))?;
+                    .map_err(|e| io_err("cannot write metadata", e).with_offset(*off))?;
             }
-            storage.flush().map_err(|e| io("flush failed", e))?;
+            storage.flush().map_err(|e| io_err("flush failed", e))?;
             ws.log_pos += entry_len;
             ws.sequence += 1;
         }

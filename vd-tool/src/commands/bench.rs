@@ -5,10 +5,10 @@ use std::time::Instant;
 
 use anyhow::bail;
 use serde::Serialize;
-use vd_core::{Disk, DiskOptions, OpenFlags, Registry};
+use vd_core::{OpenFlags, Registry};
 
 use crate::cli::{BenchArgs, Output};
-use crate::commands::{AlignedBuf, parse_size};
+use crate::commands::{AlignedBuf, open_disk_with, parse_size};
 use crate::render::emit;
 
 #[derive(Debug, Serialize)]
@@ -36,14 +36,12 @@ pub fn run(registry: &Registry, args: &BenchArgs, output: Output) -> anyhow::Res
     } else {
         OpenFlags::READ_ONLY
     };
-    let disk = Disk::open(
+    let disk = open_disk_with(
         registry,
         &args.image.file,
-        &DiskOptions {
-            flags,
-            format: args.image.format.clone(),
-            ..DiskOptions::default()
-        },
+        flags,
+        args.image.format.as_deref(),
+        &[],
     )?;
     let disk_size = disk.size();
     let mut aligned = AlignedBuf::new(usize::try_from(size)?);

@@ -4,12 +4,10 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
-use vd_core::{
-    Disk, DiskOptions, ErrorKind, Geometry, Image, OpenFlags, Registry, Result as VdResult,
-    flag_names,
-};
+use vd_core::{ErrorKind, Geometry, Image, OpenFlags, Registry, Result as VdResult, flag_names};
 
 use crate::cli::{InfoArgs, Output};
+use crate::commands::open_disk_with;
 use crate::render::{emit, human_size, sanitize};
 
 /// What `info` reports about one image.
@@ -145,15 +143,12 @@ struct Chain {
 pub fn run(registry: &Registry, args: &InfoArgs, output: Output) -> anyhow::Result<u8> {
     let flags = OpenFlags::READ_ONLY | OpenFlags::INFO;
     if args.backing_chain {
-        let disk = Disk::open(
+        let disk = open_disk_with(
             registry,
             &args.file,
-            &DiskOptions {
-                flags,
-                format: args.format.clone(),
-                parents: args.parents.clone(),
-                ..DiskOptions::default()
-            },
+            flags,
+            args.format.as_deref(),
+            &args.parents,
         )?;
         let chain = Chain {
             images: disk

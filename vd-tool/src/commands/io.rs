@@ -3,10 +3,10 @@
 //! LEN`, `discard OFF LEN`, `flush`. One line per completed command, as qemu-io prints.
 
 use anyhow::{Context, bail};
-use vd_core::{Disk, DiskOptions, OpenFlags, Registry};
+use vd_core::{Disk, OpenFlags, Registry};
 
 use crate::cli::IoArgs;
-use crate::commands::parse_size;
+use crate::commands::{open_disk_with, parse_size};
 
 fn parse_pattern(s: &str) -> anyhow::Result<u8> {
     let v = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
@@ -97,15 +97,7 @@ pub fn run(registry: &Registry, args: &IoArgs) -> anyhow::Result<u8> {
     } else {
         OpenFlags::empty()
     };
-    let disk = Disk::open(
-        registry,
-        &args.file,
-        &DiskOptions {
-            flags,
-            format: args.format.clone(),
-            ..DiskOptions::default()
-        },
-    )?;
+    let disk = open_disk_with(registry, &args.file, flags, args.format.as_deref(), &[])?;
     let mut ok = true;
     for cmd in &args.commands {
         match run_command(&disk, cmd) {

@@ -54,11 +54,22 @@ pub fn open_disk(
     format: Option<&str>,
     parents: &[PathBuf],
 ) -> anyhow::Result<Disk> {
+    open_disk_with(registry, path, OpenFlags::READ_ONLY, format, parents)
+}
+
+/// Opens `path` with `flags` (for the top image) and its backing chain.
+pub fn open_disk_with(
+    registry: &Registry,
+    path: &Path,
+    flags: OpenFlags,
+    format: Option<&str>,
+    parents: &[PathBuf],
+) -> anyhow::Result<Disk> {
     Ok(Disk::open(
         registry,
         path,
         &DiskOptions {
-            flags: OpenFlags::READ_ONLY,
+            flags,
             format: format.map(str::to_string),
             parents: parents.to_vec(),
             ..DiskOptions::default()

@@ -4,12 +4,12 @@
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use vd_core::{Disk, DiskOptions, ErrorKind, ExtentKind, Geometry, Image, OpenFlags, Registry};
+use vd_core::{ErrorKind, ExtentKind, Geometry, Image, OpenFlags, Registry};
 
 use crate::cli::{
     CommentArgs, CommitArgs, DiscardArgs, FileArgs, GeometryArgs, Output, ResizeArgs, SetuuidArgs,
 };
-use crate::commands::{AlignedBuf, parse_size, progress_bar};
+use crate::commands::{AlignedBuf, open_disk, parse_size, progress_bar};
 use crate::render::{emit, sanitize};
 
 fn open_rw(registry: &Registry, a: &FileArgs) -> anyhow::Result<Box<dyn Image>> {
@@ -97,14 +97,11 @@ pub fn discard(registry: &Registry, args: &DiscardArgs, output: Output) -> anyho
 /// Merges the child's own data into its parent (VirtualBox's VDMerge, qemu-img commit), then
 /// points the child at the parent's new identity so the chain stays valid.
 pub fn commit(registry: &Registry, args: &CommitArgs, output: Output) -> anyhow::Result<u8> {
-    let chain = Disk::open(
+    let chain = open_disk(
         registry,
         &args.image.file,
-        &DiskOptions {
-            flags: OpenFlags::READ_ONLY,
-            format: args.image.format.clone(),
-            ..DiskOptions::default()
-        },
+        args.image.format.as_deref(),
+        &[],
     )?;
     let [child, parent_ro, ..] = chain.layers() else {
         bail!(
