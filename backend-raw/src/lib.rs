@@ -240,16 +240,23 @@ impl Image for RawImage {
             if !old.contains(OpenFlags::READ_ONLY) {
                 self.flush()?;
             }
-            let mode = if flags.contains(OpenFlags::READ_ONLY) {
-                OpenMode::ReadOnly
-            } else {
-                OpenMode::ReadWrite
-            };
-            let s = self
-                .provider
-                .open(&self.path, mode)
-                .map_err(|e| self.err("cannot reopen", e))?;
-            *self.storage.write() = s;
+            let mode = OpenMode::from_flags(flags)?;
+            let old_mode = OpenMode::from_flags(old)?;
+            let mut storage = self.storage.write();
+            // Our own locks would conflict with the new open: release them first, and take
+            // them back if the new open fails.
+            storage
+                .relock(None)
+                .map_err(|e| self.err("cannot unlock", e))?;
+            match self.provider.open(&self.path, mode) {
+                Ok(s) => *storage = s,
+                Err(e) => {
+                    if let Err(back) = storage.relock(Some(old_mode)) {
+                        log::warn!("{}: cannot lock again: {back}", self.path.display());
+                    }
+                    return Err(self.err("cannot reopen", e));
+                }
+            }
         }
         *self.flags.write() = flags;
         Ok(())

@@ -16,8 +16,14 @@ pub const MAX_CHAIN_DEPTH: usize = 256;
 /// How to open a [`Disk`].
 #[derive(Debug, Clone)]
 pub struct DiskOptions {
-    /// Flags for the top image; parents are always opened read-only.
+    /// Flags for the top image. Parents are opened read-only (taking shared locks), keeping
+    /// `STRICT` and `FORCE_SHARE` from these flags, except as [`writable_parent`] says.
+    ///
+    /// [`writable_parent`]: DiskOptions::writable_parent
     pub flags: OpenFlags,
+    /// Open the nearest parent read-write (and lock it for writing), for merging the top image
+    /// into it (`commit`).
+    pub writable_parent: bool,
     /// The top image's format, bypassing probing.
     pub format: Option<String>,
     /// Explicit parents, nearest first; each one replaces the lookup by the child's locator.
@@ -30,6 +36,7 @@ impl Default for DiskOptions {
     fn default() -> Self {
         Self {
             flags: OpenFlags::READ_ONLY,
+            writable_parent: false,
             format: None,
             parents: Vec::new(),
             max_depth: MAX_CHAIN_DEPTH,
@@ -90,13 +97,20 @@ impl Disk {
             Some(f) => registry.open_as(f, path, opts.flags)?,
             None => registry.open(path, opts.flags)?,
         };
-        let canon = |p: &Path| provider.canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
-        let mut seen = vec![canon(path)];
+        // Layers already in the chain, compared by file identity (device and inode on the host
+        // file system), so a hard link or a symbolic link cannot hide a loop.
+        let mut seen = vec![path.to_path_buf()];
         let mut layers: Vec<Box<dyn Image>> = Vec::new();
         let mut explicit = opts.parents.iter();
-        let parent_flags = OpenFlags::READ_ONLY | (opts.flags & OpenFlags::STRICT);
+        let parent_flags =
+            OpenFlags::READ_ONLY | (opts.flags & (OpenFlags::STRICT | OpenFlags::FORCE_SHARE));
         let mut current = top;
         while current.image_flags().contains(ImageFlags::DIFF) {
+            let parent_flags = if opts.writable_parent && layers.is_empty() {
+                parent_flags & OpenFlags::STRICT
+            } else {
+                parent_flags
+            };
             if layers.len() + 2 > max_depth {
                 return Err(
                     bad_chain(format!("the disk chain is deeper than {max_depth} images"))
@@ -114,8 +128,7 @@ impl Disk {
                     tried.push(format!("{} (not found)", c.display()));
                     continue;
                 }
-                let cc = canon(&c);
-                if seen.contains(&cc) {
+                if seen.iter().any(|s| provider.same_file(s, &c)) {
                     return Err(bad_chain(format!(
                         "the disk chain loops: {} is its own ancestor",
                         c.display()
@@ -127,7 +140,7 @@ impl Disk {
                     .and_then(|p| current.check_parent(p.as_ref()).map(|()| p))
                 {
                     Ok(p) => {
-                        seen.push(cc);
+                        seen.push(c.clone());
                         found = Some(p);
                         break;
                     }

@@ -42,6 +42,9 @@ pub enum ErrorKind {
     BadChain,
     /// The underlying storage failed (`VERR_IO_*`, `VERR_DISK_FULL`, ...).
     Io,
+    /// Another process has the image open in a way that conflicts with this open
+    /// (`VERR_FILE_LOCK_VIOLATION`, QEMU's "Failed to get ... lock").
+    Locked,
 }
 
 impl ErrorKind {
@@ -61,6 +64,7 @@ impl ErrorKind {
             Self::ParentMismatch => "parent mismatch",
             Self::BadChain => "bad disk chain",
             Self::Io => "i/o error",
+            Self::Locked => "image locked",
         }
     }
 }
@@ -145,6 +149,8 @@ impl Error {
         let kind = match err.kind() {
             io::ErrorKind::NotFound => ErrorKind::NotFound,
             io::ErrorKind::AlreadyExists => ErrorKind::AlreadyExists,
+            io::ErrorKind::ResourceBusy => ErrorKind::Locked,
+            io::ErrorKind::InvalidInput => ErrorKind::InvalidArgument,
             _ => ErrorKind::Io,
         };
         Self::new(kind, op).with_source(err)

@@ -27,6 +27,10 @@ bitflags! {
         const REFUSE_DIRTY_LOG = 1 << 8;
         /// Treat tolerated deviations from the format as errors.
         const STRICT = 1 << 9;
+        /// With `READ_ONLY`: let other processes write the image meanwhile, taking no lock
+        /// that would exclude them (qemu-img's `-U`, `force-share=on`). What is read may
+        /// change under the reader.
+        const FORCE_SHARE = 1 << 10;
     }
 }
 

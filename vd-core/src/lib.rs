@@ -26,7 +26,8 @@
 //! }
 //! ```
 
-#![forbid(unsafe_code)]
+// `deny`, not `forbid`: the `lock` module needs fcntl(2), and allows it there alone.
+#![deny(unsafe_code)]
 #![deny(missing_docs)]
 
 mod backend;
@@ -35,6 +36,7 @@ mod error;
 mod flags;
 mod geometry;
 mod image;
+mod lock;
 mod registry;
 mod storage;
 
@@ -50,7 +52,8 @@ pub use image::{
     CheckReport, Extent, ExtentKind, Finding, Image, Progress, Severity, check_parent_identity,
     check_range,
 };
-pub use registry::{BACKENDS, ProbeMatch, Registry};
+pub use lock::LockConflict;
+pub use registry::{BACKENDS, ProbeMatch, Registry, StagedImage};
 pub use storage::{
     FileStorage, FileSystem, MemFileSystem, MemStorage, OpenMode, Storage, StorageProvider,
     StorageRun,

@@ -12,7 +12,7 @@
 //! Raw answers [`Confidence::Fallback`] with the lowest priority, so it is chosen only when
 //! nothing else claims a file.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use linkme::distributed_slice;
@@ -216,19 +216,22 @@ impl Registry {
     /// Opens `path` read-only and probes it.
     ///
     /// # Errors
-    /// The file cannot be opened; `UnknownFormat`.
+    /// The file cannot be opened; `Locked` when another process is writing it; `UnknownFormat`.
     pub fn probe(&self, path: &Path) -> Result<ProbeMatch> {
         let storage = self.open_storage(path, OpenMode::ReadOnly)?;
         self.probe_storage(storage.as_ref(), path)
     }
 
-    /// Probes and opens the image at `path`.
+    /// Probes and opens the image at `path`. The file is opened once, in the mode `flags`
+    /// ask for (and locked for it), then probed and handed to the backend that claims it.
     ///
     /// # Errors
-    /// As [`probe`](Registry::probe) and [`Backend::open`].
+    /// As [`probe`](Registry::probe) and [`Backend::open`]; `Locked` when another process has
+    /// the image open in a conflicting mode.
     pub fn open(&self, path: &Path, flags: OpenFlags) -> Result<Box<dyn Image>> {
-        let m = self.probe(path)?;
-        self.open_with(&m.backend, path, flags)
+        let storage = self.open_storage(path, OpenMode::from_flags(flags)?)?;
+        let m = self.probe_storage(storage.as_ref(), path)?;
+        self.open_with(&m.backend, path, storage, flags)
     }
 
     /// Opens `path` with the backend called `name`, bypassing probing.
@@ -237,21 +240,17 @@ impl Registry {
     /// `NotFound` for an unknown backend name; as [`Backend::open`].
     pub fn open_as(&self, name: &str, path: &Path, flags: OpenFlags) -> Result<Box<dyn Image>> {
         let b = self.backend(name)?.clone();
-        self.open_with(&b, path, flags)
+        let storage = self.open_storage(path, OpenMode::from_flags(flags)?)?;
+        self.open_with(&b, path, storage, flags)
     }
 
     fn open_with(
         &self,
         backend: &Arc<dyn Backend>,
         path: &Path,
+        storage: Arc<dyn Storage>,
         flags: OpenFlags,
     ) -> Result<Box<dyn Image>> {
-        let mode = if flags.contains(OpenFlags::READ_ONLY) {
-            OpenMode::ReadOnly
-        } else {
-            OpenMode::ReadWrite
-        };
-        let storage = self.open_storage(path, mode)?;
         backend
             .open(OpenRequest {
                 path,
@@ -263,10 +262,16 @@ impl Registry {
     }
 
     /// Creates a new image at `path` with the backend called `name`. A differencing image
-    /// (`ImageFlags::DIFF`) needs `parent`. A failed create deletes the partial file.
+    /// (`ImageFlags::DIFF`) needs `parent`.
+    ///
+    /// Without `overwrite` the file must not exist. With `overwrite` an existing file is
+    /// emptied first (the provider refuses anything but a regular file); to keep it until the
+    /// new image is complete, use [`create_staged`](Registry::create_staged) instead. A failed
+    /// create deletes the partial file.
     ///
     /// # Errors
-    /// `AlreadyExists` unless `overwrite`; as [`Backend::create`].
+    /// `AlreadyExists` unless `overwrite`; `InvalidArgument` for a new image at its parent's
+    /// file; as [`Backend::create`].
     pub fn create(
         &self,
         name: &str,
@@ -276,33 +281,184 @@ impl Registry {
         overwrite: bool,
     ) -> Result<Box<dyn Image>> {
         let backend = self.backend(name)?.clone();
-        if params.image_flags.contains(ImageFlags::DIFF) && parent.is_none() {
-            return Err(Error::invalid_argument(
-                "a differencing image needs a parent",
-            ));
-        }
+        check_new_params(params, path, parent, self.provider.as_ref())?;
         let storage = self
             .provider
             .create(path, overwrite)
             .map_err(|e| Error::io("cannot create", e).with_path(path))?;
-        let result = backend.create(CreateRequest {
+        create_in(
+            &backend,
             path,
             storage,
-            provider: self.provider.clone(),
+            self.provider.clone(),
             params,
             parent,
-        });
-        match result {
-            Ok(img) => Ok(img),
-            Err(e) => {
-                if let Err(del) = self.provider.delete(path) {
-                    log::warn!(
-                        "{}: removing the partial image failed: {del}",
-                        path.display()
-                    );
-                }
-                Err(e.with_path(path))
+        )
+        .inspect_err(|_| {
+            if let Err(del) = self.provider.delete(path) {
+                log::warn!(
+                    "{}: removing the partial image failed: {del}",
+                    path.display()
+                );
             }
+        })
+    }
+
+    /// Creates a new image that will replace whatever is at `path` only when
+    /// [`StagedImage::commit`] is called: the image is built in a new file beside `path` (beside
+    /// the file a symbolic link at `path` leads to, keeping the link), and renamed over it on
+    /// commit. Dropping the staged image instead deletes the new file and leaves `path` as it
+    /// was. A `path` that exists and is not a regular file (a device, a FIFO, a directory) is
+    /// refused before anything is written.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when `path` is not a regular file or is the parent itself; as
+    /// [`Backend::create`].
+    pub fn create_staged(
+        &self,
+        name: &str,
+        path: &Path,
+        params: &CreateParams,
+        parent: Option<(&Path, &dyn Image)>,
+    ) -> Result<StagedImage> {
+        let backend = self.backend(name)?.clone();
+        let target = self
+            .provider
+            .replace_target(path)
+            .map_err(|e| Error::io("cannot replace the file", e).with_path(path))?;
+        check_new_params(params, &target, parent, self.provider.as_ref())?;
+        let (temp, storage) = self
+            .provider
+            .create_beside(&target)
+            .map_err(|e| Error::io("cannot create a new file beside it", e).with_path(path))?;
+        let mut staged = StagedImage {
+            image: None,
+            temp,
+            target,
+            provider: self.provider.clone(),
+        };
+        let img = create_in(
+            &backend,
+            &staged.temp,
+            storage,
+            self.provider.clone(),
+            params,
+            parent,
+        )
+        .map_err(|e| e.with_path(path))?;
+        staged.image = Some(img);
+        Ok(staged)
+    }
+}
+
+/// Refuses a differencing image without a parent, and a new image at its parent's own file.
+fn check_new_params(
+    params: &CreateParams,
+    path: &Path,
+    parent: Option<(&Path, &dyn Image)>,
+    provider: &dyn StorageProvider,
+) -> Result<()> {
+    if params.image_flags.contains(ImageFlags::DIFF) && parent.is_none() {
+        return Err(Error::invalid_argument(
+            "a differencing image needs a parent",
+        ));
+    }
+    if let Some((p, _)) = parent
+        && provider.same_file(p, path)
+    {
+        return Err(Error::invalid_argument(format!(
+            "the new image would be its own parent ({} is the same file)",
+            p.display()
+        ))
+        .with_path(path));
+    }
+    Ok(())
+}
+
+fn create_in(
+    backend: &Arc<dyn Backend>,
+    path: &Path,
+    storage: Arc<dyn Storage>,
+    provider: Arc<dyn StorageProvider>,
+    params: &CreateParams,
+    parent: Option<(&Path, &dyn Image)>,
+) -> Result<Box<dyn Image>> {
+    backend
+        .create(CreateRequest {
+            path,
+            storage,
+            provider,
+            params,
+            parent,
+        })
+        .map_err(|e| e.with_path(path))
+}
+
+/// A newly created image that replaces its destination only when committed (see
+/// [`Registry::create_staged`]). Until then it lives in a file of its own beside the
+/// destination; dropping it without [`commit`](StagedImage::commit) deletes that file.
+pub struct StagedImage {
+    image: Option<Box<dyn Image>>,
+    temp: PathBuf,
+    target: PathBuf,
+    provider: Arc<dyn StorageProvider>,
+}
+
+impl std::fmt::Debug for StagedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StagedImage")
+            .field("temp", &self.temp)
+            .field("target", &self.target)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StagedImage {
+    /// The new image, open for writing.
+    pub fn image(&self) -> &dyn Image {
+        self.image
+            .as_deref()
+            .expect("a staged image holds its image until commit or drop")
+    }
+
+    /// The path the image will be renamed to.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Flushes and closes the image, then renames it over the destination.
+    ///
+    /// # Errors
+    /// Errors of the flush, the close or the rename; the destination is then unchanged and
+    /// the new file is deleted.
+    pub fn commit(mut self) -> Result<()> {
+        let img = self
+            .image
+            .take()
+            .expect("a staged image holds its image until commit or drop");
+        img.flush()?;
+        img.close(false)?;
+        self.provider
+            .rename(&self.temp, &self.target)
+            .map_err(|e| Error::io("cannot rename the new image into place", e))
+            .map_err(|e| e.with_path(&self.target))?;
+        // Renamed: nothing is left to delete.
+        self.temp = PathBuf::new();
+        Ok(())
+    }
+}
+
+impl Drop for StagedImage {
+    fn drop(&mut self) {
+        if let Some(img) = self.image.take() {
+            // Closing with delete removes the new file (only ever the one we created).
+            if let Err(e) = img.close(true) {
+                log::warn!("{}: removing the new image: {e}", self.temp.display());
+            }
+        } else if !self.temp.as_os_str().is_empty()
+            && let Err(e) = self.provider.delete(&self.temp)
+        {
+            log::warn!("{}: removing the new image: {e}", self.temp.display());
         }
     }
 }

@@ -12,6 +12,8 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
+use crate::flags::OpenFlags;
+
 /// One run of bytes in a storage object: data, or a hole that reads as zeros.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StorageRun {
@@ -76,15 +78,58 @@ pub trait Storage: Send + Sync + Debug {
     fn is_read_only(&self) -> bool {
         false
     }
+    /// Changes the locks this storage holds on its file to those of an opener in `mode`
+    /// (`None`: releases them), as when an image is reopened in another mode. Storage that is
+    /// not a shared file takes no locks (the default).
+    ///
+    /// # Errors
+    /// [`io::ErrorKind::ResourceBusy`] when another opener's use conflicts with `mode`.
+    fn relock(&self, mode: Option<OpenMode>) -> io::Result<()> {
+        let _ = mode;
+        Ok(())
+    }
 }
 
-/// How a file is opened by a [`StorageProvider`].
+/// How a file is opened by a [`StorageProvider`], and what the opener lets other processes do
+/// with it meanwhile (see [`FileStorage`] for the locks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OpenMode {
-    /// Reads only; writes fail.
+    /// Reads only; writes fail. Other processes may read, but not write or resize.
     ReadOnly,
-    /// Reads and writes.
+    /// Reads and writes. Other processes may not write or resize, and only readers that allow
+    /// writers ([`ReadOnlyShared`](OpenMode::ReadOnlyShared)) may read.
     ReadWrite,
+    /// Reads only, and lets other processes write meanwhile (qemu-img's `-U`, force-share):
+    /// what is read may change under the reader.
+    ReadOnlyShared,
+}
+
+impl OpenMode {
+    /// The mode for an image opened with `flags`: read-only with
+    /// [`READ_ONLY`](OpenFlags::READ_ONLY), shared with
+    /// [`FORCE_SHARE`](OpenFlags::FORCE_SHARE).
+    ///
+    /// # Errors
+    /// `InvalidArgument` for `FORCE_SHARE` without `READ_ONLY`: a writer cannot let others
+    /// write too (QEMU refuses the same).
+    pub fn from_flags(flags: OpenFlags) -> crate::Result<Self> {
+        match (
+            flags.contains(OpenFlags::READ_ONLY),
+            flags.contains(OpenFlags::FORCE_SHARE),
+        ) {
+            (true, false) => Ok(Self::ReadOnly),
+            (true, true) => Ok(Self::ReadOnlyShared),
+            (false, false) => Ok(Self::ReadWrite),
+            (false, true) => Err(crate::Error::invalid_argument(
+                "force-share can only be used on a read-only open",
+            )),
+        }
+    }
+
+    /// Whether writes are refused.
+    pub fn is_read_only(self) -> bool {
+        self != Self::ReadWrite
+    }
 }
 
 /// The file system as backends see it: opening, creating, deleting and renaming files, and
@@ -114,9 +159,92 @@ pub trait StorageProvider: Send + Sync + Debug {
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
         Ok(path.to_path_buf())
     }
+    /// Whether `a` and `b` name the same existing file. The default compares canonical names.
+    fn same_file(&self, a: &Path, b: &Path) -> bool {
+        matches!((self.canonicalize(a), self.canonicalize(b)), (Ok(x), Ok(y)) if x == y)
+    }
+    /// Where a new file that replaces `path` must be renamed to: `path` itself, or the file a
+    /// symbolic link at `path` leads to, so the link survives. The default is `path`.
+    ///
+    /// # Errors
+    /// `InvalidInput` when `path` exists and is not a regular file (a device, a FIFO, a
+    /// directory, a dangling link): such paths are never replaced.
+    fn replace_target(&self, path: &Path) -> io::Result<PathBuf> {
+        Ok(path.to_path_buf())
+    }
+    /// Creates a new, empty file for reading and writing in the directory that holds `target`,
+    /// under a name of its own, so that it can later be renamed over `target` (see
+    /// [`replace_target`](StorageProvider::replace_target)). Returns its path.
+    ///
+    /// # Errors
+    /// I/O errors creating the file.
+    fn create_beside(&self, target: &Path) -> io::Result<(PathBuf, Arc<dyn Storage>)> {
+        let temp = temp_name(target);
+        let storage = self.create(&temp, false)?;
+        Ok((temp, storage))
+    }
+}
+
+/// A name for a temporary file beside `target`: hidden, unique in this process, and telling
+/// what it is for.
+fn temp_name(target: &Path) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = target
+        .file_name()
+        .map_or_else(|| "image".into(), |n| n.to_string_lossy());
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    target.with_file_name(format!(".{name}.vd-{}-{n}.tmp", std::process::id()))
+}
+
+fn not_regular(path: &Path, what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!(
+            "{} is {what}, not a regular file; refusing to replace or remove it",
+            path.display()
+        ),
+    )
+}
+
+/// What kind of file `meta` describes, in words.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_dir() {
+        "a directory"
+    } else if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a special file"
+    }
+}
+
+/// Fails unless `path` is absent or a regular file (links not followed).
+fn regular_or_absent(path: &Path) -> io::Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_file() => Ok(true),
+        Ok(m) => Err(not_regular(path, file_kind(&m))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// A file on the host file system.
+///
+/// [`open`](FileStorage::open) locks the file the way QEMU does (open-file-description
+/// byte-range locks on bytes 100+n and 200+n, see the `lock` module), so vd and QEMU exclude
+/// each other exactly as two QEMUs do: a writer excludes other writers and readers that do not
+/// share writing; readers share with readers; [`OpenMode::ReadOnlyShared`] gets along with
+/// everyone. The locks last as long as the file is open.
 #[derive(Debug)]
 pub struct FileStorage {
     file: File,
@@ -124,17 +252,18 @@ pub struct FileStorage {
 }
 
 impl FileStorage {
-    /// Wraps an open file.
+    /// Wraps an open file. Takes no lock: see [`relock`](Storage::relock).
     pub fn new(file: File, read_only: bool) -> Self {
         Self { file, read_only }
     }
 
-    /// Opens `path` in `mode`.
+    /// Opens `path` in `mode` and locks it for that mode.
     ///
     /// # Errors
-    /// Any error of [`OpenOptions::open`].
+    /// Any error of [`OpenOptions::open`]; [`io::ErrorKind::ResourceBusy`] when another
+    /// process has the file open in a conflicting mode.
     pub fn open(path: &Path, mode: OpenMode) -> io::Result<Self> {
-        let read_only = mode == OpenMode::ReadOnly;
+        let read_only = mode.is_read_only();
         let file = OpenOptions::new().read(true).write(!read_only).open(path)?;
         if file.metadata()?.is_dir() {
             return Err(io::Error::new(
@@ -142,6 +271,7 @@ impl FileStorage {
                 "is a directory",
             ));
         }
+        crate::lock::apply(&file, Some(mode))?;
         Ok(Self::new(file, read_only))
     }
 
@@ -168,7 +298,15 @@ impl Storage for FileStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len())
+        use std::io::Seek;
+        use std::os::unix::fs::FileTypeExt;
+        let meta = self.file.metadata()?;
+        if meta.file_type().is_block_device() {
+            // A block device's size is where its end is (its metadata says 0); all I/O here is
+            // positional, so moving the file position is harmless.
+            return (&self.file).seek(io::SeekFrom::End(0));
+        }
+        Ok(meta.len())
     }
 
     fn set_len(&self, len: u64) -> io::Result<()> {
@@ -252,6 +390,16 @@ impl Storage for FileStorage {
     fn is_read_only(&self) -> bool {
         self.read_only
     }
+
+    fn relock(&self, mode: Option<OpenMode>) -> io::Result<()> {
+        if self.read_only && mode == Some(OpenMode::ReadWrite) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "a read-only file cannot be locked for writing",
+            ));
+        }
+        crate::lock::apply(&self.file, mode)
+    }
 }
 
 /// A storage object in memory.
@@ -334,22 +482,45 @@ impl StorageProvider for FileSystem {
         Ok(Arc::new(FileStorage::open(path, mode)?))
     }
 
+    /// Creates `path`; with `overwrite`, an existing regular file (or the regular file a link
+    /// leads to) is locked first and then emptied. Anything else that exists is refused.
     fn create(&self, path: &Path, overwrite: bool) -> io::Result<Arc<dyn Storage>> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(true);
         if overwrite {
-            opts.create(true).truncate(true);
+            match std::fs::metadata(path) {
+                Ok(m) if !m.is_file() => return Err(not_regular(path, file_kind(&m))),
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+            opts.create(true);
         } else {
             opts.create_new(true);
         }
-        Ok(Arc::new(FileStorage::new(opts.open(path)?, false)))
+        let file = opts.open(path)?;
+        // Lock before emptying: a file another process has open must not be truncated.
+        crate::lock::apply(&file, Some(OpenMode::ReadWrite))?;
+        if overwrite {
+            file.set_len(0)?;
+        }
+        Ok(Arc::new(FileStorage::new(file, false)))
     }
 
+    /// Deletes a regular file; refuses anything else (a device, a FIFO, a link).
     fn delete(&self, path: &Path) -> io::Result<()> {
+        if !regular_or_absent(path)? {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
         std::fs::remove_file(path)
     }
 
+    /// Renames a regular file; refuses to replace anything at `to` but a regular file.
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        if !regular_or_absent(from)? {
+            return Err(io::Error::from(io::ErrorKind::NotFound));
+        }
+        regular_or_absent(to)?;
         std::fs::rename(from, to)
     }
 
@@ -359,6 +530,62 @@ impl StorageProvider for FileSystem {
 
     fn canonicalize(&self, path: &Path) -> io::Result<PathBuf> {
         std::fs::canonicalize(path)
+    }
+
+    /// The same device and inode: hard links, symbolic links, bind mounts and `..` are seen
+    /// through.
+    fn same_file(&self, a: &Path, b: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(a), std::fs::metadata(b)) {
+            (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+            _ => false,
+        }
+    }
+
+    fn replace_target(&self, path: &Path) -> io::Result<PathBuf> {
+        match std::fs::symlink_metadata(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(path.to_path_buf()),
+            Err(e) => Err(e),
+            Ok(m) if m.is_file() => Ok(path.to_path_buf()),
+            Ok(m) if m.file_type().is_symlink() => match std::fs::canonicalize(path) {
+                Ok(target) => {
+                    regular_or_absent(&target)?;
+                    Ok(target)
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    Err(not_regular(path, "a dangling symbolic link"))
+                }
+                Err(e) => Err(e),
+            },
+            Ok(m) => Err(not_regular(path, file_kind(&m))),
+        }
+    }
+
+    /// A new file beside `target`, locked for writing, with the permissions of the file it
+    /// will replace (if any).
+    fn create_beside(&self, target: &Path) -> io::Result<(PathBuf, Arc<dyn Storage>)> {
+        use std::os::unix::fs::PermissionsExt;
+        let temp = temp_name(target);
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
+        let kept = std::fs::metadata(target)
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .map(|m| m.permissions().mode());
+        let locked =
+            crate::lock::apply(&file, Some(OpenMode::ReadWrite)).and_then(|()| match kept {
+                Some(mode) => file.set_permissions(std::fs::Permissions::from_mode(mode)),
+                None => Ok(()),
+            });
+        if let Err(e) = locked {
+            drop(file);
+            let _ = std::fs::remove_file(&temp);
+            return Err(e);
+        }
+        Ok((temp, Arc::new(FileStorage::new(file, false))))
     }
 }
 
@@ -434,7 +661,7 @@ impl StorageProvider for MemFileSystem {
             .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
         Ok(match mode {
             OpenMode::ReadWrite => s,
-            OpenMode::ReadOnly => Arc::new(ReadOnlyStorage(s)),
+            OpenMode::ReadOnly | OpenMode::ReadOnlyShared => Arc::new(ReadOnlyStorage(s)),
         })
     }
 
@@ -507,9 +734,120 @@ mod tests {
         let run = s.run_at(0, 4 * mib as u64).unwrap();
         assert!(run.data);
         assert!(run.len >= mib as u64);
+        // The writer's lock keeps readers out until it closes the file.
+        let busy = fs.open(&path, OpenMode::ReadOnly).unwrap_err();
+        assert_eq!(busy.kind(), io::ErrorKind::ResourceBusy);
+        drop(s);
         let ro = fs.open(&path, OpenMode::ReadOnly).unwrap();
         assert!(ro.write_all_at(0, &[1]).is_err());
         assert!(fs.create(&path, false).is_err());
+    }
+
+    #[test]
+    fn file_system_never_replaces_or_removes_what_is_not_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = FileSystem;
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"keep").unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        let dangling = dir.path().join("dangling");
+        std::os::unix::fs::symlink(dir.path().join("nowhere"), &dangling).unwrap();
+
+        for p in [&fifo, dir.path()] {
+            let e = fs.create(p, true).map(|_| ()).unwrap_err();
+            assert_eq!(
+                e.kind(),
+                io::ErrorKind::InvalidInput,
+                "{}: {e}",
+                p.display()
+            );
+            assert_eq!(
+                fs.replace_target(p).unwrap_err().kind(),
+                io::ErrorKind::InvalidInput
+            );
+        }
+        assert_eq!(
+            fs.replace_target(&dangling).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            fs.delete(&fifo).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            fs.delete(&link).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert_eq!(
+            fs.rename(&file, &fifo).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert!(fifo.exists() && link.exists());
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep");
+        // A link is replaced through: the new file goes beside its target.
+        assert_eq!(
+            fs.replace_target(&link).unwrap(),
+            std::fs::canonicalize(&file).unwrap()
+        );
+        let (temp, s) = fs.create_beside(&file).unwrap();
+        assert_eq!(temp.parent(), file.parent());
+        s.write_all_at(0, b"new").unwrap();
+        fs.rename(&temp, &file).unwrap();
+        assert_eq!(std::fs::read(&link).unwrap(), b"new");
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+    }
+
+    #[test]
+    fn same_file_sees_through_hard_and_symbolic_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::write(&a, b"x").unwrap();
+        let hard = dir.path().join("hard");
+        std::fs::hard_link(&a, &hard).unwrap();
+        let sym = dir.path().join("sym");
+        std::os::unix::fs::symlink("hard", &sym).unwrap();
+        let dotted = dir.path().join("sub/../a");
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let b = dir.path().join("b");
+        std::fs::write(&b, b"x").unwrap();
+        let fs = FileSystem;
+        for p in [&hard, &sym, &dotted] {
+            assert!(fs.same_file(&a, p), "{}", p.display());
+        }
+        assert!(!fs.same_file(&a, &b));
+        assert!(!fs.same_file(&a, &dir.path().join("missing")));
+    }
+
+    #[test]
+    fn a_read_only_shared_open_gets_along_with_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let fs = FileSystem;
+        let w = fs.create(&path, false).unwrap();
+        w.write_all_at(0, &[5; 512]).unwrap();
+        assert_eq!(
+            fs.open(&path, OpenMode::ReadWrite).unwrap_err().kind(),
+            io::ErrorKind::ResourceBusy
+        );
+        let r = fs.open(&path, OpenMode::ReadOnlyShared).unwrap();
+        let mut b = [0u8; 512];
+        r.read_exact_at(0, &mut b).unwrap();
+        assert_eq!(b, [5; 512]);
+        assert!(r.write_all_at(0, &[1]).is_err());
     }
 
     #[test]

@@ -110,6 +110,30 @@ pub struct BenchArgs {
     /// With -w: flush after this many requests (0: only at the end).
     #[arg(long, default_value_t = 0)]
     pub flush_interval: u64,
+    /// Lock sharing.
+    #[command(flatten)]
+    pub share: ShareArgs,
+}
+
+/// `-U`: read an image another process is writing.
+#[derive(Debug, Args)]
+pub struct ShareArgs {
+    /// Open read-only without the lock that keeps writers out, so an image another process
+    /// (a VM, qemu-io) has open for writing can be read; what is read may change meanwhile
+    /// (qemu-img's -U).
+    #[arg(short = 'U', long = "force-share")]
+    pub force_share: bool,
+}
+
+impl ShareArgs {
+    /// Flags for a read-only open.
+    pub fn read_only(&self) -> vd_core::OpenFlags {
+        if self.force_share {
+            vd_core::OpenFlags::READ_ONLY | vd_core::OpenFlags::FORCE_SHARE
+        } else {
+            vd_core::OpenFlags::READ_ONLY
+        }
+    }
 }
 
 /// An image and its format.
@@ -216,6 +240,9 @@ pub struct CheckArgs {
     /// Repair what is safe: open read-write, which replays a dirty log.
     #[arg(short = 'r', long = "repair")]
     pub repair: bool,
+    /// Lock sharing.
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// The image.
     pub file: PathBuf,
 }
@@ -236,7 +263,8 @@ pub struct CreateArgs {
     /// Format of the parent (otherwise probed).
     #[arg(short = 'F', long = "backing-format")]
     pub backing_format: Option<String>,
-    /// Replace the file if it exists.
+    /// Replace the file if it exists (only a regular file; it is replaced once the new image is
+    /// complete).
     #[arg(long)]
     pub force: bool,
     /// The new image.
@@ -254,8 +282,11 @@ pub struct IoArgs {
     /// Open read-only.
     #[arg(short = 'r', long = "read-only")]
     pub read_only: bool,
+    /// Lock sharing (with -r).
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// A command: `read [-P PATTERN] OFF LEN`, `write [-P PATTERN | -z] OFF LEN`,
-    /// `discard OFF LEN`, `flush`. Repeat for more.
+    /// `discard OFF LEN`, `flush`, `sleep MS` (keep the image open). Repeat for more.
     #[arg(short = 'c', long = "cmd", required = true)]
     pub commands: Vec<String>,
     /// The image.
@@ -271,6 +302,9 @@ pub struct ChainArgs {
     /// The parent image, bypassing the child's locator; repeat for grandparents.
     #[arg(long = "parent")]
     pub parents: Vec<PathBuf>,
+    /// Lock sharing.
+    #[command(flatten)]
+    pub share: ShareArgs,
 }
 
 /// Arguments of `map`.
@@ -289,6 +323,9 @@ pub struct DumpArgs {
     /// Source format (otherwise probed).
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
+    /// Lock sharing.
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// The image.
     pub file: PathBuf,
 }
@@ -308,6 +345,9 @@ pub struct CompareArgs {
     /// Show a progress bar on stderr.
     #[arg(short = 'p', long = "progress")]
     pub progress: bool,
+    /// Lock sharing.
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// The first image.
     pub first: PathBuf,
     /// The second image.
@@ -327,6 +367,9 @@ pub struct InfoArgs {
     /// Also show every image of the backing chain.
     #[arg(long)]
     pub backing_chain: bool,
+    /// Lock sharing.
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// The image.
     pub file: PathBuf,
 }
@@ -349,9 +392,15 @@ pub struct ConvertArgs {
     /// The source's parent image, bypassing the child's locator; repeat for grandparents.
     #[arg(long = "parent")]
     pub parents: Vec<PathBuf>,
+    /// Lock sharing (of the source).
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// The source image.
     pub source: PathBuf,
-    /// The image to write (replaced if it exists).
+    /// Where to write. A regular file is replaced only once the new image is complete (it is
+    /// built beside it); with `-O raw`, a block device is written in place (it must be large
+    /// enough), and `-`, a FIFO or a character device (`/dev/stdout`) receive the disk as one
+    /// stream. Never the source or a file of its chain.
     pub destination: PathBuf,
 }
 

@@ -23,6 +23,14 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
     })
 }
 
+/// Whether an image lock held by another process caused the error.
+fn is_locked(err: &anyhow::Error) -> bool {
+    err.chain().any(|e| {
+        e.downcast_ref::<vd_core::Error>()
+            .is_some_and(|v| v.kind() == vd_core::ErrorKind::Locked)
+    })
+}
+
 /// Runs a command: its `Ok` value is the exit code; an error is printed on one line to stderr
 /// and exits with [`ERROR`].
 pub fn run(f: impl FnOnce() -> anyhow::Result<u8>) -> ExitCode {
@@ -31,6 +39,12 @@ pub fn run(f: impl FnOnce() -> anyhow::Result<u8>) -> ExitCode {
         Err(err) if is_broken_pipe(&err) => ExitCode::from(OK),
         Err(err) => {
             eprintln!("error: {}", crate::render::sanitize(&format!("{err:#}")));
+            if is_locked(&err) {
+                eprintln!(
+                    "hint: close the other program first; to only read the image while it is \
+                     in use, add -U (--force-share): what is read may then change meanwhile"
+                );
+            }
             ExitCode::from(ERROR)
         }
     }

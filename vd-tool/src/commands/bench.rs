@@ -32,9 +32,9 @@ pub fn run(registry: &Registry, args: &BenchArgs, output: Output) -> anyhow::Res
         bail!("the request size must not be 0");
     }
     let flags = if args.write {
-        OpenFlags::empty()
+        args.share.read_only() - OpenFlags::READ_ONLY
     } else {
-        OpenFlags::READ_ONLY
+        args.share.read_only()
     };
     let disk = open_disk_with(
         registry,

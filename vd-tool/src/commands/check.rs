@@ -19,10 +19,11 @@ struct CheckResult {
 }
 
 pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Result<u8> {
+    // With -r and -U together the open refuses: a repair cannot let others write meanwhile.
     let flags = if args.repair {
-        OpenFlags::empty()
+        args.share.read_only() - OpenFlags::READ_ONLY
     } else {
-        OpenFlags::READ_ONLY
+        args.share.read_only()
     };
     let opened = match &args.format {
         Some(f) => registry.open_as(f, &args.file, flags),

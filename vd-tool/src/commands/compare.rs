@@ -8,7 +8,7 @@ use serde::Serialize;
 use vd_core::{Disk, ExtentKind, Registry};
 
 use crate::cli::{CompareArgs, Output};
-use crate::commands::{AlignedBuf, open_disk, progress_bar};
+use crate::commands::{AlignedBuf, open_disk_with, progress_bar};
 use crate::render::emit;
 
 const CHUNK: u64 = 4 << 20;
@@ -70,8 +70,9 @@ fn first_difference(
 }
 
 pub fn run(registry: &Registry, args: &CompareArgs, output: Output) -> anyhow::Result<u8> {
-    let a = open_disk(registry, &args.first, args.format_a.as_deref(), &[])?;
-    let b = open_disk(registry, &args.second, args.format_b.as_deref(), &[])?;
+    let flags = args.share.read_only();
+    let a = open_disk_with(registry, &args.first, flags, args.format_a.as_deref(), &[])?;
+    let b = open_disk_with(registry, &args.second, flags, args.format_b.as_deref(), &[])?;
     let result = if args.strict && a.size() != b.size() {
         CompareResult {
             identical: false,

@@ -2,10 +2,10 @@
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use vd_core::{CreateParams, ImageFlags, OpenFlags, Registry};
+use vd_core::{CreateParams, Disk, ImageFlags, OpenFlags, Registry};
 
 use crate::cli::{CreateArgs, Output};
-use crate::commands::{parse_options, parse_size};
+use crate::commands::{open_disk_with, parse_options, parse_size};
 use crate::render::{emit, sanitize};
 
 #[derive(Debug, Serialize)]
@@ -19,13 +19,28 @@ struct Created {
 
 pub fn run(registry: &Registry, args: &CreateArgs, output: Output) -> anyhow::Result<u8> {
     let options = parse_options(args.options.as_deref())?;
+    // The whole backing chain is opened: the new image must not be any file of it (with
+    // --force it would be replaced, leaving a chain that contains itself).
     let parent = match &args.backing {
         Some(p) => {
-            let flags = OpenFlags::READ_ONLY;
-            Some(match &args.backing_format {
-                Some(f) => registry.open_as(f, p, flags),
-                None => registry.open(p, flags),
-            }?)
+            let chain = open_disk_with(
+                registry,
+                p,
+                OpenFlags::READ_ONLY,
+                args.backing_format.as_deref(),
+                &[],
+            )?;
+            for layer in chain.layers() {
+                if registry.provider().same_file(layer.path(), &args.file) {
+                    bail!(
+                        "{}: the new image would be part of its own backing chain (it is the \
+                         same file as {}); refusing to create it",
+                        args.file.display(),
+                        layer.path().display()
+                    );
+                }
+            }
+            Some(chain)
         }
         None => None,
     };
@@ -50,16 +65,28 @@ pub fn run(registry: &Registry, args: &CreateArgs, output: Output) -> anyhow::Re
         options,
         ..CreateParams::default()
     };
-    let parent_ref = args.backing.as_deref().zip(parent.as_deref());
-    let img = registry.create(&args.format, &args.file, &params, parent_ref, args.force)?;
+    let parent_ref = args.backing.as_deref().zip(parent.as_ref().map(Disk::top));
+    let virtual_size = if args.force {
+        // Built beside the old file, which is replaced only once the new image is complete.
+        let staged = registry.create_staged(&args.format, &args.file, &params, parent_ref)?;
+        let size = staged.image().size();
+        staged
+            .commit()
+            .with_context(|| format!("finishing {}", args.file.display()))?;
+        size
+    } else {
+        let img = registry.create(&args.format, &args.file, &params, parent_ref, false)?;
+        let size = img.size();
+        img.close(false)
+            .with_context(|| format!("closing {}", args.file.display()))?;
+        size
+    };
     let created = Created {
         file: args.file.display().to_string(),
         format: args.format.clone(),
-        virtual_size: img.size(),
+        virtual_size,
         backing_file: args.backing.as_ref().map(|p| p.display().to_string()),
     };
-    img.close(false)
-        .with_context(|| format!("closing {}", args.file.display()))?;
     emit(output, &created, |out, c| {
         write!(
             out,

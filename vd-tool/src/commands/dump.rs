@@ -14,7 +14,7 @@ struct DumpResult {
 }
 
 pub fn run(registry: &Registry, args: &DumpArgs, output: Output) -> anyhow::Result<u8> {
-    let flags = OpenFlags::READ_ONLY | OpenFlags::INFO;
+    let flags = args.share.read_only() | OpenFlags::INFO;
     let img = match &args.format {
         Some(f) => registry.open_as(f, &args.file, flags),
         None => registry.open(&args.file, flags),

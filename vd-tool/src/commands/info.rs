@@ -141,7 +141,7 @@ struct Chain {
 }
 
 pub fn run(registry: &Registry, args: &InfoArgs, output: Output) -> anyhow::Result<u8> {
-    let flags = OpenFlags::READ_ONLY | OpenFlags::INFO;
+    let flags = args.share.read_only() | OpenFlags::INFO;
     if args.backing_chain {
         let disk = open_disk_with(
             registry,

@@ -1,6 +1,6 @@
 //! `vd-tool io [-f FMT] [-r] -c CMD ... FILE`: a small qemu-io. Commands: `read [-P PATTERN]
 //! OFF LEN` (a pattern mismatch fails the run with exit code 1), `write [-P PATTERN | -z] OFF
-//! LEN`, `discard OFF LEN`, `flush`. One line per completed command, as qemu-io prints.
+//! LEN`, `discard OFF LEN`, `flush`, `sleep MS` (keeps the image open). One line per completed command, as qemu-io prints.
 
 use anyhow::{Context, bail};
 use vd_core::{Disk, OpenFlags, Registry};
@@ -86,16 +86,27 @@ fn run_command(disk: &Disk, cmd: &str) -> anyhow::Result<bool> {
             disk.flush()?;
             println!("flushed");
         }
-        other => bail!("unknown command {other:?} (read, write, discard, flush)"),
+        "sleep" => {
+            // As qemu-io's: keeps the image open (and locked) for MS milliseconds.
+            let [ms] = args.as_slice() else {
+                bail!("sleep: expected MILLISECONDS");
+            };
+            let ms: u64 = ms
+                .parse()
+                .with_context(|| format!("sleep: {ms:?} is not a number of milliseconds"))?;
+            std::io::Write::flush(&mut std::io::stdout())?;
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
+        other => bail!("unknown command {other:?} (read, write, discard, flush, sleep)"),
     }
     Ok(true)
 }
 
 pub fn run(registry: &Registry, args: &IoArgs) -> anyhow::Result<u8> {
     let flags = if args.read_only {
-        OpenFlags::READ_ONLY
+        args.share.read_only()
     } else {
-        OpenFlags::empty()
+        args.share.read_only() - OpenFlags::READ_ONLY
     };
     let disk = open_disk_with(registry, &args.file, flags, args.format.as_deref(), &[])?;
     let mut ok = true;

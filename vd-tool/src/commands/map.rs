@@ -4,7 +4,7 @@ use serde::Serialize;
 use vd_core::{ExtentKind, Registry};
 
 use crate::cli::{MapArgs, Output};
-use crate::commands::open_disk;
+use crate::commands::open_disk_with;
 use crate::render::{emit, sanitize};
 
 #[derive(Debug, Serialize)]
@@ -29,9 +29,10 @@ struct MapResult {
 }
 
 pub fn run(registry: &Registry, args: &MapArgs, output: Output) -> anyhow::Result<u8> {
-    let disk = open_disk(
+    let disk = open_disk_with(
         registry,
         &args.file,
+        args.chain.share.read_only(),
         args.chain.format.as_deref(),
         &args.chain.parents,
     )?;

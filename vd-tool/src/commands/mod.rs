@@ -47,16 +47,6 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
     }
 }
 
-/// Opens `path` read-only with its backing chain.
-pub fn open_disk(
-    registry: &Registry,
-    path: &Path,
-    format: Option<&str>,
-    parents: &[PathBuf],
-) -> anyhow::Result<Disk> {
-    open_disk_with(registry, path, OpenFlags::READ_ONLY, format, parents)
-}
-
 /// Opens `path` with `flags` (for the top image) and its backing chain.
 pub fn open_disk_with(
     registry: &Registry,

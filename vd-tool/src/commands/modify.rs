@@ -4,12 +4,12 @@
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use vd_core::{ErrorKind, ExtentKind, Geometry, Image, OpenFlags, Registry};
+use vd_core::{Disk, DiskOptions, ErrorKind, ExtentKind, Geometry, Image, OpenFlags, Registry};
 
 use crate::cli::{
     CommentArgs, CommitArgs, DiscardArgs, FileArgs, GeometryArgs, Output, ResizeArgs, SetuuidArgs,
 };
-use crate::commands::{AlignedBuf, open_disk, parse_size, progress_bar};
+use crate::commands::{AlignedBuf, parse_size, progress_bar};
 use crate::render::{emit, sanitize};
 
 fn open_rw(registry: &Registry, a: &FileArgs) -> anyhow::Result<Box<dyn Image>> {
@@ -97,20 +97,24 @@ pub fn discard(registry: &Registry, args: &DiscardArgs, output: Output) -> anyho
 /// Merges the child's own data into its parent (VirtualBox's VDMerge, qemu-img commit), then
 /// points the child at the parent's new identity so the chain stays valid.
 pub fn commit(registry: &Registry, args: &CommitArgs, output: Output) -> anyhow::Result<u8> {
-    let chain = open_disk(
+    // The parent is opened (and locked) for writing as part of the chain: opening it a second
+    // time would conflict with the chain's own read lock on it.
+    let chain = Disk::open(
         registry,
         &args.image.file,
-        args.image.format.as_deref(),
-        &[],
+        &DiskOptions {
+            format: args.image.format.clone(),
+            writable_parent: true,
+            ..DiskOptions::default()
+        },
     )?;
-    let [child, parent_ro, ..] = chain.layers() else {
+    let [child, parent, ..] = chain.layers() else {
         bail!(
             "{}: not a differencing image; nothing to commit",
             args.image.file.display()
         );
     };
-    let parent_path = parent_ro.path().to_path_buf();
-    let parent = registry.open(&parent_path, OpenFlags::empty())?;
+    let parent_path = parent.path().to_path_buf();
     if child.size() > parent.size() {
         parent.resize(child.size(), &mut |_, _| {})?;
     }
@@ -138,7 +142,6 @@ pub fn commit(registry: &Registry, args: &CommitArgs, output: Output) -> anyhow:
     pb.finish_and_clear();
     parent.flush()?;
     let new_id = parent.modification_uuid();
-    parent.close(false)?;
     chain.close()?;
     if let Ok(id) = new_id {
         let child = open_rw(registry, &args.image)?;
