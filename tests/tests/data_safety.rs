@@ -1,0 +1,227 @@
+//! Data safety through the library, on real files: image locks taken by `FileStorage` for every
+//! layer of a chain, staged creation that leaves the destination alone until it succeeds, and
+//! chains that cannot contain themselves.
+
+use std::path::Path;
+
+use backend_raw as _;
+use backend_vhdx as _;
+use vd_core::{CreateParams, Disk, DiskOptions, ErrorKind, ImageFlags, OpenFlags, Registry};
+
+fn params(size: u64) -> CreateParams {
+    CreateParams {
+        size,
+        ..CreateParams::default()
+    }
+}
+
+fn new_vhdx(registry: &Registry, path: &Path, size: u64, fill: u8) {
+    let img = registry
+        .create("vhdx", path, &params(size), None, false)
+        .unwrap();
+    img.write_at(0, &vec![fill; 1 << 20]).unwrap();
+    img.close(false).unwrap();
+}
+
+fn new_child(registry: &Registry, parent: &Path, child: &Path) {
+    let p = registry.open(parent, OpenFlags::READ_ONLY).unwrap();
+    let c = registry
+        .create(
+            "vhdx",
+            child,
+            &CreateParams {
+                size: p.size(),
+                image_flags: ImageFlags::DIFF,
+                ..CreateParams::default()
+            },
+            Some((parent, p.as_ref())),
+            false,
+        )
+        .unwrap();
+    c.close(false).unwrap();
+}
+
+fn kind<T>(r: vd_core::Result<T>) -> ErrorKind {
+    match r {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => e.kind(),
+    }
+}
+
+#[test]
+fn writers_exclude_writers_and_readers_but_shared_readers_get_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.vhdx");
+    let registry = Registry::builtin();
+    new_vhdx(&registry, &path, 8 << 20, 0x11);
+
+    let writer = registry.open(&path, OpenFlags::empty()).unwrap();
+    let e = registry.open(&path, OpenFlags::empty()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Locked);
+    let text = vd_core::error_chain(&e);
+    assert!(
+        text.contains("a.vhdx") && text.contains("another process"),
+        "{text}"
+    );
+    assert_eq!(
+        kind(registry.open(&path, OpenFlags::READ_ONLY)),
+        ErrorKind::Locked
+    );
+    assert_eq!(kind(registry.probe(&path)), ErrorKind::Locked);
+    let shared = registry
+        .open(&path, OpenFlags::READ_ONLY | OpenFlags::FORCE_SHARE)
+        .unwrap();
+    let mut b = vec![0u8; 4096];
+    shared.read_at(0, &mut b).unwrap();
+    assert!(b.iter().all(|&x| x == 0x11));
+    assert_eq!(
+        kind(registry.open(&path, OpenFlags::FORCE_SHARE)),
+        ErrorKind::InvalidArgument,
+        "force-share is for read-only opens"
+    );
+    drop(shared);
+    writer.close(false).unwrap();
+
+    // Readers share with readers, and keep writers out until the last one closes.
+    let r1 = registry.open(&path, OpenFlags::READ_ONLY).unwrap();
+    let r2 = registry
+        .open_as("vhdx", &path, OpenFlags::READ_ONLY)
+        .unwrap();
+    assert_eq!(
+        kind(registry.open(&path, OpenFlags::empty())),
+        ErrorKind::Locked
+    );
+    drop(r1);
+    assert_eq!(
+        kind(registry.open(&path, OpenFlags::empty())),
+        ErrorKind::Locked
+    );
+    drop(r2);
+    registry
+        .open(&path, OpenFlags::empty())
+        .unwrap()
+        .close(false)
+        .unwrap();
+}
+
+#[test]
+fn every_layer_of_a_chain_is_locked_for_what_is_done_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (base, child) = (dir.path().join("base.vhdx"), dir.path().join("child.vhdx"));
+    let registry = Registry::builtin();
+    new_vhdx(&registry, &base, 8 << 20, 0x22);
+    new_child(&registry, &base, &child);
+
+    // Writing the child reads the parent: the parent is shared with readers, not writers.
+    let disk = Disk::open(
+        &registry,
+        &child,
+        &DiskOptions {
+            flags: OpenFlags::empty(),
+            ..DiskOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        kind(registry.open(&base, OpenFlags::empty())),
+        ErrorKind::Locked
+    );
+    registry.open(&base, OpenFlags::READ_ONLY).unwrap();
+    disk.close().unwrap();
+
+    // Commit opens the parent for writing inside the chain, so no second open conflicts.
+    let disk = Disk::open(
+        &registry,
+        &child,
+        &DiskOptions {
+            writable_parent: true,
+            ..DiskOptions::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        kind(registry.open(&base, OpenFlags::READ_ONLY)),
+        ErrorKind::Locked
+    );
+    let parent = &disk.layers()[1];
+    parent.write_at(0, &[0x33; 4096]).unwrap();
+    assert!(
+        disk.layers()[0].write_at(0, &[1; 4096]).is_err(),
+        "the child is read-only"
+    );
+    disk.close().unwrap();
+}
+
+#[test]
+fn a_staged_image_replaces_its_destination_only_on_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let dst = dir.path().join("dst.vhdx");
+    std::fs::write(&dst, b"old").unwrap();
+    let registry = Registry::builtin();
+
+    let staged = registry
+        .create_staged("vhdx", &dst, &params(4 << 20), None)
+        .unwrap();
+    staged.image().write_at(0, &[9; 4096]).unwrap();
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old");
+    drop(staged);
+    assert_eq!(std::fs::read(&dst).unwrap(), b"old");
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        1,
+        "temp removed"
+    );
+
+    let staged = registry
+        .create_staged("vhdx", &dst, &params(4 << 20), None)
+        .unwrap();
+    staged.image().write_at(0, &[9; 4096]).unwrap();
+    staged.commit().unwrap();
+    let img = registry.open(&dst, OpenFlags::READ_ONLY).unwrap();
+    let mut b = vec![0u8; 4096];
+    img.read_at(0, &mut b).unwrap();
+    assert_eq!(b, vec![9; 4096]);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+}
+
+#[test]
+fn a_new_image_cannot_be_its_own_parent_and_a_hard_linked_loop_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.vhdx");
+    let registry = Registry::builtin();
+    new_vhdx(&registry, &base, 8 << 20, 0x44);
+    let link = dir.path().join("link.vhdx");
+    std::fs::hard_link(&base, &link).unwrap();
+    let before = std::fs::read(&base).unwrap();
+    let parent = registry.open(&base, OpenFlags::READ_ONLY).unwrap();
+    let diff = CreateParams {
+        size: 8 << 20,
+        image_flags: ImageFlags::DIFF,
+        ..CreateParams::default()
+    };
+    for target in [&base, &link] {
+        let e = registry
+            .create_staged("vhdx", target, &diff, Some((&base, parent.as_ref())))
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{e}");
+        assert!(e.to_string().contains("its own parent"), "{e}");
+    }
+    drop(parent);
+    assert_eq!(std::fs::read(&base).unwrap(), before);
+
+    // A child whose parent locator leads back to itself through a hard link is a loop.
+    let child = dir.path().join("child.vhdx");
+    new_child(&registry, &base, &child);
+    let child_link = dir.path().join("child-link.vhdx");
+    std::fs::hard_link(&child, &child_link).unwrap();
+    let e = Disk::open(
+        &registry,
+        &child,
+        &DiskOptions {
+            parents: vec![child_link],
+            ..DiskOptions::default()
+        },
+    )
+    .unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::BadChain, "{e}");
+}
