@@ -167,7 +167,10 @@ impl VhdxImage {
     }
 
     /// Rebuilds the metadata region with `edit` applied and commits the changed pages through
-    /// the log.
+    /// the log. Only the FileWriteGuid changes (MS-VHDX 2.2.2): the metadata items are not what
+    /// the virtual disk reads, so differencing children made from this image stay valid. The
+    /// operations that do change what is read (resize) change the DataWriteGuid themselves
+    /// before calling this.
     pub(crate) fn edit_metadata(
         &self,
         edit: impl FnOnce(&mut Vec<ItemData>) -> Result<()>,
@@ -176,7 +179,7 @@ impl VhdxImage {
         let storage = self.storage().clone();
         let region = self.regions().metadata;
         let mut ws = self.write_state().lock();
-        self.begin_visible(&mut ws)?;
+        self.begin(&mut ws)?;
         self.commit(&mut ws)?;
         let len = usize::try_from(region.length)
             .map_err(|_| Error::invalid_argument("metadata region too large"))?;

@@ -39,30 +39,34 @@ impl VhdxImage {
                 format!("a BAT for {new_size} bytes would be too large"),
             ));
         }
-        if new.entries * 8 > self.regions().bat.length {
-            self.move_bat((new.entries * 8).div_ceil(MIB) * MIB)?;
-        }
         let storage = self.storage().clone();
-        {
-            let mut ws = self.write_state().lock();
-            self.begin_visible(&mut ws)?;
-            if new_size < old.virtual_size {
-                // Nothing past the new end may hold data.
-                let first_cut = new_size / old.block_size;
-                for b in first_cut..old.data_blocks {
-                    let state = self.bat().block(b)?;
-                    let start = (b * old.block_size).max(new_size);
-                    let end = ((b + 1) * old.block_size).min(old.virtual_size);
-                    if matches!(state, BlockState::Full(_) | BlockState::Partial(_)) {
-                        let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
-                        self.read_own(start, &mut buf)?;
-                        if buf.iter().any(|&x| x != 0) {
-                            return Err(Error::invalid_argument(format!(
-                                "the part of the disk beyond {new_size} bytes holds data (block {b}); discard it first"
-                            )));
-                        }
+        let mut ws = self.write_state().lock();
+        if new_size < old.virtual_size {
+            // Nothing past the new end may hold data; checked before anything is written.
+            let first_cut = new_size / old.block_size;
+            for b in first_cut..old.data_blocks {
+                let state = self.bat().block(b)?;
+                let start = (b * old.block_size).max(new_size);
+                let end = ((b + 1) * old.block_size).min(old.virtual_size);
+                if matches!(state, BlockState::Full(_) | BlockState::Partial(_)) {
+                    let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+                    self.read_own(start, &mut buf)?;
+                    if buf.iter().any(|&x| x != 0) {
+                        return Err(Error::invalid_argument(format!(
+                            "the part of the disk beyond {new_size} bytes holds data (block {b}); discard it first"
+                        )));
                     }
                 }
+            }
+        }
+        self.begin_visible(&mut ws)?;
+        if new.entries * 8 > self.regions().bat.length {
+            drop(ws);
+            self.move_bat((new.entries * 8).div_ceil(MIB) * MIB)?;
+            ws = self.write_state().lock();
+        }
+        {
+            if new_size < old.virtual_size {
                 for b in new.data_blocks..old.data_blocks {
                     self.set_entry(&mut ws, old.payload_index(b), 0)?;
                 }
@@ -89,6 +93,7 @@ impl VhdxImage {
                 }
             }
         }
+        drop(ws);
         self.edit_metadata(|items| {
             crate::meta_edit::replace_item(
                 items,
@@ -103,10 +108,12 @@ impl VhdxImage {
 
     /// Moves the BAT to a larger region at the end of the file: copy, flush, then switch both
     /// region tables through the log.
+    /// Only the FileWriteGuid changes for the move itself: where the BAT lives is not what the
+    /// disk reads.
     fn move_bat(&self, new_len: u64) -> Result<()> {
         let storage = self.storage().clone();
         let mut ws = self.write_state().lock();
-        self.begin_visible(&mut ws)?;
+        self.begin(&mut ws)?;
         self.commit(&mut ws)?;
         let mut table = self.regions();
         let old = table.bat;

@@ -122,8 +122,8 @@ impl VhdxImage {
         Ok(())
     }
 
-    /// Before the first change a reader of the disk could see (data, size, identity, user
-    /// metadata): a new DataWriteGuid too, in the same header update when the session has not
+    /// Before the first change a reader of the disk could see (data, discards, size): a new
+    /// DataWriteGuid too (MS-VHDX 2.2.2), in the same header update when the session has not
     /// started yet.
     pub(crate) fn begin_visible(&self, ws: &mut WriteState) -> Result<()> {
         if ws.data_changed {

@@ -1706,11 +1706,16 @@ fn parents_must_pass_check_parent() {
         Uuid::from_u128(m1.as_u128() ^ 0xFFFF)
     );
 
-    // Mismatch: refused, as a missing parent whose message carries the mismatch.
+    // Mismatch: the parent was found, so this is not "not found" but a mismatch that says
+    // where it was found, what it is and what the child expects.
     LayerSpec::child(8 * KIB, "base.layer")
         .parent_uuid(m2)
         .put(&fs, "/u/bad.layer");
-    let e = assert_kind(open("/u/bad.layer"), ErrorKind::NotFound);
+    let e = assert_kind(open("/u/bad.layer"), ErrorKind::ParentMismatch);
+    let m = e.linkage_mismatch().expect("a linkage mismatch");
+    assert_eq!(m.child, Path::new("/u/bad.layer"));
+    assert_eq!(m.parent, Path::new("/u/base.layer"));
+    assert_eq!((m.found, m.expected), (m1, m2));
     let msg = e.to_string();
     for part in [
         "/u/bad.layer",
@@ -1753,7 +1758,7 @@ fn parents_must_pass_check_parent() {
     };
     let e = assert_kind(
         Disk::open(&registry, Path::new("/u/good.layer"), &opts),
-        ErrorKind::NotFound,
+        ErrorKind::ParentMismatch,
     );
     assert!(e.to_string().contains(&m2.to_string()), "{e}");
 
@@ -1768,7 +1773,7 @@ fn parents_must_pass_check_parent() {
         .parent_uuid(stale)
         .parent_modification(Uuid::nil())
         .put(&fs, "/u/nil.layer");
-    assert_kind(open("/u/nil.layer"), ErrorKind::NotFound);
+    assert_kind(open("/u/nil.layer"), ErrorKind::ParentMismatch);
     // A parent that records no modification UUID cannot be checked and is accepted.
     LayerSpec::child(8 * KIB, "anonymous.layer")
         .parent_uuid(stale)

@@ -77,6 +77,34 @@ impl std::fmt::Debug for Disk {
     }
 }
 
+/// Why no parent could be used: `NotFound` when no candidate exists; otherwise the first
+/// failure keeps its kind, so a parent that is found but is not the one the child was made
+/// from stays a `ParentMismatch` with its [`LinkageMismatch`](crate::LinkageMismatch), and a
+/// locked or damaged parent stays `Locked` or `Corrupt`.
+fn parent_error(child: &Path, failed: Option<Error>, tried: &[String]) -> Error {
+    match failed {
+        None => Error::new(
+            ErrorKind::NotFound,
+            format!("parent image not found; tried: {}", tried.join("; ")),
+        )
+        .with_path(child),
+        Some(e) if e.linkage_mismatch().is_some() => e,
+        Some(e) => {
+            let at = e
+                .context()
+                .path
+                .as_ref()
+                .map_or_else(String::new, |p| format!(" at {}", p.display()));
+            Error::new(
+                e.kind(),
+                format!("the parent image found{at} cannot be used"),
+            )
+            .with_path(child)
+            .with_source(e)
+        }
+    }
+}
+
 fn bad_chain(msg: String) -> Error {
     Error::new(ErrorKind::BadChain, msg)
 }
@@ -88,8 +116,11 @@ impl Disk {
     /// [`check_parent`](Image::check_parent).
     ///
     /// # Errors
-    /// Errors opening any layer; `NotFound` naming every path tried when a parent is missing;
-    /// `BadChain` for a cycle or a chain deeper than the cap.
+    /// Errors opening any layer; `NotFound` naming every path tried when no parent exists;
+    /// `ParentMismatch` (with a [`LinkageMismatch`](crate::LinkageMismatch)) when a parent is
+    /// found but is not the image the child was made from; the kind of the failure when a found
+    /// parent cannot be opened (`Locked`, `Corrupt`, ...); `BadChain` for a cycle or a chain
+    /// deeper than the cap.
     pub fn open(registry: &Registry, path: &Path, opts: &DiskOptions) -> Result<Self> {
         let provider = registry.provider().clone();
         let max_depth = opts.max_depth.clamp(1, MAX_CHAIN_DEPTH);
@@ -122,6 +153,7 @@ impl Disk {
                 None => current.parent_candidates()?,
             };
             let mut tried = Vec::new();
+            let mut failed: Option<Error> = None;
             let mut found = None;
             for c in candidates {
                 if !provider.exists(&c) {
@@ -144,15 +176,16 @@ impl Disk {
                         found = Some(p);
                         break;
                     }
-                    Err(e) => tried.push(format!("{} ({e})", c.display())),
+                    Err(e) => {
+                        tried.push(format!("{} ({e})", c.display()));
+                        if failed.is_none() {
+                            failed = Some(e.with_path(&c));
+                        }
+                    }
                 }
             }
             let Some(parent) = found else {
-                return Err(Error::new(
-                    ErrorKind::NotFound,
-                    format!("parent image not found; tried: {}", tried.join("; ")),
-                )
-                .with_path(current.path()));
+                return Err(parent_error(current.path(), failed, &tried));
             };
             layers.push(current);
             current = parent;

@@ -96,6 +96,7 @@ pub struct Error {
     message: String,
     ctx: Context,
     source: Option<Box<dyn StdError + Send + Sync + 'static>>,
+    linkage: Option<Box<LinkageMismatch>>,
 }
 
 impl Error {
@@ -106,6 +107,7 @@ impl Error {
             message: message.into(),
             ctx: Context::default(),
             source: None,
+            linkage: None,
         }
     }
 
@@ -222,6 +224,52 @@ impl StdError for Error {
         self.source
             .as_deref()
             .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+/// A parent was found where its child looks for it, but it is not the image the child was made
+/// from: its identity (VHDX: DataWriteGuid) is not the one the child recorded. Kept as the
+/// source of a [`ErrorKind::ParentMismatch`] error, so a front end can say exactly what differs
+/// and offer to relink the child once the user has checked the parent is the right one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkageMismatch {
+    /// The child image whose recorded parent identity does not match.
+    pub child: PathBuf,
+    /// Where the parent was found.
+    pub parent: PathBuf,
+    /// The parent's identity ([`Image::modification_uuid`](crate::Image::modification_uuid)).
+    pub found: uuid::Uuid,
+    /// The identity the child recorded ([`Image::parent_uuid`](crate::Image::parent_uuid)).
+    pub expected: uuid::Uuid,
+}
+
+impl fmt::Display for LinkageMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "parent found at {} has id {{{}}}, but the child expects {{{}}}: the parent's data \
+             changed after the child was made, or it is another image",
+            self.parent.display(),
+            self.found,
+            self.expected
+        )
+    }
+}
+
+impl StdError for LinkageMismatch {}
+
+impl Error {
+    /// `ParentMismatch` carrying a [`LinkageMismatch`] (its text is the message), with the
+    /// child's path attached.
+    pub fn linkage(m: LinkageMismatch) -> Self {
+        let mut e = Self::new(ErrorKind::ParentMismatch, m.to_string()).with_path(m.child.clone());
+        e.linkage = Some(Box::new(m));
+        e
+    }
+
+    /// The [`LinkageMismatch`] this error reports, if it is one.
+    pub fn linkage_mismatch(&self) -> Option<&LinkageMismatch> {
+        self.linkage.as_deref()
     }
 }
 

@@ -416,7 +416,8 @@ pub trait Image: Send + Sync {
 /// UUID; images that record neither are accepted.
 ///
 /// # Errors
-/// `ParentMismatch` naming both identities.
+/// `ParentMismatch` naming both identities, with a [`LinkageMismatch`](crate::LinkageMismatch)
+/// as its source.
 pub fn check_parent_identity<C: Image + ?Sized>(child: &C, parent: &dyn Image) -> Result<()> {
     let want = match child.parent_uuid() {
         Ok(u) => u,
@@ -432,14 +433,12 @@ pub fn check_parent_identity<C: Image + ?Sized>(child: &C, parent: &dyn Image) -
     if have == want || want2.is_some_and(|w| !w.is_nil() && w == have) {
         Ok(())
     } else {
-        Err(Error::new(
-            ErrorKind::ParentMismatch,
-            format!(
-                "parent {} has modification id {have}, but the child expects {want}",
-                parent.path().display()
-            ),
-        )
-        .with_path(child.path()))
+        Err(Error::linkage(crate::LinkageMismatch {
+            child: child.path().to_path_buf(),
+            parent: parent.path().to_path_buf(),
+            found: have,
+            expected: want,
+        }))
     }
 }
 

@@ -45,7 +45,7 @@ pub mod testing;
 
 pub use backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest};
 pub use disk::{Disk, DiskExtent, DiskOptions, MAX_CHAIN_DEPTH};
-pub use error::{Context, Error, ErrorKind, Result, error_chain};
+pub use error::{Context, Error, ErrorKind, LinkageMismatch, Result, error_chain};
 pub use flags::{Capabilities, ImageFlags, OpenFlags, flag_names};
 pub use geometry::{Geometry, parse_size};
 pub use image::{

@@ -72,10 +72,25 @@ pub enum Command {
     /// Merge a differencing image into its parent.
     Commit(CommitArgs),
     /// Set the image UUIDs (a new random image UUID when none is given).
+    ///
+    /// Setting the image UUID or the parent UUID changes only the image's FileWriteGuid, so
+    /// differencing images made from this one still open. `--modification-uuid` sets the
+    /// DataWriteGuid, the identity children made from this image record: they no longer open
+    /// until relinked with `setuuid --parent-uuid`.
     Setuuid(SetuuidArgs),
     /// Show or set the CHS geometry.
+    ///
+    /// VHDX has no geometry field: vd keeps it in a user metadata item of its own. Children of
+    /// the image stay valid (only the FileWriteGuid changes) and qemu-img and libvhdi read the
+    /// image as before, but dissect.hypervisor (3.21) cannot open a VHDX holding a metadata item
+    /// it does not know.
     Geometry(GeometryArgs),
     /// Show or set the comment.
+    ///
+    /// The comment is kept in a user metadata item of vd's own. Children of the image stay valid
+    /// (only the FileWriteGuid changes) and qemu-img and libvhdi read the image as before, but
+    /// dissect.hypervisor (3.21) cannot open a VHDX holding a metadata item it does not know;
+    /// `--clear` removes the item again.
     Comment(CommentArgs),
     /// Move data down into holes and shrink the file.
     Compact(FileArgs),
@@ -198,7 +213,8 @@ pub struct SetuuidArgs {
     /// The modification UUID (VHDX: DataWriteGuid).
     #[arg(long)]
     pub modification_uuid: Option<String>,
-    /// The parent UUID (VHDX: parent_linkage).
+    /// The parent UUID (VHDX: parent_linkage): relinks a differencing image to a parent whose
+    /// data changed since the child was made. Check first that it is the right parent.
     #[arg(long)]
     pub parent_uuid: Option<String>,
 }

@@ -31,6 +31,24 @@ fn is_locked(err: &anyhow::Error) -> bool {
     })
 }
 
+/// The parent-linkage mismatch behind the error, if that is what it is.
+fn linkage(err: &anyhow::Error) -> Option<&vd_core::LinkageMismatch> {
+    err.chain()
+        .filter_map(|e| e.downcast_ref::<vd_core::Error>())
+        .find_map(vd_core::Error::linkage_mismatch)
+}
+
+/// `path` as one shell word: as is when it holds only safe characters, else single-quoted.
+fn shell_word(path: &std::path::Path) -> String {
+    let s = path.to_string_lossy();
+    let safe = |c: char| c.is_ascii_alphanumeric() || "/._-+:,@%=".contains(c);
+    if !s.is_empty() && s.chars().all(safe) {
+        s.into_owned()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
 /// Runs a command: its `Ok` value is the exit code; an error is printed on one line to stderr
 /// and exits with [`ERROR`].
 pub fn run(f: impl FnOnce() -> anyhow::Result<u8>) -> ExitCode {
@@ -43,6 +61,15 @@ pub fn run(f: impl FnOnce() -> anyhow::Result<u8>) -> ExitCode {
                 eprintln!(
                     "hint: close the other program first; to only read the image while it is \
                      in use, add -U (--force-share): what is read may then change meanwhile"
+                );
+            }
+            if let Some(m) = linkage(&err) {
+                eprintln!(
+                    "hint: if {} is the right parent (its data was changed on purpose), relink \
+                     the child to it with: vd-tool setuuid --parent-uuid {} {}",
+                    crate::render::sanitize(&m.parent.display().to_string()),
+                    m.found,
+                    crate::render::sanitize(&shell_word(&m.child)),
                 );
             }
             ExitCode::from(ERROR)

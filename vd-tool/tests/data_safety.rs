@@ -5,41 +5,12 @@ mod support;
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
 use support::{
-    assert_fails, peer, peer_ok, qemu_raw, qemu_vhdx, s, sha256, sha256_file, stderr, vd, vd_ok,
+    Background, assert_fails, peer, peer_ok, qemu_io_holding, qemu_raw, qemu_vhdx, s, sha256,
+    sha256_file, stderr, vd, vd_ok,
 };
-
-/// A background process, killed when the test ends however it ends.
-struct Background(Child);
-
-impl Drop for Background {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Waits (a bounded time) until a plain reader can no longer open `img`: another process has
-/// it open for writing.
-fn wait_until_locked(img: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let o = vd(&["info", s(img)]);
-        if o.status.code() == Some(2) && stderr(&o).contains("lock") {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the writer never locked {}: {}",
-            img.display(),
-            stderr(&o)
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// `vd-tool io` holding `img` open: runs `first` (a read or a write, with `-r` for a read),
 /// then sleeps 30 s before closing. Returns once `first` is done.
@@ -71,15 +42,7 @@ fn a_qemu_writer_locks_vd_out_and_force_share_still_reads() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.vhdx");
     qemu_vhdx(&img, "64M", 0x5a, "1M");
-    let qemu_io = Background(
-        Command::new("qemu-io")
-            .args(["-f", "vhdx", "-c", "sleep 30000", s(&img)])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("qemu-io runs"),
-    );
-    wait_until_locked(&img);
+    let qemu_io = qemu_io_holding(&img, false);
     let before = sha256_file(&img);
 
     // A writer is refused, naming the file and the reason.

@@ -4,7 +4,8 @@
 #![allow(dead_code, reason = "each test file uses its own subset")]
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// Runs vd-tool with `args`.
 pub fn vd(args: &[&str]) -> Output {
@@ -107,4 +108,55 @@ pub fn qemu_raw(image: &Path) -> Vec<u8> {
     let out = dir.path().join("raw");
     peer_ok("qemu-img", &["convert", "-O", "raw", s(image), s(&out)]);
     std::fs::read(out).expect("raw output")
+}
+
+/// A background process, killed when the test ends however it ends.
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (a bounded time) until a plain reader can no longer open `img`: another process has
+/// it open for writing.
+pub fn wait_until_locked(img: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = vd(&["info", s(img)]);
+        if o.status.code() == Some(2) && stderr(&o).contains("lock") {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writer never locked {}: {}",
+            img.display(),
+            stderr(&o)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `qemu-io` holding `img` open for writing (or reading, with `read_only`) for 30 s, once it
+/// holds its locks.
+pub fn qemu_io_holding(img: &Path, read_only: bool) -> Background {
+    require("qemu-io");
+    let mut args = vec!["-f", "vhdx"];
+    if read_only {
+        args.push("-r");
+    }
+    args.extend(["-c", "sleep 30000", s(img)]);
+    let child = Command::new("qemu-io")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("qemu-io runs");
+    let held = Background(child);
+    if !read_only {
+        wait_until_locked(img);
+    }
+    held
 }
