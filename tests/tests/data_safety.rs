@@ -225,3 +225,73 @@ fn a_new_image_cannot_be_its_own_parent_and_a_hard_linked_loop_is_found() {
     .unwrap_err();
     assert_eq!(e.kind(), ErrorKind::BadChain, "{e}");
 }
+
+#[test]
+fn metadata_edits_keep_children_valid_and_a_data_change_is_a_precise_mismatch() {
+    let registry = Registry::builtin();
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("p.vhdx");
+    let child = dir.path().join("c.vhdx");
+    new_vhdx(&registry, &parent, 8 << 20, 0x5a);
+    new_child(&registry, &parent, &child);
+    let read_chain = || {
+        let disk = Disk::open(&registry, &child, &DiskOptions::default())?;
+        let mut buf = vec![0u8; 4096];
+        disk.read_at(0, &mut buf)?;
+        Ok::<_, vd_core::Error>(buf)
+    };
+    let id = |p: &Path| {
+        registry
+            .open(p, OpenFlags::READ_ONLY)
+            .unwrap()
+            .modification_uuid()
+            .unwrap()
+    };
+    let before = id(&parent);
+    let edits: [(&str, &dyn Fn(&dyn vd_core::Image) -> vd_core::Result<()>); 5] = [
+        ("comment", &|i| i.set_comment(Some("base"))),
+        ("pchs", &|i| {
+            i.set_pchs_geometry(vd_core::Geometry {
+                cylinders: 100,
+                heads: 16,
+                sectors: 63,
+            })
+        }),
+        ("lchs", &|i| {
+            i.set_lchs_geometry(vd_core::Geometry {
+                cylinders: 100,
+                heads: 16,
+                sectors: 63,
+            })
+        }),
+        ("uuid", &|i| i.set_uuid(uuid::Uuid::new_v4())),
+        ("compact", &|i| i.compact(&mut |_, _| {})),
+    ];
+    for (what, edit) in edits {
+        let img = registry.open(&parent, OpenFlags::empty()).unwrap();
+        edit(img.as_ref()).unwrap();
+        img.close(false).unwrap();
+        assert_eq!(id(&parent), before, "{what} changed the DataWriteGuid");
+        assert_eq!(read_chain().unwrap(), vec![0x5a; 4096], "after {what}");
+    }
+
+    // A write changes it, and the child then names the parent, both ids and itself.
+    let img = registry.open(&parent, OpenFlags::empty()).unwrap();
+    img.write_at(0, &[0x11; 4096]).unwrap();
+    img.close(false).unwrap();
+    let after = id(&parent);
+    assert_ne!(after, before);
+    let e = read_chain().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ParentMismatch);
+    let m = e.linkage_mismatch().expect("a linkage mismatch");
+    assert_eq!((m.found, m.expected), (after, before));
+    assert_eq!(
+        (m.child.as_path(), m.parent.as_path()),
+        (child.as_path(), parent.as_path())
+    );
+    // Relinking (a metadata edit of the child) makes the chain whole again.
+    let c = registry.open(&child, OpenFlags::empty()).unwrap();
+    c.set_parent_uuid(after).unwrap();
+    c.close(false).unwrap();
+    assert_eq!(read_chain().unwrap(), vec![0x11; 4096]);
+}
