@@ -249,7 +249,7 @@ fn metadata_edits_keep_children_valid_and_a_data_change_is_a_precise_mismatch() 
     };
     let before = id(&parent);
     type Edit<'a> = &'a dyn Fn(&dyn vd_core::Image) -> vd_core::Result<()>;
-    let edits: [(&str, Edit); 5] = [
+    let edits: [(&str, Edit<'_>); 5] = [
         ("comment", &|i| i.set_comment(Some("base"))),
         ("pchs", &|i| {
             i.set_pchs_geometry(vd_core::Geometry {
