@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use uuid::Uuid;
 use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
 
-use crate::bat::BlockState;
+use crate::bat::{BlockState, Layout};
 use crate::error::io_err;
 use crate::format::{MIB, bat_state};
 use crate::guid::Guid;
@@ -186,6 +186,40 @@ impl VhdxImage {
         Ok(())
     }
 
+    /// A write into a differencing image must be sector-aligned wherever it lands in a block
+    /// whose sectors are tracked one by one (partially present, or not present yet and not
+    /// written whole): checked for the whole request before anything is written, so a refused
+    /// write changes no byte (not even the DataWriteGuid). Only the first and the last block of
+    /// a request can be partly covered.
+    fn check_diff_alignment(&self, layout: &Layout, offset: u64, len: u64) -> Result<()> {
+        let ss = layout.sector_size;
+        if !layout.has_parent || (offset.is_multiple_of(ss) && len.is_multiple_of(ss)) {
+            return Ok(());
+        }
+        let end = offset + len;
+        let first = offset / layout.block_size;
+        let last = (end - 1) / layout.block_size;
+        for block in [first, last] {
+            let start = (block * layout.block_size).max(offset);
+            let stop = ((block + 1) * layout.block_size).min(end);
+            let within = start % layout.block_size;
+            let n = stop - start;
+            let whole = within == 0 && (n == layout.block_size || stop == layout.virtual_size);
+            let aligned = within.is_multiple_of(ss) && n.is_multiple_of(ss);
+            let tracked = match self.bat().block(block)? {
+                BlockState::Partial(_) => true,
+                BlockState::NotPresent => !whole,
+                _ => false,
+            };
+            if tracked && !aligned {
+                return Err(Error::invalid_argument(format!(
+                    "a write into a differencing image must be {ss}-byte aligned"
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Writes `buf` at `offset`.
     pub(crate) fn write_impl(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable("writing")?;
@@ -195,6 +229,7 @@ impl VhdxImage {
         }
         let layout = self.layout();
         let mut ws = self.write_state().lock();
+        self.check_diff_alignment(&layout, offset, buf.len() as u64)?;
         self.begin_visible(&mut ws)?;
         let storage = self.storage().clone();
         let ss = layout.sector_size;

@@ -296,3 +296,48 @@ fn metadata_edits_keep_children_valid_and_a_data_change_is_a_precise_mismatch() 
     c.close(false).unwrap();
     assert_eq!(read_chain().unwrap(), vec![0x11; 4096]);
 }
+
+#[test]
+fn a_refused_write_into_a_differencing_image_changes_no_byte() {
+    let registry = Registry::builtin();
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("p.vhdx");
+    let child = dir.path().join("c.vhdx");
+    new_vhdx(&registry, &parent, 8 << 20, 0x5a);
+    let p = registry.open(&parent, OpenFlags::READ_ONLY).unwrap();
+    let params = CreateParams {
+        size: p.size(),
+        image_flags: ImageFlags::DIFF,
+        options: [("block_size".to_string(), "1M".to_string())].into(),
+        ..CreateParams::default()
+    };
+    let c = registry
+        .create("vhdx", &child, &params, Some((&parent, p.as_ref())), false)
+        .unwrap();
+    // Block 0 partly present (sectors tracked one by one), block 1 not present.
+    c.write_at(0, &[7; 512]).unwrap();
+    c.close(false).unwrap();
+    drop(p);
+    let before = std::fs::read(&child).unwrap();
+    let img = registry.open(&child, OpenFlags::empty()).unwrap();
+    for (offset, len, what) in [
+        (100, 10, "inside a partly present block"),
+        (
+            (1 << 20) + 100,
+            10,
+            "inside a block the child does not hold",
+        ),
+        // Aligned in block 0, unaligned in block 1: block 0 is not written either.
+        ((1 << 20) - 512, 600, "across two blocks"),
+    ] {
+        let e = img.write_at(offset, &vec![1; len]).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument, "{what}");
+    }
+    img.close(false).unwrap();
+    assert!(std::fs::read(&child).unwrap() == before, "the file changed");
+    let mut buf = vec![0u8; 1024];
+    let disk = Disk::open(&registry, &child, &DiskOptions::default()).unwrap();
+    disk.read_at((1 << 20) - 512, &mut buf).unwrap();
+    // The parent's last 512 bytes of data, then its zeros: nothing of the refused writes.
+    assert!(buf[..512].iter().all(|&b| b == 0x5a) && buf[512..].iter().all(|&b| b == 0));
+}
