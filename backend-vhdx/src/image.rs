@@ -608,9 +608,23 @@ impl Image for VhdxImage {
         Ok(())
     }
 
-    /// The parent must have this image's logical sector size, and its DataWriteGuid must match
-    /// `parent_linkage` (or `parent_linkage2`).
+    /// The parent must be a VHDX image (MS-VHDX knows no other parent; a file of another
+    /// format, probed as raw, would otherwise be read as the parent's data), have this image's
+    /// logical sector size, and its DataWriteGuid must match `parent_linkage` (or
+    /// `parent_linkage2`).
     fn check_parent(&self, parent: &dyn Image) -> Result<()> {
+        if parent.format() != "vhdx" {
+            return Err(Error::new(
+                ErrorKind::ParentMismatch,
+                format!(
+                    "parent {} is not a VHDX image (it opens as {}): the parent of a VHDX \
+                     differencing image is a VHDX image",
+                    parent.path().display(),
+                    parent.format()
+                ),
+            )
+            .with_path(&self.path));
+        }
         let ss = self.sector_size();
         if parent.sector_size() != ss {
             return Err(Error::new(

@@ -341,3 +341,26 @@ fn a_refused_write_into_a_differencing_image_changes_no_byte() {
     // The parent's last 512 bytes of data, then its zeros: nothing of the refused writes.
     assert!(buf[..512].iter().all(|&b| b == 0x5a) && buf[512..].iter().all(|&b| b == 0));
 }
+
+#[test]
+fn a_file_that_is_not_vhdx_is_never_used_as_a_vhdx_parent() {
+    let registry = Registry::builtin();
+    let dir = tempfile::tempdir().unwrap();
+    let parent = dir.path().join("p.vhdx");
+    let child = dir.path().join("c.vhdx");
+    new_vhdx(&registry, &parent, 8 << 20, 0x5a);
+    new_child(&registry, &parent, &child);
+    // The parent overwritten by something else (it probes as raw): refused, not read as data.
+    std::fs::write(&parent, vec![0xee; 8 << 20]).unwrap();
+    let e = Disk::open(&registry, &child, &DiskOptions::default()).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::ParentMismatch, "{e}");
+    let text = vd_core::error_chain(&e);
+    assert!(
+        text.contains(&format!("found at {}", parent.display())),
+        "{text}"
+    );
+    assert!(
+        text.contains("is not a VHDX image (it opens as raw)"),
+        "{text}"
+    );
+}

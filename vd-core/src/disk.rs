@@ -81,27 +81,20 @@ impl std::fmt::Debug for Disk {
 /// failure keeps its kind, so a parent that is found but is not the one the child was made
 /// from stays a `ParentMismatch` with its [`LinkageMismatch`](crate::LinkageMismatch), and a
 /// locked or damaged parent stays `Locked` or `Corrupt`.
-fn parent_error(child: &Path, failed: Option<Error>, tried: &[String]) -> Error {
+fn parent_error(child: &Path, failed: Option<(PathBuf, Error)>, tried: &[String]) -> Error {
     match failed {
         None => Error::new(
             ErrorKind::NotFound,
             format!("parent image not found; tried: {}", tried.join("; ")),
         )
         .with_path(child),
-        Some(e) if e.linkage_mismatch().is_some() => e,
-        Some(e) => {
-            let at = e
-                .context()
-                .path
-                .as_ref()
-                .map_or_else(String::new, |p| format!(" at {}", p.display()));
-            Error::new(
-                e.kind(),
-                format!("the parent image found{at} cannot be used"),
-            )
-            .with_path(child)
-            .with_source(e)
-        }
+        Some((_, e)) if e.linkage_mismatch().is_some() => e,
+        Some((at, e)) => Error::new(
+            e.kind(),
+            format!("the parent image found at {} cannot be used", at.display()),
+        )
+        .with_path(child)
+        .with_source(e),
     }
 }
 
@@ -153,7 +146,7 @@ impl Disk {
                 None => current.parent_candidates()?,
             };
             let mut tried = Vec::new();
-            let mut failed: Option<Error> = None;
+            let mut failed: Option<(PathBuf, Error)> = None;
             let mut found = None;
             for c in candidates {
                 if !provider.exists(&c) {
@@ -179,7 +172,7 @@ impl Disk {
                     Err(e) => {
                         tried.push(format!("{} ({e})", c.display()));
                         if failed.is_none() {
-                            failed = Some(e.with_path(&c));
+                            failed = Some((c.clone(), e));
                         }
                     }
                 }
