@@ -89,12 +89,7 @@ fn parent_error(child: &Path, failed: Option<(PathBuf, Error)>, tried: &[String]
         )
         .with_path(child),
         Some((_, e)) if e.linkage_mismatch().is_some() => e,
-        Some((at, e)) => Error::new(
-            e.kind(),
-            format!("the parent image found at {} cannot be used", at.display()),
-        )
-        .with_path(child)
-        .with_source(e),
+        Some((at, e)) => e.in_parent_of(child, &at),
     }
 }
 

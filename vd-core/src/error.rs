@@ -188,6 +188,19 @@ impl Error {
         self
     }
 
+    /// Re-frames an error of a parent image as an error of the child that needed it: the
+    /// message says where the parent was found, the path becomes the child's; kind, field,
+    /// offset and source stay.
+    pub(crate) fn in_parent_of(mut self, child: &Path, parent: &Path) -> Self {
+        self.message = format!(
+            "the parent image found at {} cannot be used: {}",
+            parent.display(),
+            self.message
+        );
+        self.ctx.path = Some(child.to_path_buf());
+        self
+    }
+
     /// The category of the error.
     pub fn kind(&self) -> ErrorKind {
         self.kind
