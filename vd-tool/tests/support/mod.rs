@@ -121,13 +121,22 @@ impl Drop for Background {
 }
 
 /// Waits (a bounded time) until a plain reader can no longer open `img`: another process has
-/// it open for writing.
-pub fn wait_until_locked(img: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
+/// it open for writing. `holder`, when given, is that process: its early exit is reported.
+pub fn wait_until_locked(img: &Path, mut holder: Option<&mut Child>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let o = vd(&["info", s(img)]);
         if o.status.code() == Some(2) && stderr(&o).contains("lock") {
             return;
+        }
+        if let Some(child) = holder.as_deref_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the lock holder exited ({status}) before locking: {err}");
         }
         assert!(
             Instant::now() < deadline,
@@ -139,7 +148,7 @@ pub fn wait_until_locked(img: &Path) {
     }
 }
 
-/// `qemu-io` holding `img` open for writing (or reading, with `read_only`) for 30 s, once it
+/// `qemu-io` holding `img` open for writing (or reading, with `read_only`) for 60 s, once it
 /// holds its locks.
 pub fn qemu_io_holding(img: &Path, read_only: bool) -> Background {
     require("qemu-io");
@@ -147,16 +156,17 @@ pub fn qemu_io_holding(img: &Path, read_only: bool) -> Background {
     if read_only {
         args.push("-r");
     }
-    args.extend(["-c", "sleep 30000", s(img)]);
+    args.extend(["-c", "sleep 60000", s(img)]);
     let child = Command::new("qemu-io")
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("qemu-io runs");
-    let held = Background(child);
+    let mut held = Background(child);
     if !read_only {
-        wait_until_locked(img);
+        wait_until_locked(img, Some(&mut held.0));
     }
     held
 }
