@@ -2,7 +2,7 @@
 //! layer of a chain, staged creation that leaves the destination alone until it succeeds, and
 //! chains that cannot contain themselves.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use backend_raw as _;
 use backend_vhdx as _;
@@ -39,6 +39,15 @@ fn new_child(registry: &Registry, parent: &Path, child: &Path) {
         )
         .unwrap();
     c.close(false).unwrap();
+}
+
+/// `p.vhdx` (8 MiB, its first MiB 0x5a) and its differencing child `c.vhdx` in `dir`.
+fn parent_and_child(registry: &Registry, dir: &Path) -> (PathBuf, PathBuf) {
+    let parent = dir.join("p.vhdx");
+    let child = dir.join("c.vhdx");
+    new_vhdx(registry, &parent, 8 << 20, 0x5a);
+    new_child(registry, &parent, &child);
+    (parent, child)
 }
 
 fn kind<T>(r: vd_core::Result<T>) -> ErrorKind {
@@ -230,10 +239,7 @@ fn a_new_image_cannot_be_its_own_parent_and_a_hard_linked_loop_is_found() {
 fn metadata_edits_keep_children_valid_and_a_data_change_is_a_precise_mismatch() {
     let registry = Registry::builtin();
     let dir = tempfile::tempdir().unwrap();
-    let parent = dir.path().join("p.vhdx");
-    let child = dir.path().join("c.vhdx");
-    new_vhdx(&registry, &parent, 8 << 20, 0x5a);
-    new_child(&registry, &parent, &child);
+    let (parent, child) = parent_and_child(&registry, dir.path());
     let read_chain = || {
         let disk = Disk::open(&registry, &child, &DiskOptions::default())?;
         let mut buf = vec![0u8; 4096];
@@ -346,10 +352,7 @@ fn a_refused_write_into_a_differencing_image_changes_no_byte() {
 fn a_file_that_is_not_vhdx_is_never_used_as_a_vhdx_parent() {
     let registry = Registry::builtin();
     let dir = tempfile::tempdir().unwrap();
-    let parent = dir.path().join("p.vhdx");
-    let child = dir.path().join("c.vhdx");
-    new_vhdx(&registry, &parent, 8 << 20, 0x5a);
-    new_child(&registry, &parent, &child);
+    let (parent, child) = parent_and_child(&registry, dir.path());
     // The parent overwritten by something else (it probes as raw): refused, not read as data.
     std::fs::write(&parent, vec![0xee; 8 << 20]).unwrap();
     let e = Disk::open(&registry, &child, &DiskOptions::default()).unwrap_err();
