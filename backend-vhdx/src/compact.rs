@@ -24,8 +24,10 @@ impl VhdxImage {
         let layout = self.layout();
         let storage = self.storage().clone();
         let mut ws = self.write_state().lock();
-        self.begin(&mut ws)?;
-        self.commit(&mut ws)?;
+        // Everything is read and validated before the first write: `begin` checks the whole
+        // BAT (refusing a truncated image) before it updates the header, and the block list
+        // below reads every entry again (cached entries included).
+        self.preflight(&mut ws)?;
         // Structures that never move.
         let regions = self.regions();
         let header = self.header_lock().read().clone();
@@ -74,6 +76,8 @@ impl VhdxImage {
                 }
             }
         }
+        self.begin(&mut ws)?;
+        self.commit(&mut ws)?;
         blocks.sort_by_key(|b| b.0);
         let total = blocks.len() as u64;
         let overlaps_fixed = |start: u64, len: u64| {

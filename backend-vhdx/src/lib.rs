@@ -93,7 +93,7 @@ mod resize;
 mod write;
 
 pub use bat::{BatSummary, BlockState, Layout};
-pub use error::{Corruption, corruption_of};
+pub use error::{BlockRef, Corruption, corruption_of};
 pub use image::{LogState, VhdxImage};
 pub use log::EntrySummary;
 pub use meta_edit::{USER_COMMENT, USER_LCHS, USER_PCHS};

@@ -39,6 +39,27 @@ impl VhdxImage {
                 format!("a BAT for {new_size} bytes would be too large"),
             ));
         }
+        // Every check comes before the first write (the header update of `begin_visible`,
+        // which also checks the whole BAT first).
+        self.preflight(&mut self.write_state().lock())?;
+        if new_size < old.virtual_size {
+            // Nothing past the new end may hold data.
+            let first_cut = new_size / old.block_size;
+            for b in first_cut..old.data_blocks {
+                let state = self.bat().block(b)?;
+                let start = (b * old.block_size).max(new_size);
+                let end = ((b + 1) * old.block_size).min(old.virtual_size);
+                if matches!(state, BlockState::Full(_) | BlockState::Partial(_)) {
+                    let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+                    self.read_own(start, &mut buf)?;
+                    if buf.iter().any(|&x| x != 0) {
+                        return Err(Error::invalid_argument(format!(
+                            "the part of the disk beyond {new_size} bytes holds data (block {b}); discard it first"
+                        )));
+                    }
+                }
+            }
+        }
         if new.entries * 8 > self.regions().bat.length {
             self.move_bat((new.entries * 8).div_ceil(MIB) * MIB)?;
         }
@@ -47,22 +68,6 @@ impl VhdxImage {
             let mut ws = self.write_state().lock();
             self.begin_visible(&mut ws)?;
             if new_size < old.virtual_size {
-                // Nothing past the new end may hold data.
-                let first_cut = new_size / old.block_size;
-                for b in first_cut..old.data_blocks {
-                    let state = self.bat().block(b)?;
-                    let start = (b * old.block_size).max(new_size);
-                    let end = ((b + 1) * old.block_size).min(old.virtual_size);
-                    if matches!(state, BlockState::Full(_) | BlockState::Partial(_)) {
-                        let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
-                        self.read_own(start, &mut buf)?;
-                        if buf.iter().any(|&x| x != 0) {
-                            return Err(Error::invalid_argument(format!(
-                                "the part of the disk beyond {new_size} bytes holds data (block {b}); discard it first"
-                            )));
-                        }
-                    }
-                }
                 for b in new.data_blocks..old.data_blocks {
                     self.set_entry(&mut ws, old.payload_index(b), 0)?;
                 }
