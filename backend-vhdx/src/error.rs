@@ -342,6 +342,18 @@ pub enum Corruption {
         /// The head entry's FlushedFileOffset.
         flushed: u64,
     },
+    /// The log writes, or asks the file to be extended, past the end of the file. [MS-VHDX]
+    /// 2.3.3 allows it when the file is at least FlushedFileOffset long (replay extends the
+    /// file); strict opens refuse it. Blocks past the end of the file stay missing either way.
+    #[error("the log {what}, beyond the end of the file ({file_len:#x})")]
+    LogBeyondFile {
+        /// What the log asks for.
+        what: String,
+        /// The end of it in the file (saturating).
+        end: u64,
+        /// File length.
+        file_len: u64,
+    },
     /// A read-only open found a log to replay and the caller asked to refuse such images.
     #[error("the log must be replayed, and the open flags refuse dirty logs")]
     DirtyLogRefused,

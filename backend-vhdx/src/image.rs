@@ -137,8 +137,14 @@ impl VhdxImage {
             log.entries = p.entries;
             log.head_sequence = p.head_sequence;
             log.sequence = p.summary.clone();
+            // Allowed by 2.3.3 (the file is at least FlushedFileOffset long, checked above):
+            // a warning, or an error in strict mode. Blocks past the end stay missing: the BAT
+            // checks them against the file's own length, not the replayed one.
             for (c, at) in &p.beyond_file {
-                truncation.push(c.clone().at("log entry", *at));
+                if strict {
+                    return Err(c.clone().at("log entry", *at).with_path(req.path));
+                }
+                warnings.push(error_chain(&c.clone().at("log entry", *at)));
             }
             // Read through the replayed log in memory until the image is known to be sound.
             storage = Arc::new(
@@ -238,6 +244,7 @@ impl VhdxImage {
             forbidden.clone(),
         );
         let mut verified = false;
+        let mut write_len = file_len;
         if let Some(plan) = plan {
             if read_only {
                 warnings.push(format!(
@@ -256,11 +263,15 @@ impl VhdxImage {
                 header = update_headers(&file, &header, |h| h.log_guid = Guid::ZERO)?;
                 log.replay = "file";
                 storage = file.clone();
+                // The replay may have extended the file to LastFileOffset.
+                write_len = file
+                    .len()
+                    .map_err(|e| io_err("cannot read the file size", e))?;
                 bat = Bat::new(
                     storage.clone(),
                     layout,
                     regions.bat.offset,
-                    file_len,
+                    write_len,
                     forbidden,
                 );
             }
@@ -268,7 +279,7 @@ impl VhdxImage {
         for w in &warnings {
             log::warn!("{}: {w}", req.path.display());
         }
-        let mut write = WriteState::new(file_len);
+        let mut write = WriteState::new(write_len);
         if verified {
             write.set_verified();
         }

@@ -83,9 +83,12 @@ pub struct ReplayPlan {
     pub entries: usize,
     /// Sequence number of the head entry.
     pub head_sequence: u64,
-    /// What the log needs beyond the end of the file (the head's LastFileOffset, writes past
-    /// the end), each with the file offset of the log entry that asks for it. The file was
-    /// truncated: replaying cannot bring the missing bytes back.
+    /// The head's LastFileOffset: the file must be at least this long afterwards.
+    pub last_file_offset: u64,
+    /// What the log asks for beyond the end of the file (the head's LastFileOffset, writes past
+    /// the end), each with the file offset of the log entry that asks for it. [MS-VHDX] 2.3.3
+    /// allows it (replay extends the file) as long as the file is at least FlushedFileOffset
+    /// long; strict opens refuse it.
     pub beyond_file: Vec<(Corruption, u64)>,
 }
 
@@ -348,14 +351,17 @@ pub fn plan_replay(
             .collect(),
         entries: active.len(),
         head_sequence: head.sequence,
+        last_file_offset: head.last_file_offset,
         writes: Vec::new(),
         beyond_file: Vec::new(),
     };
     if head.last_file_offset > file_len {
         plan.beyond_file.push((
-            Corruption::Truncated {
-                what: "space the log head entry's LastFileOffset covers".into(),
-                offset: 0,
+            Corruption::LogBeyondFile {
+                what: format!(
+                    "head entry's LastFileOffset asks for a file of {:#x} bytes",
+                    head.last_file_offset
+                ),
                 end: head.last_file_offset,
                 file_len,
             },
@@ -390,9 +396,8 @@ pub fn plan_replay(
             }
             if end > file_len {
                 plan.beyond_file.push((
-                    Corruption::Truncated {
-                        what: "log entry write".into(),
-                        offset: target,
+                    Corruption::LogBeyondFile {
+                        what: format!("entry writes {target:#x}..{end:#x}"),
                         end,
                         file_len,
                     },
@@ -425,11 +430,7 @@ pub fn read_log(storage: &dyn Storage, offset: u64, length: u64) -> Result<Vec<u
     Ok(buf)
 }
 
-/// Applies a plan to writable storage and flushes.
-///
-/// The file is never extended: [MS-VHDX] 2.3.3 extends it to LastFileOffset, but a file shorter
-/// than that lost structures the log refers to, and growing it would turn them into zeros. The
-/// caller refuses such a plan first (its [`ReplayPlan::beyond_file`] is not empty).
+/// Applies a plan to writable storage, extends the file to LastFileOffset, and flushes.
 ///
 /// # Errors
 /// I/O errors.
@@ -439,6 +440,9 @@ pub fn apply(storage: &dyn Storage, plan: &ReplayPlan) -> io::Result<()> {
             LogWrite::Data { offset, data } => storage.write_all_at(*offset, data)?,
             LogWrite::Zero { offset, length } => storage.zero_range(*offset, *length)?,
         }
+    }
+    if storage.len()? < plan.last_file_offset {
+        storage.set_len(plan.last_file_offset)?;
     }
     storage.flush()
 }
@@ -450,37 +454,54 @@ enum Sector {
 }
 
 /// A read-only view of a file with a replayed log laid over it in memory.
-///
-/// Its length is the file's: the log is not allowed to make a truncated file look longer. A
-/// read of bytes that neither the file nor the log holds fails with `UnexpectedEof`, never
-/// reads zeros.
 #[derive(Debug)]
 pub struct OverlayStorage {
     base: Arc<dyn Storage>,
     sectors: BTreeMap<u64, Sector>,
+    len: u64,
 }
 
 impl OverlayStorage {
     /// `base` as it reads after `plan` is applied.
     ///
     /// # Errors
-    /// None today; kept fallible for storages that must be asked.
+    /// I/O errors reading the base length.
     pub fn new(base: Arc<dyn Storage>, plan: &ReplayPlan) -> io::Result<Self> {
         let mut sectors = BTreeMap::new();
+        let mut len = base.len()?;
         for w in &plan.writes {
             match w {
                 LogWrite::Data { offset, data } => {
                     sectors.insert(offset / LOG_SECTOR_SIZE, Sector::Data(data.clone()));
+                    len = len.max(offset + LOG_SECTOR_SIZE);
                 }
                 LogWrite::Zero { offset, length } => {
                     let first = offset / LOG_SECTOR_SIZE;
                     for s in first..first + length / LOG_SECTOR_SIZE {
                         sectors.insert(s, Sector::Zero);
                     }
+                    len = len.max(offset + length);
                 }
             }
         }
-        Ok(Self { base, sectors })
+        Ok(Self {
+            base,
+            sectors,
+            len: len.max(plan.last_file_offset),
+        })
+    }
+
+    fn read_base(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let base_len = self.base.len()?;
+        let inside = usize::try_from(base_len.saturating_sub(offset))
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let (a, b) = buf.split_at_mut(inside);
+        if !a.is_empty() {
+            self.base.read_exact_at(offset, a)?;
+        }
+        b.fill(0);
+        Ok(())
     }
 }
 
@@ -489,6 +510,9 @@ impl Storage for OverlayStorage {
         let end = offset
             .checked_add(buf.len() as u64)
             .ok_or_else(|| io::Error::other("range overflows"))?;
+        if end > self.len {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
         // Buffer index of a file offset inside the request.
         let idx = |at: u64| usize::try_from(at - offset).map_err(io::Error::other);
         let internal = || io::Error::other("overlay range error");
@@ -499,7 +523,7 @@ impl Storage for OverlayStorage {
             let s_start = (s * LOG_SECTOR_SIZE).max(offset);
             if s_start > pos {
                 let gap = buf.get_mut(idx(pos)?..idx(s_start)?).ok_or_else(internal)?;
-                self.base.read_exact_at(pos, gap)?;
+                self.read_base(pos, gap)?;
             }
             let s_end = ((s + 1) * LOG_SECTOR_SIZE).min(end);
             let dst = buf
@@ -518,7 +542,7 @@ impl Storage for OverlayStorage {
         }
         if pos < end {
             let rest = buf.get_mut(idx(pos)?..).ok_or_else(internal)?;
-            self.base.read_exact_at(pos, rest)?;
+            self.read_base(pos, rest)?;
         }
         Ok(())
     }
@@ -531,7 +555,7 @@ impl Storage for OverlayStorage {
     }
 
     fn len(&self) -> io::Result<u64> {
-        self.base.len()
+        Ok(self.len)
     }
 
     fn set_len(&self, _len: u64) -> io::Result<()> {
