@@ -275,6 +275,22 @@ fn truncated(maker: Maker, dirty: bool, cut: Cut) -> Vec<u8> {
 // Opening and asserting
 // ---------------------------------------------------------------------------------------------
 
+/// Sets the FlushedFileOffset of the log entry at the start of the log (the only entry of
+/// these dirty images) and fixes its checksum.
+fn set_flushed_offset(b: &mut [u8], flushed: u64) {
+    let (log, _) = log_region(b);
+    assert_eq!(
+        u32_at(b, log),
+        u32::from_le_bytes(*b"loge"),
+        "entry at log start"
+    );
+    let len = usize_of(u64::from(u32_at(b, log + 8)));
+    b[log + 48..log + 56].copy_from_slice(&flushed.to_le_bytes());
+    b[log + 4..log + 8].fill(0);
+    let sum = crc32c(&b[log..log + len]);
+    b[log + 4..log + 8].copy_from_slice(&sum.to_le_bytes());
+}
+
 fn registry(fs: &Arc<MemFileSystem>) -> Registry {
     let provider: Arc<dyn StorageProvider> = fs.clone();
     Registry::builtin_with_provider(provider)
@@ -425,11 +441,26 @@ fn check_reports(img: &dyn Image, min_errors: usize) {
 // The cut-point matrix
 // ---------------------------------------------------------------------------------------------
 
-/// One image kind at every cut point.
+/// One image kind at every cut point. A dirty image is cut twice: as it is (its log entry says
+/// the whole file was stable, so the log itself shows the cut) and with the entry's
+/// FlushedFileOffset lowered to the cut (the entry was written while the file was that long),
+/// which only the structures and blocks themselves can show.
 fn matrix(maker: Maker, dirty: bool) {
-    for cut in CUTS {
-        let what = format!("{maker:?} dirty={dirty} cut {cut:?}");
-        let b = truncated(maker, dirty, cut);
+    let variants: &[bool] = if dirty { &[false, true] } else { &[false] };
+    for (cut, &small_flushed) in CUTS
+        .iter()
+        .flat_map(|&c| variants.iter().map(move |v| (c, v)))
+    {
+        let what = format!("{maker:?} dirty={dirty} flushed<=cut={small_flushed} cut {cut:?}");
+        let b = if small_flushed {
+            let mut b = image(maker, dirty);
+            let at = cut_at(&b, cut);
+            set_flushed_offset(&mut b, at as u64);
+            b.truncate(at);
+            b
+        } else {
+            truncated(maker, dirty, cut)
+        };
         // Tolerant read-only: refused at open, or opens and never reads zeros for the cut part.
         match open_in(&mem_fs(b.clone()), OpenFlags::READ_ONLY) {
             Err(e) => assert_truncation(&typed(&e)),
@@ -601,18 +632,8 @@ fn bat_entries_past_the_end_are_not_zeros() {
 fn dirty_with_small_flushed_offset() -> (Vec<u8>, usize) {
     let mut b = image(Maker::Vd, true);
     let (log, _) = log_region(&b);
-    assert_eq!(
-        u32_at(&b, log),
-        u32::from_le_bytes(*b"loge"),
-        "entry at log start"
-    );
-    let len = usize_of(u64::from(u32_at(&b, log + 8)));
     let cut = b.len() - 5 * MIB / 2;
-    let flushed = (4 * MIB) as u64;
-    b[log + 48..log + 56].copy_from_slice(&flushed.to_le_bytes());
-    b[log + 4..log + 8].fill(0);
-    let sum = crc32c(&b[log..log + len]);
-    b[log + 4..log + 8].copy_from_slice(&sum.to_le_bytes());
+    set_flushed_offset(&mut b, (4 * MIB) as u64);
     let last = usize_of(u64_at(&b, log + 56));
     assert_eq!(last, b.len(), "LastFileOffset is the full length");
     b.truncate(cut);
