@@ -352,20 +352,32 @@ fn check_repair_of_a_truncated_image_lists_the_missing_blocks_and_does_not_grow_
     }
 }
 
+/// A clean source, and the dirty one (its log entry written while the file was as
+/// long as the cut, so only the blocks show the cut; it used to convert with exit 0 and zeros).
 #[test]
 fn converting_a_truncated_source_keeps_the_old_destination() {
+    for dirty in [false, true] {
+        convert_over_destination(dirty);
+    }
+}
+
+fn convert_over_destination(dirty: bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let img = dir.path().join("src.vhdx");
-    vd_image(&img, false);
+    vd_image(&img, dirty);
     let mut b = std::fs::read(&img).expect("image");
-    b.truncate(b.len() - 5 * usize::try_from(MIB).expect("small") / 2);
+    let at = b.len() as u64 - 5 * MIB / 2;
+    if dirty {
+        set_flushed_offset(&mut b, at);
+    }
+    b.truncate(usize::try_from(at).expect("small"));
     std::fs::write(&img, &b).expect("writing");
     for fmt in ["raw", "vhdx"] {
         let dst = dir.path().join(format!("dst.{fmt}"));
         let old: Vec<u8> = (0..3 * MIB).map(|i| (i * 7 % 251) as u8).collect();
         std::fs::write(&dst, &old).expect("old destination");
         let o = vd(&["convert", "-O", fmt, s(&img), s(&dst)]);
-        fails(&o, &format!("convert -O {fmt}"));
+        fails(&o, &format!("convert -O {fmt} (dirty {dirty})"));
         assert!(
             stderr(&o).contains("payload block"),
             "the error names the block: {}",
