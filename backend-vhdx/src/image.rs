@@ -193,16 +193,16 @@ impl VhdxImage {
             }
         }
         let truncated: Vec<String> = truncation.iter().map(|e| error_chain(e)).collect();
-        if strict || !read_only {
-            if let Some(first) = truncation.into_iter().next() {
-                log::debug!(
-                    "{}: refused ({}): {} structures end beyond the end of the file",
-                    req.path.display(),
-                    if strict { "strict" } else { "read-write" },
-                    truncated.len()
-                );
-                return Err(first.with_path(req.path));
-            }
+        if (strict || !read_only)
+            && let Some(first) = truncation.into_iter().next()
+        {
+            log::debug!(
+                "{}: refused ({}): {} structures end beyond the end of the file",
+                req.path.display(),
+                if strict { "strict" } else { "read-write" },
+                truncated.len()
+            );
+            return Err(first.with_path(req.path));
         }
         warnings.extend(truncated.iter().cloned());
         let mut forbidden = vec![
