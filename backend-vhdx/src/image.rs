@@ -83,7 +83,7 @@ impl VhdxImage {
     /// Nothing is written until the whole image has been validated: a dirty log is first
     /// replayed into an in-memory overlay, the structures are read through it, and only a
     /// read-write open that passes every check (including the one-pass BAT check of
-    /// [`Bat::verify_all`], so the replay cannot be applied to an image with missing blocks)
+    /// `Bat::verify_all`, so the replay cannot be applied to an image with missing blocks)
     /// replays it into the file.
     ///
     /// A file that ends before a structure (the log, the BAT or metadata region, another
