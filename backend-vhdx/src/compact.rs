@@ -109,6 +109,11 @@ impl VhdxImage {
         }
         let end = fixed.iter().map(|f| f.1).fold(target, u64::max);
         if end < ws.file_end() {
+            // Every entry is applied and flushed. A log left pending would say the file is
+            // longer than it is about to be, and a crash before `close` would leave an image
+            // whose replay is refused as truncated (LogTruncatedFile); 2.3.1.1 asks a writer
+            // to end the log before it shrinks the file.
+            self.end_log(&mut ws)?;
             storage
                 .set_len(end)
                 .and_then(|()| storage.flush())

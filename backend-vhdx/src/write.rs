@@ -427,6 +427,19 @@ impl VhdxImage {
         Ok(())
     }
 
+    /// Clears the LogGuid once every entry is applied and flushed (after `commit`), so no
+    /// replay is pending; the next commit starts a log with a new LogGuid.
+    pub(crate) fn end_log(&self, ws: &mut WriteState) -> Result<()> {
+        if ws.header_has_guid {
+            let mut header = self.header_lock().write();
+            *header = update_headers(self.storage(), &header, |h| h.log_guid = Guid::ZERO)?;
+            ws.header_has_guid = false;
+            ws.log_guid = None;
+            ws.log_pos = 0;
+        }
+        Ok(())
+    }
+
     /// Applies everything and clears the LogGuid.
     pub(crate) fn close_impl(&self) -> Result<()> {
         if self.flags().contains(OpenFlags::READ_ONLY) || self.storage().is_read_only() {
@@ -434,11 +447,6 @@ impl VhdxImage {
         }
         self.flush_impl()?;
         let mut ws = self.write_state().lock();
-        if ws.header_has_guid {
-            let mut header = self.header_lock().write();
-            *header = update_headers(self.storage(), &header, |h| h.log_guid = Guid::ZERO)?;
-            ws.header_has_guid = false;
-        }
-        Ok(())
+        self.end_log(&mut ws)
     }
 }

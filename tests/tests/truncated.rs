@@ -675,3 +675,29 @@ fn dirty_log_over_missing_blocks_never_reads_zeros() {
     assert_eq!(after.len(), b.len(), "the file grew");
     assert!(after == b, "a refused replay changed the file");
 }
+
+/// Compacting shrinks the file. A crash after that and before `close` (here: the image is
+/// dropped unclosed) must leave an image that opens, not a log whose FlushedFileOffset says
+/// the file was longer (which is a truncated file).
+#[test]
+fn a_crash_after_compact_shrank_the_file_leaves_an_image_that_opens() {
+    let fs = mem_fs(image(Maker::Vd, false));
+    let img = open_in(&fs, OpenFlags::empty()).expect("opens");
+    img.discard(0, 4 * MIB as u64).expect("discards blocks 0-3");
+    img.compact(&mut |_, _| {}).expect("compacts");
+    let len = img.file_size().expect("size");
+    assert!(
+        len < image(Maker::Vd, false).len() as u64,
+        "compact shrank the file"
+    );
+    drop(img);
+    let img = open_in(&fs, OpenFlags::READ_ONLY).expect("reopens after the crash");
+    let mut buf = vec![0u8; MIB];
+    img.read_at(0, &mut buf).expect("block 0");
+    assert!(buf.iter().all(|&x| x == 0), "discarded");
+    img.read_at(7 * MIB as u64, &mut buf).expect("block 7");
+    assert!(
+        buf.iter().all(|&x| x == PATTERN),
+        "moved block 7 keeps its data"
+    );
+}
