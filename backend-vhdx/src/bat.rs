@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
-use vd_core::{Result, Storage};
+use vd_core::{Error, Result, Storage};
 
-use crate::error::{Corruption, io_at};
+use crate::error::{BlockRef, Corruption, io_at};
 use crate::format::{BAT_RESERVED_MASK, MIB, bat_state};
 use crate::metadata::Metadata;
 
@@ -293,6 +293,9 @@ impl Bat {
         if index >= layout.entries {
             return Ok(0);
         }
+        // An entry past the end of a truncated file is unknown, never NOT_PRESENT. Writable
+        // sessions never get here: their open refuses a BAT region past the end of the file.
+        self.entry_in_file(index)?;
         let page = self.page(index / ENTRIES_PER_PAGE)?;
         Ok(page
             .get(usize::try_from(index % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
@@ -304,7 +307,23 @@ impl Bat {
         self.region_offset() + index * 8
     }
 
-    fn check_block(&self, index: u64, offset: u64, needed: u64) -> Result<()> {
+    /// `Truncated` unless entry `index` lies inside the file.
+    fn entry_in_file(&self, index: u64) -> Result<()> {
+        let at = self.entry_at(index);
+        let file_len = self.file_len();
+        if at.saturating_add(8) > file_len {
+            return Err(Corruption::Truncated {
+                what: format!("BAT entry {index}"),
+                offset: at,
+                end: at.saturating_add(8),
+                file_len,
+            }
+            .at(format!("BAT entry {index}"), at));
+        }
+        Ok(())
+    }
+
+    fn check_block(&self, index: u64, block: BlockRef, offset: u64, needed: u64) -> Result<()> {
         for f in self.forbidden.read().iter() {
             if offset < f.end && offset + needed > f.start {
                 return Err(Corruption::BatOverlap {
@@ -315,13 +334,13 @@ impl Bat {
                 .at(format!("BAT entry {index}"), self.entry_at(index)));
             }
         }
-        if offset
-            .checked_add(needed)
-            .is_none_or(|end| end > self.file_len())
-        {
+        let end = offset.saturating_add(needed);
+        if end > self.file_len() {
             return Err(Corruption::BatBeyondFile {
                 index,
+                block,
                 offset,
+                end,
                 file_len: self.file_len(),
             }
             .at(format!("BAT entry {index}"), self.entry_at(index)));
@@ -338,6 +357,17 @@ impl Bat {
         let layout = self.layout();
         let index = layout.payload_index(block);
         let raw = self.raw(index)?;
+        self.payload_state(&layout, block, index, raw)
+    }
+
+    /// Validates the raw entry `raw` of payload block `block` (at BAT index `index`).
+    fn payload_state(
+        &self,
+        layout: &Layout,
+        block: u64,
+        index: u64,
+        raw: u64,
+    ) -> Result<BlockState> {
         if raw & BAT_RESERVED_MASK != 0 {
             return Err(Corruption::BatReservedBits { index, value: raw }
                 .at(format!("BAT entry {index}"), self.entry_at(index)));
@@ -345,7 +375,9 @@ impl Bat {
         let state = (raw & 7) as u8;
         let offset = (raw >> 20) * MIB;
         // The last block may be partial; only the part inside the virtual disk must exist.
-        let needed = (layout.virtual_size - block * layout.block_size).min(layout.block_size);
+        let disk_offset = block * layout.block_size;
+        let needed = (layout.virtual_size - disk_offset).min(layout.block_size);
+        let block_ref = BlockRef::Payload { block, disk_offset };
         Ok(match state {
             bat_state::NOT_PRESENT => BlockState::NotPresent,
             bat_state::UNDEFINED
@@ -353,7 +385,7 @@ impl Bat {
             | bat_state::UNMAPPED
             | bat_state::UNMAPPED_LEGACY => BlockState::Zero,
             bat_state::FULLY_PRESENT => {
-                self.check_block(index, offset, needed)?;
+                self.check_block(index, block_ref, offset, needed)?;
                 BlockState::Full(offset)
             }
             bat_state::PARTIALLY_PRESENT => {
@@ -361,7 +393,7 @@ impl Bat {
                     return Err(Corruption::PartiallyPresentWithoutParent { index }
                         .at(format!("BAT entry {index}"), self.entry_at(index)));
                 }
-                self.check_block(index, offset, needed)?;
+                self.check_block(index, block_ref, offset, needed)?;
                 BlockState::Partial(offset)
             }
             other => {
@@ -382,6 +414,11 @@ impl Bat {
         let layout = self.layout();
         let index = layout.bitmap_index(chunk);
         let raw = self.raw(index)?;
+        self.bitmap_state(chunk, index, raw)
+    }
+
+    /// Validates the raw entry `raw` of chunk `chunk`'s sector bitmap (at BAT index `index`).
+    fn bitmap_state(&self, chunk: u64, index: u64, raw: u64) -> Result<Option<u64>> {
         if raw & BAT_RESERVED_MASK != 0 {
             return Err(Corruption::BatReservedBits { index, value: raw }
                 .at(format!("BAT entry {index}"), self.entry_at(index)));
@@ -391,7 +428,7 @@ impl Bat {
             // 7 in a bitmap slot is read as present (openvmm does the same).
             bat_state::SB_PRESENT | 7 => {
                 let offset = (raw >> 20) * MIB;
-                self.check_block(index, offset, MIB)?;
+                self.check_block(index, BlockRef::SectorBitmap { chunk }, offset, MIB)?;
                 Ok(Some(offset))
             }
             other => Err(Corruption::BatState {
@@ -471,6 +508,88 @@ impl Bat {
         }
         if let Some(r) = run_value {
             f(run_start, first + count - run_start, r);
+        }
+        Ok(())
+    }
+
+    /// Checks every entry the layout uses as [`block`](Bat::block) and [`bitmap`](Bat::bitmap)
+    /// do (states, reserved bits, overlaps, and blocks or entries beyond the end of the file),
+    /// in one pass over the BAT read in 1 MiB pieces that are not cached, so memory stays
+    /// bounded for any BAT size; cached pages, which may hold changes not yet written, are used
+    /// as they are. Calls `f` with each problem, oldest entry first, and stops at the first
+    /// error `f` returns.
+    ///
+    /// # Errors
+    /// What `f` returns; I/O errors reading the BAT.
+    pub fn verify_all(&self, mut f: impl FnMut(Error) -> Result<()>) -> Result<()> {
+        const PIECE_ENTRIES: u64 = 128 * 1024;
+        let layout = self.layout();
+        let region = self.region_offset();
+        let file_len = self.file_len();
+        let group = layout.chunk_ratio + 1;
+        let mut buf = vec![0u8; usize::try_from(PIECE_ENTRIES * 8).unwrap_or(0)];
+        let mut first = 0;
+        while first < layout.entries {
+            let n = (layout.entries - first).min(PIECE_ENTRIES);
+            let off = region + first * 8;
+            // Bytes of this piece inside the file; entries past them are reported below.
+            let avail = file_len.saturating_sub(off).min(n * 8);
+            if let Some(part) = buf.get_mut(..usize::try_from(avail).unwrap_or(0))
+                && !part.is_empty()
+            {
+                self.storage
+                    .read_exact_at(off, part)
+                    .map_err(|e| io_at("BAT", off, e))?;
+            }
+            let mut index = first;
+            while index < first + n {
+                let page_no = index / ENTRIES_PER_PAGE;
+                let page_end = ((page_no + 1) * ENTRIES_PER_PAGE).min(first + n);
+                let cached = self.pages.read().get(&page_no).cloned();
+                for i in index..page_end {
+                    let raw = if let Some(p) = &cached {
+                        p.get(usize::try_from(i % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
+                            .copied()
+                            .unwrap_or(0)
+                    } else {
+                        let at = usize::try_from((i - first) * 8).unwrap_or(usize::MAX);
+                        match buf
+                            .get(at..at.saturating_add(8))
+                            .filter(|_| (i - first + 1) * 8 <= avail)
+                            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+                        {
+                            Some(b) => u64::from_le_bytes(b),
+                            None => {
+                                if let Err(e) = self.entry_in_file(i) {
+                                    f(e)?;
+                                }
+                                continue;
+                            }
+                        }
+                    };
+                    let (chunk, slot) = (i / group, i % group);
+                    let checked = if slot == layout.chunk_ratio {
+                        // Bitmap slots matter only where reads use them.
+                        if layout.has_parent {
+                            self.bitmap_state(chunk, i, raw).map(|_| ())
+                        } else {
+                            Ok(())
+                        }
+                    } else {
+                        let block = chunk * layout.chunk_ratio + slot;
+                        if block < layout.data_blocks {
+                            self.payload_state(&layout, block, i, raw).map(|_| ())
+                        } else {
+                            Ok(())
+                        }
+                    };
+                    if let Err(e) = checked {
+                        f(e)?;
+                    }
+                }
+                index = page_end;
+            }
+            first += n;
         }
         Ok(())
     }

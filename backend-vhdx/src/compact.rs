@@ -24,8 +24,10 @@ impl VhdxImage {
         let layout = self.layout();
         let storage = self.storage().clone();
         let mut ws = self.write_state().lock();
-        self.begin(&mut ws)?;
-        self.commit(&mut ws)?;
+        // Everything is read and validated before the first write: `begin` checks the whole
+        // BAT (refusing a truncated image) before it updates the header, and the block list
+        // below reads every entry again (cached entries included).
+        self.preflight(&mut ws)?;
         // Structures that never move.
         let regions = self.regions();
         let header = self.header_lock().read().clone();
@@ -74,6 +76,8 @@ impl VhdxImage {
                 }
             }
         }
+        self.begin(&mut ws)?;
+        self.commit(&mut ws)?;
         blocks.sort_by_key(|b| b.0);
         let total = blocks.len() as u64;
         let overlaps_fixed = |start: u64, len: u64| {
@@ -105,6 +109,11 @@ impl VhdxImage {
         }
         let end = fixed.iter().map(|f| f.1).fold(target, u64::max);
         if end < ws.file_end() {
+            // Every entry is applied and flushed. A log left pending would say the file is
+            // longer than it is about to be, and a crash before `close` would leave an image
+            // whose replay is refused as truncated (LogTruncatedFile); 2.3.1.1 asks a writer
+            // to end the log before it shrinks the file.
+            self.end_log(&mut ws)?;
             storage
                 .set_len(end)
                 .and_then(|()| storage.flush())

@@ -259,13 +259,34 @@ pub enum Corruption {
         /// State found.
         state: u8,
     },
-    /// A BAT entry points outside the file.
-    #[error("BAT entry {index} points at {offset:#x}, beyond the end of the file ({file_len:#x})")]
+    /// A payload or sector-bitmap block ends beyond the end of the file (wholly or partly): its
+    /// data is missing, because the file was truncated or the entry is corrupt.
+    #[error(
+        "{block} (BAT entry {index}) needs file bytes {offset:#x}..{end:#x}, but the file ends at {file_len:#x}: its data is missing (the file is truncated or the entry is corrupt)"
+    )]
     BatBeyondFile {
         /// Entry index.
         index: u64,
-        /// Block offset.
+        /// The block the entry describes.
+        block: BlockRef,
+        /// Block offset in the file.
         offset: u64,
+        /// End of the bytes the block needs in the file (saturating).
+        end: u64,
+        /// File length.
+        file_len: u64,
+    },
+    /// A structure the image needs ends beyond the end of the file: the file was truncated.
+    #[error(
+        "the {what} ({offset:#x}..{end:#x}) extends beyond the end of the file ({file_len:#x}): the file is truncated"
+    )]
+    Truncated {
+        /// The structure (`"BAT region"`, `"log entry write"`, ...).
+        what: String,
+        /// Its first byte in the file.
+        offset: u64,
+        /// Its end in the file (saturating).
+        end: u64,
         /// File length.
         file_len: u64,
     },
@@ -321,9 +342,49 @@ pub enum Corruption {
         /// The head entry's FlushedFileOffset.
         flushed: u64,
     },
+    /// The log writes, or asks the file to be extended, past the end of the file. [MS-VHDX]
+    /// 2.3.3 allows it when the file is at least FlushedFileOffset long (replay extends the
+    /// file); strict opens refuse it. Blocks past the end of the file stay missing either way.
+    #[error("the log {what}, beyond the end of the file ({file_len:#x})")]
+    LogBeyondFile {
+        /// What the log asks for.
+        what: String,
+        /// The end of it in the file (saturating).
+        end: u64,
+        /// File length.
+        file_len: u64,
+    },
     /// A read-only open found a log to replay and the caller asked to refuse such images.
     #[error("the log must be replayed, and the open flags refuse dirty logs")]
     DirtyLogRefused,
+}
+
+/// The block a BAT entry describes, for messages naming a missing block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockRef {
+    /// Payload block `block`, holding the virtual disk bytes from `disk_offset`.
+    Payload {
+        /// Payload block number.
+        block: u64,
+        /// Virtual disk offset of its first byte.
+        disk_offset: u64,
+    },
+    /// The sector bitmap block of chunk `chunk`.
+    SectorBitmap {
+        /// Chunk number.
+        chunk: u64,
+    },
+}
+
+impl std::fmt::Display for BlockRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Payload { block, disk_offset } => {
+                write!(f, "payload block {block} at disk offset {disk_offset:#x}")
+            }
+            Self::SectorBitmap { chunk } => write!(f, "sector bitmap block of chunk {chunk}"),
+        }
+    }
 }
 
 impl Corruption {

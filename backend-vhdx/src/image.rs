@@ -9,7 +9,7 @@ use serde_json::json;
 use uuid::Uuid;
 use vd_core::{
     CheckReport, Error, ErrorKind, Extent, ExtentKind, Finding, Geometry, Image, ImageFlags,
-    OpenFlags, OpenRequest, Result, Severity, Storage, StorageProvider, check_range,
+    OpenFlags, OpenRequest, Result, Severity, Storage, StorageProvider, check_range, error_chain,
 };
 
 use crate::bat::{Bat, BlockState, Forbidden, Layout};
@@ -55,6 +55,8 @@ pub struct VhdxImage {
     bat: Bat,
     log: LogState,
     warnings: Vec<String>,
+    /// Structures the file ends before (a tolerant read-only open): errors for `check`.
+    truncated: Vec<String>,
     write: parking_lot::Mutex<WriteState>,
 }
 
@@ -76,7 +78,22 @@ enum Source {
 }
 
 impl VhdxImage {
-    /// Opens an image: identifier, headers, log replay, region table, metadata, BAT.
+    /// Opens an image: identifier, headers, log, region table, metadata, BAT.
+    ///
+    /// Nothing is written until the whole image has been validated: a dirty log is first
+    /// replayed into an in-memory overlay, the structures are read through it, and only a
+    /// read-write open that passes every check (including the one-pass BAT check of
+    /// `Bat::verify_all`, so the replay cannot be applied to an image with missing blocks)
+    /// replays it into the file.
+    ///
+    /// A file that ends before a structure (the log, the BAT or metadata region, another
+    /// region, or bytes the log writes or needs) is truncated. Such an image is refused in
+    /// strict mode and by read-write opens (nothing can be written safely); a tolerant
+    /// read-only open succeeds with a warning, and a read of anything missing fails with a
+    /// typed error. Payload and sector-bitmap blocks past the end are not found here (that
+    /// would read the whole BAT): a read of one fails with [`Corruption::BatBeyondFile`],
+    /// `check` counts each one, and the first change of a read-write session checks the whole
+    /// BAT before it writes anything.
     ///
     /// # Errors
     /// Typed errors for every rule the image breaks; I/O errors.
@@ -101,7 +118,10 @@ impl VhdxImage {
             length: header.log_length(),
             sequence: Vec::new(),
         };
+        // Structures the file ends before, each as the error a refusing open returns.
+        let mut truncation: Vec<Error> = Vec::new();
         let mut storage = file.clone();
+        let mut plan = None;
         if log.dirty {
             if flags.contains(OpenFlags::REFUSE_DIRTY_LOG) {
                 let at = crate::format::HEADER_OFFSETS
@@ -112,34 +132,28 @@ impl VhdxImage {
                 return Err(Corruption::DirtyLogRefused.at("header log guid", at));
             }
             let bytes = read_log(file.as_ref(), header.log_offset(), header.log_length())?;
-            let plan: ReplayPlan =
+            let p: ReplayPlan =
                 plan_replay(&bytes, header.log_offset(), header.log_guid(), file_len)?;
-            log.entries = plan.entries;
-            log.head_sequence = plan.head_sequence;
-            log.sequence = plan.summary.clone();
-            if read_only {
-                storage = Arc::new(
-                    OverlayStorage::new(file.clone(), &plan)
-                        .map_err(|e| io_err("cannot replay the log in memory", e))?,
-                );
-                log.replay = "memory";
-                warnings.push(format!(
-                    "the log holds {} entries to replay; replayed in memory (the file is read-only)",
-                    plan.entries
-                ));
-            } else {
-                // Log playback is a modification: a new FileWriteGuid goes first.
-                header = update_headers(&file, &header, |h| {
-                    h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
-                })?;
-                apply(file.as_ref(), &plan).map_err(|e| io_err("cannot replay the log", e))?;
-                header = update_headers(&file, &header, |h| h.log_guid = Guid::ZERO)?;
-                log.replay = "file";
+            log.entries = p.entries;
+            log.head_sequence = p.head_sequence;
+            log.sequence = p.summary.clone();
+            // Allowed by 2.3.3 (the file is at least FlushedFileOffset long, checked above):
+            // a warning, or an error in strict mode. Blocks past the end stay missing: the BAT
+            // checks them against the file's own length, not the replayed one.
+            for (c, at) in &p.beyond_file {
+                if strict {
+                    return Err(c.clone().at("log entry", *at).with_path(req.path));
+                }
+                warnings.push(error_chain(&c.clone().at("log entry", *at)));
             }
+            // Read through the replayed log in memory until the image is known to be sound.
+            storage = Arc::new(
+                OverlayStorage::new(file.clone(), &p)
+                    .map_err(|e| io_err("cannot replay the log in memory", e))?,
+            );
+            log.replay = "memory";
+            plan = Some(p);
         }
-        let file_len = storage
-            .len()
-            .map_err(|e| io_err("cannot read the file size", e))?;
         let regions = read_region_table(
             storage.as_ref(),
             file_len,
@@ -156,6 +170,41 @@ impl VhdxImage {
             }
             .at("BAT region", regions.bat.offset));
         }
+        for (what, r) in [("BAT region".to_string(), &regions.bat)]
+            .into_iter()
+            .chain(
+                regions
+                    .others
+                    .iter()
+                    .map(|r| (format!("region {}", r.guid), r)),
+            )
+        {
+            let end = r.offset.saturating_add(r.length);
+            if end > file_len {
+                truncation.push(
+                    Corruption::Truncated {
+                        what: what.clone(),
+                        offset: r.offset,
+                        end,
+                        file_len,
+                    }
+                    .at(what, r.offset),
+                );
+            }
+        }
+        let truncated: Vec<String> = truncation.iter().map(|e| error_chain(e)).collect();
+        if (strict || !read_only)
+            && let Some(first) = truncation.into_iter().next()
+        {
+            log::debug!(
+                "{}: refused ({}): {} structures end beyond the end of the file",
+                req.path.display(),
+                if strict { "strict" } else { "read-write" },
+                truncated.len()
+            );
+            return Err(first.with_path(req.path));
+        }
+        warnings.extend(truncated.iter().cloned());
         let mut forbidden = vec![
             Forbidden {
                 start: 0,
@@ -187,15 +236,52 @@ impl VhdxImage {
                 what: "unknown region",
             });
         }
-        let bat = Bat::new(
+        let mut bat = Bat::new(
             storage.clone(),
             layout,
             regions.bat.offset,
             file_len,
-            forbidden,
+            forbidden.clone(),
         );
+        let mut verified = false;
+        let mut write_len = file_len;
+        if let Some(plan) = plan {
+            if read_only {
+                warnings.push(format!(
+                    "the log holds {} entries to replay; replayed in memory (the file is read-only)",
+                    plan.entries
+                ));
+            } else {
+                // Replaying is the first change: the image must be whole before it.
+                bat.verify_all(Err).map_err(|e| e.with_path(req.path))?;
+                verified = true;
+                // Log playback is a modification: a new FileWriteGuid goes first.
+                header = update_headers(&file, &header, |h| {
+                    h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
+                })?;
+                apply(file.as_ref(), &plan).map_err(|e| io_err("cannot replay the log", e))?;
+                header = update_headers(&file, &header, |h| h.log_guid = Guid::ZERO)?;
+                log.replay = "file";
+                storage = file.clone();
+                // The replay may have extended the file to LastFileOffset.
+                write_len = file
+                    .len()
+                    .map_err(|e| io_err("cannot read the file size", e))?;
+                bat = Bat::new(
+                    storage.clone(),
+                    layout,
+                    regions.bat.offset,
+                    write_len,
+                    forbidden,
+                );
+            }
+        }
         for w in &warnings {
             log::warn!("{}: {w}", req.path.display());
+        }
+        let mut write = WriteState::new(write_len);
+        if verified {
+            write.set_verified();
         }
         Ok(Self {
             path: req.path.to_path_buf(),
@@ -209,7 +295,8 @@ impl VhdxImage {
             bat,
             log,
             warnings,
-            write: parking_lot::Mutex::new(WriteState::new(file_len)),
+            truncated,
+            write: parking_lot::Mutex::new(write),
         })
     }
 
@@ -724,12 +811,21 @@ impl Image for VhdxImage {
     /// other structures, no two blocks sharing space) and reports the log state and the
     /// tolerated deviations found at open. A dirty log counts as repaired when the image was
     /// opened read-write (the open replayed it).
+    ///
+    /// A truncated file is an error per missing structure and per missing block, and is
+    /// never repaired: nothing is written, and the file is not extended to make missing data
+    /// read as zeros.
     fn repair(&self, dry_run: bool) -> Result<CheckReport> {
         let _ = dry_run;
         let mut report = CheckReport::default();
         for w in &self.warnings {
+            let truncated = self.truncated.contains(w);
             report.findings.push(Finding {
-                severity: Severity::Warning,
+                severity: if truncated {
+                    Severity::Error
+                } else {
+                    Severity::Warning
+                },
                 message: w.clone(),
                 repaired: false,
             });
@@ -754,7 +850,7 @@ impl Image for VhdxImage {
                 Ok(_) => {}
                 Err(e) => report.findings.push(Finding {
                     severity: Severity::Error,
-                    message: vd_core::error_chain(&e),
+                    message: error_chain(&e),
                     repaired: false,
                 }),
             }
@@ -768,7 +864,7 @@ impl Image for VhdxImage {
                     Ok(None) => {}
                     Err(e) => report.findings.push(Finding {
                         severity: Severity::Error,
-                        message: vd_core::error_chain(&e),
+                        message: error_chain(&e),
                         repaired: false,
                     }),
                 }

@@ -15,7 +15,7 @@
 //! | discard, write-zeroes (whole blocks become ZERO) | yes |
 //! | resize (grow, moving the BAT if needed; shrink when the cut-off part is empty) | yes |
 //! | compact (move blocks into holes, truncate) | yes |
-//! | check (BAT states, offsets, overlaps, log) | yes |
+//! | check (BAT states, offsets, overlaps, log, truncated files and missing blocks) | yes |
 //! | geometry and comment (vd's own non-required user metadata items) | yes |
 //! | updating stale parent locator paths after a chain opens | no |
 //!
@@ -31,17 +31,41 @@
 //! 1. File identifier (`vhdxfile`, creator string).
 //! 2. Both headers; the current one is the valid one with the higher sequence number (identical
 //!    headers with equal numbers, as Disk2VHD writes, are accepted).
-//! 3. A non-zero LogGuid: find the active log sequence, validate every entry, replay it.
+//! 3. A non-zero LogGuid: find the active log sequence, validate every entry, and replay it
+//!    into an in-memory overlay that the following steps read through.
 //! 4. Both region tables (either valid copy), then the metadata table and system items.
 //! 5. The BAT, lazily, page by page; each entry is validated when first used.
+//! 6. A read-write open with a dirty log checks every BAT entry, then replays the log into the
+//!    file: nothing is written before the whole image checked out.
+//!
+//! ## Truncated files
+//!
+//! A file that ends before a structure is truncated, and missing data never reads as zeros:
+//!
+//! | what ends past the end of the file | found | tolerant read-only | strict, or read-write |
+//! | --- | --- | --- | --- |
+//! | log region, metadata region | open | error | error |
+//! | FlushedFileOffset of the log head | open | error ([`Corruption::LogTruncatedFile`]) | error |
+//! | BAT region, other regions | open | warning ([`Corruption::Truncated`]); a read of a missing BAT entry is an error | error |
+//! | log writes, LastFileOffset ([MS-VHDX] 2.3.3 allows them) | open | warning ([`Corruption::LogBeyondFile`]) | strict: error; read-write: replayed |
+//! | a payload or sector-bitmap block, wholly or partly | read, `check`, first change | the read fails ([`Corruption::BatBeyondFile`], naming the block and its file range) | the first change of a session fails before writing |
+//!
+//! Blocks are not looked for at open, which would read the whole BAT (512 MiB for a 64 TiB disk
+//! with 1 MiB blocks). `check` reports each missing block and each truncated structure as an
+//! error, and repairs none of them: the file is never extended to make missing data read as
+//! zeros. The first change of a read-write session (a write, discard, resize, compact, metadata
+//! edit or log replay) checks every BAT entry in one pass of bounded memory before it writes
+//! anything; `SKIP_CONSISTENCY_CHECKS` skips that pass.
 //!
 //! ## Write lifecycle and crash consistency
 //!
-//! The first change of a session writes new FileWriteGuid and DataWriteGuid values (both header
+//! The first change of a session checks the whole BAT (see above), then writes new
+//! FileWriteGuid and DataWriteGuid values (both header
 //! slots, flushed). Payload data goes in place or into new blocks appended at the 1 MiB-aligned
 //! end of the file; BAT and sector-bitmap changes stay in memory. `flush` makes the data durable,
 //! then writes the changed 4 KiB metadata pages as log entries, sets the session's LogGuid,
-//! writes the pages to their places and flushes; `close` clears the LogGuid. A crash at any point
+//! writes the pages to their places and flushes; `close` clears the LogGuid (as `compact` does
+//! before it shrinks the file, so no pending log says the file is longer). A crash at any point
 //! leaves an image that opens by replaying its log, with every flushed write intact.
 //!
 //! ## I/O model
@@ -93,7 +117,7 @@ mod resize;
 mod write;
 
 pub use bat::{BatSummary, BlockState, Layout};
-pub use error::{Corruption, corruption_of};
+pub use error::{BlockRef, Corruption, corruption_of};
 pub use image::{LogState, VhdxImage};
 pub use log::EntrySummary;
 pub use meta_edit::{USER_COMMENT, USER_LCHS, USER_PCHS};

@@ -85,6 +85,11 @@ pub struct ReplayPlan {
     pub head_sequence: u64,
     /// The head's LastFileOffset: the file must be at least this long afterwards.
     pub last_file_offset: u64,
+    /// What the log asks for beyond the end of the file (the head's LastFileOffset, writes past
+    /// the end), each with the file offset of the log entry that asks for it. [MS-VHDX] 2.3.3
+    /// allows it (replay extends the file) as long as the file is at least FlushedFileOffset
+    /// long; strict opens refuse it.
+    pub beyond_file: Vec<(Corruption, u64)>,
 }
 
 struct Log<'a> {
@@ -348,7 +353,21 @@ pub fn plan_replay(
         head_sequence: head.sequence,
         last_file_offset: head.last_file_offset,
         writes: Vec::new(),
+        beyond_file: Vec::new(),
     };
+    if head.last_file_offset > file_len {
+        plan.beyond_file.push((
+            Corruption::LogBeyondFile {
+                what: format!(
+                    "head entry's LastFileOffset asks for a file of {:#x} bytes",
+                    head.last_file_offset
+                ),
+                end: head.last_file_offset,
+                file_len,
+            },
+            at(head.position),
+        ));
+    }
     let log_range = (log.offset, log.offset + log.len());
     let mut total_sectors = 0u64;
     for e in &active {
@@ -374,6 +393,16 @@ pub fn plan_replay(
                     what,
                 }
                 .at("log entry", at(e.position)));
+            }
+            if end > file_len {
+                plan.beyond_file.push((
+                    Corruption::LogBeyondFile {
+                        what: format!("entry writes {target:#x}..{end:#x}"),
+                        end,
+                        file_len,
+                    },
+                    at(e.position),
+                ));
             }
             total_sectors += length / LOG_SECTOR_SIZE;
             if total_sectors > MAX_REPLAY_SECTORS {

@@ -41,8 +41,11 @@ impl VhdxImage {
         }
         let storage = self.storage().clone();
         let mut ws = self.write_state().lock();
+        // Every check comes before the first write (the header update of `begin_visible`):
+        // the whole BAT first, then the part of the disk a shrink cuts off.
+        self.preflight(&mut ws)?;
         if new_size < old.virtual_size {
-            // Nothing past the new end may hold data; checked before anything is written.
+            // Nothing past the new end may hold data.
             let first_cut = new_size / old.block_size;
             for b in first_cut..old.data_blocks {
                 let state = self.bat().block(b)?;
@@ -108,6 +111,7 @@ impl VhdxImage {
 
     /// Moves the BAT to a larger region at the end of the file: copy, flush, then switch both
     /// region tables through the log.
+    ///
     /// Only the FileWriteGuid changes for the move itself: where the BAT lives is not what the
     /// disk reads.
     fn move_bat(&self, new_len: u64) -> Result<()> {

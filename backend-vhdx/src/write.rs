@@ -35,6 +35,7 @@ const MAX_DIRTY_PAGES: usize = 256;
 #[derive(Debug, Default)]
 pub struct WriteState {
     started: bool,
+    verified: bool,
     data_changed: bool,
     log_guid: Option<Guid>,
     header_has_guid: bool,
@@ -55,6 +56,11 @@ impl WriteState {
     /// Sets the end of the file after truncation.
     pub fn set_file_end(&mut self, end: u64) {
         self.file_end = end.div_ceil(MIB) * MIB;
+    }
+
+    /// Records that the whole BAT was checked (by an open that replayed the log).
+    pub fn set_verified(&mut self) {
+        self.verified = true;
     }
 
     /// Queues a whole 4 KiB page of metadata for the next commit.
@@ -108,12 +114,33 @@ impl VhdxImage {
         Ok(())
     }
 
+    /// Before the first change of a session: checks the whole BAT in one bounded-memory pass
+    /// ([`Bat::verify_all`](crate::bat::Bat::verify_all)) and refuses an image with a missing
+    /// (truncated) or otherwise invalid block, so nothing is written to a damaged image; the
+    /// header update that follows is the session's first write. Opens stay lazy: the cost (one
+    /// read of the BAT) is paid once per read-write session, and only if it changes something.
+    /// `SKIP_CONSISTENCY_CHECKS` skips it.
+    ///
+    /// # Errors
+    /// The first problem found, naming the image.
+    pub(crate) fn preflight(&self, ws: &mut WriteState) -> Result<()> {
+        if ws.verified || self.flags().contains(OpenFlags::SKIP_CONSISTENCY_CHECKS) {
+            return Ok(());
+        }
+        self.bat()
+            .verify_all(Err)
+            .map_err(|e| e.with_path(self.path_buf()))?;
+        ws.verified = true;
+        Ok(())
+    }
+
     /// Step 1 of the protocol: a new FileWriteGuid before the first change of any kind (moving
     /// blocks, say). The DataWriteGuid is left alone, so children of this image stay valid.
     pub(crate) fn begin(&self, ws: &mut WriteState) -> Result<()> {
         if ws.started {
             return Ok(());
         }
+        self.preflight(ws)?;
         let mut header = self.header_lock().write();
         *header = update_headers(self.storage(), &header, |h| {
             h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
@@ -129,6 +156,7 @@ impl VhdxImage {
         if ws.data_changed {
             return Ok(());
         }
+        self.preflight(ws)?;
         let started = ws.started;
         let mut header = self.header_lock().write();
         *header = update_headers(self.storage(), &header, |h| {
@@ -434,6 +462,19 @@ impl VhdxImage {
         Ok(())
     }
 
+    /// Clears the LogGuid once every entry is applied and flushed (after `commit`), so no
+    /// replay is pending; the next commit starts a log with a new LogGuid.
+    pub(crate) fn end_log(&self, ws: &mut WriteState) -> Result<()> {
+        if ws.header_has_guid {
+            let mut header = self.header_lock().write();
+            *header = update_headers(self.storage(), &header, |h| h.log_guid = Guid::ZERO)?;
+            ws.header_has_guid = false;
+            ws.log_guid = None;
+            ws.log_pos = 0;
+        }
+        Ok(())
+    }
+
     /// Applies everything and clears the LogGuid.
     pub(crate) fn close_impl(&self) -> Result<()> {
         if self.flags().contains(OpenFlags::READ_ONLY) || self.storage().is_read_only() {
@@ -441,11 +482,6 @@ impl VhdxImage {
         }
         self.flush_impl()?;
         let mut ws = self.write_state().lock();
-        if ws.header_has_guid {
-            let mut header = self.header_lock().write();
-            *header = update_headers(self.storage(), &header, |h| h.log_guid = Guid::ZERO)?;
-            ws.header_has_guid = false;
-        }
-        Ok(())
+        self.end_log(&mut ws)
     }
 }

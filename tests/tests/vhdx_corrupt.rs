@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use backend_raw as _;
 use backend_vhdx as _;
-use backend_vhdx::{Corruption, corruption_of};
+use backend_vhdx::{BlockRef, Corruption, corruption_of};
 use proptest::collection::vec as prop_vec;
 use proptest::prop_oneof;
 use proptest::test_runner::{Config, TestRunner};
@@ -834,7 +834,12 @@ fn bat_entry_beyond_the_file_is_refused() {
             c,
             Corruption::BatBeyondFile {
                 index: 0,
+                block: BlockRef::Payload {
+                    block: 0,
+                    disk_offset: 0
+                },
                 offset,
+                end: offset + MIB as u64,
                 file_len: len
             }
         );

@@ -25,25 +25,52 @@ pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Res
     } else {
         args.share.read_only()
     };
-    let opened = match &args.format {
+    let open = |flags| match &args.format {
         Some(f) => registry.open_as(f, &args.file, flags),
         None => registry.open(&args.file, flags),
     };
-    let (format, findings) = match opened {
+    let cannot_open = |e: &vd_core::Error| Finding {
+        severity: Severity::Error,
+        message: format!("the image cannot be opened: {}", vd_core::error_chain(e)),
+        repaired: false,
+    };
+    let (format, findings) = match open(flags) {
         Ok(img) => {
             let report = img.repair(!args.repair)?;
             let format = img.format();
             img.close(false)?;
             (Some(format), report.findings)
         }
-        Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidHeader) => (
-            None,
-            vec![Finding {
+        // A read-write open refuses a damaged image (a truncated one, say) before it writes
+        // anything; the read-only check still lists every problem, none of them repaired.
+        Err(e)
+            if args.repair && matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidHeader) =>
+        {
+            let refused = Finding {
                 severity: Severity::Error,
-                message: format!("the image cannot be opened: {}", vd_core::error_chain(&e)),
+                message: format!(
+                    "not repaired, the image was left unchanged: {}",
+                    vd_core::error_chain(&e)
+                ),
                 repaired: false,
-            }],
-        ),
+            };
+            match open(args.share.read_only()) {
+                Ok(img) => {
+                    let mut report = img.repair(true)?;
+                    let format = img.format();
+                    img.close(false)?;
+                    report.findings.push(refused);
+                    (Some(format), report.findings)
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidHeader) => {
+                    (None, vec![cannot_open(&e)])
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidHeader) => {
+            (None, vec![cannot_open(&e)])
+        }
         Err(e) => return Err(e.into()),
     };
     let count = |sev| findings.iter().filter(|f| f.severity == sev).count();
