@@ -4,9 +4,12 @@
 //!   every write that no completed flush covered (all of them, none, or a seeded random subset).
 //! - [`conformance`]: proptest-generated sequences of write / read / flush / reopen / discard /
 //!   resize checked against a plain in-memory model, runnable against any backend.
+//! - [`backends`]: small in-memory backends for tests of the registry and of disk chains: a
+//!   probe-order backend with a chosen confidence and priority, and a tiny differencing format.
 
 mod faulty;
 
+pub mod backends;
 pub mod conformance;
 
 pub use faulty::{FaultyStorage, LossMode};
