@@ -18,8 +18,9 @@ use uuid::Uuid;
 
 use super::fill_pattern;
 use crate::{
-    Backend, Capabilities, Confidence, Error, ErrorKind, Extent, ExtentKind, Image, ImageFlags,
-    MemFileSystem, MemStorage, OpenFlags, OpenRequest, Result, Storage, check_range,
+    Backend, Capabilities, Confidence, CreateRequest, Error, ErrorKind, Extent, ExtentKind, Image,
+    ImageFlags, MemFileSystem, MemStorage, OpenFlags, OpenRequest, Result, Storage,
+    StorageProvider, check_range,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ pub struct TagBackend {
 
 impl TagBackend {
     /// A backend called `name`, with probe `priority`, answering `confidence` for tagged files.
-    pub fn new(name: &'static str, priority: i32, confidence: Confidence) -> Self {
+    pub const fn new(name: &'static str, priority: i32, confidence: Confidence) -> Self {
         Self {
             name,
             priority,
@@ -411,7 +412,11 @@ impl Backend for LayerBackend {
         &["layer"]
     }
     fn capabilities(&self) -> Capabilities {
-        Capabilities::FILE | Capabilities::DIFF | Capabilities::WRITE | Capabilities::MAP
+        Capabilities::FILE
+            | Capabilities::CREATE_DYNAMIC
+            | Capabilities::DIFF
+            | Capabilities::WRITE
+            | Capabilities::MAP
     }
     fn probe(&self, storage: &dyn Storage, path: &Path) -> Result<Confidence> {
         let mut magic = [0u8; 8];
@@ -439,9 +444,38 @@ impl Backend for LayerBackend {
         Ok(Box::new(LayerImage {
             path: req.path.to_path_buf(),
             storage: req.storage,
+            provider: req.provider,
             flags: req.flags,
             header: Mutex::new(header),
         }))
+    }
+    /// Writes an empty layer of `params.size` bytes with `params.uuid` as its UUID; over a
+    /// parent, records the parent's path (as given) and its UUIDs where it has them.
+    fn create(&self, req: CreateRequest<'_>) -> Result<Box<dyn Image>> {
+        if req.params.image_flags.contains(ImageFlags::FIXED) {
+            return Err(Error::invalid_argument(
+                "layer images cannot be preallocated",
+            ));
+        }
+        let mut header = LayerHeader {
+            size: req.params.size,
+            uuid: req.params.uuid,
+            ..LayerHeader::default()
+        };
+        if let Some((path, parent)) = req.parent {
+            header.parents.push(path.display().to_string());
+            header.parent_uuid = parent.modification_uuid().ok();
+        }
+        let bytes = header.encode()?;
+        req.storage
+            .write_all_at(0, &bytes)
+            .map_err(|e| Error::io("cannot write the header", e).with_path(req.path))?;
+        self.open(OpenRequest {
+            path: req.path,
+            storage: req.storage,
+            provider: req.provider,
+            flags: OpenFlags::empty(),
+        })
     }
 }
 
@@ -449,6 +483,7 @@ impl Backend for LayerBackend {
 struct LayerImage {
     path: PathBuf,
     storage: Arc<dyn Storage>,
+    provider: Arc<dyn StorageProvider>,
     flags: OpenFlags,
     header: Mutex<LayerHeader>,
 }
@@ -528,7 +563,13 @@ impl Image for LayerImage {
         self.storage.flush().map_err(|e| self.io("flush failed", e))
     }
 
-    fn close(self: Box<Self>, _delete: bool) -> Result<()> {
+    fn close(self: Box<Self>, delete: bool) -> Result<()> {
+        if delete {
+            return self
+                .provider
+                .delete(&self.path)
+                .map_err(|e| self.io("cannot delete", e));
+        }
         if self.flags.contains(OpenFlags::READ_ONLY) {
             Ok(())
         } else {
