@@ -172,9 +172,13 @@ mod tests {
             (31 * 16 * 1024, chs(503, 16, 63)),
             // 65535 cylinders, 16 heads, 63 sectors: the switch to 255.
             (65535 * 16 * 63 - 1, chs(65534, 16, 63)),
-            (65535 * 16 * 63, chs(16190, 16, 255)),
+            (65535 * 16 * 63, chs(16191, 16, 255)),
         ] {
-            assert_eq!(Geometry::synthesize_pchs(sectors * 512), want, "{sectors} sectors");
+            assert_eq!(
+                Geometry::synthesize_pchs(sectors * 512),
+                want,
+                "{sectors} sectors"
+            );
         }
     }
 
@@ -202,7 +206,10 @@ mod tests {
         assert_eq!(Geometry::synthesize_lchs(limit(16)), chs(1024, 16, 63));
         assert_eq!(Geometry::synthesize_lchs(limit(16) + 512), chs(512, 32, 63));
         assert_eq!(Geometry::synthesize_lchs(limit(128)), chs(1024, 128, 63));
-        assert_eq!(Geometry::synthesize_lchs(limit(128) + 512), chs(514, 255, 63));
+        assert_eq!(
+            Geometry::synthesize_lchs(limit(128) + 512),
+            chs(514, 255, 63)
+        );
         // Beyond what 255 heads reach, the cylinders are capped.
         assert_eq!(Geometry::synthesize_lchs(u64::MAX), chs(1024, 255, 63));
         // A tiny disk still has one cylinder.
@@ -229,7 +236,15 @@ mod tests {
         assert_eq!(parse_size(&u64::MAX.to_string()), Some(u64::MAX));
         assert_eq!(parse_size("16777215T"), Some(16_777_215 << 40));
         assert_eq!(parse_size("16777216T"), None, "2^64 overflows");
-        for bad in ["K", "-1", "1.5G", "1KB", "0x10", "1 K", "18446744073709551616"] {
+        for bad in [
+            "K",
+            "-1",
+            "1.5G",
+            "1KB",
+            "0x10",
+            "1 K",
+            "18446744073709551616",
+        ] {
             assert_eq!(parse_size(bad), None, "{bad:?}");
         }
     }
