@@ -695,3 +695,159 @@ impl Image for LayerImage {
         writeln!(out, "{:?}", *self.header()).map_err(|e| self.io("cannot dump", e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Registry;
+
+    fn header() -> LayerHeader {
+        LayerHeader {
+            size: 65536,
+            uuid: Some(Uuid::from_u128(1)),
+            modification: Some(Uuid::from_u128(2)),
+            parent_uuid: Some(Uuid::from_u128(3)),
+            parent_modification: Some(Uuid::from_u128(4)),
+            parents: vec!["base.layer".into(), "/abs/base.layer".into()],
+            extents: vec![LayerExtent {
+                offset: 512,
+                length: 100,
+                file_offset: LAYER_HEADER_SIZE,
+            }],
+        }
+    }
+
+    #[test]
+    fn the_layer_header_round_trips() {
+        let h = header();
+        let bytes = h.encode().expect("fits");
+        assert_eq!(bytes.len() as u64, LAYER_HEADER_SIZE);
+        assert!(bytes.starts_with(LAYER_MAGIC));
+        let back = LayerHeader::decode(&bytes, LAYER_HEADER_SIZE + 100).expect("decode");
+        assert_eq!(format!("{back:?}"), format!("{h:?}"));
+    }
+
+    #[test]
+    fn bad_layer_headers_are_refused() {
+        let ok = String::from_utf8(header().encode().expect("fits"))
+            .expect("text")
+            .trim_end_matches('\0')
+            .to_owned();
+        let file_len = LAYER_HEADER_SIZE + 100;
+        for (text, kind) in [
+            ("VDLAYER2\nsize 1\n".to_owned(), ErrorKind::InvalidHeader),
+            ("VDLAYER1\n".to_owned(), ErrorKind::InvalidHeader),
+            ("VDLAYER1\nsize x\n".to_owned(), ErrorKind::InvalidHeader),
+            (
+                "VDLAYER1\nsize 1\ncolour red\n".to_owned(),
+                ErrorKind::InvalidHeader,
+            ),
+            (
+                "VDLAYER1\nsize 1\nuuid nope\n".to_owned(),
+                ErrorKind::InvalidHeader,
+            ),
+            (
+                "VDLAYER1\nsize 1\nextent 0 1\n".to_owned(),
+                ErrorKind::InvalidHeader,
+            ),
+            // An extent outside the disk, or outside the file.
+            (
+                "VDLAYER1\nsize 10\nextent 5 6 0\n".to_owned(),
+                ErrorKind::OutOfRange,
+            ),
+            (ok.replace("100 4096", "101 4096"), ErrorKind::OutOfRange),
+        ] {
+            let e = LayerHeader::decode(text.as_bytes(), file_len).expect_err(&text);
+            assert_eq!(e.kind(), kind, "{text:?}");
+        }
+        let full = LayerHeader {
+            parents: vec!["p".repeat(5000)],
+            ..LayerHeader::default()
+        };
+        assert_eq!(
+            full.encode().expect_err("too long").kind(),
+            ErrorKind::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn layer_images_read_write_and_map_what_they_hold() {
+        let fs = Arc::new(MemFileSystem::new());
+        let mut r = Registry::empty(fs.clone());
+        let backend = Arc::new(LayerBackend::default());
+        r.register(backend.clone()).expect("register");
+        let spec = LayerSpec::child(64 * 1024, "base.layer")
+            .data(1000, 10, 1)
+            .data(1005, 10, 2);
+        spec.put(&fs, "/l/top.layer");
+        let img = r
+            .open(Path::new("/l/top.layer"), OpenFlags::empty())
+            .expect("open");
+        assert_eq!(backend.opens.load(Ordering::Relaxed), 1);
+        assert_eq!(img.image_flags(), ImageFlags::DIFF);
+        assert_eq!(
+            img.parent_candidates().expect("parents"),
+            vec![PathBuf::from("/l/base.layer")]
+        );
+        let mut b = vec![0xEE; 20];
+        img.read_at(998, &mut b).expect("read");
+        let want: Vec<u8> = (998..1018).map(|p| spec.holds(p).unwrap_or(0)).collect();
+        assert_eq!(b, want);
+        assert_eq!(spec.holds(1007), Some(want[9]), "the later extent wins");
+        assert_eq!(spec.holds(999), None);
+
+        img.write_at(20_000, &[7; 3]).expect("write");
+        let m = img.map(0, 32 * 1024).expect("map");
+        let data: Vec<(u64, u64)> = m
+            .iter()
+            .filter(|e| e.kind == ExtentKind::Data)
+            .map(|e| (e.offset, e.length))
+            .collect();
+        // Piecewise like a block format: split where stored extents meet, never merged.
+        assert_eq!(data, vec![(1000, 10), (1010, 5), (20_000, 3)]);
+        assert!(m.iter().all(|e| {
+            e.offset / LAYER_MAP_BLOCK == (e.offset + e.length - 1) / LAYER_MAP_BLOCK
+        }));
+        img.close(false).expect("close");
+        let img = r
+            .open(Path::new("/l/top.layer"), OpenFlags::READ_ONLY)
+            .expect("reopen");
+        let mut b = [0u8; 3];
+        img.read_at(20_000, &mut b).expect("read");
+        assert_eq!(b, [7; 3]);
+        assert_eq!(
+            img.write_at(0, &[1]).expect_err("read-only").kind(),
+            ErrorKind::ReadOnly
+        );
+        assert_eq!(
+            img.uuid().expect_err("no uuid").kind(),
+            ErrorKind::NotSupported
+        );
+    }
+
+    #[test]
+    fn tag_images_are_the_whole_file() {
+        let b = TagBackend::new("t", 0, Confidence::Likely);
+        let fs = Arc::new(MemFileSystem::new());
+        let bytes = tagged_file(100);
+        let img = b
+            .open(OpenRequest {
+                path: Path::new("/t"),
+                storage: Arc::new(MemStorage::from_bytes(bytes.clone())),
+                provider: fs,
+                flags: OpenFlags::READ_ONLY,
+            })
+            .expect("open");
+        assert_eq!((img.format(), img.size()), ("t", 100));
+        let mut all = vec![0u8; 100];
+        img.read_at(0, &mut all).expect("read");
+        assert_eq!(all, bytes);
+        assert_eq!(img.image_flags(), ImageFlags::FIXED);
+        assert_eq!(
+            img.read_at(99, &mut [0, 0])
+                .expect_err("past the end")
+                .kind(),
+            ErrorKind::OutOfRange
+        );
+    }
+}
