@@ -503,4 +503,260 @@ mod tests {
                 .contains("virtual size 20971520")
         );
     }
+
+    const MIB: u64 = 1 << 20;
+
+    fn file_registry() -> (tempfile::TempDir, Registry) {
+        let dir = tempfile::tempdir().unwrap();
+        (dir, Registry::builtin_with_provider(Arc::new(FileSystem)))
+    }
+
+    fn sized(size: u64) -> CreateParams {
+        CreateParams {
+            size,
+            ..CreateParams::default()
+        }
+    }
+
+    /// Bytes the file system has allocated for `path`.
+    fn allocated(path: &Path) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).unwrap().blocks() * 512
+    }
+
+    #[test]
+    fn probe_reports_read_failures_as_io_errors() {
+        let s = vd_core::testing::FaultyStorage::from_bytes(vec![1; 4096]);
+        s.fail_nth(0);
+        let e = RawBackend.probe(&s, Path::new("/p")).unwrap_err();
+        assert_eq!(e.kind(), vd_core::ErrorKind::Io);
+        assert_eq!(e.context().path.as_deref(), Some(Path::new("/p")));
+        assert_eq!(
+            RawBackend.probe(&s, Path::new("/p")).unwrap(),
+            Confidence::Fallback,
+            "the failure was one-off"
+        );
+        assert_eq!(RawBackend.priority(), RAW_PRIORITY);
+        assert_eq!(RawBackend.priority(), i32::MIN);
+    }
+
+    #[test]
+    fn preallocation_follows_the_flags_and_the_option() {
+        let (dir, reg) = file_registry();
+        let create = |name: &str, flags: ImageFlags, option: Option<&str>| {
+            let path = dir.path().join(name);
+            let mut params = CreateParams {
+                image_flags: flags,
+                ..sized(4 * MIB)
+            };
+            if let Some(v) = option {
+                params.options.insert("preallocation".into(), v.into());
+            }
+            let img = reg.create("raw", &path, &params, None, false).unwrap();
+            assert_eq!(img.size(), 4 * MIB);
+            assert_eq!(img.file_size().unwrap(), 4 * MIB);
+            let map = img.map(0, 4 * MIB).unwrap();
+            img.close(false).unwrap();
+            (allocated(&path), map)
+        };
+        let whole = |kind| {
+            vec![Extent {
+                offset: 0,
+                length: 4 * MIB,
+                kind,
+            }]
+        };
+        for (name, flags, option, full) in [
+            ("sparse", ImageFlags::empty(), None, false),
+            ("fixed", ImageFlags::FIXED, None, true),
+            ("full", ImageFlags::empty(), Some("full"), true),
+            // The option wins over the flag.
+            ("fixed-off", ImageFlags::FIXED, Some("off"), false),
+        ] {
+            let (bytes, map) = create(name, flags, option);
+            if full {
+                assert!(bytes >= 4 * MIB, "{name}: {bytes} bytes allocated");
+                assert_eq!(map, whole(ExtentKind::Data), "{name}");
+            } else {
+                assert!(bytes < MIB, "{name}: {bytes} bytes allocated");
+                assert_eq!(map, whole(ExtentKind::Zero), "{name}");
+            }
+        }
+        let bad = CreateParams {
+            options: [("preallocation".to_string(), "falloc".to_string())].into(),
+            ..sized(MIB)
+        };
+        let e = reg
+            .create("raw", &dir.path().join("bad"), &bad, None, false)
+            .unwrap_err();
+        assert_eq!(e.kind(), vd_core::ErrorKind::InvalidArgument);
+        assert!(e.to_string().contains("preallocation=falloc"), "{e}");
+        let diff = CreateParams {
+            image_flags: ImageFlags::DIFF,
+            ..sized(MIB)
+        };
+        let parent = reg
+            .open(&dir.path().join("sparse"), OpenFlags::READ_ONLY)
+            .unwrap();
+        let e = reg
+            .create(
+                "raw",
+                &dir.path().join("diff"),
+                &diff,
+                Some((&dir.path().join("sparse"), parent.as_ref())),
+                false,
+            )
+            .unwrap_err();
+        assert_eq!(e.kind(), vd_core::ErrorKind::NotSupported);
+        assert!(!dir.path().join("diff").exists());
+    }
+
+    #[test]
+    fn create_over_an_existing_file_drops_its_old_bytes() {
+        let fs = Arc::new(MemFileSystem::new());
+        fs.insert("/old", Arc::new(MemStorage::from_bytes(vec![0xCC; 8192])));
+        let reg = Registry::builtin_with_provider(fs.clone());
+        let img = reg
+            .create("raw", Path::new("/old"), &sized(4096), None, true)
+            .unwrap();
+        let mut b = vec![0xEE; 4096];
+        img.read_at(0, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0), "no old byte survives");
+        assert_eq!(img.file_size().unwrap(), 4096);
+    }
+
+    #[test]
+    fn map_reports_data_islands_between_holes() {
+        let (dir, reg) = file_registry();
+        let path = dir.path().join("m.img");
+        let img = reg
+            .create("raw", &path, &sized(8 * MIB), None, false)
+            .unwrap();
+        img.write_at(MIB, &vec![1; MIB as usize]).unwrap();
+        img.write_at(5 * MIB, &vec![2; MIB as usize]).unwrap();
+        let m = img.map(0, 8 * MIB).unwrap();
+        let kinds: Vec<ExtentKind> = m.iter().map(|e| e.kind).collect();
+        use ExtentKind::{Data, Zero};
+        assert_eq!(kinds, vec![Zero, Data, Zero, Data, Zero], "{m:?}");
+        // The extents are contiguous, cover the range, and the data covers what was written.
+        let mut pos = 0;
+        for e in &m {
+            assert_eq!(e.offset, pos);
+            pos += e.length;
+        }
+        assert_eq!(pos, 8 * MIB);
+        assert!(m[1].offset <= MIB && m[1].offset + m[1].length >= 2 * MIB);
+        assert!(m[3].offset <= 5 * MIB && m[3].offset + m[3].length >= 6 * MIB);
+        // An unaligned window is clipped to exactly the range asked for.
+        let w = img.map(MIB - 3, 10).unwrap();
+        assert_eq!(w.first().map(|e| e.offset), Some(MIB - 3));
+        assert_eq!(w.iter().map(|e| e.length).sum::<u64>(), 10);
+        assert_eq!(w.last().map(|e| e.kind), Some(Data));
+        assert!(img.map(0, 0).unwrap().is_empty());
+        assert_eq!(
+            img.map(8 * MIB - 1, 2).unwrap_err().kind(),
+            vd_core::ErrorKind::OutOfRange
+        );
+
+        // write_zeroes punches the island out again.
+        img.write_zeroes(MIB, MIB).unwrap();
+        let mut b = vec![9u8; MIB as usize];
+        img.read_at(MIB, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        let kinds: Vec<ExtentKind> = img
+            .map(0, 8 * MIB)
+            .unwrap()
+            .iter()
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, vec![Zero, Data, Zero]);
+    }
+
+    #[test]
+    fn memory_has_no_holes_so_everything_maps_as_data() {
+        let fs = Arc::new(MemFileSystem::new());
+        fs.insert("/m", Arc::new(MemStorage::from_bytes(vec![0; 10_000])));
+        let reg = Registry::builtin_with_provider(fs);
+        let img = reg.open(Path::new("/m"), OpenFlags::READ_ONLY).unwrap();
+        assert_eq!(
+            img.map(100, 9000).unwrap(),
+            vec![Extent {
+                offset: 100,
+                length: 9000,
+                kind: ExtentKind::Data
+            }]
+        );
+    }
+
+    #[test]
+    fn resize_shrinks_and_grows_the_file_and_discard_checks_its_range() {
+        let fs = Arc::new(MemFileSystem::new());
+        let reg = Registry::builtin_with_provider(fs.clone());
+        let img = reg
+            .create("raw", Path::new("/r"), &sized(8192), None, false)
+            .unwrap();
+        img.write_at(0, &[0xAB; 8192]).unwrap();
+        let mut calls = Vec::new();
+        img.resize(4096, &mut |done, total| calls.push((done, total)))
+            .unwrap();
+        assert_eq!(calls, vec![(1, 1)]);
+        assert_eq!((img.size(), img.file_size().unwrap()), (4096, 4096));
+        assert_eq!(
+            img.read_at(4096, &mut [0]).unwrap_err().kind(),
+            vd_core::ErrorKind::OutOfRange
+        );
+        img.resize(8192, &mut |_, _| {}).unwrap();
+        let mut b = vec![0u8; 8192];
+        img.read_at(0, &mut b).unwrap();
+        assert!(b[..4096].iter().all(|&x| x == 0xAB));
+        assert!(
+            b[4096..].iter().all(|&x| x == 0),
+            "shrinking dropped the data"
+        );
+        assert_eq!(
+            img.discard(8000, 193).unwrap_err().kind(),
+            vd_core::ErrorKind::OutOfRange
+        );
+        img.discard(10, 20).unwrap();
+        img.read_at(0, &mut b[..40]).unwrap();
+        assert_eq!(&b[..10], &[0xAB; 10]);
+        assert_eq!(&b[10..30], &[0; 20]);
+        assert_eq!(&b[30..40], &[0xAB; 10]);
+        assert!(img.repair(false).unwrap().is_clean());
+        img.close(false).unwrap();
+
+        let img = reg.open(Path::new("/r"), OpenFlags::READ_ONLY).unwrap();
+        for e in [
+            img.resize(1, &mut |_, _| {}).unwrap_err(),
+            img.discard(0, 1).unwrap_err(),
+            img.write_zeroes(0, 1).unwrap_err(),
+        ] {
+            assert_eq!(e.kind(), vd_core::ErrorKind::ReadOnly);
+        }
+        assert_eq!(img.size(), 8192);
+    }
+
+    #[test]
+    fn a_refused_switch_to_read_write_keeps_the_image_readable() {
+        let (dir, reg) = file_registry();
+        let path = dir.path().join("l.img");
+        std::fs::write(&path, [3u8; 4096]).unwrap();
+        let img = reg.open(&path, OpenFlags::READ_ONLY).unwrap();
+        // Another reader that does not share writing.
+        let other = reg.open(&path, OpenFlags::READ_ONLY).unwrap();
+        let e = img.set_open_flags(OpenFlags::empty()).unwrap_err();
+        assert_eq!(e.kind(), vd_core::ErrorKind::Locked);
+        assert_eq!(img.open_flags(), OpenFlags::READ_ONLY);
+        let mut b = [0u8; 4];
+        img.read_at(4092, &mut b).unwrap();
+        assert_eq!(b, [3; 4]);
+        // The image still holds its read lock: a writer is refused.
+        let e = reg.open(&path, OpenFlags::empty()).unwrap_err();
+        assert_eq!(e.kind(), vd_core::ErrorKind::Locked);
+        drop(other);
+        img.set_open_flags(OpenFlags::empty()).unwrap();
+        img.write_at(0, &[9]).unwrap();
+        img.flush().unwrap();
+        assert_eq!(std::fs::read(&path).unwrap()[0], 9);
+    }
 }

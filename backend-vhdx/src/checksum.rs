@@ -28,4 +28,44 @@ mod tests {
         buf[4..8].fill(0);
         assert_eq!(got, crc32c::crc32c(&buf));
     }
+
+    #[test]
+    fn every_field_position_matches_a_zeroed_copy_and_leaves_the_buffer_alone() {
+        let buf: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(37) ^ 0x5C).collect();
+        for field in 0..=buf.len() - 4 {
+            let before = buf.clone();
+            let got = crc32c_with_zero_field(&buf, field);
+            assert_eq!(buf, before, "the buffer is not modified");
+            let mut zeroed = buf.clone();
+            zeroed[field..field + 4].fill(0);
+            assert_eq!(got, crc32c::crc32c(&zeroed), "field at {field}");
+        }
+    }
+
+    #[test]
+    fn the_stored_checksum_does_not_change_the_result() {
+        let mut buf = vec![0xA7u8; 512];
+        let sum = crc32c_with_zero_field(&buf, 4);
+        buf[4..8].copy_from_slice(&sum.to_le_bytes());
+        assert_eq!(crc32c_with_zero_field(&buf, 4), sum);
+        buf[100] ^= 1;
+        assert_ne!(
+            crc32c_with_zero_field(&buf, 4),
+            sum,
+            "a flipped bit changes it"
+        );
+    }
+
+    #[test]
+    fn a_field_that_does_not_fit_is_ignored() {
+        let buf = b"123456789";
+        for field in [6, 9, 100] {
+            assert_eq!(
+                crc32c_with_zero_field(buf, field),
+                0xE306_9283,
+                "field {field}"
+            );
+        }
+        assert_eq!(crc32c_with_zero_field(&[], 0), 0);
+    }
 }

@@ -92,4 +92,54 @@ mod tests {
         );
         assert_eq!(g.to_string(), "2dc27766-f623-4200-9d64-115e9bfd4a08");
     }
+
+    #[test]
+    fn uuid_conversions_round_trip_and_swap_the_first_three_fields() {
+        for u in [
+            REGION_BAT,
+            REGION_METADATA,
+            META_FILE_PARAMETERS,
+            META_PARENT_LOCATOR,
+            PARENT_LOCATOR_TYPE_VHDX,
+        ] {
+            let g = Guid::from_uuid(u);
+            assert_eq!(g.to_uuid(), u);
+            let b = u.as_bytes();
+            assert_eq!(&g.0[..4], &[b[3], b[2], b[1], b[0]], "{u}");
+            assert_eq!(&g.0[4..8], &[b[5], b[4], b[7], b[6]], "{u}");
+            assert_eq!(&g.0[8..], &b[8..], "{u}");
+            assert_eq!(g.to_string(), u.hyphenated().to_string());
+            assert_eq!(format!("{g:?}"), g.to_string());
+        }
+    }
+
+    #[test]
+    fn only_the_all_zero_guid_is_zero() {
+        assert!(Guid::ZERO.is_zero());
+        assert!(Guid::default().is_zero());
+        assert_eq!(Guid::ZERO.to_uuid(), Uuid::nil());
+        for i in 0..16 {
+            let mut g = Guid::ZERO;
+            g.0[i] = 1;
+            assert!(!g.is_zero(), "byte {i}");
+        }
+    }
+
+    #[test]
+    fn known_guids_are_distinct() {
+        let all = [
+            REGION_BAT,
+            REGION_METADATA,
+            META_FILE_PARAMETERS,
+            META_VIRTUAL_DISK_SIZE,
+            META_VIRTUAL_DISK_ID,
+            META_LOGICAL_SECTOR_SIZE,
+            META_PHYSICAL_SECTOR_SIZE,
+            META_PARENT_LOCATOR,
+            PARENT_LOCATOR_TYPE_VHDX,
+            META_INCOMPLETE_FILE,
+        ];
+        let set: std::collections::HashSet<_> = all.iter().collect();
+        assert_eq!(set.len(), all.len());
+    }
 }

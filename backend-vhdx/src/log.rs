@@ -655,3 +655,527 @@ pub fn build_entry(params: &EntryParams, pages: &[(u64, Vec<u8>)]) -> Vec<u8> {
     put(&mut entry, 4, &sum.to_le_bytes());
     entry
 }
+
+#[cfg(test)]
+#[allow(
+    clippy::cast_possible_truncation,
+    reason = "test offsets and lengths are at most a few MiB"
+)]
+mod tests {
+    use super::*;
+    use crate::error::corruption_of;
+    use crate::format::MIB;
+    use vd_core::MemStorage;
+    use zerocopy::IntoBytes;
+    use zerocopy::little_endian::{U32, U64};
+
+    /// The log region: 16 sectors at 1 MiB.
+    const LOG_OFFSET: u64 = MIB;
+    const LOG_LEN: u64 = 16 * LOG_SECTOR_SIZE;
+    const FILE_LEN: u64 = 4 * MIB;
+    /// Where the tests' entries write: past the log, inside the file.
+    const TARGET: u64 = 2 * MIB;
+    const S: u64 = LOG_SECTOR_SIZE;
+
+    fn guid() -> Guid {
+        Guid([0x5A; 16])
+    }
+
+    fn params(sequence: u64, tail: u64) -> EntryParams {
+        EntryParams {
+            guid: guid(),
+            sequence,
+            tail,
+            flushed_file_offset: FILE_LEN,
+            last_file_offset: FILE_LEN,
+        }
+    }
+
+    /// A 4 KiB page whose bytes depend on `seed` and their index, so misplaced bytes show.
+    fn page(seed: u8) -> Vec<u8> {
+        (0..4096u32)
+            .map(|i| (i as u8).wrapping_mul(7) ^ seed)
+            .collect()
+    }
+
+    /// An entry of `sequence` with tail `tail`, writing one page per `(target, seed)`.
+    fn entry(sequence: u64, tail: u64, pages: &[(u64, u8)]) -> Vec<u8> {
+        let pages: Vec<(u64, Vec<u8>)> = pages.iter().map(|&(t, s)| (t, page(s))).collect();
+        build_entry(&params(sequence, tail), &pages)
+    }
+
+    /// An empty log.
+    fn log() -> Vec<u8> {
+        vec![0; LOG_LEN as usize]
+    }
+
+    /// Writes `bytes` into the log at `pos`, wrapping around its end.
+    fn put(log: &mut [u8], pos: u64, bytes: &[u8]) {
+        let n = log.len();
+        for (i, b) in bytes.iter().enumerate() {
+            log[(pos as usize + i) % n] = *b;
+        }
+    }
+
+    /// Recomputes an entry's checksum after a test edited it, so the edit is "intact".
+    fn reseal(entry: &mut [u8]) {
+        let sum = crc32c_with_zero_field(entry, 4);
+        entry[4..8].copy_from_slice(&sum.to_le_bytes());
+    }
+
+    fn plan(log: &[u8]) -> Result<ReplayPlan> {
+        plan_replay(log, LOG_OFFSET, guid(), FILE_LEN)
+    }
+
+    #[track_caller]
+    fn corruption(r: Result<ReplayPlan>) -> Corruption {
+        let err = r.expect_err("the plan must fail");
+        corruption_of(&err)
+            .unwrap_or_else(|| panic!("no Corruption behind {err}"))
+            .clone()
+    }
+
+    fn data_writes(plan: &ReplayPlan) -> Vec<(u64, Vec<u8>)> {
+        plan.writes
+            .iter()
+            .map(|w| match w {
+                LogWrite::Data { offset, data } => (*offset, data.to_vec()),
+                LogWrite::Zero { .. } => panic!("unexpected zero write {w:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn an_empty_log_has_no_active_sequence() {
+        assert_eq!(corruption(plan(&log())), Corruption::NoActiveLogSequence);
+    }
+
+    #[test]
+    fn one_entry_is_a_complete_sequence() {
+        let mut l = log();
+        put(&mut l, 0, &entry(7, 0, &[(TARGET, 1), (TARGET + 3 * S, 2)]));
+        let p = plan(&l).expect("one complete entry");
+        assert_eq!(p.entries, 1);
+        assert_eq!(p.head_sequence, 7);
+        assert_eq!(p.last_file_offset, FILE_LEN);
+        assert!(p.beyond_file.is_empty(), "{:?}", p.beyond_file);
+        assert_eq!(
+            p.summary,
+            vec![EntrySummary {
+                log_offset: 0,
+                length: 3 * S,
+                sequence: 7,
+                tail: 0,
+                descriptors: 2,
+                flushed_file_offset: FILE_LEN,
+                last_file_offset: FILE_LEN,
+            }]
+        );
+        assert_eq!(
+            data_writes(&p),
+            vec![(TARGET, page(1)), (TARGET + 3 * S, page(2))],
+            "each page is rebuilt from its descriptor and data sector"
+        );
+    }
+
+    #[test]
+    fn an_entry_without_descriptors_is_one_sector() {
+        let mut l = log();
+        put(&mut l, 4 * S, &entry(3, 4 * S, &[]));
+        let p = plan(&l).expect("an empty entry is valid");
+        assert_eq!((p.entries, p.head_sequence), (1, 3));
+        assert_eq!(p.summary[0].length, S);
+        assert!(p.writes.is_empty());
+    }
+
+    #[test]
+    fn a_sequence_replays_from_the_heads_tail_in_order() {
+        let mut l = log();
+        // Three consecutive entries; the head's tail points at the second, so the first was
+        // already applied and is not part of the active sequence.
+        put(&mut l, 0, &entry(10, 0, &[(TARGET, 1)]));
+        put(&mut l, 2 * S, &entry(11, 2 * S, &[(TARGET, 2)]));
+        put(&mut l, 4 * S, &entry(12, 2 * S, &[(TARGET + S, 3)]));
+        let p = plan(&l).expect("complete sequence");
+        assert_eq!(p.entries, 2);
+        assert_eq!(p.head_sequence, 12);
+        let offsets: Vec<u64> = p.summary.iter().map(|e| e.log_offset).collect();
+        assert_eq!(offsets, vec![2 * S, 4 * S]);
+        assert_eq!(
+            data_writes(&p),
+            vec![(TARGET, page(2)), (TARGET + S, page(3))]
+        );
+
+        // With the head's tail at the first entry, all three replay, oldest first.
+        put(&mut l, 4 * S, &entry(12, 0, &[(TARGET + S, 3)]));
+        let p = plan(&l).expect("complete sequence");
+        assert_eq!(p.entries, 3);
+        assert_eq!(
+            data_writes(&p),
+            vec![(TARGET, page(1)), (TARGET, page(2)), (TARGET + S, page(3))]
+        );
+    }
+
+    #[test]
+    fn entries_wrap_around_the_end_of_the_log() {
+        let mut l = log();
+        // Sectors 14, 15 and 0: an entry split by the end of the log.
+        put(
+            &mut l,
+            14 * S,
+            &entry(20, 14 * S, &[(TARGET, 4), (TARGET + S, 5)]),
+        );
+        put(&mut l, S, &entry(21, 14 * S, &[(TARGET + 2 * S, 6)]));
+        let p = plan(&l).expect("a wrapped sequence");
+        assert_eq!(p.entries, 2);
+        assert_eq!(p.head_sequence, 21);
+        assert_eq!(p.summary[0].log_offset, 14 * S);
+        assert_eq!(p.summary[1].log_offset, S);
+        assert_eq!(
+            data_writes(&p),
+            vec![
+                (TARGET, page(4)),
+                (TARGET + S, page(5)),
+                (TARGET + 2 * S, page(6))
+            ]
+        );
+    }
+
+    #[test]
+    fn a_torn_last_entry_is_not_replayed() {
+        let mut l = log();
+        put(&mut l, 0, &entry(30, 0, &[(TARGET, 1)]));
+        let mut torn = entry(31, 0, &[(TARGET + S, 2)]);
+        // The data sector of the head never reached the disk completely.
+        torn[S as usize + 100] ^= 0xFF;
+        put(&mut l, 2 * S, &torn);
+        let p = plan(&l).expect("the sequence before the torn entry");
+        assert_eq!((p.entries, p.head_sequence), (1, 30));
+        assert_eq!(data_writes(&p), vec![(TARGET, page(1))]);
+    }
+
+    #[test]
+    fn a_bad_checksum_ends_the_sequence() {
+        let mut l = log();
+        put(&mut l, 0, &entry(40, 0, &[(TARGET, 1)]));
+        let mut bad = entry(41, 0, &[(TARGET, 2)]);
+        bad[4] ^= 1;
+        put(&mut l, 2 * S, &bad);
+        // The entry after it is intact, but its tail leads through the bad one, so its chain
+        // is incomplete.
+        put(&mut l, 4 * S, &entry(42, 0, &[(TARGET, 3)]));
+        let p = plan(&l).expect("the first entry alone is complete");
+        assert_eq!((p.entries, p.head_sequence), (1, 40));
+        assert_eq!(data_writes(&p), vec![(TARGET, page(1))]);
+    }
+
+    #[test]
+    fn a_gap_in_sequence_numbers_ends_the_sequence() {
+        let mut l = log();
+        put(&mut l, 0, &entry(50, 0, &[(TARGET, 1)]));
+        put(&mut l, 2 * S, &entry(52, 0, &[(TARGET, 2)]));
+        let p = plan(&l).expect("the first entry");
+        assert_eq!((p.entries, p.head_sequence), (1, 50));
+    }
+
+    #[test]
+    fn the_newest_of_two_sequences_is_chosen() {
+        for (newer_at, older_at) in [(0, 8 * S), (8 * S, 0)] {
+            let mut l = log();
+            put(&mut l, older_at, &entry(60, older_at, &[(TARGET, 1)]));
+            put(&mut l, newer_at, &entry(90, newer_at, &[(TARGET, 9)]));
+            let p = plan(&l).expect("two complete sequences");
+            assert_eq!(p.head_sequence, 90, "newer at {newer_at:#x}");
+            assert_eq!(p.summary[0].log_offset, newer_at);
+            assert_eq!(data_writes(&p), vec![(TARGET, page(9))]);
+        }
+    }
+
+    #[test]
+    fn entries_of_another_log_guid_or_sequence_zero_are_ignored() {
+        let mut l = log();
+        let mut other = params(5, 0);
+        other.guid = Guid([0xA5; 16]);
+        put(&mut l, 0, &build_entry(&other, &[(TARGET, page(1))]));
+        assert_eq!(corruption(plan(&l)), Corruption::NoActiveLogSequence);
+
+        let mut l = log();
+        put(&mut l, 0, &entry(0, 0, &[(TARGET, 1)]));
+        assert_eq!(corruption(plan(&l)), Corruption::NoActiveLogSequence);
+    }
+
+    #[test]
+    fn a_file_shorter_than_flushed_file_offset_is_truncated() {
+        let mut l = log();
+        let mut p = params(70, 0);
+        p.flushed_file_offset = FILE_LEN + S;
+        p.last_file_offset = FILE_LEN + S;
+        put(&mut l, 0, &build_entry(&p, &[(TARGET, page(1))]));
+        assert_eq!(
+            corruption(plan(&l)),
+            Corruption::LogTruncatedFile {
+                file_len: FILE_LEN,
+                flushed: FILE_LEN + S,
+            }
+        );
+    }
+
+    #[test]
+    fn what_the_log_asks_beyond_the_file_is_listed_not_refused() {
+        let mut l = log();
+        let mut p = params(80, 0);
+        p.last_file_offset = FILE_LEN + MIB;
+        put(&mut l, 0, &build_entry(&p, &[(FILE_LEN, page(1))]));
+        let plan = plan(&l).expect("the file is at least FlushedFileOffset long");
+        assert_eq!(plan.last_file_offset, FILE_LEN + MIB);
+        let found: Vec<(u64, u64)> = plan
+            .beyond_file
+            .iter()
+            .map(|(c, at)| match c {
+                Corruption::LogBeyondFile { end, file_len, .. } => {
+                    assert_eq!(*file_len, FILE_LEN);
+                    (*end, *at)
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            found,
+            vec![(FILE_LEN + MIB, LOG_OFFSET), (FILE_LEN + S, LOG_OFFSET)],
+            "the head's LastFileOffset, then the write past the end, each at its entry"
+        );
+        assert_eq!(data_writes(&plan), vec![(FILE_LEN, page(1))]);
+    }
+
+    #[test]
+    fn writes_into_the_header_area_or_the_log_are_refused() {
+        for (target, what) in [
+            (0, "header area"),
+            (REGION_TABLE_OFFSETS[0] - S, "header area"),
+            (LOG_OFFSET, "log"),
+            (LOG_OFFSET + LOG_LEN - S, "log"),
+        ] {
+            let mut l = log();
+            put(&mut l, 0, &entry(90, 0, &[(target, 1)]));
+            assert_eq!(
+                corruption(plan(&l)),
+                Corruption::LogTarget {
+                    target,
+                    length: S,
+                    what,
+                },
+                "target {target:#x}"
+            );
+        }
+        // Right after the header area and right after the log are fine.
+        let mut l = log();
+        let fine = [(REGION_TABLE_OFFSETS[0], 1), (LOG_OFFSET + LOG_LEN, 2)];
+        put(&mut l, 0, &entry(91, 0, &fine));
+        assert_eq!(plan(&l).expect("allowed targets").writes.len(), 2);
+    }
+
+    /// An intact entry (valid checksum) that breaks a rule, and the reason expected.
+    fn malformed(edit: impl FnOnce(&mut Vec<u8>), reason: &str) {
+        let mut e = entry(100, 0, &[(TARGET, 1)]);
+        edit(&mut e);
+        reseal(&mut e);
+        let mut l = log();
+        put(&mut l, 0, &e);
+        match corruption(plan(&l)) {
+            Corruption::LogEntry {
+                log_offset,
+                reason: r,
+            } => {
+                assert_eq!(log_offset, 0);
+                assert!(r.contains(reason), "{r:?} does not say {reason:?}");
+            }
+            other => panic!("expected a LogEntry corruption ({reason}), got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn intact_entries_that_break_a_rule_are_corruption() {
+        // Descriptor 0 starts at byte 64: signature, trailing, leading, file offset, sequence.
+        malformed(|e| e[64 + 24] ^= 1, "another sequence number");
+        malformed(|e| e[64 + 16] = 0x10, "not 4 KiB aligned");
+        malformed(|e| e[64..68].copy_from_slice(b"what"), "has signature");
+        malformed(
+            |e| e[S as usize..S as usize + 4].copy_from_slice(b"atad"),
+            "torn",
+        );
+        // The data sector's low sequence half (its last 4 bytes) disagrees.
+        malformed(|e| e[2 * S as usize - 1] ^= 1, "torn or misplaced");
+        malformed(
+            |e| {
+                // Claim one more sector than the descriptors account for.
+                e.extend_from_slice(&[0; 4096]);
+                e[8..12].copy_from_slice(&(3 * S as u32).to_le_bytes());
+            },
+            "does not match",
+        );
+        malformed(
+            |e| e[56..64].copy_from_slice(&(MAX_LAST_FILE_OFFSET + S).to_le_bytes()),
+            "absurd",
+        );
+    }
+
+    /// A one-sector entry of `sequence` holding one zero descriptor.
+    fn zero_entry(sequence: u64, target: u64, length: u64) -> Vec<u8> {
+        let mut e = entry(sequence, 0, &[]);
+        e[24..28].copy_from_slice(&1u32.to_le_bytes());
+        let d = Descriptor {
+            signature: U32::new(ZERO_DESC_SIGNATURE),
+            trailing_bytes: [0; 4],
+            leading_bytes: length.to_le_bytes(),
+            file_offset: U64::new(target),
+            sequence_number: U64::new(sequence),
+        };
+        e[64..96].copy_from_slice(d.as_bytes());
+        reseal(&mut e);
+        e
+    }
+
+    #[test]
+    fn zero_descriptors_become_zero_writes() {
+        let mut l = log();
+        put(&mut l, 0, &zero_entry(110, TARGET, 3 * S));
+        let p = plan(&l).expect("a zero entry");
+        assert_eq!(p.summary[0].length, S);
+        match p.writes.as_slice() {
+            [LogWrite::Zero { offset, length }] => {
+                assert_eq!((*offset, *length), (TARGET, 3 * S));
+            }
+            other => panic!("expected one zero write, got {other:?}"),
+        }
+
+        let mut l = log();
+        put(&mut l, 0, &zero_entry(111, TARGET, S + 1));
+        assert!(matches!(
+            corruption(plan(&l)),
+            Corruption::LogEntry { ref reason, .. } if reason.contains("not a 4 KiB multiple")
+        ));
+    }
+
+    #[test]
+    fn the_parsed_header_round_trips_through_build_entry() {
+        let mut p = params(0x1_0000_0002, 3 * S);
+        p.flushed_file_offset = 3 * MIB;
+        p.last_file_offset = 5 * MIB;
+        let bytes = build_entry(&p, &[(TARGET, page(1)), (TARGET + S, page(2))]);
+        let (h, _) = LogEntryHeader::read_from_prefix(&bytes).expect("64-byte header");
+        assert_eq!(h.signature.get(), LOG_ENTRY_SIGNATURE);
+        assert_eq!(u64::from(h.entry_length.get()), bytes.len() as u64);
+        assert_eq!(u64::from(h.tail.get()), 3 * S);
+        assert_eq!(h.sequence_number.get(), 0x1_0000_0002);
+        assert_eq!(h.descriptor_count.get(), 2);
+        assert_eq!(h.log_guid, guid());
+        assert_eq!(h.flushed_file_offset.get(), 3 * MIB);
+        assert_eq!(h.last_file_offset.get(), 5 * MIB);
+        assert_eq!(h.checksum.get(), crc32c_with_zero_field(&bytes, 4));
+
+        let mut l = log();
+        put(&mut l, 0, &bytes);
+        let log = Log {
+            bytes: &l,
+            offset: 0,
+            guid: guid(),
+        };
+        let e = log.entry(0).expect("intact").expect("an entry");
+        assert_eq!(
+            (e.position, e.length, e.tail, e.sequence),
+            (0, 3 * S, 3 * S, 0x1_0000_0002)
+        );
+        assert_eq!(
+            (e.flushed_file_offset, e.last_file_offset),
+            (3 * MIB, 5 * MIB)
+        );
+        assert_eq!(e.writes.len(), 2);
+    }
+
+    #[test]
+    fn max_pages_per_entry_fills_the_log_but_one_sector() {
+        for sectors in [2u64, 3, 16, 129, 130, 256, 257, 1024] {
+            let n = max_pages_per_entry(sectors * S) as u64;
+            let used = |n: u64| (n + 2).div_ceil(128) + n;
+            assert!(used(n) < sectors, "{n} pages overfill {sectors} sectors");
+            assert!(
+                used(n + 1) >= sectors,
+                "{} pages would fit in {sectors} sectors",
+                n + 1
+            );
+        }
+        assert_eq!(max_pages_per_entry(0), 0);
+        assert_eq!(max_pages_per_entry(S), 0);
+    }
+
+    #[test]
+    fn the_overlay_reads_as_the_file_after_apply() {
+        let base: Vec<u8> = (0..FILE_LEN).map(|i| (i % 251) as u8).collect();
+        let mut l = log();
+        let mut p = params(120, 0);
+        p.last_file_offset = FILE_LEN + 2 * S;
+        put(
+            &mut l,
+            0,
+            &build_entry(&p, &[(TARGET, page(1)), (FILE_LEN + S, page(2))]),
+        );
+        // zero_entry's tail is 0: this sequence's first entry.
+        put(&mut l, 3 * S, &zero_entry(121, TARGET + S, 2 * S));
+        let plan = plan(&l).expect("complete sequence");
+        assert_eq!(plan.entries, 2);
+
+        let applied = MemStorage::from_bytes(base.clone());
+        apply(&applied, &plan).expect("apply");
+        let after = applied.to_vec();
+        assert_eq!(after.len() as u64, FILE_LEN + 2 * S);
+        assert_eq!(&after[TARGET as usize..(TARGET + S) as usize], &page(1)[..]);
+        assert!(
+            after[(TARGET + S) as usize..(TARGET + 3 * S) as usize]
+                .iter()
+                .all(|&b| b == 0)
+        );
+        assert_eq!(&after[(FILE_LEN + S) as usize..], &page(2)[..]);
+
+        let overlay = OverlayStorage::new(Arc::new(MemStorage::from_bytes(base.clone())), &plan)
+            .expect("overlay");
+        assert_eq!(overlay.len().expect("len"), FILE_LEN + 2 * S);
+        // Unaligned reads that straddle replayed and untouched sectors.
+        for (off, len) in [
+            (0, 4096),
+            (TARGET - 100, 300),
+            (TARGET + S - 7, 2 * S as usize + 14),
+            (FILE_LEN - 10, 2 * S as usize + 10),
+            (0, after.len()),
+        ] {
+            let mut got = vec![0xEE; len];
+            overlay.read_exact_at(off, &mut got).expect("overlay read");
+            assert_eq!(got, &after[off as usize..off as usize + len], "at {off:#x}");
+        }
+        let mut past = [0u8; 2];
+        assert_eq!(
+            overlay
+                .read_exact_at(FILE_LEN + 2 * S - 1, &mut past)
+                .expect_err("past the end")
+                .kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        assert!(overlay.is_read_only());
+        assert_eq!(
+            overlay.write_all_at(0, &[1]).expect_err("read-only").kind(),
+            io::ErrorKind::PermissionDenied
+        );
+        assert!(overlay.set_len(0).is_err());
+    }
+
+    #[test]
+    fn read_log_reads_the_region_and_reports_short_files() {
+        let bytes: Vec<u8> = (0..3 * S).map(|i| (i % 13) as u8).collect();
+        let s = MemStorage::from_bytes(bytes.clone());
+        assert_eq!(
+            read_log(&s, S, S).expect("inside"),
+            &bytes[S as usize..2 * S as usize]
+        );
+        let err = read_log(&s, 2 * S, 2 * S).expect_err("past the end");
+        assert_eq!(err.kind(), vd_core::ErrorKind::Io);
+    }
+}

@@ -122,3 +122,83 @@ pub trait Backend: Send + Sync + 'static {
         )))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ErrorKind;
+    use crate::storage::{MemFileSystem, MemStorage};
+    use crate::testing::backends::{TagBackend, tagged_file};
+
+    #[test]
+    fn confidence_is_ordered_no_fallback_likely_certain() {
+        let order = [
+            Confidence::No,
+            Confidence::Fallback,
+            Confidence::Likely,
+            Confidence::Certain,
+        ];
+        for w in order.windows(2) {
+            assert!(w[0] < w[1], "{:?} < {:?}", w[0], w[1]);
+        }
+        assert_eq!(order.iter().max(), Some(&Confidence::Certain));
+        assert_eq!(
+            serde_json::to_value(Confidence::Fallback).expect("json"),
+            "fallback"
+        );
+    }
+
+    #[test]
+    fn create_and_priority_have_defaults() {
+        let b = TagBackend::new("tagger", 7, Confidence::Likely);
+        assert_eq!(b.priority(), 7);
+        let fs: Arc<dyn StorageProvider> = Arc::new(MemFileSystem::new());
+        let params = CreateParams::default();
+        let req = CreateRequest {
+            path: Path::new("/n.img"),
+            storage: Arc::new(MemStorage::new()),
+            provider: fs,
+            params: &params,
+            parent: None,
+        };
+        assert!(format!("{req:?}").contains("/n.img"));
+        let e = b.create(req).expect_err("the default create");
+        assert_eq!(e.kind(), ErrorKind::NotSupported);
+        assert!(e.to_string().contains("tagger"), "names the backend: {e}");
+
+        /// A backend that leaves `priority` alone.
+        struct Plain;
+        impl Backend for Plain {
+            fn name(&self) -> &'static str {
+                "plain"
+            }
+            fn description(&self) -> &'static str {
+                "default priority"
+            }
+            fn extensions(&self) -> &'static [&'static str] {
+                &[]
+            }
+            fn capabilities(&self) -> Capabilities {
+                Capabilities::empty()
+            }
+            fn probe(&self, _: &dyn Storage, _: &Path) -> Result<Confidence> {
+                Ok(Confidence::No)
+            }
+            fn open(&self, _: OpenRequest<'_>) -> Result<Box<dyn Image>> {
+                Err(Error::not_supported("opening"))
+            }
+        }
+        assert_eq!(Plain.priority(), 0);
+    }
+
+    #[test]
+    fn a_probe_answers_from_the_signature_and_short_files_are_not_errors() {
+        let b = TagBackend::new("t", 0, Confidence::Certain);
+        let p = Path::new("/p");
+        let probe = |bytes: Vec<u8>| b.probe(&MemStorage::from_bytes(bytes), p);
+        assert_eq!(probe(tagged_file(8)).expect("probe"), Confidence::Certain);
+        assert_eq!(probe(vec![0; 4096]).expect("probe"), Confidence::No);
+        assert_eq!(probe(b"TAG".to_vec()).expect("short"), Confidence::No);
+        assert_eq!(probe(Vec::new()).expect("empty"), Confidence::No);
+    }
+}

@@ -325,4 +325,136 @@ mod tests {
         assert_eq!(e.kind(), ErrorKind::NotFound);
         assert!(e.source().is_some());
     }
+
+    #[test]
+    fn display_shows_only_the_context_that_is_known() {
+        let e = Error::new(ErrorKind::Corrupt, "bad");
+        assert_eq!(e.to_string(), "bad");
+        assert_eq!((e.kind(), e.message()), (ErrorKind::Corrupt, "bad"));
+        assert_eq!(e.with_offset(0x200).to_string(), "bad (at offset 0x200)");
+        let e = Error::new(ErrorKind::Corrupt, "bad").with_field("bat");
+        assert_eq!(e.to_string(), "bad (bat)");
+        let e = e.with_path("/a").with_path("/b");
+        assert_eq!(e.to_string(), "/a: bad (bat)", "the first path is kept");
+        assert_eq!(e.context().path.as_deref(), Some(Path::new("/a")));
+    }
+
+    #[test]
+    fn constructors_pick_their_kinds() {
+        for (e, kind) in [
+            (Error::not_supported("x"), ErrorKind::NotSupported),
+            (Error::read_only("x"), ErrorKind::ReadOnly),
+            (Error::corrupt("f", 1, "m"), ErrorKind::Corrupt),
+            (Error::out_of_range(1, 2, 3), ErrorKind::OutOfRange),
+            (Error::invalid_argument("x"), ErrorKind::InvalidArgument),
+        ] {
+            assert_eq!(e.kind(), kind, "{e}");
+            assert!(e.source().is_none());
+        }
+        for (io_kind, kind) in [
+            (io::ErrorKind::NotFound, ErrorKind::NotFound),
+            (io::ErrorKind::AlreadyExists, ErrorKind::AlreadyExists),
+            (io::ErrorKind::ResourceBusy, ErrorKind::Locked),
+            (io::ErrorKind::InvalidInput, ErrorKind::InvalidArgument),
+            (io::ErrorKind::UnexpectedEof, ErrorKind::Io),
+            (io::ErrorKind::PermissionDenied, ErrorKind::Io),
+        ] {
+            let e = Error::io("op", io::Error::from(io_kind));
+            assert_eq!(e.kind(), kind, "{io_kind:?}");
+            let src = e.source().expect("the io error is the source");
+            assert_eq!(
+                src.downcast_ref::<io::Error>().map(io::Error::kind),
+                Some(io_kind)
+            );
+            assert_eq!(Error::from(io::Error::from(io_kind)).kind(), kind);
+        }
+    }
+
+    #[test]
+    fn kinds_have_distinct_lowercase_names() {
+        let kinds = [
+            ErrorKind::NotSupported,
+            ErrorKind::ReadOnly,
+            ErrorKind::InvalidHeader,
+            ErrorKind::Corrupt,
+            ErrorKind::Unsupported,
+            ErrorKind::OutOfRange,
+            ErrorKind::InvalidArgument,
+            ErrorKind::NotFound,
+            ErrorKind::AlreadyExists,
+            ErrorKind::UnknownFormat,
+            ErrorKind::ParentMismatch,
+            ErrorKind::BadChain,
+            ErrorKind::Io,
+            ErrorKind::Locked,
+        ];
+        let names: std::collections::HashSet<&str> = kinds.iter().map(|k| k.as_str()).collect();
+        assert_eq!(names.len(), kinds.len());
+        for k in kinds {
+            assert_eq!(k.to_string(), k.as_str());
+            assert_eq!(k.as_str(), k.as_str().to_lowercase());
+            assert!(!k.as_str().ends_with('.'));
+        }
+        assert_eq!(
+            serde_json::to_value(ErrorKind::OutOfRange).expect("json"),
+            "out_of_range"
+        );
+    }
+
+    #[test]
+    fn in_parent_of_moves_the_error_to_the_child() {
+        let e = Error::corrupt("bat", 0x3000, "bad entry")
+            .with_path("/d/base.vhdx")
+            .with_source(io::Error::other("inner"))
+            .in_parent_of(Path::new("/d/child.vhdx"), Path::new("/d/base.vhdx"));
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            e.to_string(),
+            "/d/child.vhdx: the parent image found at /d/base.vhdx cannot be used: bad entry \
+             (bat at offset 0x3000)"
+        );
+        assert_eq!(e.context().field.as_deref(), Some("bat"));
+        assert_eq!(e.context().offset, Some(0x3000));
+        assert_eq!(
+            e.source().map(ToString::to_string).as_deref(),
+            Some("inner")
+        );
+    }
+
+    #[test]
+    fn linkage_errors_carry_the_mismatch() {
+        let m = LinkageMismatch {
+            child: PathBuf::from("/c.vhdx"),
+            parent: PathBuf::from("/p.vhdx"),
+            found: uuid::Uuid::from_u128(1),
+            expected: uuid::Uuid::from_u128(2),
+        };
+        let e = Error::linkage(m.clone());
+        assert_eq!(e.kind(), ErrorKind::ParentMismatch);
+        assert_eq!(e.linkage_mismatch(), Some(&m));
+        assert_eq!(e.context().path.as_deref(), Some(Path::new("/c.vhdx")));
+        assert!(e.message().contains("00000000-0000-0000-0000-000000000001"));
+        assert!(e.message().contains("00000000-0000-0000-0000-000000000002"));
+        assert!(Error::not_supported("x").linkage_mismatch().is_none());
+    }
+
+    #[test]
+    fn error_chain_joins_every_cause() {
+        #[derive(Debug)]
+        struct Outer(io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("outer")
+            }
+        }
+        impl StdError for Outer {
+            fn source(&self) -> Option<&(dyn StdError + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = Error::new(ErrorKind::Io, "reading").with_source(Outer(io::Error::other("disk")));
+        assert_eq!(error_chain(&e), "reading: outer: disk");
+        let alone = Error::invalid_argument("no cause");
+        assert_eq!(error_chain(&alone), "no cause");
+    }
 }

@@ -78,3 +78,51 @@ bitflags! {
 pub fn flag_names<B: bitflags::Flags>(flags: &B) -> Vec<&'static str> {
     flags.iter_names().map(|(name, _)| name).collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_names_list_the_set_flags_in_declaration_order() {
+        assert!(flag_names(&OpenFlags::empty()).is_empty());
+        assert_eq!(
+            flag_names(&(OpenFlags::STRICT | OpenFlags::READ_ONLY)),
+            vec!["READ_ONLY", "STRICT"]
+        );
+        assert_eq!(
+            flag_names(&(ImageFlags::FIXED | ImageFlags::DIFF)),
+            vec!["FIXED", "DIFF"]
+        );
+        assert_eq!(flag_names(&Capabilities::all()).len(), 11);
+        // Unknown bits have no name.
+        assert!(flag_names(&OpenFlags::from_bits_retain(1 << 31)).is_empty());
+    }
+
+    #[test]
+    fn every_flag_is_a_distinct_single_bit() {
+        fn check<B: bitflags::Flags<Bits = u32>>() {
+            let mut seen = 0u32;
+            for f in B::FLAGS {
+                let bits = f.value().bits();
+                assert_eq!(bits.count_ones(), 1, "{}", f.name());
+                assert_eq!(seen & bits, 0, "{} reuses a bit", f.name());
+                seen |= bits;
+            }
+        }
+        check::<OpenFlags>();
+        check::<ImageFlags>();
+        check::<Capabilities>();
+    }
+
+    #[test]
+    fn flags_serialise_as_names() {
+        // In human-readable formats (JSON) bitflags 2 writes the names joined by " | ".
+        let v =
+            serde_json::to_value(OpenFlags::READ_ONLY | OpenFlags::FORCE_SHARE).expect("serialise");
+        assert_eq!(v, serde_json::json!("READ_ONLY | FORCE_SHARE"));
+        assert_eq!(OpenFlags::default(), OpenFlags::empty());
+        assert_eq!(Capabilities::MAP.bits(), 1 << 10);
+        assert_eq!(ImageFlags::DIFF.bits(), 2);
+    }
+}

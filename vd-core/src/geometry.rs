@@ -150,4 +150,102 @@ mod tests {
         }
         assert_eq!(Geometry::synthesize_lchs(1 << 30).heads, 64);
     }
+
+    fn chs(cylinders: u32, heads: u32, sectors: u32) -> Geometry {
+        Geometry {
+            cylinders,
+            heads,
+            sectors,
+        }
+    }
+
+    #[test]
+    fn pchs_switches_sectors_per_track_at_the_vhd_thresholds() {
+        // Each row: a size in 512-byte sectors on either side of a switch of the VHD rule.
+        for (sectors, want) in [
+            (1, chs(0, 4, 17)),
+            // 17 sectors, 4 heads, 1024 cylinders: the last size with 17 sectors per track.
+            (17 * 4 * 1024 - 1, chs(1023, 4, 17)),
+            (17 * 4 * 1024, chs(140, 16, 31)),
+            // 31 sectors, 16 heads, 1024 cylinders: the switch to 63.
+            (31 * 16 * 1024 - 1, chs(1023, 16, 31)),
+            (31 * 16 * 1024, chs(503, 16, 63)),
+            // 65535 cylinders, 16 heads, 63 sectors: the switch to 255.
+            (65535 * 16 * 63 - 1, chs(65534, 16, 63)),
+            (65535 * 16 * 63, chs(16191, 16, 255)),
+        ] {
+            assert_eq!(
+                Geometry::synthesize_pchs(sectors * 512),
+                want,
+                "{sectors} sectors"
+            );
+        }
+    }
+
+    #[test]
+    fn pchs_is_capped_and_never_exceeds_the_disk() {
+        let cap = chs(65535, 16, 255);
+        assert_eq!(Geometry::synthesize_pchs(65535 * 16 * 255 * 512), cap);
+        assert_eq!(Geometry::synthesize_pchs(1 << 50), cap);
+        assert_eq!(Geometry::synthesize_pchs(u64::MAX), cap);
+        let mut size = 512u64;
+        while size < 1 << 42 {
+            for s in [size - 1, size, size + 511, size * 3 / 2] {
+                let g = Geometry::synthesize_pchs(s);
+                assert!(g.capacity() <= s, "{g:?} is more than {s} bytes");
+                assert!(g.heads <= 16 && g.cylinders <= 65535, "{g:?}");
+                assert!([17, 31, 63, 255].contains(&g.sectors), "{g:?}");
+            }
+            size *= 2;
+        }
+    }
+
+    #[test]
+    fn lchs_picks_the_fewest_heads_that_fit_1024_cylinders() {
+        let limit = |heads: u64| (1025 * heads * 63 - 1) * 512;
+        assert_eq!(Geometry::synthesize_lchs(limit(16)), chs(1024, 16, 63));
+        assert_eq!(Geometry::synthesize_lchs(limit(16) + 512), chs(512, 32, 63));
+        assert_eq!(Geometry::synthesize_lchs(limit(128)), chs(1024, 128, 63));
+        assert_eq!(
+            Geometry::synthesize_lchs(limit(128) + 512),
+            chs(514, 255, 63)
+        );
+        // Beyond what 255 heads reach, the cylinders are capped.
+        assert_eq!(Geometry::synthesize_lchs(u64::MAX), chs(1024, 255, 63));
+        // A tiny disk still has one cylinder.
+        assert_eq!(Geometry::synthesize_lchs(0), chs(1, 16, 63));
+        assert_eq!(Geometry::synthesize_lchs(511), chs(1, 16, 63));
+    }
+
+    #[test]
+    fn capacity_multiplies_without_overflow() {
+        assert_eq!(chs(0, 16, 63).capacity(), 0);
+        assert_eq!(chs(2, 3, 5).capacity(), 2 * 3 * 5 * 512);
+        let max = u64::from(u32::MAX);
+        assert_eq!(
+            chs(u32::MAX, 1, 1).capacity(),
+            max * 512,
+            "computed in u64, not u32"
+        );
+    }
+
+    #[test]
+    fn size_suffixes_at_the_edges() {
+        assert_eq!(parse_size(" 4K "), Some(4096), "surrounding spaces");
+        assert_eq!(parse_size("0G"), Some(0));
+        assert_eq!(parse_size(&u64::MAX.to_string()), Some(u64::MAX));
+        assert_eq!(parse_size("16777215T"), Some(16_777_215 << 40));
+        assert_eq!(parse_size("16777216T"), None, "2^64 overflows");
+        for bad in [
+            "K",
+            "-1",
+            "1.5G",
+            "1KB",
+            "0x10",
+            "1 K",
+            "18446744073709551616",
+        ] {
+            assert_eq!(parse_size(bad), None, "{bad:?}");
+        }
+    }
 }

@@ -462,3 +462,301 @@ impl std::fmt::Debug for dyn Image {
             .finish_non_exhaustive()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::LinkageMismatch;
+    use parking_lot::Mutex;
+    use uuid::Uuid;
+
+    /// An image that implements only the required methods (over `size` zero bytes), records
+    /// the writes it gets, and answers the identity questions it is given.
+    #[derive(Default)]
+    struct Bare {
+        path: PathBuf,
+        size: u64,
+        writable: bool,
+        writes: Mutex<Vec<(u64, usize, bool)>>,
+        parent_name: Option<String>,
+        parent_uuid: Option<Uuid>,
+        parent_modification: Option<Uuid>,
+        modification: Option<Uuid>,
+    }
+
+    impl Image for Bare {
+        fn format(&self) -> &'static str {
+            "bare"
+        }
+        fn path(&self) -> &Path {
+            &self.path
+        }
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            check_range(offset, buf.len() as u64, self.size)?;
+            buf.fill(0);
+            Ok(())
+        }
+        fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+            if !self.writable {
+                return Err(Error::not_supported("writing"));
+            }
+            check_range(offset, buf.len() as u64, self.size)?;
+            let zero = buf.iter().all(|&b| b == 0);
+            self.writes.lock().push((offset, buf.len(), zero));
+            Ok(())
+        }
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+        fn close(self: Box<Self>, _delete: bool) -> Result<()> {
+            Ok(())
+        }
+        fn size(&self) -> u64 {
+            self.size
+        }
+        fn file_size(&self) -> Result<u64> {
+            Ok(self.size)
+        }
+        fn image_flags(&self) -> ImageFlags {
+            ImageFlags::empty()
+        }
+        fn open_flags(&self) -> OpenFlags {
+            OpenFlags::READ_ONLY
+        }
+        fn parent_filename(&self) -> Result<String> {
+            self.parent_name
+                .clone()
+                .ok_or_else(|| Error::not_supported("parent file names"))
+        }
+        fn parent_uuid(&self) -> Result<Uuid> {
+            self.parent_uuid
+                .ok_or_else(|| Error::not_supported("parent UUIDs"))
+        }
+        fn parent_modification_uuid(&self) -> Result<Uuid> {
+            self.parent_modification
+                .ok_or_else(|| Error::not_supported("parent modification UUIDs"))
+        }
+        fn modification_uuid(&self) -> Result<Uuid> {
+            self.modification
+                .ok_or_else(|| Error::not_supported("modification UUIDs"))
+        }
+        fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            check_range(offset, len, self.size)?;
+            Ok(vec![Extent {
+                offset,
+                length: len,
+                kind: ExtentKind::Zero,
+            }])
+        }
+        fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
+            writeln!(out, "bare").map_err(|e| Error::io("dump", e))
+        }
+    }
+
+    fn bare(size: u64) -> Bare {
+        Bare {
+            path: PathBuf::from("/images/child.img"),
+            size,
+            ..Bare::default()
+        }
+    }
+
+    #[test]
+    fn optional_operations_default_to_not_supported() {
+        let mut img = bare(4096);
+        let u = Uuid::from_u128(1);
+        let g = Geometry::default();
+        let results: Vec<(&str, Result<()>)> = vec![
+            ("write_at", Image::write_at(&img, 0, &[1])),
+            ("set_pchs_geometry", img.set_pchs_geometry(g)),
+            ("set_lchs_geometry", img.set_lchs_geometry(g)),
+            ("set_open_flags", img.set_open_flags(OpenFlags::empty())),
+            ("comment", img.comment().map(drop)),
+            ("set_comment", img.set_comment(Some("c"))),
+            ("uuid", img.uuid().map(drop)),
+            ("set_uuid", img.set_uuid(u)),
+            ("set_modification_uuid", img.set_modification_uuid(u)),
+            ("set_parent_uuid", img.set_parent_uuid(u)),
+            (
+                "set_parent_modification_uuid",
+                img.set_parent_modification_uuid(u),
+            ),
+            ("set_parent_filename", img.set_parent_filename("p")),
+            ("parent_candidates", img.parent_candidates().map(drop)),
+            ("timestamp", img.timestamp().map(drop)),
+            ("discard", img.discard(0, 512)),
+            ("write_zeroes", img.write_zeroes(0, 512)),
+            ("compact", img.compact(&mut |_, _| {})),
+            ("resize", img.resize(8192, &mut |_, _| {})),
+            ("repair", img.repair(true).map(drop)),
+            ("rename", img.rename(Path::new("/x"))),
+        ];
+        for (op, r) in results {
+            let e = r.expect_err(op);
+            assert_eq!(e.kind(), ErrorKind::NotSupported, "{op}: {e}");
+        }
+        assert!(img.warnings().is_empty());
+        assert_eq!(img.details(), serde_json::Value::Null);
+    }
+
+    #[test]
+    fn sector_sizes_and_geometry_have_defaults() {
+        let img = bare(1 << 30);
+        assert_eq!(img.sector_size(), 512);
+        assert_eq!(img.physical_sector_size(), 512);
+        assert_eq!(img.write_granularity(), 1);
+        assert_eq!(
+            img.pchs_geometry().expect("pchs"),
+            Geometry::synthesize_pchs(1 << 30)
+        );
+        assert_eq!(
+            img.lchs_geometry().expect("lchs"),
+            Geometry::synthesize_lchs(1 << 30)
+        );
+    }
+
+    #[test]
+    fn parent_candidates_default_to_the_name_beside_the_child() {
+        let img = Bare {
+            parent_name: Some("base.img".into()),
+            ..bare(512)
+        };
+        assert_eq!(
+            img.parent_candidates().expect("one candidate"),
+            vec![PathBuf::from("/images/base.img")]
+        );
+        let img = Bare {
+            path: PathBuf::from("child.img"),
+            parent_name: Some("base.img".into()),
+            ..bare(512)
+        };
+        assert_eq!(
+            img.parent_candidates().expect("relative child"),
+            vec![PathBuf::from("base.img")]
+        );
+    }
+
+    #[test]
+    fn write_zeroes_writes_zeros_in_chunks_of_at_most_1_mib() {
+        const MIB: u64 = 1 << 20;
+        let img = Bare {
+            writable: true,
+            ..bare(4 * MIB)
+        };
+        img.write_zeroes(7, 2 * MIB + MIB / 2)
+            .expect("write_zeroes");
+        let writes = img.writes.lock().clone();
+        assert_eq!(
+            writes,
+            vec![
+                (7, 1 << 20, true),
+                (7 + MIB, 1 << 20, true),
+                (7 + 2 * MIB, 1 << 19, true)
+            ]
+        );
+        img.writes.lock().clear();
+        img.write_zeroes(100, 0).expect("empty range");
+        assert!(img.writes.lock().is_empty());
+        let e = img.write_zeroes(4 * MIB - 1, 2).expect_err("past the end");
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
+    }
+
+    #[test]
+    fn check_parent_identity_compares_the_recorded_ids() {
+        let a = Uuid::from_u128(0xA);
+        let b = Uuid::from_u128(0xB);
+        let parent = |modification| Bare {
+            path: PathBuf::from("/images/base.img"),
+            modification,
+            ..bare(512)
+        };
+        let child = |parent_uuid, parent_modification| Bare {
+            parent_uuid,
+            parent_modification,
+            ..bare(512)
+        };
+        // (child's parent UUID, child's parent modification UUID, parent's modification UUID,
+        // accepted)
+        for (pu, pm, m, ok) in [
+            (None, None, Some(a), true),
+            (Some(a), None, None, true),
+            (Some(a), None, Some(a), true),
+            (Some(a), None, Some(b), false),
+            (Some(a), Some(b), Some(b), true),
+            (Some(a), Some(Uuid::nil()), Some(b), false),
+            (
+                Some(Uuid::nil()),
+                Some(Uuid::nil()),
+                Some(Uuid::nil()),
+                true,
+            ),
+        ] {
+            let c = child(pu, pm);
+            let p = parent(m);
+            let r = c.check_parent(&p);
+            assert_eq!(r.is_ok(), ok, "{pu:?} {pm:?} {m:?}: {r:?}");
+            if let Err(e) = r {
+                assert_eq!(e.kind(), ErrorKind::ParentMismatch);
+                assert_eq!(
+                    e.linkage_mismatch(),
+                    Some(&LinkageMismatch {
+                        child: PathBuf::from("/images/child.img"),
+                        parent: PathBuf::from("/images/base.img"),
+                        found: m.expect("a mismatch has a parent id"),
+                        expected: pu.expect("a mismatch has a child id"),
+                    })
+                );
+                assert_eq!(
+                    e.context().path.as_deref(),
+                    Some(Path::new("/images/child.img"))
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn check_range_accepts_exactly_the_ranges_inside() {
+        for (offset, len, size, ok) in [
+            (0, 0, 0, true),
+            (0, 512, 512, true),
+            (512, 0, 512, true),
+            (511, 1, 512, true),
+            (511, 2, 512, false),
+            (513, 0, 512, false),
+            (u64::MAX, 1, u64::MAX, false),
+            (1, u64::MAX, u64::MAX, false),
+            (0, u64::MAX, u64::MAX, true),
+        ] {
+            let r = check_range(offset, len, size);
+            assert_eq!(r.is_ok(), ok, "{offset:#x}+{len:#x} in {size:#x}");
+            if let Err(e) = r {
+                assert_eq!(e.kind(), ErrorKind::OutOfRange);
+            }
+        }
+    }
+
+    #[test]
+    fn reports_and_debug_output() {
+        let mut r = CheckReport::default();
+        assert!(r.is_clean());
+        r.findings.push(Finding {
+            severity: Severity::Warning,
+            message: "odd".into(),
+            repaired: false,
+        });
+        assert!(!r.is_clean(), "a warning is a finding");
+        assert_eq!(
+            serde_json::to_value(&r).expect("json")["findings"][0]["severity"],
+            "warning"
+        );
+        let img: Box<dyn Image> = Box::new(bare(4096));
+        let d = format!("{img:?}");
+        assert!(
+            d.contains("bare") && d.contains("child.img") && d.contains("4096"),
+            "{d}"
+        );
+        let mut out = Vec::new();
+        img.dump(&mut out).expect("dump");
+        assert_eq!(out, b"bare\n");
+    }
+}

@@ -40,7 +40,8 @@ mod lock;
 mod registry;
 mod storage;
 
-#[cfg(feature = "test-util")]
+// Also built for vd-core's own unit tests, which use its test backends.
+#[cfg(any(test, feature = "test-util"))]
 pub mod testing;
 
 pub use backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest};

@@ -247,4 +247,113 @@ mod tests {
         drop(a);
         apply(&b, Some(OpenMode::ReadWrite)).unwrap();
     }
+
+    /// The lock bytes some other open file description holds on `path`, seen from a new one.
+    fn held_bytes(path: &std::path::Path) -> Vec<i64> {
+        let probe = open(path);
+        (PERM_BASE..PERM_BASE + 4)
+            .chain(SHARED_BASE..SHARED_BASE + 4)
+            .filter(|&b| held_by_other(&probe, b).expect("F_OFD_GETLK"))
+            .collect()
+    }
+
+    /// The exact bytes QEMU locks: 100 + n while permission n is held (consistent read 0,
+    /// write 1, write unchanged 2, resize 3), 200 + n while permission n is not shared. Two
+    /// descriptions of one file in one process see each other's locks (OFD locks, unlike
+    /// POSIX record locks, belong to the open file description, not the process).
+    #[test]
+    fn each_mode_locks_qemus_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        for (mode, want) in [
+            (Some(OpenMode::ReadWrite), vec![100, 101, 103, 201, 203]),
+            (Some(OpenMode::ReadOnly), vec![100, 201, 203]),
+            (Some(OpenMode::ReadOnlyShared), vec![100]),
+            (None, vec![]),
+        ] {
+            let f = open(&path);
+            apply(&f, mode).unwrap();
+            assert_eq!(held_bytes(&path), want, "{mode:?}");
+            // The description's own locks never count against it.
+            assert!(!held_by_other(&f, PERM_BASE).unwrap());
+        }
+    }
+
+    #[test]
+    fn relocking_changes_what_others_may_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("img");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let writer = open(&path);
+        apply(&writer, Some(OpenMode::ReadWrite)).unwrap();
+        let reader = open(&path);
+        let c = conflict(apply(&reader, Some(OpenMode::ReadOnly))).unwrap();
+        assert_eq!(
+            c,
+            LockConflict {
+                permission: "write",
+                held_by_other: true,
+            }
+        );
+        // The writer downgrades to reading: now the reader fits, and the writer cannot
+        // upgrade again while the reader refuses to share writing.
+        apply(&writer, Some(OpenMode::ReadOnly)).unwrap();
+        apply(&reader, Some(OpenMode::ReadOnly)).unwrap();
+        let c = conflict(apply(&writer, Some(OpenMode::ReadWrite))).unwrap();
+        assert_eq!(
+            c,
+            LockConflict {
+                permission: "write",
+                held_by_other: false,
+            }
+        );
+        // `apply` alone leaves the bytes of the refused mode in place (FileStorage::relock
+        // restores the previous set; see the storage tests).
+        assert_eq!(held_bytes(&path), vec![100, 101, 103, 201, 203]);
+    }
+
+    #[test]
+    fn permissions_and_conflict_messages() {
+        assert_eq!(
+            permissions(OpenMode::ReadWrite),
+            (0b1011, PERM_CONSISTENT_READ | PERM_WRITE_UNCHANGED)
+        );
+        assert_eq!(permissions(OpenMode::ReadOnly), (0b0001, 0b0101));
+        assert_eq!(permissions(OpenMode::ReadOnlyShared), (0b0001, PERM_ALL));
+        let names: Vec<_> = bits().map(|(_, b)| perm_name(b)).collect();
+        assert_eq!(
+            names,
+            vec!["consistent read", "write", "write unchanged", "resize"]
+        );
+        let held = LockConflict {
+            permission: "write",
+            held_by_other: true,
+        };
+        assert_eq!(
+            held.to_string(),
+            "another process has the image open with \"write\" permission (failed to get the \
+             shared \"write\" lock)"
+        );
+        let unshared = LockConflict {
+            permission: "resize",
+            held_by_other: false,
+        };
+        assert!(unshared.to_string().contains("does not share \"resize\""));
+        let e = lock_error(
+            io::Error::from_raw_os_error(libc::EAGAIN),
+            PERM_RESIZE,
+            true,
+        );
+        assert_eq!(
+            conflict(Err(e)),
+            Some(LockConflict {
+                permission: "resize",
+                held_by_other: false,
+            })
+        );
+        let e = lock_error(io::Error::from_raw_os_error(libc::ENOLCK), PERM_WRITE, true);
+        assert_ne!(e.kind(), io::ErrorKind::ResourceBusy);
+        assert!(e.to_string().starts_with("cannot lock the image"), "{e}");
+    }
 }

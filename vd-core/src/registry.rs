@@ -462,3 +462,374 @@ impl Drop for StagedImage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MemFileSystem, MemStorage};
+    use crate::testing::FaultyStorage;
+    use crate::testing::backends::{LayerBackend, LayerSpec, TagBackend, tag, tagged_file};
+
+    /// A backend in vd-core's own static table (only this test binary links it).
+    #[allow(
+        unsafe_code,
+        reason = "linkme places the entry with link_section, as in every backend crate"
+    )]
+    #[distributed_slice(BACKENDS)]
+    static STATIC_TAG: &'static dyn Backend = &TagBackend::new("static-tag", 3, Confidence::Likely);
+
+    fn fs_registry() -> (Arc<MemFileSystem>, Registry) {
+        let fs = Arc::new(MemFileSystem::new());
+        let r = Registry::empty(fs.clone());
+        (fs, r)
+    }
+
+    fn put(fs: &MemFileSystem, path: &str, bytes: Vec<u8>) {
+        fs.insert(path, Arc::new(MemStorage::from_bytes(bytes)));
+    }
+
+    fn names(r: &Registry) -> Vec<&'static str> {
+        r.backends().iter().map(|b| b.name()).collect()
+    }
+
+    fn winner(r: &Registry, storage: &dyn Storage) -> Result<(&'static str, Confidence)> {
+        r.probe_storage(storage, Path::new("/t/x.img"))
+            .map(|m| (m.backend.name(), m.confidence))
+    }
+
+    #[test]
+    fn builtin_holds_the_static_table_in_probe_order() {
+        let fs = Arc::new(MemFileSystem::new());
+        let mut r = Registry::builtin_with_provider(fs.clone());
+        assert_eq!(names(&r), vec!["static-tag"]);
+        let b = r
+            .get("STATIC-TAG")
+            .expect("case-insensitive lookup")
+            .clone();
+        assert_eq!((b.priority(), b.extensions()), (3, &["tag"][..]));
+        assert_eq!(b.capabilities(), Capabilities::FILE);
+        r.register(tag("run-time", 3, Confidence::Certain))
+            .expect("a new name");
+        assert_eq!(names(&r), vec!["run-time", "static-tag"], "ties by name");
+        put(&fs, "/t/x.img", tagged_file(64));
+        let m = r.probe(Path::new("/t/x.img")).expect("probe");
+        assert_eq!(m.backend.name(), "run-time", "Certain beats Likely");
+        // The static entry's calls go through to the static backend.
+        let s = MemStorage::from_bytes(tagged_file(64));
+        let p = Path::new("/t/x.img");
+        assert_eq!(b.probe(&s, p).expect("probe"), Confidence::Likely);
+        assert!(format!("{r:?}").contains("static-tag"));
+    }
+
+    #[test]
+    fn register_sorts_by_priority_then_name_and_refuses_duplicates() {
+        let (_fs, mut r) = fs_registry();
+        for (name, prio) in [
+            ("b", 0),
+            ("min", i32::MIN),
+            ("a", 0),
+            ("max", i32::MAX),
+            ("n", -1),
+        ] {
+            r.register(tag(name, prio, Confidence::Likely))
+                .expect("a new name");
+        }
+        assert_eq!(names(&r), vec!["max", "a", "b", "n", "min"]);
+        for dup in ["a", "A", "MAX"] {
+            let e = r
+                .register(tag(dup, 99, Confidence::Certain))
+                .expect_err("duplicate name");
+            assert_eq!(e.kind(), ErrorKind::AlreadyExists, "{dup}");
+        }
+        assert_eq!(names(&r).len(), 5, "a refused backend is not added");
+        assert!(r.get("nope").is_none());
+    }
+
+    #[test]
+    fn probing_takes_confidence_then_priority_then_name() {
+        let tagged = MemStorage::from_bytes(tagged_file(512));
+        /// Backends to register (name, priority, answer), and the expected winner.
+        type Row = (
+            &'static [(&'static str, i32, Confidence)],
+            (&'static str, Confidence),
+        );
+        let rows: &[Row] = &[
+            // Confidence beats priority.
+            (
+                &[
+                    ("likely", 100, Confidence::Likely),
+                    ("certain", -100, Confidence::Certain),
+                ],
+                ("certain", Confidence::Certain),
+            ),
+            // Equal confidence: higher priority.
+            (
+                &[
+                    ("low", 1, Confidence::Likely),
+                    ("high", 2, Confidence::Likely),
+                ],
+                ("high", Confidence::Likely),
+            ),
+            // Equal confidence and priority: name order.
+            (
+                &[
+                    ("zeta", 5, Confidence::Likely),
+                    ("alpha", 5, Confidence::Likely),
+                ],
+                ("alpha", Confidence::Likely),
+            ),
+            // A fallback wins only when nothing else claims the file.
+            (
+                &[
+                    ("fallback", 100, Confidence::Fallback),
+                    ("likely", -100, Confidence::Likely),
+                ],
+                ("likely", Confidence::Likely),
+            ),
+            (
+                &[
+                    ("fallback", 100, Confidence::Fallback),
+                    ("no", 200, Confidence::No),
+                ],
+                ("fallback", Confidence::Fallback),
+            ),
+        ];
+        for (backends, want) in rows {
+            let (_fs, mut r) = fs_registry();
+            for &(name, prio, conf) in *backends {
+                r.register(tag(name, prio, conf)).expect("register");
+            }
+            assert_eq!(winner(&r, &tagged).expect("a match"), *want, "{backends:?}");
+        }
+    }
+
+    #[test]
+    fn unclaimed_files_are_unknown_format() {
+        let (_fs, mut r) = fs_registry();
+        let e = winner(&r, &MemStorage::from_bytes(tagged_file(16))).expect_err("no backends");
+        assert_eq!(e.kind(), ErrorKind::UnknownFormat);
+        assert_eq!(e.context().path.as_deref(), Some(Path::new("/t/x.img")));
+        r.register(tag("t", 0, Confidence::Certain))
+            .expect("register");
+        for bytes in [vec![0u8; 512], b"TAGFILE".to_vec(), Vec::new()] {
+            let e = winner(&r, &MemStorage::from_bytes(bytes)).expect_err("not tagged");
+            assert_eq!(e.kind(), ErrorKind::UnknownFormat);
+        }
+    }
+
+    #[test]
+    fn an_io_failure_while_probing_is_not_hidden_behind_a_fallback() {
+        let (_fs, mut r) = fs_registry();
+        r.register(tag("first", 10, Confidence::Certain))
+            .expect("register");
+        r.register(tag("fallback", 0, Confidence::Fallback))
+            .expect("register");
+        // The first probe (by "first") fails; "fallback" reads the file fine.
+        let s = FaultyStorage::from_bytes(tagged_file(64));
+        s.fail_nth(0);
+        let e = winner(&r, &s).expect_err("the I/O error, not raw-like fallback");
+        assert_eq!(e.kind(), ErrorKind::Io);
+
+        // A real claim still wins over another backend's I/O error.
+        let (_fs, mut r) = fs_registry();
+        r.register(tag("first", 10, Confidence::Certain))
+            .expect("register");
+        r.register(tag("likely", 0, Confidence::Likely))
+            .expect("register");
+        let s = FaultyStorage::from_bytes(tagged_file(64));
+        s.fail_nth(0);
+        assert_eq!(
+            winner(&r, &s).expect("likely claims it"),
+            ("likely", Confidence::Likely)
+        );
+    }
+
+    #[test]
+    fn open_goes_to_the_winner_and_open_as_bypasses_probing() {
+        let (fs, mut r) = fs_registry();
+        r.register(tag("weak", 0, Confidence::Likely))
+            .expect("register");
+        r.register(tag("strong", 0, Confidence::Certain))
+            .expect("register");
+        put(&fs, "/o/t.img", tagged_file(2048));
+        put(&fs, "/o/plain.img", vec![7; 1024]);
+
+        let img = r
+            .open(Path::new("/o/t.img"), OpenFlags::READ_ONLY)
+            .expect("open");
+        assert_eq!(img.format(), "strong");
+        assert_eq!(img.path(), Path::new("/o/t.img"));
+        assert_eq!(img.size(), 2048);
+        assert_eq!(img.open_flags(), OpenFlags::READ_ONLY);
+        let mut head = [0u8; 8];
+        img.read_at(0, &mut head).expect("read");
+        assert_eq!(&head, b"TAGFILE!");
+
+        let e = r
+            .open(Path::new("/o/plain.img"), OpenFlags::READ_ONLY)
+            .expect_err("nobody claims it");
+        assert_eq!(e.kind(), ErrorKind::UnknownFormat);
+        let img = r
+            .open_as("WEAK", Path::new("/o/plain.img"), OpenFlags::READ_ONLY)
+            .expect("open_as skips the probe");
+        assert_eq!(img.format(), "weak");
+        let mut b = [0u8; 4];
+        img.read_at(1020, &mut b).expect("read");
+        assert_eq!(b, [7; 4]);
+
+        let e = r
+            .open_as("nope", Path::new("/o/t.img"), OpenFlags::READ_ONLY)
+            .expect_err("unknown backend");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        let e = r
+            .open(Path::new("/o/missing.img"), OpenFlags::READ_ONLY)
+            .expect_err("missing file");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+        assert_eq!(
+            e.context().path.as_deref(),
+            Some(Path::new("/o/missing.img"))
+        );
+        let e = r.probe(Path::new("/o/missing.img")).expect_err("missing");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+    }
+
+    fn layer_registry() -> (Arc<MemFileSystem>, Registry) {
+        let (fs, mut r) = fs_registry();
+        r.register(Arc::new(LayerBackend::default()))
+            .expect("register");
+        r.register(tag("tag", 0, Confidence::Certain))
+            .expect("register");
+        (fs, r)
+    }
+
+    fn params(size: u64) -> CreateParams {
+        CreateParams {
+            size,
+            uuid: Some(uuid::Uuid::from_u128(0x1234)),
+            ..CreateParams::default()
+        }
+    }
+
+    #[test]
+    fn create_goes_through_the_table_and_the_result_reopens() {
+        let (fs, r) = layer_registry();
+        let path = Path::new("/c/new.layer");
+        let img = r
+            .create("layer", path, &params(64 * 1024), None, false)
+            .expect("create");
+        img.write_at(4096, &[0xAB; 512]).expect("write");
+        img.close(false).expect("close");
+        assert!(fs.get(path).is_some());
+        let img = r.open(path, OpenFlags::READ_ONLY).expect("reopen");
+        assert_eq!((img.format(), img.size()), ("layer", 64 * 1024));
+        assert_eq!(img.uuid().expect("uuid"), uuid::Uuid::from_u128(0x1234));
+        let mut b = [0u8; 514];
+        img.read_at(4095, &mut b).expect("read");
+        assert_eq!((b[0], b[1], b[512], b[513]), (0, 0xAB, 0xAB, 0));
+
+        // Not over an existing file unless asked.
+        let e = r
+            .create("layer", path, &params(4096), None, false)
+            .expect_err("exists");
+        assert_eq!(e.kind(), ErrorKind::AlreadyExists);
+        let img = r
+            .create("layer", path, &params(4096), None, true)
+            .expect("overwrite");
+        assert_eq!(img.size(), 4096);
+    }
+
+    #[test]
+    fn failed_creates_leave_no_file() {
+        let (fs, r) = layer_registry();
+        // The tag backend cannot create: the file the registry made is removed again.
+        let e = r
+            .create("tag", Path::new("/c/t.img"), &params(4096), None, false)
+            .expect_err("tag cannot create");
+        assert_eq!(e.kind(), ErrorKind::NotSupported);
+        assert!(fs.get(Path::new("/c/t.img")).is_none());
+
+        let e = r
+            .create("nope", Path::new("/c/n.img"), &params(4096), None, false)
+            .expect_err("unknown backend");
+        assert_eq!(e.kind(), ErrorKind::NotFound);
+
+        let diff = CreateParams {
+            image_flags: ImageFlags::DIFF,
+            ..params(4096)
+        };
+        let e = r
+            .create("layer", Path::new("/c/d.layer"), &diff, None, false)
+            .expect_err("no parent");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(fs.paths().is_empty(), "{:?}", fs.paths());
+    }
+
+    #[test]
+    fn a_new_image_cannot_be_its_own_parent() {
+        let (fs, r) = layer_registry();
+        LayerSpec::base(8192).put(&fs, "/c/base.layer");
+        let base = r
+            .open(Path::new("/c/base.layer"), OpenFlags::READ_ONLY)
+            .expect("open");
+        let diff = CreateParams {
+            image_flags: ImageFlags::DIFF,
+            ..params(8192)
+        };
+        let p = Path::new("/c/base.layer");
+        let e = r
+            .create("layer", p, &diff, Some((p, base.as_ref())), true)
+            .expect_err("own parent");
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert_eq!(fs.get(p).expect("kept").len().expect("len"), 4096);
+
+        let child = r
+            .create(
+                "layer",
+                Path::new("/c/child.layer"),
+                &diff,
+                Some((p, base.as_ref())),
+                false,
+            )
+            .expect("a child");
+        assert_eq!(child.image_flags(), ImageFlags::DIFF);
+        assert_eq!(child.parent_filename().expect("parent"), "/c/base.layer");
+    }
+
+    #[test]
+    fn staged_images_replace_the_target_only_on_commit() {
+        let (fs, r) = layer_registry();
+        let path = Path::new("/s/disk.layer");
+        put(&fs, "/s/disk.layer", b"old contents".to_vec());
+
+        let staged = r
+            .create_staged("layer", path, &params(8192), None)
+            .expect("staged");
+        assert_eq!(staged.target(), path);
+        assert_eq!(fs.paths().len(), 2, "the new image lives beside the target");
+        staged.image().write_at(0, &[1; 16]).expect("write");
+        assert!(format!("{staged:?}").contains("disk.layer"));
+        drop(staged);
+        assert_eq!(
+            fs.paths(),
+            vec![path.to_path_buf()],
+            "dropping deletes the new file"
+        );
+        let old = fs.get(path).expect("target");
+        let mut b = [0u8; 12];
+        old.read_exact_at(0, &mut b).expect("read");
+        assert_eq!(&b, b"old contents");
+
+        let staged = r
+            .create_staged("layer", path, &params(8192), None)
+            .expect("staged");
+        staged.image().write_at(0, &[1; 16]).expect("write");
+        staged.commit().expect("commit");
+        assert_eq!(fs.paths(), vec![path.to_path_buf()]);
+        let img = r.open(path, OpenFlags::READ_ONLY).expect("reopen");
+        assert_eq!((img.format(), img.size()), ("layer", 8192));
+        let mut b = [0u8; 17];
+        img.read_at(0, &mut b).expect("read");
+        assert_eq!(&b[..16], &[1; 16]);
+        assert_eq!(b[16], 0);
+    }
+}

@@ -83,7 +83,8 @@ pub trait Storage: Send + Sync + Debug {
     /// not a shared file takes no locks (the default).
     ///
     /// # Errors
-    /// [`io::ErrorKind::ResourceBusy`] when another opener's use conflicts with `mode`.
+    /// [`io::ErrorKind::ResourceBusy`] when another opener's use conflicts with `mode`; the
+    /// locks are then those held before the call.
     fn relock(&self, mode: Option<OpenMode>) -> io::Result<()> {
         let _ = mode;
         Ok(())
@@ -249,12 +250,23 @@ fn regular_or_absent(path: &Path) -> io::Result<bool> {
 pub struct FileStorage {
     file: File,
     read_only: bool,
+    /// The mode the file is locked for (`None`: no locks), restored when a relock fails.
+    locked: Mutex<Option<OpenMode>>,
 }
 
 impl FileStorage {
     /// Wraps an open file. Takes no lock: see [`relock`](Storage::relock).
     pub fn new(file: File, read_only: bool) -> Self {
-        Self { file, read_only }
+        Self::locked_for(file, read_only, None)
+    }
+
+    /// Wraps an open file that is already locked for `mode`.
+    fn locked_for(file: File, read_only: bool, mode: Option<OpenMode>) -> Self {
+        Self {
+            file,
+            read_only,
+            locked: Mutex::new(mode),
+        }
     }
 
     /// Opens `path` in `mode` and locks it for that mode.
@@ -272,7 +284,7 @@ impl FileStorage {
             ));
         }
         crate::lock::apply(&file, Some(mode))?;
-        Ok(Self::new(file, read_only))
+        Ok(Self::locked_for(file, read_only, Some(mode)))
     }
 
     fn check_writable(&self) -> io::Result<()> {
@@ -398,7 +410,23 @@ impl Storage for FileStorage {
                 "a read-only file cannot be locked for writing",
             ));
         }
-        crate::lock::apply(&self.file, mode)
+        // Held across the change, so two relocks of one storage do not interleave.
+        let mut locked = self.locked.lock();
+        match crate::lock::apply(&self.file, mode) {
+            Ok(()) => {
+                *locked = mode;
+                Ok(())
+            }
+            Err(e) => {
+                // `apply` takes the new bytes before it looks for conflicts: put the old set
+                // back, as QEMU does, so a refused upgrade leaves no lock behind. The old set
+                // was ours until now, so nobody can have taken a conflicting lock meanwhile.
+                if let Err(back) = crate::lock::apply(&self.file, *locked) {
+                    log::warn!("cannot restore the previous image locks: {back}");
+                }
+                Err(e)
+            }
+        }
     }
 }
 
@@ -504,7 +532,11 @@ impl StorageProvider for FileSystem {
         if overwrite {
             file.set_len(0)?;
         }
-        Ok(Arc::new(FileStorage::new(file, false)))
+        Ok(Arc::new(FileStorage::locked_for(
+            file,
+            false,
+            Some(OpenMode::ReadWrite),
+        )))
     }
 
     /// Deletes a regular file; refuses anything else (a device, a FIFO, a link).
@@ -585,7 +617,14 @@ impl StorageProvider for FileSystem {
             let _ = std::fs::remove_file(&temp);
             return Err(e);
         }
-        Ok((temp, Arc::new(FileStorage::new(file, false))))
+        Ok((
+            temp,
+            Arc::new(FileStorage::locked_for(
+                file,
+                false,
+                Some(OpenMode::ReadWrite),
+            )),
+        ))
     }
 }
 
@@ -864,5 +903,253 @@ mod tests {
         assert!(ro.write_all_at(0, &[1]).is_err());
         fs.delete(Path::new("/b")).unwrap();
         assert!(fs.open(Path::new("/b"), OpenMode::ReadOnly).is_err());
+    }
+
+    #[test]
+    fn mem_storage_reads_writes_and_resizes_bytes() {
+        let s = MemStorage::new();
+        assert!(s.is_empty().unwrap());
+        s.write_all_at(2, b"abc").unwrap();
+        assert_eq!(s.to_vec(), b"\0\0abc");
+        s.write_all_at(3, b"XY").unwrap();
+        assert_eq!(
+            s.to_vec(),
+            b"\0\0aXY",
+            "an overwrite inside does not grow it"
+        );
+        let mut b = [0u8; 3];
+        s.read_exact_at(2, &mut b).unwrap();
+        assert_eq!(&b, b"aXY");
+        s.set_len(8).unwrap();
+        assert_eq!(s.to_vec(), b"\0\0aXY\0\0\0");
+        s.set_len(3).unwrap();
+        assert_eq!(s.to_vec(), b"\0\0a");
+        // A read that ends one byte past the end fails and leaves the buffer alone.
+        let mut b = [0xEE; 2];
+        let e = s.read_exact_at(2, &mut b).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+        assert_eq!(b, [0xEE; 2]);
+        s.read_exact_at(3, &mut []).unwrap();
+        assert_eq!(
+            s.read_exact_at(4, &mut [0]).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+        assert!(s.write_all_at(u64::MAX, &[1, 2]).is_err(), "range overflow");
+        assert_eq!(s.len().unwrap(), 3);
+    }
+
+    #[test]
+    fn zero_range_and_the_default_discard_write_zeros_in_place() {
+        let s = MemStorage::from_bytes(vec![0xFF; 600 * 1024]);
+        s.zero_range(1, 300 * 1024).unwrap();
+        let v = s.to_vec();
+        assert_eq!(v[0], 0xFF);
+        assert!(v[1..=300 * 1024].iter().all(|&b| b == 0));
+        assert_eq!(v[300 * 1024 + 1], 0xFF);
+        s.discard(599 * 1024, 1024).unwrap();
+        let v = s.to_vec();
+        assert_eq!(v.len(), 600 * 1024);
+        assert!(v[599 * 1024..].iter().all(|&b| b == 0));
+        assert_eq!(v[599 * 1024 - 1], 0xFF);
+        s.zero_range(10, 0).unwrap();
+        assert_eq!(s.to_vec(), v);
+        assert_eq!(
+            s.run_at(5, 77).unwrap(),
+            StorageRun {
+                data: true,
+                len: 77
+            },
+            "memory has no holes"
+        );
+        assert!(!s.is_read_only());
+        s.relock(Some(OpenMode::ReadWrite)).unwrap();
+    }
+
+    #[test]
+    fn file_storage_reads_writes_and_sets_len() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let s = FileStorage::open(&path, OpenMode::ReadWrite).unwrap();
+        assert_eq!(s.len().unwrap(), 10);
+        s.write_all_at(12, b"ab").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"0123456789\0\0ab");
+        let mut b = [0u8; 4];
+        s.read_exact_at(8, &mut b).unwrap();
+        assert_eq!(&b, b"89\0\0");
+        let e = s.read_exact_at(12, &mut [0u8; 3]).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::UnexpectedEof,
+            "a short read is an error"
+        );
+        s.set_len(4).unwrap();
+        assert_eq!(s.len().unwrap(), 4);
+        s.set_len(4096).unwrap();
+        let mut tail = [0xEE; 8];
+        s.read_exact_at(4088, &mut tail).unwrap();
+        assert_eq!(tail, [0; 8]);
+        s.flush().unwrap();
+        assert!(!s.is_read_only());
+        assert_eq!(
+            s.relock(Some(OpenMode::ReadOnly)).map_err(|e| e.kind()),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn read_only_file_storage_refuses_every_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [5u8; 4096]).unwrap();
+        let s = FileStorage::open(&path, OpenMode::ReadOnly).unwrap();
+        assert!(s.is_read_only());
+        for r in [
+            s.write_all_at(0, &[1]),
+            s.set_len(0),
+            s.discard(0, 4096),
+            s.zero_range(0, 10),
+        ] {
+            assert_eq!(r.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+        }
+        s.flush().unwrap();
+        assert_eq!(
+            s.relock(Some(OpenMode::ReadWrite)).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), vec![5u8; 4096]);
+        let mut b = [0u8; 2];
+        s.read_exact_at(4094, &mut b).unwrap();
+        assert_eq!(b, [5, 5]);
+    }
+
+    #[test]
+    fn file_storage_discard_past_the_end_does_not_grow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [7u8; 8192]).unwrap();
+        let s = FileStorage::open(&path, OpenMode::ReadWrite).unwrap();
+        s.discard(4096, 1 << 20).unwrap();
+        assert_eq!(s.len().unwrap(), 8192);
+        let v = std::fs::read(&path).unwrap();
+        assert!(v[..4096].iter().all(|&b| b == 7));
+        assert!(v[4096..].iter().all(|&b| b == 0));
+        s.discard(1 << 20, 4096).unwrap();
+        assert_eq!(s.len().unwrap(), 8192);
+        assert!(s.discard(u64::MAX, 2).is_err(), "range overflow");
+        assert_eq!(
+            s.run_at(8192, 10).unwrap(),
+            StorageRun {
+                data: false,
+                len: 10
+            },
+            "past the end is a hole"
+        );
+    }
+
+    #[test]
+    fn open_modes_follow_the_flags() {
+        use crate::OpenFlags;
+        for (flags, want) in [
+            (OpenFlags::empty(), Some(OpenMode::ReadWrite)),
+            (OpenFlags::READ_ONLY, Some(OpenMode::ReadOnly)),
+            (
+                OpenFlags::READ_ONLY | OpenFlags::FORCE_SHARE,
+                Some(OpenMode::ReadOnlyShared),
+            ),
+            (OpenFlags::FORCE_SHARE, None),
+        ] {
+            let got = OpenMode::from_flags(flags);
+            assert_eq!(got.as_ref().ok().copied(), want, "{flags:?}");
+            if let Err(e) = got {
+                assert_eq!(e.kind(), crate::ErrorKind::InvalidArgument);
+            }
+        }
+        assert!(!OpenMode::ReadWrite.is_read_only());
+        assert!(OpenMode::ReadOnly.is_read_only());
+        assert!(OpenMode::ReadOnlyShared.is_read_only());
+    }
+
+    #[test]
+    fn mem_file_system_paths_and_errors() {
+        let fs = MemFileSystem::new();
+        let kind = |r: io::Result<Arc<dyn Storage>>| r.map(drop).unwrap_err().kind();
+        assert_eq!(
+            kind(fs.open(Path::new("/none"), OpenMode::ReadOnly)),
+            io::ErrorKind::NotFound
+        );
+        let a = fs.create(Path::new("/d/a"), false).unwrap();
+        a.write_all_at(0, b"hello").unwrap();
+        assert_eq!(
+            kind(fs.create(Path::new("/d/a"), false)),
+            io::ErrorKind::AlreadyExists
+        );
+        assert_eq!(fs.paths(), vec![PathBuf::from("/d/a")]);
+        // Read-only views read through and refuse every change.
+        for mode in [OpenMode::ReadOnly, OpenMode::ReadOnlyShared] {
+            let ro = fs.open(Path::new("/d/a"), mode).unwrap();
+            assert!(ro.is_read_only());
+            let mut b = [0u8; 5];
+            ro.read_exact_at(0, &mut b).unwrap();
+            assert_eq!(&b, b"hello");
+            assert_eq!(ro.len().unwrap(), 5);
+            assert_eq!(ro.run_at(0, 5).unwrap(), StorageRun { data: true, len: 5 });
+            for r in [ro.write_all_at(0, b"x"), ro.set_len(0), ro.discard(0, 1)] {
+                assert_eq!(r.unwrap_err().kind(), io::ErrorKind::PermissionDenied);
+            }
+            ro.flush().unwrap();
+        }
+        let rw = fs.open(Path::new("/d/a"), OpenMode::ReadWrite).unwrap();
+        assert!(Arc::ptr_eq(&rw, &a), "read-write opens share the object");
+        assert_eq!(
+            fs.resolve(Path::new("/d/a"), Path::new("b")),
+            PathBuf::from("/d/b")
+        );
+        assert_eq!(
+            fs.resolve(Path::new("/d/a"), Path::new("/x/b")),
+            PathBuf::from("/x/b")
+        );
+        assert!(fs.same_file(Path::new("/d/a"), Path::new("/d/a")));
+        assert!(!fs.same_file(Path::new("/d/a"), Path::new("/d/b")));
+        let (temp, s) = fs.create_beside(Path::new("/d/a")).unwrap();
+        assert_eq!(temp.parent(), Some(Path::new("/d")));
+        assert!(temp.to_string_lossy().contains(".a.vd-"), "{temp:?}");
+        assert_eq!(s.len().unwrap(), 0);
+        assert!(fs.exists(&temp));
+        assert_eq!(
+            fs.rename(Path::new("/none"), Path::new("/x"))
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::NotFound
+        );
+        assert_eq!(
+            fs.delete(Path::new("/none")).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+
+    #[test]
+    fn a_refused_relock_keeps_the_previous_locks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        std::fs::write(&path, [0u8; 512]).unwrap();
+        let a = FileStorage::open(&path, OpenMode::ReadWrite).unwrap();
+        a.relock(Some(OpenMode::ReadOnly)).unwrap();
+        let b = FileStorage::open(&path, OpenMode::ReadOnly).unwrap();
+        // `a` cannot become a writer while `b` reads without sharing writes...
+        let e = a.relock(Some(OpenMode::ReadWrite)).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        // ...and the refused attempt leaves `a` a plain reader: another reader still fits,
+        // and once `b` is gone nobody sees a writer.
+        let c = FileStorage::open(&path, OpenMode::ReadOnly).unwrap();
+        drop((b, c));
+        let d = FileStorage::open(&path, OpenMode::ReadOnly).unwrap();
+        drop(d);
+        // `a` can now upgrade, and then excludes readers.
+        a.relock(Some(OpenMode::ReadWrite)).unwrap();
+        let e = FileStorage::open(&path, OpenMode::ReadOnly).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ResourceBusy);
+        a.relock(None).unwrap();
+        FileStorage::open(&path, OpenMode::ReadWrite).unwrap();
     }
 }
