@@ -31,10 +31,9 @@ pub fn dir() -> PathBuf {
 /// When `expected.json` cannot be read or has no `images` array.
 pub fn expected() -> Vec<Value> {
     let path = dir().join("expected.json");
-    let text =
-        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let v: Value = serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("{}: not JSON: {e}", path.display()));
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let v: Value =
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: not JSON: {e}", path.display()));
     v["images"]
         .as_array()
         .unwrap_or_else(|| panic!("{}: no images array", path.display()))
@@ -74,9 +73,9 @@ pub fn decompress_into(name: &str, out: &mut dyn Write) {
             zip::ZipArchive::new(f).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
         let index = (0..archive.len())
             .find(|&i| {
-                archive.by_index(i).is_ok_and(|e| {
-                    e.name().ends_with(".vhdx") || e.name().ends_with(".vhd")
-                })
+                archive
+                    .by_index(i)
+                    .is_ok_and(|e| e.name().ends_with(".vhdx") || e.name().ends_with(".vhd"))
             })
             .unwrap_or_else(|| panic!("{name}: no disk image inside"));
         let mut entry = archive
@@ -159,7 +158,10 @@ mod tests {
                 .find(|l| l.starts_with(&format!("| `{rel}` |")))
                 .unwrap_or_else(|| panic!("{name}: no row in {}", sources.display()));
             let sum = crate::hash::sha256_file(&root.join(name));
-            assert!(row.contains(&sum), "{name}: stored sha256 {sum} is not in its row");
+            assert!(
+                row.contains(&sum),
+                "{name}: stored sha256 {sum} is not in its row"
+            );
         }
         for case in expected() {
             let file = case["file"].as_str().expect("file");
@@ -176,7 +178,10 @@ mod tests {
         ] {
             let bytes = read(name);
             assert!(bytes.starts_with(signature), "{name}");
-            assert_eq!(image_name(name), name.rsplit('/').next().unwrap().rsplit_once('.').unwrap().0);
+            assert_eq!(
+                image_name(name),
+                name.rsplit('/').next().unwrap().rsplit_once('.').unwrap().0
+            );
         }
     }
 }

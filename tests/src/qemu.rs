@@ -155,7 +155,10 @@ pub fn dirty_vhdx(path: &Path, log: &DirtyLog<'_>) {
         path.display()
     );
     // 2. QEMU refuses a read-only open.
-    let ro = output("qemu-io", &["-r", "-f", "vhdx", "-c", "read -q 0 512", s(path)]);
+    let ro = output(
+        "qemu-io",
+        &["-r", "-f", "vhdx", "-c", "read -q 0 512", s(path)],
+    );
     assert!(
         !ro.status.success(),
         "{}: qemu-io -r opened the image, so its log is not dirty",
@@ -202,10 +205,7 @@ mod tests {
         };
         let err = catch_unwind(AssertUnwindSafe(|| dirty_vhdx(&path, &wrong)))
             .expect_err("a wrong claim must fail the proof");
-        let msg = err
-            .downcast_ref::<String>()
-            .cloned()
-            .unwrap_or_default();
+        let msg = err.downcast_ref::<String>().cloned().unwrap_or_default();
         assert!(msg.contains("Pattern verification failed"), "{msg}");
     }
 }

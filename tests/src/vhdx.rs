@@ -128,7 +128,9 @@ pub fn log_region(b: &[u8]) -> (usize, usize) {
 /// Whether the current header's LogGuid is set (a log replay is due).
 pub fn log_is_dirty(b: &[u8]) -> bool {
     let h = current_header(b);
-    b[h + H_LOG_GUID..h + H_LOG_GUID + 16].iter().any(|&x| x != 0)
+    b[h + H_LOG_GUID..h + H_LOG_GUID + 16]
+        .iter()
+        .any(|&x| x != 0)
 }
 
 /// Offset inside a region table of the entry for `guid`.
@@ -148,6 +150,72 @@ pub fn region(b: &[u8], guid: Uuid) -> (usize, usize) {
         usize_of(u64_at(b, e + 16)),
         usize_of(u64::from(u32_at(b, e + 24))),
     )
+}
+
+/// Applies `f` to the 4 KiB header in `slot` and fixes its checksum.
+pub fn patch_header(b: &mut [u8], slot: usize, f: impl FnOnce(&mut [u8])) {
+    let at = HEADERS[slot];
+    f(&mut b[at..at + HEADER_SIZE]);
+    fix_crc(b, at, HEADER_SIZE);
+}
+
+/// Applies `f` to both region table copies and fixes their checksums.
+pub fn patch_region_tables(b: &mut [u8], f: impl Fn(&mut [u8])) {
+    for at in REGION_TABLES {
+        f(&mut b[at..at + REGION_TABLE_SIZE]);
+        fix_crc(b, at, REGION_TABLE_SIZE);
+    }
+}
+
+/// Appends a region table entry to both copies.
+pub fn add_region(b: &mut [u8], guid: Uuid, offset: u64, length: u32, flags: u32) {
+    patch_region_tables(b, |t| {
+        let n = u32_at(t, 8);
+        let e = 16 + 32 * usize_of(u64::from(n));
+        t[e..e + 16].copy_from_slice(&guid.to_bytes_le());
+        put_u64(t, e + 16, offset);
+        put_u32(t, e + 24, length);
+        put_u32(t, e + 28, flags);
+        put_u32(t, 8, n + 1);
+    });
+}
+
+/// File offset of the metadata region.
+pub fn metadata_offset(b: &[u8]) -> usize {
+    region(b, REGION_METADATA).0
+}
+
+/// File offset of the metadata table entry for `guid`.
+pub fn meta_entry(b: &[u8], guid: Uuid) -> usize {
+    let m = metadata_offset(b);
+    let n = usize::from(u16_at(b, m + 10));
+    (0..n)
+        .map(|i| m + 32 + 32 * i)
+        .find(|&e| b[e..e + 16] == guid.to_bytes_le())
+        .unwrap_or_else(|| panic!("metadata item {guid} not in the table"))
+}
+
+/// File offset of metadata item `guid`'s data.
+pub fn meta_item(b: &[u8], guid: Uuid) -> usize {
+    metadata_offset(b) + usize_of(u64::from(u32_at(b, meta_entry(b, guid) + 16)))
+}
+
+/// Appends a metadata table entry.
+pub fn add_meta_entry(b: &mut [u8], guid: Uuid, offset: u32, length: u32, flags: u32) {
+    let m = metadata_offset(b);
+    let n = u16_at(b, m + 10);
+    let e = m + 32 + 32 * usize::from(n);
+    b[e..e + 16].copy_from_slice(&guid.to_bytes_le());
+    put_u32(b, e + 16, offset);
+    put_u32(b, e + 20, length);
+    put_u32(b, e + 24, flags);
+    put_u32(b, e + 28, 0);
+    put_u16(b, m + 10, n + 1);
+}
+
+/// File offset of BAT entry `index`.
+pub fn bat_entry(b: &[u8], index: usize) -> usize {
+    region(b, REGION_BAT).0 + 8 * index
 }
 
 /// Sets the FlushedFileOffset of the log entry at the start of the log (the only entry of a
@@ -177,7 +245,11 @@ mod tests {
             for &b in data {
                 c ^= u32::from(b);
                 for _ in 0..8 {
-                    c = if c & 1 != 0 { (c >> 1) ^ 0x82F6_3B78 } else { c >> 1 };
+                    c = if c & 1 != 0 {
+                        (c >> 1) ^ 0x82F6_3B78
+                    } else {
+                        c >> 1
+                    };
                 }
             }
             !c

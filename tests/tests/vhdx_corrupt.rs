@@ -2,19 +2,19 @@
 //!
 //! Every test starts from a valid image made by `qemu-img`/`qemu-io` (the tests fail, not skip,
 //! when QEMU is missing), corrupts one field in memory with plain byte offsets from the format
-//! notes (`shared/docs/vhdx-format.md`), recomputing the CRC-32C of headers, region tables and
+//! [MS-VHDX] ([`vd_tests::vhdx`]), recomputing the CRC-32C of headers, region tables and
 //! log entries wherever the checksum itself is not the rule under test, and opens the result
 //! from a [`MemFileSystem`]. Each test asserts the exact [`Corruption`] variant (through
 //! [`corruption_of`]), the [`ErrorKind`] where it matters, and that the error names the image
 //! path and an offset. Tolerated deviations must open with a warning instead.
 //!
-//! Differencing chains use the real Hyper-V child from `shared/corpus` with its stand-in parent.
+//! Differencing chains use the real Hyper-V child from the corpus (`tests/data`) with its stand-in
+//! parent.
 //! Property tests flip random bytes (of a qemu image, of a log entry whose checksum is then fixed,
 //! and of the real differencing child) and must never panic or hang.
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 
@@ -29,20 +29,13 @@ use vd_core::{
     Disk, DiskOptions, Error, ErrorKind, Image, MemFileSystem, MemStorage, OpenFlags, Registry,
     Result, StorageProvider,
 };
+use vd_tests::corpus;
+use vd_tests::process::run_ok;
+use vd_tests::vhdx::*;
 
-const KIB: usize = 1024;
-const MIB: usize = 1024 * 1024;
-/// Header slots.
-const HEADERS: [usize; 2] = [64 * KIB, 128 * KIB];
-/// Region table copies.
-const REGION_TABLES: [usize; 2] = [192 * KIB, 256 * KIB];
-const HEADER_SIZE: usize = 4 * KIB;
-const REGION_TABLE_SIZE: usize = 64 * KIB;
 /// Where every single-image test puts its image.
 const IMG: &str = "/img.vhdx";
 
-const REGION_BAT: Uuid = uuid!("2DC27766-F623-4200-9D64-115E9BFD4A08");
-const REGION_METADATA: Uuid = uuid!("8B7CA206-4790-4B9A-B8FE-575F050F886E");
 const META_FILE_PARAMETERS: Uuid = uuid!("CAA16737-FA36-4D43-B3B6-33F0AA44E76B");
 const META_VIRTUAL_DISK_SIZE: Uuid = uuid!("2FA54224-CD1B-4876-B211-5DBED83BF4B8");
 const META_LOGICAL_SECTOR_SIZE: Uuid = uuid!("8141BF1D-A96F-4709-BA47-F233A8FAAB5F");
@@ -59,93 +52,16 @@ const OTHER_NAME: &str = "Generation 2_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhd
 // Bytes, checksums
 // ---------------------------------------------------------------------------------------------
 
-/// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), table-driven.
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
-fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c = CRC_TABLE[((c ^ u32::from(b)) & 0xFF) as usize] ^ (c >> 8);
-    }
-    !c
-}
-
-fn u16_at(b: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes(b[at..at + 2].try_into().expect("two bytes"))
-}
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("four bytes"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("eight bytes"))
-}
-
-fn put_u16(b: &mut [u8], at: usize, v: u16) {
-    b[at..at + 2].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u32(b: &mut [u8], at: usize, v: u32) {
-    b[at..at + 4].copy_from_slice(&v.to_le_bytes());
-}
-
-fn put_u64(b: &mut [u8], at: usize, v: u64) {
-    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
-}
-
-fn usize_of(v: u64) -> usize {
-    usize::try_from(v).expect("fits in usize")
-}
-
-/// Recomputes the CRC-32C stored at `at + 4` over `len` bytes from `at`, the field taken as zero.
-fn fix_crc(b: &mut [u8], at: usize, len: usize) {
-    b[at + 4..at + 8].fill(0);
-    let sum = crc32c(&b[at..at + len]);
-    put_u32(b, at + 4, sum);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Images
 // ---------------------------------------------------------------------------------------------
-
-#[track_caller]
-fn run(program: &str, args: &[&str]) {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (QEMU must be installed): {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// A dynamic VHDX with 1 MiB blocks made by `qemu-img`, optionally written to by `qemu-io`.
 fn qemu_image(size: &str, write: Option<&str>) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("img.vhdx");
     let p = path.to_str().expect("UTF-8 temp path");
-    run(
+    run_ok(
         "qemu-img",
         &[
             "create",
@@ -159,7 +75,7 @@ fn qemu_image(size: &str, write: Option<&str>) -> Vec<u8> {
         ],
     );
     if let Some(cmd) = write {
-        run("qemu-io", &["-f", "vhdx", "-c", cmd, p]);
+        run_ok("qemu-io", &["-f", "vhdx", "-c", cmd, p]);
     }
     std::fs::read(&path).expect("reading the qemu image")
 }
@@ -186,31 +102,11 @@ fn small_image() -> Vec<u8> {
         .clone()
 }
 
-fn shared() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared")
-}
-
-fn gunzip(relative: &str) -> Vec<u8> {
-    let path = shared().join(relative);
-    let out = Command::new("gzip")
-        .arg("-dc")
-        .arg(&path)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run gzip: {e}"));
-    assert!(
-        out.status.success(),
-        "gzip -dc {} failed: {}",
-        path.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out.stdout
-}
-
 /// The real Hyper-V differencing child (8 GiB, 2 MiB blocks).
 fn child_image() -> Vec<u8> {
     static IMAGE: OnceLock<Vec<u8>> = OnceLock::new();
     IMAGE
-        .get_or_init(|| gunzip("corpus/dissect.hypervisor/differencing.avhdx.gz"))
+        .get_or_init(|| corpus::read("dissect.hypervisor/differencing.avhdx.gz"))
         .clone()
 }
 
@@ -218,102 +114,13 @@ fn child_image() -> Vec<u8> {
 fn parent_image() -> Vec<u8> {
     static IMAGE: OnceLock<Vec<u8>> = OnceLock::new();
     IMAGE
-        .get_or_init(|| gunzip("corpus/synthetic/differencing-avhdx-standin-parent.vhdx.gz"))
+        .get_or_init(|| corpus::read("synthetic/differencing-avhdx-standin-parent.vhdx.gz"))
         .clone()
 }
 
 // ---------------------------------------------------------------------------------------------
 // On-disk structures, by offset
 // ---------------------------------------------------------------------------------------------
-
-/// The slot (0 or 1) of the header with the higher sequence number.
-fn current_slot(b: &[u8]) -> usize {
-    usize::from(u64_at(b, HEADERS[1] + 8) > u64_at(b, HEADERS[0] + 8))
-}
-
-/// Applies `f` to the 4 KiB header in `slot` and fixes its checksum.
-fn patch_header(b: &mut [u8], slot: usize, f: impl FnOnce(&mut [u8])) {
-    let at = HEADERS[slot];
-    f(&mut b[at..at + HEADER_SIZE]);
-    fix_crc(b, at, HEADER_SIZE);
-}
-
-/// Applies `f` to both region table copies and fixes their checksums.
-fn patch_region_tables(b: &mut [u8], f: impl Fn(&mut [u8])) {
-    for at in REGION_TABLES {
-        f(&mut b[at..at + REGION_TABLE_SIZE]);
-        fix_crc(b, at, REGION_TABLE_SIZE);
-    }
-}
-
-/// Offset inside a region table of the entry for `guid`.
-fn region_entry(table: &[u8], guid: Uuid) -> usize {
-    let n = usize_of(u64::from(u32_at(table, 8)));
-    (0..n)
-        .map(|i| 16 + 32 * i)
-        .find(|&e| table[e..e + 16] == guid.to_bytes_le())
-        .unwrap_or_else(|| panic!("region {guid} not in the table"))
-}
-
-/// File offset and length of region `guid`, from region table copy 1.
-fn region(b: &[u8], guid: Uuid) -> (usize, usize) {
-    let t = REGION_TABLES[0];
-    let e = t + region_entry(&b[t..t + REGION_TABLE_SIZE], guid);
-    (
-        usize_of(u64_at(b, e + 16)),
-        usize_of(u64::from(u32_at(b, e + 24))),
-    )
-}
-
-/// Appends a region table entry to both copies.
-fn add_region(b: &mut [u8], guid: Uuid, offset: u64, length: u32, flags: u32) {
-    patch_region_tables(b, |t| {
-        let n = u32_at(t, 8);
-        let e = 16 + 32 * usize_of(u64::from(n));
-        t[e..e + 16].copy_from_slice(&guid.to_bytes_le());
-        put_u64(t, e + 16, offset);
-        put_u32(t, e + 24, length);
-        put_u32(t, e + 28, flags);
-        put_u32(t, 8, n + 1);
-    });
-}
-
-fn metadata_offset(b: &[u8]) -> usize {
-    region(b, REGION_METADATA).0
-}
-
-/// File offset of the metadata table entry for `guid`.
-fn meta_entry(b: &[u8], guid: Uuid) -> usize {
-    let m = metadata_offset(b);
-    let n = usize::from(u16_at(b, m + 10));
-    (0..n)
-        .map(|i| m + 32 + 32 * i)
-        .find(|&e| b[e..e + 16] == guid.to_bytes_le())
-        .unwrap_or_else(|| panic!("metadata item {guid} not in the table"))
-}
-
-/// File offset of metadata item `guid`'s data.
-fn meta_item(b: &[u8], guid: Uuid) -> usize {
-    metadata_offset(b) + usize_of(u64::from(u32_at(b, meta_entry(b, guid) + 16)))
-}
-
-/// Appends a metadata table entry.
-fn add_meta_entry(b: &mut [u8], guid: Uuid, offset: u32, length: u32, flags: u32) {
-    let m = metadata_offset(b);
-    let n = u16_at(b, m + 10);
-    let e = m + 32 + 32 * usize::from(n);
-    b[e..e + 16].copy_from_slice(&guid.to_bytes_le());
-    put_u32(b, e + 16, offset);
-    put_u32(b, e + 20, length);
-    put_u32(b, e + 24, flags);
-    put_u32(b, e + 28, 0);
-    put_u16(b, m + 10, n + 1);
-}
-
-/// File offset of BAT entry `index`.
-fn bat_entry(b: &[u8], index: usize) -> usize {
-    region(b, REGION_BAT).0 + 8 * index
-}
 
 // ---------------------------------------------------------------------------------------------
 // Opening and asserting
@@ -984,15 +791,6 @@ fn put_in_log(b: &mut [u8], pos: usize, entry: &[u8]) {
     for (i, &x) in entry.iter().enumerate() {
         b[log + (pos + i) % len] = x;
     }
-}
-
-/// (log offset, log length) from the current header.
-fn log_region(b: &[u8]) -> (usize, usize) {
-    let h = HEADERS[current_slot(b)];
-    (
-        usize_of(u64_at(b, h + 72)),
-        usize_of(u64::from(u32_at(b, h + 68))),
-    )
 }
 
 /// Sets a fresh LogGuid in both headers and returns it.
