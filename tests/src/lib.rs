@@ -12,6 +12,7 @@ pub mod peers;
 pub mod process;
 pub mod qemu;
 pub mod readers;
+pub mod tool;
 pub mod vhdx;
 
 /// The path of the `vd-tool` binary, for vd-tool's own integration tests (Cargo sets

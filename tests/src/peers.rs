@@ -95,3 +95,27 @@ pub fn require(peers: &[Peer]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_peer_is_one_line_with_its_install_command() {
+        for peer in [
+            Peer::QemuImg,
+            Peer::QemuIo,
+            Peer::Pyvhdi,
+            Peer::Dissect,
+            Peer::Python3,
+        ] {
+            let line = peer.missing();
+            assert_eq!(line.lines().count(), 1, "{line}");
+            assert!(line.starts_with(peer.name()), "{line}");
+            assert!(line.contains(&format!("`{}`", peer.install())), "{line}");
+        }
+        assert_eq!(Peer::of_program("qemu-img"), Some(Peer::QemuImg));
+        assert_eq!(Peer::of_program("qemu-io"), Some(Peer::QemuIo));
+        assert_eq!(Peer::of_program("cp"), None);
+    }
+}

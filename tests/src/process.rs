@@ -70,3 +70,42 @@ pub fn show(o: &Output) -> String {
         stderr(o)
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::panic::catch_unwind;
+
+    use super::*;
+
+    fn panic_message(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
+        let err = catch_unwind(f).expect_err("it fails");
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    }
+
+    #[test]
+    fn a_program_that_cannot_start_is_one_line_naming_it() {
+        let msg = panic_message(|| {
+            output("vd-tests-no-such-program", &["x"]);
+        });
+        assert_eq!(msg.lines().count(), 1, "{msg}");
+        assert!(
+            msg.starts_with("cannot run vd-tests-no-such-program: "),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_failed_command_shows_its_line_status_and_streams() {
+        let o = output("sh", &["-c", "echo out; echo err >&2; exit 3"]);
+        assert_eq!(o.status.code(), Some(3));
+        assert_eq!((stdout(&o), stderr(&o)), ("out\n".into(), "err\n".into()));
+        let msg = panic_message(|| {
+            run_ok("sh", &["-c", "echo out; echo err >&2; exit 3"]);
+        });
+        assert!(msg.starts_with("`sh -c echo out; echo err >&2; exit 3` failed: exit Some(3)"));
+        assert!(
+            msg.contains("--- stdout\nout\n") && msg.contains("--- stderr\nerr\n"),
+            "{msg}"
+        );
+    }
+}

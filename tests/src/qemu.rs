@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Output;
 
-use crate::process::{output, run_ok, stdout};
+use crate::process::{output, run_ok, show, stdout};
 use crate::s;
 use crate::vhdx::{self, REGION_BAT};
 
@@ -21,8 +21,8 @@ pub fn io(args: &[&str]) -> Output {
 }
 
 /// Fails the test unless qemu-io verifies every `(pattern, offset, len)` of `reads` in the VHDX
-/// `image` (opened read-only). qemu-io exits 0 even when a pattern does not match, so its
-/// output is read.
+/// `image` (opened read-only). Both the exit code and the output are read (qemu-io has exited
+/// 0 on a mismatch in some versions).
 #[track_caller]
 pub fn assert_reads(image: &Path, reads: &[(u8, u64, u64)]) {
     let cmds: Vec<String> = reads
@@ -34,18 +34,30 @@ pub fn assert_reads(image: &Path, reads: &[(u8, u64, u64)]) {
         args.extend(["-c", c]);
     }
     args.push(s(image));
-    let out = stdout(&io(&args));
+    let o = output("qemu-io", &args);
     assert!(
-        !out.contains("Pattern verification failed"),
-        "{}: {out}",
-        image.display()
+        o.status.success() && !stdout(&o).contains("Pattern verification failed"),
+        "{}: {}",
+        image.display(),
+        show(&o)
     );
+}
+
+/// `qemu-img create -f vhdx [-o opts] path size`.
+#[track_caller]
+pub fn create(path: &Path, opts: Option<&str>, size: &str) {
+    let mut args = vec!["create", "-q", "-f", "vhdx"];
+    if let Some(opts) = opts {
+        args.extend(["-o", opts]);
+    }
+    args.extend([s(path), size]);
+    img(&args);
 }
 
 /// A VHDX made by qemu-img, holding `pattern` in its first `len` bytes.
 #[track_caller]
 pub fn vhdx(path: &Path, size: &str, pattern: u8, len: &str) {
-    img(&["create", "-q", "-f", "vhdx", s(path), size]);
+    create(path, None, size);
     let cmd = format!("write -P {pattern} 0 {len}");
     io(&["-f", "vhdx", "-c", &cmd, s(path)]);
 }
@@ -111,13 +123,7 @@ pub fn dirty_vhdx(path: &Path, log: &DirtyLog<'_>) {
     );
     let tmp = tempfile::tempdir().expect("temporary directory");
     let _ = std::fs::remove_file(path);
-    let size = log.size.to_string();
-    let mut create = vec!["create", "-q", "-f", "vhdx"];
-    if let Some(opts) = log.opts {
-        create.extend(["-o", opts]);
-    }
-    create.extend([s(path), &size]);
-    img(&create);
+    create(path, log.opts, &log.size.to_string());
 
     let created = std::fs::read(path).expect("the new image");
     let bat_sector = vhdx::region(&created, REGION_BAT).0 / 512;
@@ -144,7 +150,7 @@ pub fn dirty_vhdx(path: &Path, log: &DirtyLog<'_>) {
         !o.status.success(),
         "{}: the blkdebug write was meant to fail: {}",
         path.display(),
-        crate::process::show(&o)
+        show(&o)
     );
 
     // 1. The header asks for a replay.

@@ -57,7 +57,7 @@ fn qemu_image(dirty: bool) -> Vec<u8> {
         };
         dirty_vhdx(&path, &log);
     } else {
-        qemu::img(&["create", "-q", "-f", "vhdx", "-o", opts, s(&path), "64M"]);
+        qemu::create(&path, Some(opts), "64M");
         let write = format!("write -q -P {PATTERN} 0 {DATA}");
         qemu::io(&["-f", "vhdx", "-c", &write, s(&path)]);
     }

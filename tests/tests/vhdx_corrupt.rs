@@ -30,7 +30,7 @@ use vd_core::{
     Result, StorageProvider,
 };
 use vd_tests::corpus;
-use vd_tests::process::run_ok;
+use vd_tests::qemu;
 use vd_tests::vhdx::*;
 
 /// Where every single-image test puts its image.
@@ -60,22 +60,9 @@ const OTHER_NAME: &str = "Generation 2_49C4BAF3-4B25-4406-8C4B-D39E65C32385.avhd
 fn qemu_image(size: &str, write: Option<&str>) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("img.vhdx");
-    let p = path.to_str().expect("UTF-8 temp path");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "subformat=dynamic,block_size=1M",
-            p,
-            size,
-        ],
-    );
+    qemu::create(&path, Some("subformat=dynamic,block_size=1M"), size);
     if let Some(cmd) = write {
-        run_ok("qemu-io", &["-f", "vhdx", "-c", cmd, p]);
+        qemu::io(&["-f", "vhdx", "-c", cmd, vd_tests::s(&path)]);
     }
     std::fs::read(&path).expect("reading the qemu image")
 }

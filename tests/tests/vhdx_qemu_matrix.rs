@@ -52,7 +52,7 @@ use backend_vhdx as _;
 use tempfile::TempDir;
 use vd_core::{Disk, DiskExtent, DiskOptions, ExtentKind, OpenFlags, Registry};
 use vd_tests::process::{output, run_ok, stdout};
-use vd_tests::qemu::{DirtyLog, dirty_vhdx};
+use vd_tests::qemu::{self, DirtyLog, dirty_vhdx};
 use vd_tests::s;
 
 const KIB: u64 = 1024;
@@ -224,19 +224,7 @@ fn build(dir: &Path, spec: &Spec) -> (PathBuf, PathBuf) {
             ",block_state_zero=off"
         });
     }
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            &opts,
-            s(&image),
-            &spec.size.to_string(),
-        ],
-    );
+    qemu::create(&image, Some(&opts), &spec.size.to_string());
     let mut cmds = Vec::new();
     for (i, op) in spec.ops.iter().enumerate() {
         cmds.push(match *op {
