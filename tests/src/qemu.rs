@@ -62,6 +62,12 @@ pub fn vhdx(path: &Path, size: &str, pattern: u8, len: &str) {
     io(&["-f", "vhdx", "-c", &cmd, s(path)]);
 }
 
+/// `qemu-img convert -f vhdx -O raw image raw`: the disk as QEMU reads it, into a file.
+#[track_caller]
+pub fn vhdx_to_raw(image: &Path, raw: &Path) {
+    img(&["convert", "-f", "vhdx", "-O", "raw", s(image), s(raw)]);
+}
+
 /// The raw contents of an image as qemu-img reads them.
 #[track_caller]
 pub fn raw(image: &Path) -> Vec<u8> {

@@ -232,6 +232,44 @@ pub fn set_flushed_offset(b: &mut [u8], flushed: u64) {
     fix_crc(b, log, len);
 }
 
+/// Where a truncation test cuts an image file (images with blocks of 1 MiB or more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cut {
+    /// In the middle of the log.
+    Log,
+    /// 256 bytes into the BAT.
+    Bat,
+    /// 32 KiB into the metadata region.
+    Metadata,
+    /// In the middle of the payload: the last 2.5 MiB of the file are gone.
+    Payload,
+    /// The last half MiB of the file is gone.
+    LastBlock,
+}
+
+/// Every [`Cut`].
+pub const CUTS: [Cut; 5] = [
+    Cut::Log,
+    Cut::Bat,
+    Cut::Metadata,
+    Cut::Payload,
+    Cut::LastBlock,
+];
+
+/// Where `cut` cuts the image `b`.
+pub fn cut_at(b: &[u8], cut: Cut) -> usize {
+    match cut {
+        Cut::Log => {
+            let (off, len) = log_region(b);
+            off + len / 2
+        }
+        Cut::Bat => region(b, REGION_BAT).0 + 256,
+        Cut::Metadata => region(b, REGION_METADATA).0 + 32 * KIB,
+        Cut::Payload => b.len() - 5 * MIB / 2,
+        Cut::LastBlock => b.len() - MIB / 2,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,8 +26,8 @@ use vd_core::{
 use vd_tests::qemu::{self, DirtyLog, dirty_vhdx};
 use vd_tests::s;
 use vd_tests::vhdx::{
-    KIB, MIB, REGION_BAT, REGION_METADATA, log_is_dirty, log_region, region, set_flushed_offset,
-    u64_at, usize_of,
+    CUTS, Cut, KIB, MIB, REGION_BAT, REGION_METADATA, cut_at, log_is_dirty, log_region, region,
+    set_flushed_offset, u64_at, usize_of,
 };
 
 const IMG: &str = "/img.vhdx";
@@ -110,39 +110,6 @@ fn image(maker: Maker, dirty: bool) -> Vec<u8> {
             Maker::Vd => vd_image(dirty),
         })
         .clone()
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cut {
-    Log,
-    Bat,
-    Metadata,
-    /// In the middle of the payload: the last 2.5 blocks of the file are gone.
-    Payload,
-    /// Half of the last block is gone.
-    LastBlock,
-}
-
-const CUTS: [Cut; 5] = [
-    Cut::Log,
-    Cut::Bat,
-    Cut::Metadata,
-    Cut::Payload,
-    Cut::LastBlock,
-];
-
-/// Where `cut` cuts `b`.
-fn cut_at(b: &[u8], cut: Cut) -> usize {
-    match cut {
-        Cut::Log => {
-            let (off, len) = log_region(b);
-            off + len / 2
-        }
-        Cut::Bat => region(b, REGION_BAT).0 + 256,
-        Cut::Metadata => region(b, REGION_METADATA).0 + 32 * KIB,
-        Cut::Payload => b.len() - 5 * MIB / 2,
-        Cut::LastBlock => b.len() - MIB / 2,
-    }
 }
 
 fn truncated(maker: Maker, dirty: bool, cut: Cut) -> Vec<u8> {

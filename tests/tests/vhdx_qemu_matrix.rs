@@ -255,18 +255,7 @@ fn build(dir: &Path, spec: &Spec) -> (PathBuf, PathBuf) {
             spec.name
         );
     }
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            s(&image),
-            s(&reference),
-        ],
-    );
+    qemu::vhdx_to_raw(&image, &reference);
     (image, reference)
 }
 
@@ -804,18 +793,7 @@ fn check_dirty_log(name: &str, log: &DirtyLog<'_>, len: u64) {
     // Exits non-zero when it repaired something; the plain check below must pass.
     let _ = output("qemu-img", &["check", "-r", "all", s(&replayed)]);
     run_ok("qemu-img", &["check", s(&replayed)]);
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            s(&replayed),
-            s(&reference),
-        ],
-    );
+    qemu::vhdx_to_raw(&replayed, &reference);
     // Still dirty: qemu refuses a read-only open of the original.
     let still_dirty = output(
         "qemu-io",
@@ -897,10 +875,7 @@ fn check_dirty_log(name: &str, log: &DirtyLog<'_>, len: u64) {
     // qemu reads our replayed file as it read its own (raw against raw: `qemu-img compare`
     // skips the holes, which it cannot do against a VHDX).
     let ours = dir.path().join(format!("{name}-ours.raw"));
-    run_ok(
-        "qemu-img",
-        &["convert", "-f", "vhdx", "-O", "raw", s(&image), s(&ours)],
-    );
+    qemu::vhdx_to_raw(&image, &ours);
     run_ok(
         "qemu-img",
         &[

@@ -16,6 +16,7 @@ use std::process::{Command, Stdio};
 use vd_tests::hash::sha256_file;
 use vd_tests::process::{stderr, stdout};
 use vd_tests::qemu::{self, DirtyLog, dirty_vhdx};
+use vd_tests::vhdx::{CUTS, cut_at};
 use vd_tests::{s, vd_tool_fns, vhdx};
 
 vd_tool_fns!();
@@ -88,30 +89,6 @@ fn qemu_image(path: &Path, dirty: bool) {
     qemu::io(&["-f", "vhdx", "-c", WRITE, s(path)]);
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    Log,
-    Bat,
-    Metadata,
-    Payload,
-    LastBlock,
-}
-
-fn cut_at(b: &[u8], cut: Cut) -> u64 {
-    let len = b.len();
-    let at = match cut {
-        Cut::Log => {
-            let (log, log_len) = vhdx::log_region(b);
-            log + log_len / 2
-        }
-        Cut::Bat => vhdx::region(b, vhdx::REGION_BAT).0 + 256,
-        Cut::Metadata => vhdx::region(b, vhdx::REGION_METADATA).0 + 32 * vhdx::KIB,
-        Cut::Payload => len - 5 * vhdx::MIB / 2,
-        Cut::LastBlock => len - vhdx::MIB / 2,
-    };
-    at as u64
-}
-
 /// Every truncated variant of every image kind: (description, file).
 fn truncated_images(dir: &Path) -> Vec<(String, PathBuf)> {
     let mut out = Vec::new();
@@ -124,14 +101,8 @@ fn truncated_images(dir: &Path) -> Vec<(String, PathBuf)> {
         }
         let bytes = std::fs::read(&full).expect("image");
         assert_eq!(vhdx::log_is_dirty(&bytes), dirty, "{maker} dirty={dirty}");
-        for cut in [
-            Cut::Log,
-            Cut::Bat,
-            Cut::Metadata,
-            Cut::Payload,
-            Cut::LastBlock,
-        ] {
-            let at = cut_at(&bytes, cut);
+        for cut in CUTS {
+            let at = cut_at(&bytes, cut) as u64;
             let small_flushed: &[bool] = if dirty { &[false, true] } else { &[false] };
             for &small in small_flushed {
                 let mut b = bytes.clone();
