@@ -2,7 +2,8 @@
 //!
 //! A missing peer is a test failure, never a skip: [`require`] (and every runner in
 //! [`crate::process`] when a program cannot be started) panics with one line naming the peer and
-//! the command that installs it. `.ci/run` installs all of them when missing.
+//! the command that installs it. `.ci/peers` installs all of them when missing (`.ci/run` calls
+//! it).
 
 use std::process::{Command, Stdio};
 
@@ -33,7 +34,7 @@ impl Peer {
         }
     }
 
-    /// The command that installs it (as `.ci/run` does).
+    /// The command that installs it (as `.ci/peers` does).
     pub fn install(self) -> &'static str {
         match self {
             Peer::QemuImg | Peer::QemuIo => "apt-get install -y qemu-utils",
@@ -57,7 +58,7 @@ impl Peer {
     pub fn missing(self) -> String {
         format!(
             "{} is required by this test and is missing: install it with `{}` \
-             (or run `.ci/run`, which installs every peer)",
+             (or run `.ci/peers`, which installs every peer)",
             self.name(),
             self.install()
         )
