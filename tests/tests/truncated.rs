@@ -13,164 +13,53 @@
 //! Each is cut inside the log, the BAT, the metadata region and the payload blocks.
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, OnceLock};
 
 use backend_raw as _;
 use backend_vhdx as _;
 use backend_vhdx::{BlockRef, Corruption, corruption_of};
-use uuid::{Uuid, uuid};
+use uuid::Uuid;
 use vd_core::{
     CreateParams, Error, ErrorKind, Image, MemFileSystem, MemStorage, OpenFlags, Registry,
     Severity, StorageProvider,
 };
+use vd_tests::qemu::{self, DirtyLog, dirty_vhdx};
+use vd_tests::s;
+use vd_tests::vhdx::{
+    CUTS, Cut, KIB, MIB, REGION_BAT, REGION_METADATA, cut_at, log_is_dirty, log_region, region,
+    set_flushed_offset, u64_at, usize_of,
+};
 
-const KIB: usize = 1024;
-const MIB: usize = 1024 * KIB;
 const IMG: &str = "/img.vhdx";
-const HEADERS: [usize; 2] = [64 * KIB, 128 * KIB];
-const REGION_TABLE: usize = 192 * KIB;
-const REGION_BAT: Uuid = uuid!("2DC27766-F623-4200-9D64-115E9BFD4A08");
-const REGION_METADATA: Uuid = uuid!("8B7CA206-4790-4B9A-B8FE-575F050F886E");
 /// Every image is 64 MiB with 1 MiB blocks, 0xab over its first `DATA` bytes (blocks 0-7).
 const DATA: usize = 8 * MIB;
 const PATTERN: u8 = 0xab;
 
 // ---------------------------------------------------------------------------------------------
-// Bytes
-// ---------------------------------------------------------------------------------------------
-
-fn u32_at(b: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(b[at..at + 4].try_into().expect("four bytes"))
-}
-
-fn u64_at(b: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("eight bytes"))
-}
-
-fn usize_of(v: u64) -> usize {
-    usize::try_from(v).expect("fits in usize")
-}
-
-/// CRC-32C (Castagnoli), bitwise: the tests' own, independent of the backend's.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
-/// The current header (the valid one with the higher sequence number; both are valid here).
-fn current_header(b: &[u8]) -> usize {
-    if u64_at(b, HEADERS[1] + 8) > u64_at(b, HEADERS[0] + 8) {
-        HEADERS[1]
-    } else {
-        HEADERS[0]
-    }
-}
-
-/// Log offset and length from the current header.
-fn log_region(b: &[u8]) -> (usize, usize) {
-    let h = current_header(b);
-    (
-        usize_of(u64_at(b, h + 72)),
-        usize_of(u64::from(u32_at(b, h + 68))),
-    )
-}
-
-/// Whether the current header asks for a log replay.
-fn log_is_dirty(b: &[u8]) -> bool {
-    let h = current_header(b);
-    b[h + 48..h + 64].iter().any(|&x| x != 0)
-}
-
-/// File offset and length of region `guid` (region table copy 1).
-fn region(b: &[u8], guid: Uuid) -> (usize, usize) {
-    let n = usize_of(u64::from(u32_at(b, REGION_TABLE + 8)));
-    let e = (0..n)
-        .map(|i| REGION_TABLE + 16 + 32 * i)
-        .find(|&e| b[e..e + 16] == guid.to_bytes_le())
-        .unwrap_or_else(|| panic!("region {guid} not in the table"));
-    (
-        usize_of(u64_at(b, e + 16)),
-        usize_of(u64::from(u32_at(b, e + 24))),
-    )
-}
-
-// ---------------------------------------------------------------------------------------------
 // Images
 // ---------------------------------------------------------------------------------------------
-
-#[track_caller]
-fn run(program: &str, args: &[&str]) -> std::process::Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program} (QEMU must be installed): {e}"))
-}
-
-#[track_caller]
-fn run_ok(program: &str, args: &[&str]) {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// qemu-img's 64 MiB dynamic image with 1 MiB blocks; `dirty` leaves qemu's write of the
 /// pattern with its log entry unreplayed (blkdebug fails the in-place BAT write once).
 fn qemu_image(dirty: bool) -> Vec<u8> {
     let dir = tempfile::tempdir().expect("temporary directory");
     let path = dir.path().join("img.vhdx");
-    let p = path.to_str().expect("UTF-8 temp path");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "subformat=dynamic,block_size=1M",
-            p,
-            "64M",
-        ],
-    );
-    let write = format!("write -q -P {PATTERN} 0 {DATA}");
+    let opts = "subformat=dynamic,block_size=1M";
     if dirty {
-        let created = std::fs::read(&path).expect("the new image");
-        let bat_sector = region(&created, REGION_BAT).0 / 512;
-        let rules = dir.path().join("rules.cfg");
-        std::fs::write(
-            &rules,
-            format!(
-                "[inject-error]\nevent = \"pwritev\"\nsector = \"{bat_sector}\"\nerrno = \"5\"\nonce = \"on\"\n"
-            ),
-        )
-        .expect("blkdebug rules");
-        let json = format!(
-            r#"json:{{"driver":"vhdx","file":{{"driver":"blkdebug","config":"{}","image":{{"driver":"file","filename":"{p}"}}}}}}"#,
-            rules.display()
-        );
-        // The write fails (EIO on the BAT) after its log entry is flushed.
-        let out = run("qemu-io", &["-c", &write, &json]);
-        assert!(
-            !out.status.success(),
-            "the blkdebug write was meant to fail: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
+        // The write fails (EIO on the BAT) after its log entry is flushed: only block 0's BAT
+        // update is in the log.
+        let log = DirtyLog {
+            size: 64 * MIB as u64,
+            opts: Some(opts),
+            pattern: PATTERN,
+            len: DATA as u64,
+            replayed: MIB as u64,
+        };
+        dirty_vhdx(&path, &log);
     } else {
-        run_ok("qemu-io", &["-f", "vhdx", "-c", &write, p]);
+        qemu::create(&path, Some(opts), "64M");
+        let write = format!("write -q -P {PATTERN} 0 {DATA}");
+        qemu::io(&["-f", "vhdx", "-c", &write, s(&path)]);
     }
     let b = std::fs::read(&path).expect("reading the qemu image");
     assert_eq!(log_is_dirty(&b), dirty, "qemu image dirty={dirty}");
@@ -223,39 +112,6 @@ fn image(maker: Maker, dirty: bool) -> Vec<u8> {
         .clone()
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Cut {
-    Log,
-    Bat,
-    Metadata,
-    /// In the middle of the payload: the last 2.5 blocks of the file are gone.
-    Payload,
-    /// Half of the last block is gone.
-    LastBlock,
-}
-
-const CUTS: [Cut; 5] = [
-    Cut::Log,
-    Cut::Bat,
-    Cut::Metadata,
-    Cut::Payload,
-    Cut::LastBlock,
-];
-
-/// Where `cut` cuts `b`.
-fn cut_at(b: &[u8], cut: Cut) -> usize {
-    match cut {
-        Cut::Log => {
-            let (off, len) = log_region(b);
-            off + len / 2
-        }
-        Cut::Bat => region(b, REGION_BAT).0 + 256,
-        Cut::Metadata => region(b, REGION_METADATA).0 + 32 * KIB,
-        Cut::Payload => b.len() - 5 * MIB / 2,
-        Cut::LastBlock => b.len() - MIB / 2,
-    }
-}
-
 fn truncated(maker: Maker, dirty: bool, cut: Cut) -> Vec<u8> {
     let mut b = image(maker, dirty);
     let at = cut_at(&b, cut);
@@ -274,22 +130,6 @@ fn truncated(maker: Maker, dirty: bool, cut: Cut) -> Vec<u8> {
 // ---------------------------------------------------------------------------------------------
 // Opening and asserting
 // ---------------------------------------------------------------------------------------------
-
-/// Sets the FlushedFileOffset of the log entry at the start of the log (the only entry of
-/// these dirty images) and fixes its checksum.
-fn set_flushed_offset(b: &mut [u8], flushed: u64) {
-    let (log, _) = log_region(b);
-    assert_eq!(
-        u32_at(b, log),
-        u32::from_le_bytes(*b"loge"),
-        "entry at log start"
-    );
-    let len = usize_of(u64::from(u32_at(b, log + 8)));
-    b[log + 48..log + 56].copy_from_slice(&flushed.to_le_bytes());
-    b[log + 4..log + 8].fill(0);
-    let sum = crc32c(&b[log..log + len]);
-    b[log + 4..log + 8].copy_from_slice(&sum.to_le_bytes());
-}
 
 fn registry(fs: &Arc<MemFileSystem>) -> Registry {
     let provider: Arc<dyn StorageProvider> = fs.clone();

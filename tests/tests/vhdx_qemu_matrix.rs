@@ -28,7 +28,7 @@
 //! pseudo-random stream per write, through `write -s`) so that a read from the wrong block or a
 //! shifted offset cannot compare equal, plus a few `-P` patterns.
 //!
-//! Dirty logs come from `shared/tools/make_dirty_log.sh` (three size/pattern/length variants).
+//! Dirty logs come from [`vd_tests::qemu::dirty_vhdx`] (three size/pattern/length variants).
 //! QEMU refuses to open them read-only, so the reference is a copy replayed by
 //! `qemu-img check -r all`. We read the original read-only (replaying in memory) and must leave
 //! it byte-identical; then a read-write open replays into the file, after which the image must
@@ -39,19 +39,21 @@
 //! are zeros by construction; where we also report `Zero` our own read is still checked to be
 //! zeros, without reading the reference.
 //!
-//! QEMU (`qemu-img`, `qemu-io`), bash and python3 are required: a missing tool fails the tests.
+//! QEMU (`qemu-img`, `qemu-io`) is required: a missing tool fails the tests.
 
 use std::collections::BTreeSet;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::Instant;
 
 use backend_raw as _;
 use backend_vhdx as _;
 use tempfile::TempDir;
 use vd_core::{Disk, DiskExtent, DiskOptions, ExtentKind, OpenFlags, Registry};
+use vd_tests::process::{output, run_ok, stdout};
+use vd_tests::qemu::{self, DirtyLog, dirty_vhdx};
+use vd_tests::s;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -64,57 +66,18 @@ const CHUNK: u64 = 4 * MIB;
 // Running QEMU
 // ---------------------------------------------------------------------------------------------
 
-fn path_str(p: &Path) -> &str {
-    p.to_str().expect("temporary paths are UTF-8")
-}
-
-/// Runs `program args`, failing the test when it cannot be started.
-fn spawn(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {program}: {e} (qemu-img and qemu-io from QEMU 10, bash and python3 \
-             are required by this test)"
-            )
-        })
-}
-
-/// Runs `program args` and fails the test unless it exits 0; returns stdout.
-fn run(program: &str, args: &[&str]) -> String {
-    let out = spawn(program, args);
-    assert!(
-        out.status.success(),
-        "`{program} {}` failed ({}):\nstdout: {}\nstderr: {}",
-        args.join(" "),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// `shared/`, next to the workspace.
-fn shared_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared")
-}
-
 /// A copy that keeps holes (`std::fs::copy` may fill them in).
 fn sparse_copy(from: &Path, to: &Path) {
-    run(
-        "cp",
-        &["--sparse=always", "--", path_str(from), path_str(to)],
-    );
+    run_ok("cp", &["--sparse=always", "--", s(from), s(to)]);
 }
 
 /// The holes of a raw file, as `qemu-img map` (SEEK_HOLE) reports them: runs that read as
 /// zeros by construction.
 fn raw_holes(raw: &Path) -> Vec<(u64, u64)> {
-    let json = run(
+    let json = stdout(&run_ok(
         "qemu-img",
-        &["map", "--output=json", "-f", "raw", path_str(raw)],
-    );
+        &["map", "--output=json", "-f", "raw", s(raw)],
+    ));
     let v: serde_json::Value = serde_json::from_str(&json).expect("qemu-img map prints JSON");
     let mut holes: Vec<(u64, u64)> = Vec::new();
     for e in v.as_array().expect("qemu-img map prints an array") {
@@ -261,19 +224,7 @@ fn build(dir: &Path, spec: &Spec) -> (PathBuf, PathBuf) {
             ",block_state_zero=off"
         });
     }
-    run(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            &opts,
-            path_str(&image),
-            &spec.size.to_string(),
-        ],
-    );
+    qemu::create(&image, Some(&opts), &spec.size.to_string());
     let mut cmds = Vec::new();
     for (i, op) in spec.ops.iter().enumerate() {
         cmds.push(match *op {
@@ -284,7 +235,7 @@ fn build(dir: &Path, spec: &Spec) -> (PathBuf, PathBuf) {
                     h.wrapping_mul(0x100_0000_01b3) ^ u64::from(b)
                 });
                 std::fs::write(&src, unique_bytes(seed, l)).expect("writing a source file");
-                format!("write -q -s {} {o} {l}", path_str(&src))
+                format!("write -q -s {} {o} {l}", s(&src))
             }
             Op::Zero(o, l) => format!("write -q -z {o} {l}"),
             Op::Discard(o, l) => format!("discard -q {o} {l}"),
@@ -295,8 +246,8 @@ fn build(dir: &Path, spec: &Spec) -> (PathBuf, PathBuf) {
         for c in &cmds {
             args.extend(["-c", c.as_str()]);
         }
-        args.push(path_str(&image));
-        let out = run("qemu-io", &args);
+        args.push(s(&image));
+        let out = stdout(&run_ok("qemu-io", &args));
         // qemu-io reports some command failures only on its output.
         assert!(
             !out.contains("failed") && !out.contains("error"),
@@ -304,18 +255,7 @@ fn build(dir: &Path, spec: &Spec) -> (PathBuf, PathBuf) {
             spec.name
         );
     }
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            path_str(&image),
-            path_str(&reference),
-        ],
-    );
+    qemu::vhdx_to_raw(&image, &reference);
     (image, reference)
 }
 
@@ -839,40 +779,25 @@ fn log_details(disk_or_image: &serde_json::Value) -> (bool, String) {
     )
 }
 
-/// A dirty-log image from `make_dirty_log.sh OUT args...`, whose `[0, len)` is allocated
-/// after replay.
-fn check_dirty_log(name: &str, args: &[&str], len: u64) {
+/// A dirty-log image from [`dirty_vhdx`], whose `[0, len)` is allocated after replay.
+fn check_dirty_log(name: &str, log: &DirtyLog<'_>, len: u64) {
     let t = Instant::now();
     let dir = TempDir::new().expect("temporary directory");
     let image = dir.path().join(format!("{name}.vhdx"));
-    let script = shared_dir().join("tools/make_dirty_log.sh");
-    let mut script_args = vec![path_str(&script), path_str(&image)];
-    script_args.extend(args);
-    run("bash", &script_args);
+    dirty_vhdx(&image, log);
 
     // QEMU's replay, for the reference.
     let replayed = dir.path().join(format!("{name}-qemu-replayed.vhdx"));
     let reference = dir.path().join(format!("{name}.raw"));
     sparse_copy(&image, &replayed);
     // Exits non-zero when it repaired something; the plain check below must pass.
-    let _ = spawn("qemu-img", &["check", "-r", "all", path_str(&replayed)]);
-    run("qemu-img", &["check", path_str(&replayed)]);
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            path_str(&replayed),
-            path_str(&reference),
-        ],
-    );
+    let _ = output("qemu-img", &["check", "-r", "all", s(&replayed)]);
+    run_ok("qemu-img", &["check", s(&replayed)]);
+    qemu::vhdx_to_raw(&replayed, &reference);
     // Still dirty: qemu refuses a read-only open of the original.
-    let still_dirty = spawn(
+    let still_dirty = output(
         "qemu-io",
-        &["-r", "-f", "vhdx", "-c", "read -q 0 512", path_str(&image)],
+        &["-r", "-f", "vhdx", "-c", "read -q 0 512", s(&image)],
     );
     assert!(
         !still_dirty.status.success(),
@@ -946,23 +871,12 @@ fn check_dirty_log(name: &str, args: &[&str], len: u64) {
         &expect,
         &probes,
     );
-    run("qemu-img", &["check", path_str(&image)]);
+    run_ok("qemu-img", &["check", s(&image)]);
     // qemu reads our replayed file as it read its own (raw against raw: `qemu-img compare`
     // skips the holes, which it cannot do against a VHDX).
     let ours = dir.path().join(format!("{name}-ours.raw"));
-    run(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "vhdx",
-            "-O",
-            "raw",
-            path_str(&image),
-            path_str(&ours),
-        ],
-    );
-    run(
+    qemu::vhdx_to_raw(&image, &ours);
+    run_ok(
         "qemu-img",
         &[
             "compare",
@@ -971,8 +885,8 @@ fn check_dirty_log(name: &str, args: &[&str], len: u64) {
             "raw",
             "-F",
             "raw",
-            path_str(&ours),
-            path_str(&reference),
+            s(&ours),
+            s(&reference),
         ],
     );
     eprintln!("{name}: total {:.2?}", t.elapsed());
@@ -981,12 +895,19 @@ fn check_dirty_log(name: &str, args: &[&str], len: u64) {
 #[test]
 fn dirty_log_defaults() {
     // 64 MiB, 0xab over [0, 1 MiB).
-    check_dirty_log("dirty_default", &[], MIB);
+    check_dirty_log("dirty_default", &DirtyLog::default(), MIB);
 }
 
 #[test]
 fn dirty_log_256m_0x5a_3m() {
-    check_dirty_log("dirty_256m", &["256M", "0x5a", "3M"], 3 * MIB);
+    let log = DirtyLog {
+        size: 256 * MIB,
+        opts: None,
+        pattern: 0x5a,
+        len: 3 * MIB,
+        replayed: 3 * MIB,
+    };
+    check_dirty_log("dirty_256m", &log, 3 * MIB);
 }
 
 #[test]
@@ -995,5 +916,12 @@ fn dirty_log_2g_0xe7_17m() {
     // update reaches the log before the injected failure stops qemu, so after replay only
     // [0, 16 MiB) holds the pattern: block 1's payload was written to the file, but its BAT
     // entry still says ZERO, so [16 MiB, 17 MiB) must read as zeros (qemu's reference agrees).
-    check_dirty_log("dirty_2g", &["2G", "0xe7", "17M"], 16 * MIB);
+    let log = DirtyLog {
+        size: 2 * GIB,
+        opts: None,
+        pattern: 0xe7,
+        len: 17 * MIB,
+        replayed: 16 * MIB,
+    };
+    check_dirty_log("dirty_2g", &log, 16 * MIB);
 }

@@ -4,14 +4,15 @@
 //! says exactly that and how to relink it. Also: which readers open images holding vd's user
 //! metadata items.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 
-use support::{
-    assert_fails, peer, peer_ok, qemu_io_holding, qemu_raw, s, sha256, sha256_file, stderr, stdout,
-    vd, vd_ok,
-};
+use vd_tests::hash::{sha256, sha256_file};
+use vd_tests::process::{run_ok, stderr};
+use vd_tests::readers::{dissect_opens, libvhdi_read};
+use vd_tests::tool::{assert_fails, qemu_io_holding};
+use vd_tests::{qemu, s, vd_tool_bin, vd_tool_fns};
+
+vd_tool_fns!();
 
 /// `vd-tool info --output json`.
 fn info(img: &Path) -> serde_json::Value {
@@ -38,55 +39,7 @@ fn vd_sha(img: &Path) -> String {
 /// SHA-256 of the whole disk `img` as libvhdi reads it, with its parent when given (libvhdi
 /// checks the child's parent linkage itself).
 fn libvhdi_sha(img: &Path, parent: Option<&Path>) -> String {
-    const SCRIPT: &str = r#"
-import hashlib, sys
-import pyvhdi
-files = []
-for path in sys.argv[1:]:
-    f = pyvhdi.file()
-    f.open(path)
-    files.append(f)
-if len(files) == 2:
-    files[0].set_parent(files[1])
-f = files[0]
-size = f.get_media_size()
-h = hashlib.sha256()
-off = 0
-while off < size:
-    n = min(1 << 20, size - off)
-    buf = f.read_buffer_at_offset(n, off)
-    if len(buf) != n:
-        sys.exit(f"short read at {off}")
-    h.update(buf)
-    off += n
-print(h.hexdigest())
-"#;
-    let mut args = vec!["-c", SCRIPT, s(img)];
-    args.extend(parent.map(s));
-    stdout(&peer_ok("python3", &args)).trim().to_string()
-}
-
-/// Whether dissect.hypervisor opens `img`, and its error when not.
-fn dissect_opens(img: &Path) -> Result<(), String> {
-    const SCRIPT: &str = r#"
-import sys
-from pathlib import Path
-from dissect.hypervisor.disk import vhdx
-try:
-    vhdx.VHDX(Path(sys.argv[1]))
-except Exception as e:
-    print(f"{type(e).__name__}: {e}")
-    sys.exit(3)
-"#;
-    let o = peer("python3", &["-c", SCRIPT, s(img)]);
-    match o.status.code() {
-        Some(0) => Ok(()),
-        Some(3) => Err(stdout(&o)),
-        _ => panic!(
-            "dissect.hypervisor is required (.ci/run installs it): {}",
-            stderr(&o)
-        ),
-    }
+    libvhdi_read(img, parent.as_slice()).sha256
 }
 
 /// A parent made by qemu-img (1 MiB blocks: data at 0 and 8 MiB, the block at 4 MiB written
@@ -95,20 +48,8 @@ except Exception as e:
 fn parent_and_child(dir: &Path) -> (PathBuf, PathBuf) {
     let parent = dir.join("parent.vhdx");
     let child = dir.join("child.vhdx");
-    peer_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "block_size=1M",
-            s(&parent),
-            "16M",
-        ],
-    );
-    peer_ok(
+    qemu::create(&parent, Some("block_size=1M"), "16M");
+    run_ok(
         "qemu-io",
         &[
             "-f",
@@ -133,7 +74,7 @@ fn metadata_edits_on_a_parent_keep_its_children_valid() {
     let dir = tempfile::tempdir().unwrap();
     let (parent, child) = parent_and_child(dir.path());
     let guid = data_write_guid(&parent);
-    let parent_disk = sha256(&qemu_raw(&parent));
+    let parent_disk = sha256(&qemu::raw(&parent));
     let child_disk = vd_sha(&child);
     assert_eq!(libvhdi_sha(&child, Some(&parent)), child_disk);
     let size_before = std::fs::metadata(&parent).unwrap().len();
@@ -163,9 +104,9 @@ fn metadata_edits_on_a_parent_keep_its_children_valid() {
             "after {edit:?}"
         );
         // The parent itself still reads the same in qemu-img and libvhdi, and is clean.
-        assert_eq!(sha256(&qemu_raw(&parent)), parent_disk, "after {edit:?}");
+        assert_eq!(sha256(&qemu::raw(&parent)), parent_disk, "after {edit:?}");
         assert_eq!(libvhdi_sha(&parent, None), parent_disk, "after {edit:?}");
-        peer_ok("qemu-img", &["check", "-f", "vhdx", s(&parent)]);
+        run_ok("qemu-img", &["check", "-f", "vhdx", s(&parent)]);
     }
     assert_eq!(
         info(&parent)["uuid"].as_str(),
@@ -217,7 +158,7 @@ fn writing_to_a_parent_orphans_its_child_and_the_error_says_how_to_relink() {
 
     // The hinted command works: the child opens again and reads the parent's new data.
     vd_ok(&["setuuid", "--parent-uuid", &new, s(&child)]);
-    let mut expected = qemu_raw(&parent);
+    let mut expected = qemu::raw(&parent);
     expected[2 << 20..(2 << 20) + (64 << 10)].fill(0x33);
     assert_eq!(vd_sha(&child), sha256(&expected));
     assert_eq!(libvhdi_sha(&child, Some(&parent)), sha256(&expected));
@@ -237,7 +178,7 @@ fn writing_to_a_parent_orphans_its_child_and_the_error_says_how_to_relink() {
 fn a_parent_that_is_found_but_locked_is_reported_as_locked() {
     let dir = tempfile::tempdir().unwrap();
     let (parent, child) = parent_and_child(dir.path());
-    let writer = qemu_io_holding(&parent, false);
+    let writer = qemu_io_holding(vd_tool_bin!(), &parent, false);
     let o = vd(&["info", "--output", "json", s(&child)]);
     let chain = vd(&["compare", s(&child), s(&child)]);
     drop(writer);
@@ -259,7 +200,7 @@ fn which_readers_open_images_with_vd_user_metadata() {
     let img = dir.path().join("plain.vhdx");
     vd_ok(&["create", "-f", "vhdx", s(&img), "8M"]);
     vd_ok(&["io", "-c", "write -P 0x21 0 1M", s(&img)]);
-    let disk = sha256(&qemu_raw(&img));
+    let disk = sha256(&qemu::raw(&img));
     // Never given a comment or geometry: every reader opens it.
     dissect_opens(&img).expect("dissect opens a plain vd image");
     assert_eq!(libvhdi_sha(&img, None), disk);
@@ -277,9 +218,9 @@ fn which_readers_open_images_with_vd_user_metadata() {
         // qemu-img and libvhdi read it unchanged; dissect.hypervisor 3.21 cannot open it (as
         // the help of comment and geometry says). Should dissect learn to skip unknown user
         // items, this fails: update the help and the README then.
-        assert_eq!(sha256(&qemu_raw(&img)), disk, "{edit:?}");
+        assert_eq!(sha256(&qemu::raw(&img)), disk, "{edit:?}");
         assert_eq!(libvhdi_sha(&img, None), disk, "{edit:?}");
-        peer_ok("qemu-img", &["check", "-f", "vhdx", s(&img)]);
+        run_ok("qemu-img", &["check", "-f", "vhdx", s(&img)]);
         let e = dissect_opens(&img).expect_err("dissect 3.21 refuses unknown user metadata");
         assert!(e.contains("KeyError"), "{e}");
         if let Some(undo) = undo {

@@ -3,20 +3,11 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-fn vd_tool(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vd-tool"))
-        .args(args)
-        .output()
-        .expect("vd-tool runs")
-}
+use vd_tests::peers::{Peer, require};
+use vd_tests::process::{stderr, stdout};
+use vd_tests::{qemu, s, vd_tool_fns};
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
+vd_tool_fns!();
 
 fn json(o: &Output) -> serde_json::Value {
     assert!(o.status.success(), "vd-tool failed: {}", stderr(o));
@@ -36,21 +27,13 @@ fn assert_error(o: &Output, needle: &str) {
 
 /// qemu-img is on every development and CI machine; a missing one is a failure, not a skip.
 fn qemu_img() -> &'static str {
-    let ok = Command::new("qemu-img")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(ok, "qemu-img is required (CI installs qemu-utils)");
+    require(&[Peer::QemuImg]);
     "qemu-img"
-}
-
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
 }
 
 #[test]
 fn backends_lists_vhdx_before_raw() {
-    let v = json(&vd_tool(&["backends", "--output", "json"]));
+    let v = json(&vd(&["backends", "--output", "json"]));
     let names: Vec<&str> = v
         .as_array()
         .expect("an array")
@@ -59,7 +42,7 @@ fn backends_lists_vhdx_before_raw() {
         .collect();
     assert_eq!(names, ["vhdx", "raw"]);
     assert_eq!(v[0]["schema_version"], 1);
-    let human = stdout(&vd_tool(&["backends"]));
+    let human = stdout(&vd(&["backends"]));
     assert!(human.find("vhdx").unwrap() < human.find("raw").unwrap());
 }
 
@@ -82,7 +65,7 @@ fn probe_tells_raw_from_vhdx() {
     std::fs::write(&text, "just some text\n").unwrap();
     let vhdx = dir.path().join("q.vhdx");
     let st = Command::new(qemu_img())
-        .args(["create", "-q", "-f", "vhdx", p(&vhdx), "64M"])
+        .args(["create", "-q", "-f", "vhdx", s(&vhdx), "64M"])
         .status()
         .unwrap();
     assert!(st.success());
@@ -92,10 +75,10 @@ fn probe_tells_raw_from_vhdx() {
         (&text, "raw", "fallback"),
         (&vhdx, "vhdx", "certain"),
     ] {
-        let v = json(&vd_tool(&["probe", "--output", "json", p(file)]));
+        let v = json(&vd(&["probe", "--output", "json", s(file)]));
         assert_eq!(v["backend"], backend, "{}", file.display());
         assert_eq!(v["confidence"], confidence);
-        let h = stdout(&vd_tool(&["probe", p(file)]));
+        let h = stdout(&vd(&["probe", s(file)]));
         assert_eq!(
             h.trim(),
             format!("{}: {backend} ({confidence})", file.display())
@@ -109,7 +92,7 @@ fn info_reports_raw_facts() {
     let img = dir.path().join("disk.img");
     let f = std::fs::File::create(&img).unwrap();
     f.set_len(10 << 20).unwrap();
-    let v = json(&vd_tool(&["info", "--output", "json", p(&img)]));
+    let v = json(&vd(&["info", "--output", "json", s(&img)]));
     assert_eq!(v["format"], "raw");
     assert_eq!(v["virtual_size"], 10 << 20);
     assert_eq!(v["file_size"], 10 << 20);
@@ -117,7 +100,7 @@ fn info_reports_raw_facts() {
     assert_eq!(v["pchs_geometry"]["heads"], 4);
     assert_eq!(v["pchs_geometry"]["sectors"], 17);
     assert_eq!(v["schema_version"], 1);
-    let h = stdout(&vd_tool(&["info", "-f", "raw", p(&img)]));
+    let h = stdout(&vd(&["info", "-f", "raw", s(&img)]));
     assert!(h.contains("file format: raw"), "{h}");
     assert!(h.contains("virtual size: 10 MiB (10485760 bytes)"), "{h}");
 }
@@ -135,7 +118,7 @@ fn convert_raw_to_raw_keeps_holes() {
     // An allocated but all-zero range must not become data in the copy.
     f.write_all_at(&vec![0u8; 8 << 20], 50 << 20).unwrap();
     drop(f);
-    let o = vd_tool(&["convert", "-p", "-f", "raw", "-O", "raw", p(&src), p(&dst)]);
+    let o = vd(&["convert", "-p", "-f", "raw", "-O", "raw", s(&src), s(&dst)]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(o.stdout.is_empty());
     assert_eq!(std::fs::read(&src).unwrap(), std::fs::read(&dst).unwrap());
@@ -144,14 +127,14 @@ fn convert_raw_to_raw_keeps_holes() {
         blocks <= 1 << 20,
         "destination allocates {blocks} bytes: holes were filled"
     );
-    let v = json(&vd_tool(&[
+    let v = json(&vd(&[
         "convert",
         "--output",
         "json",
         "-O",
         "raw",
-        p(&src),
-        p(&dst),
+        s(&src),
+        s(&dst),
     ]));
     assert_eq!(v["virtual_size"], 64 << 20);
     assert!(v["bytes_written"].as_u64().unwrap() <= 8192);
@@ -162,20 +145,20 @@ fn missing_and_unreadable_files_are_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
     let missing = dir.path().join("no-such-file.vhdx");
     for args in [
-        vec!["probe", p(&missing)],
-        vec!["info", p(&missing)],
-        vec!["info", "--backing-chain", p(&missing)],
-        vec!["info", "-f", "raw", p(&missing)],
-        vec!["convert", "-O", "raw", p(&missing), "/dev/null"],
+        vec!["probe", s(&missing)],
+        vec!["info", s(&missing)],
+        vec!["info", "--backing-chain", s(&missing)],
+        vec!["info", "-f", "raw", s(&missing)],
+        vec!["convert", "-O", "raw", s(&missing), "/dev/null"],
     ] {
-        assert_error(&vd_tool(&args), "no-such-file.vhdx");
+        assert_error(&vd(&args), "no-such-file.vhdx");
     }
     // A directory cannot be read as an image.
-    assert_error(&vd_tool(&["probe", p(dir.path())]), p(dir.path()));
-    assert_error(&vd_tool(&["info", p(dir.path())]), p(dir.path()));
+    assert_error(&vd(&["probe", s(dir.path())]), s(dir.path()));
+    assert_error(&vd(&["info", s(dir.path())]), s(dir.path()));
     // JSON output does not change where errors go.
     assert_error(
-        &vd_tool(&["probe", "--output", "json", p(&missing)]),
+        &vd(&["probe", "--output", "json", s(&missing)]),
         "no-such-file.vhdx",
     );
 }
@@ -186,39 +169,33 @@ fn bad_formats_and_options_are_errors() {
     let img = dir.path().join("a.img");
     std::fs::write(&img, [0u8; 4096]).unwrap();
     let out = dir.path().join("b.img");
-    assert_error(&vd_tool(&["info", "-f", "qcow9", p(&img)]), "qcow9");
+    assert_error(&vd(&["info", "-f", "qcow9", s(&img)]), "qcow9");
+    assert_error(&vd(&["convert", "-O", "qcow9", s(&img), s(&out)]), "qcow9");
     assert_error(
-        &vd_tool(&["convert", "-O", "qcow9", p(&img), p(&out)]),
-        "qcow9",
-    );
-    assert_error(
-        &vd_tool(&["convert", "-O", "raw", "-o", "colour=red", p(&img), p(&out)]),
+        &vd(&["convert", "-O", "raw", "-o", "colour=red", s(&img), s(&out)]),
         "colour=red",
     );
     assert_error(
-        &vd_tool(&["convert", "-O", "raw", "-o", "nonsense", p(&img), p(&out)]),
+        &vd(&["convert", "-O", "raw", "-o", "nonsense", s(&img), s(&out)]),
         "nonsense",
     );
     assert!(!out.exists(), "a failed convert leaves no destination");
     // Converting onto the source would destroy it.
-    assert_error(
-        &vd_tool(&["convert", "-O", "raw", p(&img), p(&img)]),
-        "refusing",
-    );
+    assert_error(&vd(&["convert", "-O", "raw", s(&img), s(&img)]), "refusing");
     assert_eq!(std::fs::read(&img).unwrap(), [0u8; 4096]);
     // The destination directory does not exist.
     assert_error(
-        &vd_tool(&["convert", "-O", "raw", p(&img), "/nonexistent-dir/x.img"]),
+        &vd(&["convert", "-O", "raw", s(&img), "/nonexistent-dir/x.img"]),
         "/nonexistent-dir/x.img",
     );
     // A VHDX image opens and reports its format.
     let vhdx = dir.path().join("q.vhdx");
     let st = Command::new(qemu_img())
-        .args(["create", "-q", "-f", "vhdx", p(&vhdx), "8M"])
+        .args(["create", "-q", "-f", "vhdx", s(&vhdx), "8M"])
         .status()
         .unwrap();
     assert!(st.success());
-    let v = json(&vd_tool(&["info", "--output", "json", p(&vhdx)]));
+    let v = json(&vd(&["info", "--output", "json", s(&vhdx)]));
     assert_eq!(v["format"], "vhdx");
     assert_eq!(v["virtual_size"], 8 << 20);
 }
@@ -232,7 +209,7 @@ fn usage_errors_exit_2() {
         vec!["convert", "a"],
         vec!["info", "--output", "xml", "x"],
     ] {
-        let o = vd_tool(&args);
+        let o = vd(&args);
         assert_eq!(o.status.code(), Some(2), "{args:?}: {}", stderr(&o));
         assert!(o.stdout.is_empty());
     }
@@ -255,34 +232,16 @@ fn broken_pipe_is_not_an_error() {
 /// A qemu-made dynamic VHDX with `0xab` at [1 MiB, 3 MiB) and `0xcd` at [40 MiB, 40 MiB + 4 KiB).
 fn qemu_vhdx(dir: &Path) -> std::path::PathBuf {
     let img = dir.join("q.vhdx");
-    let st = Command::new(qemu_img())
-        .args([
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "block_size=1M",
-            p(&img),
-            "64M",
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let st = Command::new("qemu-io")
-        .args([
-            "-f",
-            "vhdx",
-            "-c",
-            "write -P 0xab 1M 2M",
-            "-c",
-            "write -P 0xcd 40M 4k",
-            p(&img),
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()
-        .unwrap();
-    assert!(st.success());
+    qemu::create(&img, Some("block_size=1M"), "64M");
+    qemu::io(&[
+        "-f",
+        "vhdx",
+        "-c",
+        "write -P 0xab 1M 2M",
+        "-c",
+        "write -P 0xcd 40M 4k",
+        s(&img),
+    ]);
     img
 }
 
@@ -290,7 +249,7 @@ fn qemu_vhdx(dir: &Path) -> std::path::PathBuf {
 fn map_reports_data_and_zero_ranges() {
     let dir = tempfile::tempdir().unwrap();
     let img = qemu_vhdx(dir.path());
-    let v = json(&vd_tool(&["map", "--output", "json", p(&img)]));
+    let v = json(&vd(&["map", "--output", "json", s(&img)]));
     let extents: Vec<(u64, u64, String, Option<u64>)> = v["extents"]
         .as_array()
         .unwrap()
@@ -316,7 +275,7 @@ fn map_reports_data_and_zero_ranges() {
             (41 * mib, 23 * mib, "zero".into(), None),
         ]
     );
-    let human = stdout(&vd_tool(&["map", p(&img)]));
+    let human = stdout(&vd(&["map", s(&img)]));
     assert!(
         human
             .lines()
@@ -331,11 +290,11 @@ fn compare_exit_codes() {
     let img = qemu_vhdx(dir.path());
     let raw = dir.path().join("q.raw");
     let st = Command::new(qemu_img())
-        .args(["convert", "-O", "raw", p(&img), p(&raw)])
+        .args(["convert", "-O", "raw", s(&img), s(&raw)])
         .status()
         .unwrap();
     assert!(st.success());
-    let o = vd_tool(&["compare", p(&img), p(&raw)]);
+    let o = vd(&["compare", s(&img), s(&raw)]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     assert_eq!(stdout(&o).trim(), "Images are identical.");
     // Change one byte in the raw copy.
@@ -344,14 +303,14 @@ fn compare_exit_codes() {
         let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
         f.write_all_at(&[0x00], (40 << 20) + 100).unwrap();
     }
-    let o = vd_tool(&["compare", p(&img), p(&raw)]);
+    let o = vd(&["compare", s(&img), s(&raw)]);
     assert_eq!(o.status.code(), Some(1));
     assert_eq!(
         stdout(&o).trim(),
         format!("Content mismatch at offset {}!", (40 << 20) + 100)
     );
     let v: serde_json::Value =
-        serde_json::from_slice(&vd_tool(&["compare", "--output", "json", p(&img), p(&raw)]).stdout)
+        serde_json::from_slice(&vd(&["compare", "--output", "json", s(&img), s(&raw)]).stdout)
             .unwrap();
     assert_eq!(v["identical"], false);
     assert_eq!(v["first_difference"], (40 << 20) + 100);
@@ -364,16 +323,13 @@ fn compare_exit_codes() {
         f.write_all_at(&[0xcd], (40 << 20) + 100).unwrap();
         f.set_len(80 << 20).unwrap();
     }
+    assert_eq!(vd(&["compare", s(&img), s(&big)]).status.code(), Some(0));
     assert_eq!(
-        vd_tool(&["compare", p(&img), p(&big)]).status.code(),
-        Some(0)
-    );
-    assert_eq!(
-        vd_tool(&["compare", "-s", p(&img), p(&big)]).status.code(),
+        vd(&["compare", "-s", s(&img), s(&big)]).status.code(),
         Some(1)
     );
     assert_error(
-        &vd_tool(&["compare", p(&img), "/no/such/image"]),
+        &vd(&["compare", s(&img), "/no/such/image"]),
         "/no/such/image",
     );
 }
@@ -382,7 +338,7 @@ fn compare_exit_codes() {
 fn dump_and_info_describe_vhdx_structures() {
     let dir = tempfile::tempdir().unwrap();
     let img = qemu_vhdx(dir.path());
-    let text = stdout(&vd_tool(&["dump", p(&img)]));
+    let text = stdout(&vd(&["dump", s(&img)]));
     for needle in [
         "file identifier: creator \"QEMU",
         "header (slot",
@@ -394,10 +350,10 @@ fn dump_and_info_describe_vhdx_structures() {
     ] {
         assert!(text.contains(needle), "dump lacks {needle:?}:\n{text}");
     }
-    let v = json(&vd_tool(&["dump", "--output", "json", p(&img)]));
+    let v = json(&vd(&["dump", "--output", "json", s(&img)]));
     assert_eq!(v["format"], "vhdx");
     assert!(v["lines"].as_array().unwrap().len() > 5);
-    let info = stdout(&vd_tool(&["info", p(&img)]));
+    let info = stdout(&vd(&["info", s(&img)]));
     for needle in [
         "file format: vhdx",
         "type: dynamic",
@@ -415,8 +371,8 @@ fn dump_and_info_describe_vhdx_structures() {
         vec!["info", "--backing-chain"],
     ] {
         let mut a = args.clone();
-        a.push(p(&img));
-        assert!(vd_tool(&a).status.success());
+        a.push(s(&img));
+        assert!(vd(&a).status.success());
     }
     assert_eq!(before, std::fs::read(&img).unwrap());
 }
@@ -425,7 +381,7 @@ fn dump_and_info_describe_vhdx_structures() {
 fn bench_reads_and_writes() {
     let dir = tempfile::tempdir().unwrap();
     let img = qemu_vhdx(dir.path());
-    let v = json(&vd_tool(&[
+    let v = json(&vd(&[
         "bench",
         "--output",
         "json",
@@ -433,13 +389,13 @@ fn bench_reads_and_writes() {
         "100",
         "-s",
         "64K",
-        p(&img),
+        s(&img),
     ]));
     assert_eq!(v["mode"], "read");
     assert_eq!(v["bytes"], 100 * 65536);
     assert!(v["seconds"].as_f64().unwrap() > 0.0);
     // Writes wrap around at the end of the disk and leave the pattern behind.
-    let v = json(&vd_tool(&[
+    let v = json(&vd(&[
         "bench",
         "--output",
         "json",
@@ -452,15 +408,15 @@ fn bench_reads_and_writes() {
         "1M",
         "--flush-interval",
         "7",
-        p(&img),
+        s(&img),
     ]));
     assert_eq!(v["mode"], "write");
-    let o = vd_tool(&["io", "-r", "-c", "read -P 66 0 64M", p(&img)]);
+    let o = vd(&["io", "-r", "-c", "read -P 66 0 64M", s(&img)]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
     let st = Command::new(qemu_img())
-        .args(["check", p(&img)])
+        .args(["check", s(&img)])
         .status()
         .unwrap();
     assert!(st.success());
-    assert_error(&vd_tool(&["bench", "-s", "0", p(&img)]), "request size");
+    assert_error(&vd(&["bench", "-s", "0", s(&img)]), "request size");
 }

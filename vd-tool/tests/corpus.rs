@@ -1,92 +1,18 @@
-//! Every image of the shared corpus (`../shared/corpus`, made by Hyper-V, Windows, Disk2VHD and
-//! QEMU) reads as `expected.json` says: `vd-tool convert -O raw` produces a disk whose SHA-256
+//! Every VHDX image of the corpus (`tests/data/` in the repository, made by Hyper-V, Windows,
+//! Disk2VHD and QEMU) reads as `expected.json` says: `vd-tool convert -O raw` produces a disk whose SHA-256
 //! is `content_sha256`, `vd-tool info` reports the recorded facts, and the source files are not
 //! changed by reading them. The corpus is required: a missing one fails the tests.
 
-use std::fs::File;
-use std::io;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
-use sha2::{Digest, Sha256};
-
-fn corpus_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/corpus");
-    assert!(
-        dir.join("expected.json").is_file(),
-        "the corpus is missing at {} (shared/ must sit beside the repository)",
-        dir.display()
-    );
-    dir
-}
-
-fn expected() -> Vec<Value> {
-    let text = std::fs::read_to_string(corpus_dir().join("expected.json")).unwrap();
-    let v: Value = serde_json::from_str(&text).unwrap();
-    v["images"].as_array().unwrap().clone()
-}
-
-/// Decompresses a corpus file (`.gz`, `.bz2`, or `.zip` holding one image) to `dest`.
-fn decompress(name: &str, dest: &Path) {
-    let src = corpus_dir().join(name);
-    let f = File::open(&src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
-    let mut out = File::create(dest).unwrap();
-    if name.ends_with(".gz") {
-        io::copy(&mut flate2::read::GzDecoder::new(f), &mut out).unwrap();
-    } else if name.ends_with(".bz2") {
-        io::copy(&mut bzip2::read::BzDecoder::new(f), &mut out).unwrap();
-    } else if name.ends_with(".zip") {
-        let mut archive = zip::ZipArchive::new(f).unwrap();
-        let mut found = false;
-        for i in 0..archive.len() {
-            let mut entry = archive.by_index(i).unwrap();
-            if entry.name().ends_with(".vhdx") {
-                io::copy(&mut entry, &mut out).unwrap();
-                found = true;
-                break;
-            }
-        }
-        assert!(found, "{name}: no .vhdx inside");
-    } else {
-        panic!("{name}: unknown compression");
-    }
-}
-
-/// SHA-256 of a file; holes (found with SEEK_DATA/SEEK_HOLE through vd-core's storage) are
-/// hashed as zeros without reading them, which keeps whole-disk hashes of sparse 10 GiB outputs
-/// cheap.
-fn sha256_file(path: &Path) -> String {
-    use vd_core::{FileStorage, OpenMode, Storage};
-    let f = FileStorage::open(path, OpenMode::ReadOnly).unwrap();
-    let len = f.len().unwrap();
-    let mut h = Sha256::new();
-    let zeros = vec![0u8; 4 << 20];
-    let mut buf = vec![0u8; 4 << 20];
-    let mut pos = 0;
-    while pos < len {
-        let run = f.run_at(pos, (len - pos).min(buf.len() as u64)).unwrap();
-        let n = run.len.max(1).min(len - pos) as usize;
-        if run.data {
-            f.read_exact_at(pos, &mut buf[..n]).unwrap();
-            h.update(&buf[..n]);
-        } else {
-            h.update(&zeros[..n]);
-        }
-        pos += n as u64;
-    }
-    format!("{:x}", h.finalize())
-}
+use vd_tests::corpus::{decompress, expected, image_name};
+use vd_tests::hash::sha256_sparse;
+use vd_tests::process::output;
+use vd_tests::{s, vd_tool_bin};
 
 fn vd_tool(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vd-tool"))
-        .args(args)
-        .output()
-        .expect("vd-tool runs")
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    output(vd_tool_bin!(), args)
 }
 
 /// The expected.json entries for `file` (a differencing image has two: with and without its
@@ -103,12 +29,7 @@ fn cases(file: &str) -> Vec<Value> {
 fn check_image(file: &str) {
     for case in cases(file) {
         let dir = tempfile::tempdir().unwrap();
-        let base = Path::new(file).file_name().unwrap().to_str().unwrap();
-        let image_name = base
-            .trim_end_matches(".gz")
-            .trim_end_matches(".bz2")
-            .trim_end_matches(".zip");
-        let image = dir.path().join(image_name);
+        let image = dir.path().join(image_name(file));
         decompress(file, &image);
         let mut sources = vec![image.clone()];
         if let Some(parent) = case.get("parent").filter(|p| !p.is_null()) {
@@ -116,7 +37,7 @@ fn check_image(file: &str) {
             decompress(parent["file"].as_str().unwrap(), &place);
             sources.push(place);
         }
-        let before: Vec<String> = sources.iter().map(|p| sha256_file(p)).collect();
+        let before: Vec<String> = sources.iter().map(|p| sha256_sparse(p)).collect();
         let raw = dir.path().join("out.raw");
 
         // info reports the recorded facts.
@@ -171,7 +92,7 @@ fn check_image(file: &str) {
                     std::fs::metadata(&raw).unwrap().len(),
                     case["virtual_size"].as_u64().unwrap()
                 );
-                assert_eq!(sha256_file(&raw), want, "{file}: content differs");
+                assert_eq!(sha256_sparse(&raw), want, "{file}: content differs");
                 // The chain reads identically to the plain raw copy.
                 let o = vd_tool(&["compare", s(&image), s(&raw)]);
                 assert_eq!(o.status.code(), Some(0), "{file}: compare");
@@ -192,7 +113,7 @@ fn check_image(file: &str) {
                 assert!(!raw.exists(), "no output after a failed convert");
             }
         }
-        let after: Vec<String> = sources.iter().map(|p| sha256_file(p)).collect();
+        let after: Vec<String> = sources.iter().map(|p| sha256_sparse(p)).collect();
         assert_eq!(before, after, "{file}: reading changed a source file");
     }
 }

@@ -1,16 +1,16 @@
 //! Data safety through vd-tool: image locks against QEMU and against ourselves, destinations
 //! that are never destroyed, and sources that cannot be overwritten under another name.
 
-mod support;
-
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use support::{
-    Background, assert_fails, peer, peer_ok, qemu_io_holding, qemu_raw, qemu_vhdx, s, sha256,
-    sha256_file, stderr, vd, vd_ok,
-};
+use vd_tests::hash::{sha256, sha256_file};
+use vd_tests::process::{output, run_ok, stderr};
+use vd_tests::tool::{Background, assert_fails, qemu_io_holding};
+use vd_tests::{qemu, s, vd_tool_bin, vd_tool_fns};
+
+vd_tool_fns!();
 
 /// `vd-tool io` holding `img` open: runs `first` (a read or a write, with `-r` for a read),
 /// then sleeps 30 s before closing. Returns once `first` is done.
@@ -41,8 +41,8 @@ fn vd_holding(img: &Path, read_only: bool, first: &str) -> Background {
 fn a_qemu_writer_locks_vd_out_and_force_share_still_reads() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("a.vhdx");
-    qemu_vhdx(&img, "64M", 0x5a, "1M");
-    let qemu_io = qemu_io_holding(&img, false);
+    qemu::vhdx(&img, "64M", 0x5a, "1M");
+    let qemu_io = qemu_io_holding(vd_tool_bin!(), &img, false);
     let before = sha256_file(&img);
 
     // A writer is refused, naming the file and the reason.
@@ -92,24 +92,24 @@ fn a_qemu_writer_locks_vd_out_and_force_share_still_reads() {
 fn a_vd_writer_locks_qemu_and_other_vd_writers_out() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("b.vhdx");
-    qemu_vhdx(&img, "64M", 0x01, "1M");
+    qemu::vhdx(&img, "64M", 0x01, "1M");
     let writer = vd_holding(&img, false, "write -P 0x11 0 64k");
 
-    let o = peer("qemu-io", &["-f", "vhdx", "-c", "write 0 4k", s(&img)]);
+    let o = output("qemu-io", &["-f", "vhdx", "-c", "write 0 4k", s(&img)]);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("Failed to get \"write\" lock"),
         "{}",
         stderr(&o)
     );
-    let o = peer("qemu-img", &["info", s(&img)]);
+    let o = output("qemu-img", &["info", s(&img)]);
     assert!(!o.status.success());
     assert!(
         stderr(&o).contains("Failed to get shared \"write\" lock"),
         "{}",
         stderr(&o)
     );
-    peer_ok("qemu-img", &["info", "-U", s(&img)]);
+    run_ok("qemu-img", &["info", "-U", s(&img)]);
     // A second vd writer loses nothing: it is refused before it writes.
     assert_fails(
         &vd(&["io", "-c", "write -P 0x22 0 64k", s(&img)]),
@@ -121,29 +121,29 @@ fn a_vd_writer_locks_qemu_and_other_vd_writers_out() {
 
     // The killed writer left a dirty log; a new writer replays it and keeps the flushed data.
     vd_ok(&["io", "-c", "write -P 0x33 64k 64k", s(&img)]);
-    let raw = qemu_raw(&img);
+    let raw = qemu::raw(&img);
     assert!(raw[..64 << 10].iter().all(|&b| b == 0x11));
     assert!(raw[64 << 10..128 << 10].iter().all(|&b| b == 0x33));
-    peer_ok("qemu-img", &["check", s(&img)]);
+    run_ok("qemu-img", &["check", s(&img)]);
 }
 
 #[test]
 fn readers_share_and_a_writer_is_refused_while_they_read() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("c.vhdx");
-    qemu_vhdx(&img, "16M", 0x07, "64k");
+    qemu::vhdx(&img, "16M", 0x07, "64k");
     let reader = vd_holding(&img, true, "read -P 0x07 0 64k");
     // Readers get along (a second reader, qemu-img info); a writer is refused while one reads.
     let o = vd(&["io", "-c", "write 0 4k", s(&img)]);
     assert_fails(&o, "does not share \"write\" permission");
-    let o = peer("qemu-io", &["-f", "vhdx", "-c", "write 0 4k", s(&img)]);
+    let o = output("qemu-io", &["-f", "vhdx", "-c", "write 0 4k", s(&img)]);
     assert!(
         stderr(&o).contains("Failed to get \"write\" lock"),
         "{}",
         stderr(&o)
     );
     vd_ok(&["info", s(&img)]);
-    peer_ok("qemu-img", &["info", s(&img)]);
+    run_ok("qemu-img", &["info", s(&img)]);
     drop(reader);
 }
 
@@ -151,7 +151,7 @@ fn readers_share_and_a_writer_is_refused_while_they_read() {
 /// `/dev/null`): `mknod c 1 3`, as root.
 fn null_device(dir: &Path) -> PathBuf {
     let p = dir.join("null");
-    peer_ok("mknod", &[s(&p), "c", "1", "3"]);
+    run_ok("mknod", &[s(&p), "c", "1", "3"]);
     p
 }
 
@@ -164,8 +164,8 @@ fn devices_and_fifos_are_written_in_place_never_replaced() {
     use std::os::unix::fs::FileTypeExt;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("d.vhdx");
-    qemu_vhdx(&img, "8M", 0xc3, "3M");
-    let want = sha256(&qemu_raw(&img));
+    qemu::vhdx(&img, "8M", 0xc3, "3M");
+    let want = sha256(&qemu::raw(&img));
 
     let null = null_device(dir.path());
     vd_ok(&["convert", "-O", "raw", s(&img), s(&null)]);
@@ -182,7 +182,7 @@ fn devices_and_fifos_are_written_in_place_never_replaced() {
     assert!(file_type(&null).is_char_device());
 
     let fifo = dir.path().join("fifo");
-    peer_ok("mkfifo", &[s(&fifo)]);
+    run_ok("mkfifo", &[s(&fifo)]);
     let reader = {
         let fifo = fifo.clone();
         std::thread::spawn(move || {
@@ -208,8 +208,8 @@ fn devices_and_fifos_are_written_in_place_never_replaced() {
 fn raw_output_streams_to_stdout_and_dash() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("e.vhdx");
-    qemu_vhdx(&img, "6M", 0x3c, "2M");
-    let want = sha256(&qemu_raw(&img));
+    qemu::vhdx(&img, "6M", 0x3c, "2M");
+    let want = sha256(&qemu::raw(&img));
     for dst in ["/dev/stdout", "-"] {
         let o = vd_ok(&["convert", "-O", "raw", s(&img), dst]);
         assert_eq!(o.stdout.len(), 6 << 20, "{dst}");
@@ -235,7 +235,7 @@ impl Loop {
             .unwrap()
             .set_len(size)
             .unwrap();
-        let o = peer("losetup", &["-f", "--show", s(backing)]);
+        let o = output("losetup", &["-f", "--show", s(backing)]);
         assert!(
             o.status.success(),
             "losetup is needed for the block-device test (root, loop devices): {}",
@@ -256,7 +256,7 @@ fn a_block_device_is_written_in_place_and_must_be_large_enough() {
     use std::os::unix::fs::FileTypeExt;
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("f.vhdx");
-    qemu_vhdx(&img, "8M", 0x99, "1M");
+    qemu::vhdx(&img, "8M", 0x99, "1M");
     // Old contents of the device where the disk has zeros must not survive.
     let backing = dir.path().join("dev.img");
     let dev = Loop::new(&backing, 12 << 20);
@@ -264,7 +264,7 @@ fn a_block_device_is_written_in_place_and_must_be_large_enough() {
     vd_ok(&["convert", "-O", "raw", s(&img), &dev.0]);
     assert!(file_type(Path::new(&dev.0)).is_block_device());
     let bytes = std::fs::read(&backing).unwrap();
-    assert_eq!(sha256(&bytes[..8 << 20]), sha256(&qemu_raw(&img)));
+    assert_eq!(sha256(&bytes[..8 << 20]), sha256(&qemu::raw(&img)));
     assert!(
         bytes[8 << 20..].iter().all(|&b| b == 0xee),
         "beyond the disk"
@@ -293,7 +293,7 @@ fn a_block_device_is_written_in_place_and_must_be_large_enough() {
 fn the_source_is_refused_as_destination_under_any_name() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("h.vhdx");
-    qemu_vhdx(&img, "8M", 0x42, "1M");
+    qemu::vhdx(&img, "8M", 0x42, "1M");
     let hard = dir.path().join("hl.vhdx");
     std::fs::hard_link(&img, &hard).unwrap();
     let sym = dir.path().join("hs.vhdx");
@@ -326,7 +326,7 @@ fn the_source_is_refused_as_destination_under_any_name() {
 fn a_failed_convert_or_create_keeps_the_old_destination() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("src.vhdx");
-    qemu_vhdx(&img, "8M", 0x61, "1M");
+    qemu::vhdx(&img, "8M", 0x61, "1M");
     let dst = dir.path().join("dst.vhdx");
     std::fs::write(&dst, b"precious old contents").unwrap();
     // Refused by the backend after the destination was set up: the old file stays.
@@ -367,7 +367,7 @@ fn a_failed_convert_or_create_keeps_the_old_destination() {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600)).unwrap();
     vd_ok(&["convert", "-O", "vhdx", s(&img), s(&dst)]);
-    peer_ok("qemu-img", &["compare", s(&img), s(&dst)]);
+    run_ok("qemu-img", &["compare", s(&img), s(&dst)]);
     let mode = std::fs::metadata(&dst).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
@@ -376,7 +376,7 @@ fn a_failed_convert_or_create_keeps_the_old_destination() {
 fn a_symlinked_destination_keeps_its_link() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("src.vhdx");
-    qemu_vhdx(&img, "8M", 0x17, "2M");
+    qemu::vhdx(&img, "8M", 0x17, "2M");
     std::fs::create_dir(dir.path().join("store")).unwrap();
     let target = dir.path().join("store/disk.raw");
     std::fs::write(&target, b"old").unwrap();
@@ -384,7 +384,7 @@ fn a_symlinked_destination_keeps_its_link() {
     std::os::unix::fs::symlink("store/disk.raw", &link).unwrap();
     vd_ok(&["convert", "-O", "raw", s(&img), s(&link)]);
     assert!(file_type(&link).is_symlink());
-    assert_eq!(sha256_file(&target), sha256(&qemu_raw(&img)));
+    assert_eq!(sha256_file(&target), sha256(&qemu::raw(&img)));
     // A dangling link is not replaced either.
     let dangling = dir.path().join("dangling.raw");
     std::os::unix::fs::symlink("nowhere/x.raw", &dangling).unwrap();
@@ -399,7 +399,7 @@ fn a_symlinked_destination_keeps_its_link() {
 fn create_refuses_a_chain_that_contains_itself() {
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.vhdx");
-    qemu_vhdx(&base, "8M", 0x24, "1M");
+    qemu::vhdx(&base, "8M", 0x24, "1M");
     let mid = dir.path().join("mid.vhdx");
     vd_ok(&["create", "-f", "vhdx", "-b", s(&base), s(&mid)]);
     let before = (sha256_file(&base), sha256_file(&mid));

@@ -3,23 +3,14 @@
 //! and `qemu-img check` afterwards.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
 
-fn run(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_vd-tool"))
-        .args(args)
-        .output()
-        .expect("vd-tool runs")
-}
+use vd_tests::process::stdout;
+use vd_tests::{qemu, s, vd_tool_fns};
+
+vd_tool_fns!();
 
 fn ok(args: &[&str]) -> String {
-    let o = run(args);
-    assert!(
-        o.status.success(),
-        "vd-tool {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
+    stdout(&vd_ok(args))
 }
 
 fn json(args: &[&str]) -> serde_json::Value {
@@ -28,49 +19,13 @@ fn json(args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&ok(&a)).unwrap()
 }
 
-fn qemu(tool: &str, args: &[&str]) -> Output {
-    let o = Command::new(tool)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{tool} is required (CI installs qemu-utils): {e}"));
-    assert!(
-        o.status.success(),
-        "{tool} {args:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
-
 fn qemu_check(img: &Path) {
-    qemu("qemu-img", &["check", "-f", "vhdx", s(img)]);
+    qemu::img(&["check", "-f", "vhdx", s(img)]);
 }
 
-/// qemu-io verifies `pattern` over `[off, off + len)`; qemu-io exits 0 even when a pattern
-/// fails, so its output is read.
+/// qemu-io verifies `pattern` over `[off, off + len)`.
 fn qemu_reads(img: &Path, pattern: u8, off: u64, len: u64) {
-    let o = qemu(
-        "qemu-io",
-        &[
-            "-r",
-            "-f",
-            "vhdx",
-            "-c",
-            &format!("read -P {pattern:#x} {off} {len}"),
-            s(img),
-        ],
-    );
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(
-        !out.contains("Pattern verification failed"),
-        "{}: {out}",
-        img.display()
-    );
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
+    qemu::assert_reads(img, &[(pattern, off, len)]);
 }
 
 fn create(dir: &Path, name: &str, opts: &str, size: &str) -> PathBuf {
@@ -102,8 +57,8 @@ fn resize_grows_shrinks_and_keeps_data() {
     qemu_reads(&img, 0xcd, 63 * MIB, MIB);
     qemu_reads(&img, 0, 64 * MIB, 64 * MIB);
     // Shrinking needs --shrink, and is refused over data unless forced.
-    assert_eq!(run(&["resize", s(&img), "32M"]).status.code(), Some(2));
-    let o = run(&["resize", "--shrink", s(&img), "2M"]);
+    assert_eq!(vd(&["resize", s(&img), "32M"]).status.code(), Some(2));
+    let o = vd(&["resize", "--shrink", s(&img), "2M"]);
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("holds data"));
     ok(&["discard", s(&img), "63M", "1M"]);
@@ -172,15 +127,12 @@ fn discard_and_compact_release_space() {
     ok(&["create", "-f", "vhdx", "-b", s(&img), s(&child)]);
     ok(&["compact", s(&img)]);
     assert_eq!(json(&["info", s(&img)])["modification_uuid"], id_before);
-    assert_eq!(run(&["compare", s(&child), s(&raw)]).status.code(), Some(0));
+    assert_eq!(vd(&["compare", s(&child), s(&raw)]).status.code(), Some(0));
     let after = std::fs::metadata(&img).unwrap().len();
     assert!(after <= before - 6 * MIB, "compact: {before} -> {after}");
     qemu_check(&img);
-    qemu(
-        "qemu-img",
-        &["compare", "-f", "vhdx", "-F", "raw", s(&img), s(&raw)],
-    );
-    assert_eq!(run(&["compare", s(&img), s(&raw)]).status.code(), Some(0));
+    qemu::img(&["compare", "-f", "vhdx", "-F", "raw", s(&img), s(&raw)]);
+    assert_eq!(vd(&["compare", s(&img), s(&raw)]).status.code(), Some(0));
 }
 
 #[test]
@@ -202,17 +154,14 @@ fn commit_merges_a_child_into_its_parent() {
     ok(&["convert", "-O", "raw", s(&child), s(&raw)]);
     ok(&["commit", s(&child)]);
     qemu_check(&parent);
-    qemu(
-        "qemu-img",
-        &["compare", "-f", "vhdx", "-F", "raw", s(&parent), s(&raw)],
-    );
+    qemu::img(&["compare", "-f", "vhdx", "-F", "raw", s(&parent), s(&raw)]);
     // The child was relinked to the parent's new identity and still reads the same.
-    assert_eq!(run(&["compare", s(&child), s(&raw)]).status.code(), Some(0));
+    assert_eq!(vd(&["compare", s(&child), s(&raw)]).status.code(), Some(0));
     let child_info = json(&["info", s(&child)]);
     let parent_info = json(&["info", s(&parent)]);
     assert_eq!(child_info["parent_uuid"], parent_info["modification_uuid"]);
     // A base image has nothing to commit.
-    assert_eq!(run(&["commit", s(&parent)]).status.code(), Some(2));
+    assert_eq!(vd(&["commit", s(&parent)]).status.code(), Some(2));
 }
 
 #[test]
@@ -260,7 +209,7 @@ fn setters_persist_and_survive_rewrites() {
     ok(&["create", "-f", "vhdx", "-b", s(&img), s(&child)]);
     let z = "00000000-0000-0000-0000-00000000abcd";
     ok(&["setuuid", "--parent-uuid", z, s(&child)]);
-    let o = run(&[
+    let o = vd(&[
         "convert",
         "-O",
         "raw",

@@ -9,69 +9,22 @@
 //!   size);
 //! - `convert` of a truncated source over an existing destination keeps the old destination.
 
-mod support;
-
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use support::{peer, peer_ok, s, sha256_file, stderr, stdout, vd, vd_ok};
+use vd_tests::hash::sha256_file;
+use vd_tests::process::{stderr, stdout};
+use vd_tests::qemu::{self, DirtyLog, dirty_vhdx};
+use vd_tests::vhdx::{CUTS, cut_at};
+use vd_tests::{s, vd_tool_fns, vhdx};
+
+vd_tool_fns!();
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
-const HEADERS: [u64; 2] = [64 * KIB, 128 * KIB];
-const REGION_TABLE: u64 = 192 * KIB;
-/// The BAT and metadata region GUIDs, as their bytes in the file.
-const REGION_BAT: [u8; 16] = [
-    0x66, 0x77, 0xc2, 0x2d, 0x23, 0xf6, 0x00, 0x42, 0x9d, 0x64, 0x11, 0x5e, 0x9b, 0xfd, 0x4a, 0x08,
-];
-const REGION_METADATA: [u8; 16] = [
-    0x06, 0xa2, 0x7c, 0x8b, 0x90, 0x47, 0x9a, 0x4b, 0xb8, 0xfe, 0x57, 0x5f, 0x05, 0x0f, 0x88, 0x6e,
-];
 /// 64 MiB images with 1 MiB blocks, 0xab over the first 8 MiB.
 const WRITE: &str = "write -P 0xab 0 8M";
-
-fn le32(b: &[u8], at: u64) -> u64 {
-    let at = usize::try_from(at).expect("small");
-    u64::from(u32::from_le_bytes(
-        b[at..at + 4].try_into().expect("4 bytes"),
-    ))
-}
-
-fn le64(b: &[u8], at: u64) -> u64 {
-    let at = usize::try_from(at).expect("small");
-    u64::from_le_bytes(b[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn current_header(b: &[u8]) -> u64 {
-    if le64(b, HEADERS[1] + 8) > le64(b, HEADERS[0] + 8) {
-        HEADERS[1]
-    } else {
-        HEADERS[0]
-    }
-}
-
-fn is_dirty(b: &[u8]) -> bool {
-    let h = usize::try_from(current_header(b)).expect("small");
-    b[h + 48..h + 64].iter().any(|&x| x != 0)
-}
-
-/// Offset and length of the region with `guid`.
-fn region(b: &[u8], guid: [u8; 16]) -> (u64, u64) {
-    let n = le32(b, REGION_TABLE + 8);
-    for i in 0..n {
-        let e = REGION_TABLE + 16 + 32 * i;
-        let at = usize::try_from(e).expect("small");
-        if b[at..at + 16] == guid {
-            return (le64(b, e + 16), le32(b, e + 24));
-        }
-    }
-    panic!("region not found");
-}
-
-fn run_ok(program: &str, args: &[&str]) {
-    peer_ok(program, args);
-}
 
 /// A 64 MiB, 1 MiB-block image by vd-tool holding the pattern; `dirty`: the writer flushed and
 /// was killed before closing.
@@ -118,93 +71,22 @@ fn vd_image(path: &Path, dirty: bool) {
 }
 
 /// The same by qemu-img/qemu-io; `dirty`: qemu's in-place BAT write fails once (blkdebug)
-/// after its log entry is flushed.
+/// after its log entry (block 0's BAT update) is flushed.
 fn qemu_image(path: &Path, dirty: bool) {
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "vhdx",
-            "-o",
-            "subformat=dynamic,block_size=1M",
-            s(path),
-            "64M",
-        ],
-    );
-    if !dirty {
-        run_ok("qemu-io", &["-f", "vhdx", "-c", WRITE, s(path)]);
+    let opts = "subformat=dynamic,block_size=1M";
+    if dirty {
+        let log = DirtyLog {
+            size: 64 * MIB,
+            opts: Some(opts),
+            pattern: 0xab,
+            len: 8 * MIB,
+            replayed: MIB,
+        };
+        dirty_vhdx(path, &log);
         return;
     }
-    let b = std::fs::read(path).expect("image");
-    let bat_sector = region(&b, REGION_BAT).0 / 512;
-    let rules = path.with_extension("cfg");
-    std::fs::write(
-        &rules,
-        format!(
-            "[inject-error]\nevent = \"pwritev\"\nsector = \"{bat_sector}\"\nerrno = \"5\"\nonce = \"on\"\n"
-        ),
-    )
-    .expect("rules");
-    let json = format!(
-        r#"json:{{"driver":"vhdx","file":{{"driver":"blkdebug","config":"{}","image":{{"driver":"file","filename":"{}"}}}}}}"#,
-        s(&rules),
-        s(path)
-    );
-    let o = peer("qemu-io", &["-c", WRITE, &json]);
-    assert!(!o.status.success(), "the blkdebug write was meant to fail");
-}
-
-#[derive(Debug, Clone, Copy)]
-enum Cut {
-    Log,
-    Bat,
-    Metadata,
-    Payload,
-    LastBlock,
-}
-
-fn cut_at(b: &[u8], cut: Cut) -> u64 {
-    let len = b.len() as u64;
-    match cut {
-        Cut::Log => {
-            let h = current_header(b);
-            le64(b, h + 72) + le32(b, h + 68) / 2
-        }
-        Cut::Bat => region(b, REGION_BAT).0 + 256,
-        Cut::Metadata => region(b, REGION_METADATA).0 + 32 * KIB,
-        Cut::Payload => len - 5 * MIB / 2,
-        Cut::LastBlock => len - MIB / 2,
-    }
-}
-
-/// CRC-32C, bitwise.
-fn crc32c(data: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in data {
-        c ^= u32::from(b);
-        for _ in 0..8 {
-            c = if c & 1 != 0 {
-                (c >> 1) ^ 0x82F6_3B78
-            } else {
-                c >> 1
-            };
-        }
-    }
-    !c
-}
-
-/// Lowers the FlushedFileOffset of the (only) log entry, at the start of the log.
-fn set_flushed_offset(b: &mut [u8], flushed: u64) {
-    let h = current_header(b);
-    let log = usize::try_from(le64(b, h + 72)).expect("small");
-    assert_eq!(&b[log..log + 4], b"loge");
-    let len = usize::try_from(le32(b, log as u64 + 8)).expect("small");
-    b[log + 48..log + 56].copy_from_slice(&flushed.to_le_bytes());
-    b[log + 4..log + 8].fill(0);
-    let sum = crc32c(&b[log..log + len]);
-    b[log + 4..log + 8].copy_from_slice(&sum.to_le_bytes());
+    qemu::create(path, Some(opts), "64M");
+    qemu::io(&["-f", "vhdx", "-c", WRITE, s(path)]);
 }
 
 /// Every truncated variant of every image kind: (description, file).
@@ -218,20 +100,14 @@ fn truncated_images(dir: &Path) -> Vec<(String, PathBuf)> {
             qemu_image(&full, dirty);
         }
         let bytes = std::fs::read(&full).expect("image");
-        assert_eq!(is_dirty(&bytes), dirty, "{maker} dirty={dirty}");
-        for cut in [
-            Cut::Log,
-            Cut::Bat,
-            Cut::Metadata,
-            Cut::Payload,
-            Cut::LastBlock,
-        ] {
-            let at = cut_at(&bytes, cut);
+        assert_eq!(vhdx::log_is_dirty(&bytes), dirty, "{maker} dirty={dirty}");
+        for cut in CUTS {
+            let at = cut_at(&bytes, cut) as u64;
             let small_flushed: &[bool] = if dirty { &[false, true] } else { &[false] };
             for &small in small_flushed {
                 let mut b = bytes.clone();
                 if small {
-                    set_flushed_offset(&mut b, at);
+                    vhdx::set_flushed_offset(&mut b, at);
                 }
                 b.truncate(usize::try_from(at).expect("small"));
                 let name = format!("{maker}-dirty{dirty}-{cut:?}-lowflushed{small}");
@@ -326,7 +202,7 @@ fn check_repair_of_a_truncated_image_lists_the_missing_blocks_and_does_not_grow_
         let at = b.len() as u64 - 5 * MIB / 2;
         if dirty {
             // The log entry was written when the file was this long (the issue's image).
-            set_flushed_offset(&mut b, at);
+            vhdx::set_flushed_offset(&mut b, at);
         }
         b.truncate(usize::try_from(at).expect("small"));
         std::fs::write(&img, &b).expect("writing");
@@ -368,7 +244,7 @@ fn convert_over_destination(dirty: bool) {
     let mut b = std::fs::read(&img).expect("image");
     let at = b.len() as u64 - 5 * MIB / 2;
     if dirty {
-        set_flushed_offset(&mut b, at);
+        vhdx::set_flushed_offset(&mut b, at);
     }
     b.truncate(usize::try_from(at).expect("small"));
     std::fs::write(&img, &b).expect("writing");

@@ -10,13 +10,20 @@
 //! opens neither VHDX differencing images nor 4 KiB-logical-sector ones, so those are read by
 //! libvhdi and by our own reader only.
 
+use std::ffi::OsStr;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use sha2::{Digest, Sha256};
+use vd_tests::hash::sha256_chunks;
+use vd_tests::peers::{Peer, require};
+use vd_tests::process::{output, run_ok, show, stdout};
+use vd_tests::readers::libvhdi_read;
+use vd_tests::{qemu, s, vd_tool_fns};
+
+vd_tool_fns!();
 
 const KIB: u64 = 1 << 10;
 const MIB: u64 = 1 << 20;
@@ -25,85 +32,21 @@ const GIB: u64 = 1 << 30;
 // ---------------------------------------------------------------------------------------------
 // Running the tools
 
-fn p(path: &Path) -> &str {
-    path.to_str().expect("temp paths are UTF-8")
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn show(o: &Output) -> String {
-    format!(
-        "exit {:?}\n--- stdout\n{}\n--- stderr\n{}",
-        o.status.code(),
-        text(&o.stdout),
-        text(&o.stderr)
-    )
-}
-
-fn run(program: &str, args: &[String]) -> Output {
-    Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"))
-}
-
 fn strings<S: AsRef<str>>(args: &[S]) -> Vec<String> {
     args.iter().map(|a| a.as_ref().to_string()).collect()
 }
 
-/// Runs the command and requires exit code 0.
-fn ok(program: &str, args: &[String]) -> Output {
-    let o = run(program, args);
-    assert!(
-        o.status.success(),
-        "{program} {} failed: {}",
-        args.join(" "),
-        show(&o)
-    );
-    o
-}
-
-fn vd<S: AsRef<str>>(args: &[S]) -> Output {
-    run(env!("CARGO_BIN_EXE_vd-tool"), &strings(args))
-}
-
-fn vd_ok<S: AsRef<str>>(args: &[S]) -> Output {
-    ok(env!("CARGO_BIN_EXE_vd-tool"), &strings(args))
-}
-
-/// A required external tool: missing is a failure, never a skip.
-fn require(program: &str, hint: &str) {
-    let found = Command::new(program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(found, "{program} is required ({hint})");
-}
-
 fn qemu() {
-    require("qemu-img", "CI installs qemu-utils");
-    require("qemu-io", "CI installs qemu-utils");
+    require(&[Peer::QemuImg, Peer::QemuIo]);
 }
 
-/// pyvhdi is required too; CI runs `python3 -m pip install libvhdi-python`.
+/// pyvhdi is required too (.ci/run installs it).
 fn pyvhdi() {
-    let o = run(
-        "python3",
-        &strings(&["-c", "import pyvhdi; print(pyvhdi.get_version())"]),
-    );
-    assert!(
-        o.status.success(),
-        "pyvhdi is required: run `python3 -m pip install libvhdi-python`\n{}",
-        show(&o)
-    );
+    require(&[Peer::Pyvhdi]);
 }
 
-fn qemu_img<S: AsRef<str>>(args: &[S]) -> Output {
-    run("qemu-img", &strings(args))
+fn qemu_img<S: AsRef<OsStr>>(args: &[S]) -> Output {
+    output("qemu-img", args)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -150,7 +93,7 @@ fn io_args(ops: &[Op]) -> Vec<String> {
 fn vd_write(img: &Path, ops: &[Op]) {
     let mut args = strings(&["io"]);
     args.extend(io_args(ops));
-    args.push(p(img).to_string());
+    args.push(s(img).to_string());
     vd_ok(&args);
 }
 
@@ -194,7 +137,7 @@ impl Reference {
         if len < 64 * KIB {
             return self.fill(off, len, 0);
         }
-        ok(
+        run_ok(
             "fallocate",
             &strings(&[
                 "--punch-hole",
@@ -202,7 +145,7 @@ impl Reference {
                 &off.to_string(),
                 "--length",
                 &len.to_string(),
-                p(&self.path),
+                s(&self.path),
             ]),
         );
     }
@@ -263,7 +206,7 @@ impl Reference {
     }
 
     fn sha256_and_chunks(&self) -> (String, Vec<String>) {
-        sha256_file(&self.path)
+        sha256_chunks(&self.path, MIB)
     }
 }
 
@@ -276,29 +219,6 @@ fn run_len(data: &[u8]) -> usize {
         n += block.len();
     }
     n + data[n..].iter().take_while(|&&x| x == b).count()
-}
-
-fn hex(d: &[u8]) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// SHA-256 of the whole file and of each 1 MiB chunk.
-fn sha256_file(path: &Path) -> (String, Vec<String>) {
-    let f = File::open(path).expect("open for hashing");
-    let len = f.metadata().expect("metadata").len();
-    let mut whole = Sha256::new();
-    let mut chunks = Vec::new();
-    let mut buf = vec![0u8; MIB as usize];
-    let mut off = 0;
-    while off < len {
-        let n = (len - off).min(MIB) as usize;
-        f.read_exact_at(&mut buf[..n], off)
-            .expect("read for hashing");
-        whole.update(&buf[..n]);
-        chunks.push(hex(&Sha256::digest(&buf[..n])));
-        off += n as u64;
-    }
-    (hex(&whole.finalize()), chunks)
 }
 
 fn with_c(cmds: &[String]) -> Vec<String> {
@@ -322,9 +242,9 @@ fn qemu_compare(reference: &Reference, img: &Path) {
     let mut targets = vec![(img.to_path_buf(), "vhdx")];
     if reference.size > DIRECT_COMPARE_MAX {
         let qcow2 = img.with_extension("by-qemu.qcow2");
-        ok(
+        run_ok(
             "qemu-img",
-            &strings(&["convert", "-f", "vhdx", "-O", "qcow2", p(img), p(&qcow2)]),
+            &strings(&["convert", "-f", "vhdx", "-O", "qcow2", s(img), s(&qcow2)]),
         );
         targets = vec![(qcow2, "qcow2")];
     }
@@ -335,8 +255,8 @@ fn qemu_compare(reference: &Reference, img: &Path) {
             "raw",
             "-F",
             fmt,
-            p(&reference.path),
-            p(target),
+            s(&reference.path),
+            s(target),
         ]);
         assert_eq!(
             cmp.status.code(),
@@ -355,7 +275,7 @@ fn qemu_compare(reference: &Reference, img: &Path) {
 /// qemu-img check is clean, qemu-img compare against the reference is identical, and qemu-io
 /// reads every touched range as the reference holds it.
 fn verify_in_qemu(img: &Path, reference: &Reference) {
-    let check = qemu_img(&["check", "-f", "vhdx", p(img)]);
+    let check = qemu_img(&["check", "-f", "vhdx", s(img)]);
     assert_eq!(
         check.status.code(),
         Some(0),
@@ -366,10 +286,10 @@ fn verify_in_qemu(img: &Path, reference: &Reference) {
     qemu_compare(reference, img);
     let mut args = strings(&["-f", "vhdx", "-r"]);
     args.extend(with_c(&reference.expected_reads()));
-    args.push(p(img).to_string());
-    let o = ok("qemu-io", &args);
+    args.push(s(img).to_string());
+    let o = run_ok("qemu-io", &args);
     assert!(
-        !text(&o.stdout).contains("verification failed"),
+        !stdout(&o).contains("verification failed"),
         "qemu-io read back {}: {}",
         img.display(),
         show(&o)
@@ -380,71 +300,16 @@ fn verify_in_qemu(img: &Path, reference: &Reference) {
 /// reads every touched range as the reference holds it.
 fn verify_in_ours(img: &Path, reference: &Reference, parents: &[&Path]) {
     if parents.is_empty() {
-        vd_ok(&["check", p(img)]);
+        vd_ok(&["check", s(img)]);
     }
     let mut cmp = vec!["compare".to_string()];
-    cmp.push(p(&reference.path).to_string());
-    cmp.push(p(img).to_string());
+    cmp.push(s(&reference.path).to_string());
+    cmp.push(s(img).to_string());
     vd_ok(&cmp);
     let mut args = strings(&["io", "-r"]);
     args.extend(with_c(&reference.expected_reads()));
-    args.push(p(img).to_string());
+    args.push(s(img).to_string());
     vd_ok(&args);
-}
-
-/// What pyvhdi reads: the whole disk's SHA-256, per-MiB digests, the logical sector size.
-#[derive(Debug)]
-struct Libvhdi {
-    sha256: String,
-    chunks: Vec<String>,
-    size: u64,
-    bytes_per_sector: u64,
-}
-
-const PYVHDI_HASH: &str = r#"
-import hashlib, json, sys
-import pyvhdi
-files = []
-for path in sys.argv[1:]:
-    f = pyvhdi.file()
-    f.open(path)
-    files.append(f)
-for child, parent in zip(files, files[1:]):
-    child.set_parent(parent)
-f = files[0]
-size = f.get_media_size()
-whole = hashlib.sha256()
-chunks = []
-off = 0
-while off < size:
-    n = min(1 << 20, size - off)
-    buf = f.read_buffer_at_offset(n, off)
-    if len(buf) != n:
-        sys.exit(f"short read at {off}: {len(buf)} of {n} bytes")
-    whole.update(buf)
-    chunks.append(hashlib.sha256(buf).hexdigest())
-    off += n
-print(json.dumps({"sha256": whole.hexdigest(), "chunks": chunks, "size": size,
-                  "bytes_per_sector": f.get_bytes_per_sector()}))
-"#;
-
-/// Reads `img` (with its parents, immediate parent first) through pyvhdi.
-fn libvhdi_read(img: &Path, parents: &[&Path]) -> Libvhdi {
-    let mut args = strings(&["-c", PYVHDI_HASH, p(img)]);
-    args.extend(parents.iter().map(|x| p(x).to_string()));
-    let o = ok("python3", &args);
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("the script's JSON");
-    Libvhdi {
-        sha256: v["sha256"].as_str().expect("sha256").to_string(),
-        chunks: v["chunks"]
-            .as_array()
-            .expect("chunks")
-            .iter()
-            .map(|c| c.as_str().expect("digest").to_string())
-            .collect(),
-        size: v["size"].as_u64().expect("size"),
-        bytes_per_sector: v["bytes_per_sector"].as_u64().expect("bytes_per_sector"),
-    }
 }
 
 /// `vd-tool convert -O raw` of the disk (through its parents), hashed.
@@ -453,12 +318,12 @@ fn ours_sha256(img: &Path, dir: &Path) -> (String, Vec<String>) {
         "{}.ours.raw",
         img.file_name().and_then(|n| n.to_str()).expect("a name")
     ));
-    vd_ok(&["convert", "-O", "raw", p(img), p(&out)]);
-    sha256_file(&out)
+    vd_ok(&["convert", "-O", "raw", s(img), s(&out)]);
+    sha256_chunks(&out, MIB)
 }
 
 fn info(img: &Path) -> serde_json::Value {
-    let o = vd_ok(&["--output", "json", "info", p(img)]);
+    let o = vd_ok(&["--output", "json", "info", s(img)]);
     serde_json::from_slice(&o.stdout).expect("info JSON")
 }
 
@@ -542,7 +407,7 @@ fn created_images_written_by_us_pass_qemu_check_and_read_back() {
             "vhdx",
             "-o",
             &opts,
-            p(&img),
+            s(&img),
             &size.to_string(),
         ]);
         let mut ops = ops_for(bs, size);
@@ -579,7 +444,7 @@ fn created_images_written_by_us_pass_qemu_check_and_read_back() {
         vd_write(&img, &ops);
         verify_in_qemu(&img, &reference);
         verify_in_ours(&img, &reference, &[]);
-        let qi = qemu_img(&["info", "--output=json", "-f", "vhdx", p(&img)]);
+        let qi = qemu_img(&["info", "--output=json", "-f", "vhdx", s(&img)]);
         let v: serde_json::Value = serde_json::from_slice(&qi.stdout).expect("qemu-img info");
         assert_eq!(v["virtual-size"], size, "{name}");
         assert_eq!(v["cluster-size"], bs, "{name}");
@@ -606,7 +471,7 @@ fn sector_size_options_read_back_in_libvhdi_and_ours() {
             "vhdx",
             "-o",
             &opts,
-            p(&img),
+            s(&img),
             &size.to_string(),
         ]);
         let ops = ops_for(MIB, size);
@@ -706,9 +571,9 @@ fn convert_from_raw_passes_qemu_and_allocates_only_non_zero_blocks() {
         ("logical_sector_size=4096", 4096),
     ] {
         let dst = dir.path().join(format!("dst-{logical}.vhdx"));
-        vd_ok(&["convert", "-O", "vhdx", "-o", opts, p(&src), p(&dst)]);
-        vd_ok(&["check", p(&dst)]);
-        vd_ok(&["compare", "-s", p(&src), p(&dst)]);
+        vd_ok(&["convert", "-O", "vhdx", "-o", opts, s(&src), s(&dst)]);
+        vd_ok(&["check", s(&dst)]);
+        vd_ok(&["compare", "-s", s(&src), s(&dst)]);
         assert_libvhdi_reads(&dst, &[], &reference, opts);
         if logical == 512 {
             verify_in_qemu(&dst, &reference);
@@ -720,23 +585,23 @@ fn convert_from_raw_passes_qemu_and_allocates_only_non_zero_blocks() {
         if bs != 32 * MIB {
             args.extend(strings(&["-o", &format!("block_size={}M", bs / MIB)]));
         }
-        args.extend(strings(&[p(&src), p(&dst)]));
+        args.extend(strings(&[s(&src), s(&dst)]));
         vd_ok(&args);
-        let check = qemu_img(&["check", "-f", "vhdx", p(&dst)]);
+        let check = qemu_img(&["check", "-f", "vhdx", s(&dst)]);
         assert_eq!(check.status.code(), Some(0), "{}", show(&check));
-        ok(
+        run_ok(
             "qemu-img",
-            &strings(&["compare", "-f", "raw", "-F", "vhdx", p(&src), p(&dst)]),
+            &strings(&["compare", "-f", "raw", "-F", "vhdx", s(&src), s(&dst)]),
         );
-        ok(
+        run_ok(
             "qemu-img",
-            &strings(&["compare", "-f", "vhdx", "-F", "raw", p(&dst), p(&src)]),
+            &strings(&["compare", "-f", "vhdx", "-F", "raw", s(&dst), s(&src)]),
         );
-        vd_ok(&["compare", p(&dst), p(&src)]);
-        vd_ok(&["compare", "-s", p(&src), p(&dst)]);
+        vd_ok(&["compare", s(&dst), s(&src)]);
+        vd_ok(&["compare", "-s", s(&src), s(&dst)]);
 
         // Data extents cover exactly the blocks that hold a non-zero byte.
-        let m = vd_ok(&["--output", "json", "map", p(&dst)]);
+        let m = vd_ok(&["--output", "json", "map", s(&dst)]);
         let v: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
         assert_eq!(v["virtual_size"], size);
         let blocks = size.div_ceil(bs);
@@ -791,9 +656,9 @@ fn our_writes_into_qemu_created_images_read_back_in_qemu() {
         let img = dir.path().join(format!("{name}.vhdx"));
         let mut args = strings(&["create", "-q", "-f", "vhdx"]);
         args.extend(strings(opts));
-        args.extend(strings(&[p(&img), &size.to_string()]));
-        ok("qemu-img", &args);
-        let qi = qemu_img(&["info", "--output=json", "-f", "vhdx", p(&img)]);
+        args.extend(strings(&[s(&img), &size.to_string()]));
+        run_ok("qemu-img", &args);
+        let qi = qemu_img(&["info", "--output=json", "-f", "vhdx", s(&img)]);
         let v: serde_json::Value = serde_json::from_slice(&qi.stdout).expect("qemu-img info");
         let bs = v["cluster-size"].as_u64().expect("cluster-size");
         let mut ops = ops_for(bs, size);
@@ -827,7 +692,7 @@ fn qemu_writes_into_our_images_read_back_in_ours() {
             "vhdx",
             "-o",
             &opts,
-            p(&img),
+            s(&img),
             &size.to_string(),
         ]);
         // qemu's vhdx driver has no discard; its zero writes fall back to writing zeros.
@@ -845,15 +710,15 @@ fn qemu_writes_into_our_images_read_back_in_ours() {
         reference.apply(&ops);
         let mut args = strings(&["-f", "vhdx"]);
         args.extend(io_args(&ops));
-        args.push(p(&img).to_string());
-        ok("qemu-io", &args);
+        args.push(s(&img).to_string());
+        run_ok("qemu-io", &args);
         verify_in_ours(&img, &reference, &[]);
         verify_in_qemu(&img, &reference);
         // A wrong pattern is exit code 1, and says where.
-        let o = vd(&["io", "-r", "-c", "read -P 0x12 777 513", p(&img)]);
+        let o = vd(&["io", "-r", "-c", "read -P 0x12 777 513", s(&img)]);
         assert_eq!(o.status.code(), Some(1), "{}", show(&o));
         assert!(
-            text(&o.stdout).contains("Pattern verification failed at offset 777"),
+            stdout(&o).contains("Pattern verification failed at offset 777"),
             "{}",
             show(&o)
         );
@@ -874,8 +739,8 @@ fn qemu_writes_into_our_images_read_back_in_ours() {
         reference.apply(&theirs);
         let mut args = strings(&["-f", "vhdx"]);
         args.extend(io_args(&theirs));
-        args.push(p(&img).to_string());
-        ok("qemu-io", &args);
+        args.push(s(&img).to_string());
+        run_ok("qemu-io", &args);
         verify_in_ours(&img, &reference, &[]);
         verify_in_qemu(&img, &reference);
     }
@@ -929,36 +794,24 @@ fn check_chain(dir: &Path, by: ParentBy, logical: u64) {
                 "vhdx",
                 "-o",
                 &opts,
-                p(&parent),
+                s(&parent),
                 &size.to_string(),
             ]);
             vd_write(&parent, &parent_ops);
         }
         ParentBy::Qemu => {
             assert_eq!(logical, 512, "qemu makes 512-byte sectors only");
-            ok(
-                "qemu-img",
-                &strings(&[
-                    "create",
-                    "-q",
-                    "-f",
-                    "vhdx",
-                    "-o",
-                    "block_size=1M",
-                    p(&parent),
-                    &size.to_string(),
-                ]),
-            );
+            qemu::create(&parent, Some("block_size=1M"), &size.to_string());
             let mut args = strings(&["-f", "vhdx"]);
             args.extend(io_args(&parent_ops));
-            args.push(p(&parent).to_string());
-            ok("qemu-io", &args);
+            args.push(s(&parent).to_string());
+            run_ok("qemu-io", &args);
         }
     }
     let mut reference = Reference::new(dir.join(format!("chain-{by:?}-{logical}.raw")), size);
     reference.apply(&parent_ops);
 
-    vd_ok(&["create", "-f", "vhdx", "-b", p(&parent), p(&child)]);
+    vd_ok(&["create", "-f", "vhdx", "-b", s(&parent), s(&child)]);
     let v = info(&child);
     assert_eq!(v["logical_sector_size"], logical, "{what}: {v}");
     let bs = v["format_specific"]["block_size"]
@@ -988,7 +841,7 @@ fn check_chain(dir: &Path, by: ParentBy, logical: u64) {
     ];
     reference.apply(&child_ops);
     vd_write(&child, &child_ops);
-    vd_ok(&["check", p(&child)]);
+    vd_ok(&["check", s(&child)]);
     assert_eq!(
         ours_sha256(&child, dir).0,
         reference.sha256_and_chunks().0,
@@ -999,7 +852,7 @@ fn check_chain(dir: &Path, by: ParentBy, logical: u64) {
 
     // Flattened by us, read by qemu (512-byte sectors) or libvhdi (4 KiB).
     let flat = dir.join(format!("flat-{by:?}-{logical}.vhdx"));
-    vd_ok(&["convert", "-O", "vhdx", p(&child), p(&flat)]);
+    vd_ok(&["convert", "-O", "vhdx", s(&child), s(&flat)]);
     if logical == 512 {
         verify_in_qemu(&flat, &reference);
     } else {
@@ -1007,7 +860,7 @@ fn check_chain(dir: &Path, by: ParentBy, logical: u64) {
     }
 
     // A grandchild, written over both.
-    vd_ok(&["create", "-f", "vhdx", "-b", p(&child), p(&grandchild)]);
+    vd_ok(&["create", "-f", "vhdx", "-b", s(&child), s(&grandchild)]);
     let grandchild_ops = [
         w(900, 200, 0x81),
         w(3 * bs + 4000, 5000, 0x82),
@@ -1079,11 +932,11 @@ fn unaligned_zeroing_and_discard_in_a_child_succeed() {
             "vhdx",
             "-o",
             &opts,
-            p(&parent),
+            s(&parent),
             &size.to_string(),
         ]);
         vd_write(&parent, &[w(0, size, 0x61)]);
-        vd_ok(&["create", "-f", "vhdx", "-b", p(&parent), p(&child)]);
+        vd_ok(&["create", "-f", "vhdx", "-b", s(&parent), s(&child)]);
         let mut reference = Reference::new(dir.path().join(format!("ref-{logical}.raw")), size);
         reference.apply(&[w(0, size, 0x61)]);
         let ops = [
@@ -1107,9 +960,9 @@ fn unaligned_zeroing_and_discard_in_a_child_succeed() {
 
         // Discard may keep the data; it must not fail, nor touch what is around it.
         let (off, len) = (5 * MIB + 100, 3 * MIB);
-        vd_ok(&["io", "-c", &format!("discard {off} {len}"), p(&child)]);
+        vd_ok(&["io", "-c", &format!("discard {off} {len}"), s(&child)]);
         let raw = dir.path().join(format!("child-{logical}.raw"));
-        vd_ok(&["convert", "-O", "raw", p(&child), p(&raw)]);
+        vd_ok(&["convert", "-O", "raw", s(&child), s(&raw)]);
         let got = std::fs::read(&raw).unwrap();
         let want = reference.read(0, size);
         let (lo, hi) = (off as usize, (off + len) as usize);
@@ -1226,7 +1079,7 @@ fn crash_run(img: &Path, plan: &Plan, kill: Option<(usize, Duration)>) -> (Vec<F
         args.push("-c".to_string());
         args.push(c.clone());
     }
-    args.push(p(img).to_string());
+    args.push(s(img).to_string());
     let mut child = Command::new(env!("CARGO_BIN_EXE_vd-tool"))
         .args(&args)
         .stdin(Stdio::null())
@@ -1322,7 +1175,7 @@ fn check_fates(raw: &Path, plan: &Plan, fates: &[Fate], what: &str) {
 
 /// `vd-tool map`'s extents: start, length, state.
 fn map_extents(img: &Path) -> Vec<(u64, u64, String)> {
-    let m = vd_ok(&["--output", "json", "map", p(img)]);
+    let m = vd_ok(&["--output", "json", "map", s(img)]);
     let v: serde_json::Value = serde_json::from_slice(&m.stdout).expect("map JSON");
     v["extents"]
         .as_array()
@@ -1346,12 +1199,12 @@ fn qemu_io_failed_reads(img: &Path, reads: &[String]) -> Vec<u64> {
     }
     let mut args = strings(&["-f", "vhdx", "-r"]);
     args.extend(with_c(reads));
-    args.push(p(img).to_string());
-    let o = run("qemu-io", &args);
+    args.push(s(img).to_string());
+    let o = output("qemu-io", &args);
     let mut failed = Vec::new();
     let mut pending = false;
     let mut done = 0;
-    for line in text(&o.stdout).lines() {
+    for line in stdout(&o).lines() {
         if line.starts_with("Pattern verification failed") {
             pending = true;
         } else if let Some(at) = line.split(" at offset ").nth(1)
@@ -1442,7 +1295,7 @@ fn crash_and_repair(dir: &Path, plan: &Plan, kills: &[(usize, u64)], full_pass: 
             "vhdx",
             "-o",
             "block_size=1M",
-            p(img),
+            s(img),
             &plan.size.to_string(),
         ]);
     };
@@ -1458,16 +1311,16 @@ fn crash_and_repair(dir: &Path, plan: &Plan, kills: &[(usize, u64)], full_pass: 
         let by_qemu = dir.join(format!("crash{n}-qemu.vhdx"));
         let by_us = dir.join(format!("crash{n}-vd.vhdx"));
         for copy in [&by_qemu, &by_us] {
-            ok("cp", &strings(&["--sparse=always", p(&img), p(copy)]));
+            run_ok("cp", &strings(&["--sparse=always", s(&img), s(copy)]));
         }
-        let r = qemu_img(&["check", "-r", "all", "-f", "vhdx", p(&by_qemu)]);
+        let r = qemu_img(&["check", "-r", "all", "-f", "vhdx", s(&by_qemu)]);
         assert_eq!(
             r.status.code(),
             Some(0),
             "{what}: qemu-img check -r all: {}",
             show(&r)
         );
-        let r = vd(&["check", "-r", p(&by_us)]);
+        let r = vd(&["check", "-r", s(&by_us)]);
         assert_eq!(
             r.status.code(),
             Some(0),
@@ -1475,9 +1328,9 @@ fn crash_and_repair(dir: &Path, plan: &Plan, kills: &[(usize, u64)], full_pass: 
             show(&r)
         );
         for repaired in [&by_qemu, &by_us] {
-            let c = qemu_img(&["check", "-f", "vhdx", p(repaired)]);
+            let c = qemu_img(&["check", "-f", "vhdx", s(repaired)]);
             assert_eq!(c.status.code(), Some(0), "{what}: {}", show(&c));
-            let c = vd(&["check", p(repaired)]);
+            let c = vd(&["check", s(repaired)]);
             assert_eq!(c.status.code(), Some(0), "{what}: {}", show(&c));
         }
         assert!(
@@ -1491,8 +1344,8 @@ fn crash_and_repair(dir: &Path, plan: &Plan, kills: &[(usize, u64)], full_pass: 
                 "vhdx",
                 "-F",
                 "vhdx",
-                p(&by_qemu),
-                p(&by_us),
+                s(&by_qemu),
+                s(&by_us),
             ]);
             assert_eq!(
                 c.status.code(),
@@ -1505,8 +1358,8 @@ fn crash_and_repair(dir: &Path, plan: &Plan, kills: &[(usize, u64)], full_pass: 
         // through both is a full pass over the disk, kept to the small plan; the large one
         // compares maps (the unrepaired image read-only, replaying its log in memory).
         if full_pass {
-            vd_ok(&["compare", p(&by_qemu), p(&by_us)]);
-            vd_ok(&["compare", p(&img), p(&by_us)]);
+            vd_ok(&["compare", s(&by_qemu), s(&by_us)]);
+            vd_ok(&["compare", s(&img), s(&by_us)]);
         } else {
             let unrepaired = map_extents(&img);
             assert_eq!(unrepaired, map_extents(&by_us), "{what}: maps differ");
@@ -1526,17 +1379,17 @@ fn crash_and_repair(dir: &Path, plan: &Plan, kills: &[(usize, u64)], full_pass: 
         if !reads.is_empty() {
             let mut args = strings(&["-f", "vhdx", "-r"]);
             args.extend(with_c(&reads));
-            args.push(p(&by_qemu).to_string());
-            let o = ok("qemu-io", &args);
-            assert!(!text(&o.stdout).contains("verification failed"), "{what}");
+            args.push(s(&by_qemu).to_string());
+            let o = run_ok("qemu-io", &args);
+            assert!(!stdout(&o).contains("verification failed"), "{what}");
             let mut args = strings(&["io", "-r"]);
             args.extend(with_c(&reads));
-            args.push(p(&by_us).to_string());
+            args.push(s(&by_us).to_string());
             vd_ok(&args);
         }
         if full_pass {
             let raw = dir.join(format!("crash{n}.raw"));
-            vd_ok(&["convert", "-O", "raw", p(&by_us), p(&raw)]);
+            vd_ok(&["convert", "-O", "raw", s(&by_us), s(&raw)]);
             check_fates(&raw, plan, &fates, &what);
             std::fs::remove_file(&raw).unwrap();
         } else {
@@ -1586,15 +1439,15 @@ fn killed_writer_leaves_an_image_both_repairs_agree_on() {
         "vhdx",
         "-o",
         "block_size=1M",
-        p(&full),
+        s(&full),
         &plan.size.to_string(),
     ]);
     let (fates, _) = crash_run(&full, &plan, None);
     assert!(fates.iter().all(|&f| f == Fate::Durable));
     let raw = dir.path().join("full.raw");
-    vd_ok(&["convert", "-O", "raw", p(&full), p(&raw)]);
+    vd_ok(&["convert", "-O", "raw", s(&full), s(&raw)]);
     check_fates(&raw, &plan, &fates, "uninterrupted");
-    let check = qemu_img(&["check", "-f", "vhdx", p(&full)]);
+    let check = qemu_img(&["check", "-f", "vhdx", s(&full)]);
     assert_eq!(check.status.code(), Some(0), "{}", show(&check));
 
     // Kill points: after so many completed commands (of 240), then a few more milliseconds.

@@ -1,0 +1,120 @@
+//! Helpers for vd-tool's own integration tests: running the `vd-tool` binary, its error exits,
+//! and processes that hold an image open (and locked) in the background.
+//!
+//! Cargo tells only vd-tool's integration tests where its binary is
+//! (`CARGO_BIN_EXE_vd-tool`), so [`vd_tool_fns!`](crate::vd_tool_fns) expands `vd` and `vd_ok`
+//! in the calling test file, and the helpers here take the binary's path.
+
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::peers::{Peer, require};
+use crate::process::{output, stderr, stdout};
+use crate::s;
+
+/// Defines `vd(args) -> Output` (runs vd-tool) and `vd_ok(args) -> Output` (requires exit 0)
+/// in the calling test file of vd-tool.
+#[macro_export]
+macro_rules! vd_tool_fns {
+    () => {
+        /// Runs vd-tool with `args`.
+        #[allow(dead_code, reason = "each test file uses its own subset")]
+        fn vd<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+            $crate::process::output($crate::vd_tool_bin!(), args)
+        }
+
+        /// Runs vd-tool with `args` and requires exit code 0.
+        #[allow(dead_code, reason = "each test file uses its own subset")]
+        fn vd_ok<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
+            $crate::process::run_ok($crate::vd_tool_bin!(), args)
+        }
+    };
+}
+
+/// An error exit (code 2) whose stderr names `needle`, without a panic.
+#[track_caller]
+pub fn assert_fails(o: &Output, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "stdout: {} stderr: {err}",
+        stdout(o)
+    );
+    assert!(err.contains(needle), "{err:?} should name {needle:?}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// A background process, killed when the test ends however it ends.
+#[derive(Debug)]
+pub struct Background(pub Child);
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (a bounded time) until a plain reader (`vd_bin info`) can no longer open `img`:
+/// another process has it open for writing. `holder`, when given, is that process: its early
+/// exit is reported.
+///
+/// # Panics
+///
+/// When the holder exits first, or the image is not locked within 30 s.
+#[track_caller]
+pub fn wait_until_locked(vd_bin: &str, img: &Path, mut holder: Option<&mut Child>) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = output(vd_bin, &["info", s(img)]);
+        if o.status.code() == Some(2) && stderr(&o).contains("lock") {
+            return;
+        }
+        if let Some(child) = holder.as_deref_mut()
+            && let Ok(Some(status)) = child.try_wait()
+        {
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut e, &mut err);
+            }
+            panic!("the lock holder exited ({status}) before locking: {err}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the writer never locked {}: {}",
+            img.display(),
+            stderr(&o)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `qemu-io` holding `img` open for writing (or reading, with `read_only`) for 60 s, once it
+/// holds its locks (checked with `vd_bin`).
+///
+/// # Panics
+///
+/// When qemu-io is missing or does not take its lock.
+#[track_caller]
+pub fn qemu_io_holding(vd_bin: &str, img: &Path, read_only: bool) -> Background {
+    require(&[Peer::QemuIo]);
+    let mut args = vec!["-f", "vhdx"];
+    if read_only {
+        args.push("-r");
+    }
+    args.extend(["-c", "sleep 60000", s(img)]);
+    let child = Command::new("qemu-io")
+        .args(&args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("qemu-io runs");
+    let mut held = Background(child);
+    if !read_only {
+        wait_until_locked(vd_bin, img, Some(&mut held.0));
+    }
+    held
+}
