@@ -8,13 +8,13 @@
 use vd_core::{Error, Result};
 
 use crate::bat::BlockState;
-use crate::format::{HEADER_SECTION_SIZE, MIB, bat_state};
+use crate::format::{BatEntry, BitmapState, HEADER_SECTION_SIZE, MIB, PayloadState};
 use crate::image::VhdxImage;
 use crate::write::copy_range;
 
 #[derive(Debug, Clone, Copy)]
 enum Owner {
-    Payload(u64, u8),
+    Payload(u64, PayloadState),
     Bitmap(u64),
 }
 
@@ -57,13 +57,13 @@ impl VhdxImage {
                 BlockState::Full(off) => blocks.push((
                     off,
                     layout.block_size,
-                    Owner::Payload(b, bat_state::FULLY_PRESENT),
+                    Owner::Payload(b, PayloadState::FullyPresent),
                 )),
                 BlockState::Partial(off) => {
                     blocks.push((
                         off,
                         layout.block_size,
-                        Owner::Payload(b, bat_state::PARTIALLY_PRESENT),
+                        Owner::Payload(b, PayloadState::PartiallyPresent),
                     ));
                 }
                 _ => {}
@@ -94,11 +94,14 @@ impl VhdxImage {
             }
             if target < off {
                 copy_range(storage.as_ref(), off, target, len, "cannot move a block")?;
-                let (index, state) = match owner {
-                    Owner::Payload(b, s) => (layout.payload_index(b), s),
-                    Owner::Bitmap(c) => (layout.bitmap_index(c), bat_state::SB_PRESENT),
+                let (index, entry) = match owner {
+                    Owner::Payload(b, s) => (layout.payload_index(b), BatEntry::payload(s, target)),
+                    Owner::Bitmap(c) => (
+                        layout.bitmap_index(c),
+                        BatEntry::bitmap(BitmapState::Present, target),
+                    ),
                 };
-                self.set_entry(&mut ws, index, (target / MIB) << 20 | u64::from(state))?;
+                self.set_entry(&mut ws, index, entry)?;
                 // Data is flushed before the entry that points at it (commit flushes first).
                 self.commit(&mut ws)?;
                 target += len;

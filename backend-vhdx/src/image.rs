@@ -15,13 +15,12 @@ use vd_core::{
 use crate::bat::{Bat, BlockState, Forbidden, Layout};
 use crate::error::{Corruption, io_err};
 use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
-use crate::guid::Guid;
+use crate::guid::{Guid, USER_COMMENT, USER_LCHS, USER_PCHS};
 use crate::header::{ActiveHeader, read_headers, read_identifier, update_headers};
 use crate::log::{EntrySummary, OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
-use crate::meta_edit::{USER_COMMENT, USER_LCHS, USER_PCHS};
 use crate::metadata::{Metadata, read_metadata};
 use crate::region::{RegionTable, read_region_table};
-use crate::write::WriteState;
+use crate::write_state::WriteState;
 
 /// What happened to the log at open.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -868,7 +867,10 @@ impl Image for VhdxImage {
                         repaired: false,
                     }),
                 }
-            } else if self.bat.raw(layout.bitmap_index(c)).is_ok_and(|r| r != 0)
+            } else if self
+                .bat
+                .entry(layout.bitmap_index(c))
+                .is_ok_and(|e| e != crate::format::BatEntry::EMPTY)
                 && layout.bitmap_index(c) < layout.entries
             {
                 report.findings.push(Finding {

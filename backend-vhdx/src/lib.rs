@@ -19,6 +19,29 @@
 //! | geometry and comment (vd's own non-required user metadata items) | yes |
 //! | updating stale parent locator paths after a chain opens | no |
 //!
+//! ## Module map
+//!
+//! Each module imports only modules on lower lines, so none reaches itself through its
+//! imports (`lib` only declares and re-exports).
+//!
+//! ```text
+//! backend  lib         Backend: probe, open, create then open
+//! image    compact, resize
+//!          write, meta_edit    (add methods to VhdxImage; image does not import them)
+//!          image               VhdxImage: open, the vd_core::Image impl
+//! format   create              writes a new file and returns
+//!          bat
+//!          metadata
+//!          header, log, region, locator, write_state
+//!          format, checksum, error
+//!          guid
+//! ```
+//!
+//! `create` writes a file with the format modules only; `lib` opens it afterwards. `metadata`
+//! builds the table it parses and lists the known system items once; `locator` parses and
+//! builds parent locators; `write_state` holds a writable session's state, which `image` owns
+//! and `write` works on.
+//!
 //! ## File layout
 //!
 //! ```text
@@ -97,7 +120,8 @@ use std::path::Path;
 
 use vd_core::linkme::distributed_slice;
 use vd_core::{
-    BACKENDS, Backend, Capabilities, Confidence, Error, Image, OpenRequest, Result, Storage,
+    BACKENDS, Backend, Capabilities, Confidence, Error, Image, OpenFlags, OpenRequest, Result,
+    Storage,
 };
 
 mod bat;
@@ -109,18 +133,20 @@ mod format;
 mod guid;
 mod header;
 mod image;
+mod locator;
 mod log;
 mod meta_edit;
 mod metadata;
 mod region;
 mod resize;
 mod write;
+mod write_state;
 
 pub use bat::{BatSummary, BlockState, Layout};
 pub use error::{BlockRef, Corruption, corruption_of};
+pub use guid::{USER_COMMENT, USER_LCHS, USER_PCHS};
 pub use image::{LogState, VhdxImage};
 pub use log::EntrySummary;
-pub use meta_edit::{USER_COMMENT, USER_LCHS, USER_PCHS};
 
 /// The file-type identifier signature at offset 0 ([MS-VHDX] 2.2.1).
 pub const FILE_SIGNATURE: [u8; 8] = *b"vhdxfile";
@@ -187,9 +213,15 @@ impl Backend for VhdxBackend {
     /// `logical_sector_size`, `physical_sector_size` (512 or 4096).
     fn create(&self, req: vd_core::CreateRequest<'_>) -> Result<Box<dyn Image>> {
         let path = req.path.to_path_buf();
-        create::create(req)
-            .map(|i| Box::new(i) as Box<dyn Image>)
-            .map_err(|e| e.with_path(path))
+        create::create(&req).map_err(|e| e.with_path(&path))?;
+        VhdxImage::open(OpenRequest {
+            path: req.path,
+            storage: req.storage,
+            provider: req.provider,
+            flags: OpenFlags::empty(),
+        })
+        .map(|i| Box::new(i) as Box<dyn Image>)
+        .map_err(|e| e.with_path(path))
     }
 }
 

@@ -11,7 +11,9 @@
 use vd_core::{Error, ErrorKind, Result};
 
 use crate::bat::{BlockState, Forbidden, Layout};
-use crate::format::{MAX_BAT_SIZE, MAX_VIRTUAL_SIZE, MIB, REGION_TABLE_OFFSETS, bat_state};
+use crate::format::{
+    BatEntry, MAX_BAT_SIZE, MAX_VIRTUAL_SIZE, MIB, PayloadState, REGION_TABLE_OFFSETS,
+};
 use crate::guid::META_VIRTUAL_DISK_SIZE;
 use crate::image::VhdxImage;
 use crate::region::build_region_table;
@@ -71,7 +73,7 @@ impl VhdxImage {
         {
             if new_size < old.virtual_size {
                 for b in new.data_blocks..old.data_blocks {
-                    self.set_entry(&mut ws, old.payload_index(b), 0)?;
+                    self.set_entry(&mut ws, old.payload_index(b), BatEntry::EMPTY)?;
                 }
             } else {
                 // The tail of a partial last block must read as zeros once it is inside the disk.
@@ -90,7 +92,7 @@ impl VhdxImage {
                         self.set_entry(
                             &mut ws,
                             new.payload_index(b),
-                            (off / MIB) << 20 | u64::from(bat_state::FULLY_PRESENT),
+                            BatEntry::payload(PayloadState::FullyPresent, off),
                         )?;
                     }
                 }
@@ -98,7 +100,7 @@ impl VhdxImage {
         }
         drop(ws);
         self.edit_metadata(|items| {
-            crate::meta_edit::replace_item(
+            crate::metadata::replace_item(
                 items,
                 META_VIRTUAL_DISK_SIZE,
                 new_size.to_le_bytes().to_vec(),

@@ -15,72 +15,20 @@
 //! A crash at any point leaves either the old metadata (the data of an unflushed allocation is
 //! unreferenced) or a log whose replay produces the new metadata.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use uuid::Uuid;
 use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
 
 use crate::bat::{BlockState, Layout};
 use crate::error::io_err;
-use crate::format::{MIB, bat_state};
+use crate::format::{BatEntry, BitmapState, MIB, PayloadState};
 use crate::guid::Guid;
 use crate::header::update_headers;
 use crate::image::VhdxImage;
 use crate::log::{EntryParams, build_entry, max_pages_per_entry};
+use crate::write_state::WriteState;
 
 /// Dirty metadata pages that trigger a commit before the next `flush`.
 const MAX_DIRTY_PAGES: usize = 256;
-
-/// The mutable state of a writable session.
-#[derive(Debug, Default)]
-pub struct WriteState {
-    started: bool,
-    verified: bool,
-    data_changed: bool,
-    log_guid: Option<Guid>,
-    header_has_guid: bool,
-    log_pos: u64,
-    sequence: u64,
-    dirty_bat: BTreeSet<u64>,
-    dirty_bitmaps: BTreeSet<u64>,
-    dirty_pages: BTreeMap<u64, Vec<u8>>,
-    file_end: u64,
-}
-
-impl WriteState {
-    /// The next allocation offset (the 1 MiB-aligned end of the file).
-    pub fn file_end(&self) -> u64 {
-        self.file_end
-    }
-
-    /// Sets the end of the file after truncation.
-    pub fn set_file_end(&mut self, end: u64) {
-        self.file_end = end.div_ceil(MIB) * MIB;
-    }
-
-    /// Records that the whole BAT was checked (by an open that replayed the log).
-    pub fn set_verified(&mut self) {
-        self.verified = true;
-    }
-
-    /// Queues a whole 4 KiB page of metadata for the next commit.
-    pub fn queue_page(&mut self, offset: u64, page: Vec<u8>) {
-        self.dirty_pages.insert(offset, page);
-    }
-
-    /// A session over a file of `file_len` bytes.
-    pub fn new(file_len: u64) -> Self {
-        Self {
-            file_end: file_len.div_ceil(MIB) * MIB,
-            sequence: 1,
-            ..Self::default()
-        }
-    }
-}
-
-fn entry_value(offset: u64, state: u8) -> u64 {
-    (offset / MIB) << 20 | u64::from(state)
-}
 
 /// Copies `len` bytes of the file from `from` to `to` in 1 MiB pieces.
 pub(crate) fn copy_range(
@@ -184,8 +132,8 @@ impl VhdxImage {
         Ok(off)
     }
 
-    pub(crate) fn set_entry(&self, ws: &mut WriteState, index: u64, value: u64) -> Result<()> {
-        let page = self.bat().set_raw(index, value)?;
+    pub(crate) fn set_entry(&self, ws: &mut WriteState, index: u64, entry: BatEntry) -> Result<()> {
+        let page = self.bat().set_entry(index, entry)?;
         ws.dirty_bat.insert(page);
         Ok(())
     }
@@ -202,7 +150,7 @@ impl VhdxImage {
                 self.set_entry(
                     ws,
                     layout.bitmap_index(chunk),
-                    entry_value(off, bat_state::SB_PRESENT),
+                    BatEntry::bitmap(BitmapState::Present, off),
                 )?;
                 off
             }
@@ -303,7 +251,7 @@ impl VhdxImage {
                     self.set_entry(
                         &mut ws,
                         index,
-                        entry_value(file, bat_state::PARTIALLY_PRESENT),
+                        BatEntry::payload(PayloadState::PartiallyPresent, file),
                     )?;
                 }
                 // Not present in a base image, zero, unmapped, or a whole block: a new block
@@ -312,7 +260,11 @@ impl VhdxImage {
                     let file = self.allocate(&mut ws, layout.block_size)?;
                     write(file)?;
                     let index = layout.payload_index(block);
-                    self.set_entry(&mut ws, index, entry_value(file, bat_state::FULLY_PRESENT))?;
+                    self.set_entry(
+                        &mut ws,
+                        index,
+                        BatEntry::payload(PayloadState::FullyPresent, file),
+                    )?;
                 }
             }
             done += n_usize;
@@ -351,7 +303,11 @@ impl VhdxImage {
                             .map_err(|e| io_err("cannot zero a block", e))?;
                     } else {
                         let off = self.allocate(&mut ws, layout.block_size)?;
-                        self.set_entry(&mut ws, index, entry_value(off, bat_state::FULLY_PRESENT))?;
+                        self.set_entry(
+                            &mut ws,
+                            index,
+                            BatEntry::payload(PayloadState::FullyPresent, off),
+                        )?;
                     }
                 }
             } else if whole && !self.metadata().leave_block_allocated {
@@ -361,7 +317,7 @@ impl VhdxImage {
                     // ZERO, not UNMAPPED, so the range reads as zeros in every reader. The old
                     // block stays in the file until `compact`.
                     let index = layout.payload_index(block);
-                    self.set_entry(&mut ws, index, entry_value(0, bat_state::ZERO))?;
+                    self.set_entry(&mut ws, index, BatEntry::payload(PayloadState::Zero, 0))?;
                 }
             } else if state != BlockState::Zero
                 && (layout.has_parent || state != BlockState::NotPresent)
