@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
-use vd_core::{Error, Result, Storage};
+use vd_core::{Error, ErrorKind, Result, Storage};
 
-use crate::error::{BlockRef, Corruption, io_at};
+use crate::error::{BlockRef, Corruption, fit, io_at};
 use crate::format::{BatEntry, BitmapState, InvalidState, MIB, PayloadState};
 use crate::metadata::Metadata;
 
@@ -215,9 +215,9 @@ impl Bat {
     fn load_page(&self, page: u64) -> Result<Arc<[u64]>> {
         let off = self.region_offset() + page * ENTRIES_PER_PAGE * 8;
         let mut buf = vec![0u8; PAGE_BYTES];
+        // More than a page past `off` (or more than `usize` holds) is a whole page.
         let avail = usize::try_from(self.file_len().saturating_sub(off))
-            .unwrap_or(usize::MAX)
-            .min(PAGE_BYTES);
+            .map_or(PAGE_BYTES, |n| n.min(PAGE_BYTES));
         if let Some(part) = buf.get_mut(..avail)
             && !part.is_empty()
         {
@@ -226,8 +226,10 @@ impl Bat {
                 .map_err(|e| io_at("BAT", off, e))?;
         }
         Ok(buf
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .map(|c| u64::from_le_bytes(*c))
             .collect())
     }
 
@@ -248,11 +250,13 @@ impl Bat {
         let page = index / ENTRIES_PER_PAGE;
         let current = self.page(page)?;
         let mut copy = current.to_vec();
-        if let Some(slot) =
-            copy.get_mut(usize::try_from(index % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
-        {
-            *slot = entry.raw();
-        }
+        let slot = fit::<usize, _>(index % ENTRIES_PER_PAGE, "BAT entry slot")?;
+        *copy.get_mut(slot).ok_or_else(|| {
+            Error::new(
+                ErrorKind::OutOfRange,
+                format!("BAT entry {index} is outside its cached page"),
+            )
+        })? = entry.raw();
         self.pages.write().insert(page, copy.into());
         Ok(page)
     }
@@ -282,10 +286,13 @@ impl Bat {
             let stop = end.min(page_end_bit);
             let mut copy = self.bitmap_page(page_off)?.to_vec();
             for b in bit..stop {
-                let byte = usize::try_from(b / 8 % SB_PAGE).unwrap_or(usize::MAX);
-                if let Some(v) = copy.get_mut(byte) {
-                    *v |= 1 << (b % 8);
-                }
+                let byte = fit::<usize, _>(b / 8 % SB_PAGE, "sector bitmap byte")?;
+                *copy.get_mut(byte).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::OutOfRange,
+                        format!("sector bitmap bit {b} is outside its page"),
+                    )
+                })? |= 1 << (b % 8);
             }
             self.bitmap_pages.write().insert(page_off, copy.into());
             changed.push(page_off);
@@ -315,11 +322,16 @@ impl Bat {
         // sessions never get here: their open refuses a BAT region past the end of the file.
         self.entry_in_file(index)?;
         let page = self.page(index / ENTRIES_PER_PAGE)?;
-        Ok(BatEntry::from_raw(
-            page.get(usize::try_from(index % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
-                .copied()
-                .unwrap_or(0),
-        ))
+        let slot = fit::<usize, _>(index % ENTRIES_PER_PAGE, "BAT entry slot")?;
+        page.get(slot)
+            .copied()
+            .map(BatEntry::from_raw)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::OutOfRange,
+                    format!("BAT entry {index} is outside its cached page"),
+                )
+            })
     }
 
     fn entry_at(&self, index: u64) -> u64 {
@@ -518,7 +530,7 @@ impl Bat {
                 }
             };
             let v = page
-                .get(usize::try_from(byte % SB_PAGE).unwrap_or(usize::MAX))
+                .get(fit::<usize, _>(byte % SB_PAGE, "sector bitmap byte")?)
                 .is_some_and(|b| b >> (bit % 8) & 1 == 1);
             match run_value {
                 Some(r) if r == v => {}
@@ -551,14 +563,14 @@ impl Bat {
         let region = self.region_offset();
         let file_len = self.file_len();
         let group = layout.chunk_ratio + 1;
-        let mut buf = vec![0u8; usize::try_from(PIECE_ENTRIES * 8).unwrap_or(0)];
+        let mut buf = vec![0u8; fit::<usize, _>(PIECE_ENTRIES * 8, "BAT piece")?];
         let mut first = 0;
         while first < layout.entries {
             let n = (layout.entries - first).min(PIECE_ENTRIES);
             let off = region + first * 8;
             // Bytes of this piece inside the file; entries past them are reported below.
             let avail = file_len.saturating_sub(off).min(n * 8);
-            if let Some(part) = buf.get_mut(..usize::try_from(avail).unwrap_or(0))
+            if let Some(part) = buf.get_mut(..fit::<usize, _>(avail, "BAT piece")?)
                 && !part.is_empty()
             {
                 self.storage
@@ -572,11 +584,18 @@ impl Bat {
                 let cached = self.pages.read().get(&page_no).cloned();
                 for i in index..page_end {
                     let entry = if let Some(p) = &cached {
-                        p.get(usize::try_from(i % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
+                        let slot = fit::<usize, _>(i % ENTRIES_PER_PAGE, "BAT entry slot")?;
+                        p.get(slot)
                             .copied()
-                            .map_or(BatEntry::EMPTY, BatEntry::from_raw)
+                            .map(BatEntry::from_raw)
+                            .ok_or_else(|| {
+                                Error::new(
+                                    ErrorKind::OutOfRange,
+                                    format!("BAT entry {i} is outside its cached page"),
+                                )
+                            })?
                     } else {
-                        let at = usize::try_from((i - first) * 8).unwrap_or(usize::MAX);
+                        let at = fit::<usize, _>((i - first) * 8, "BAT piece offset")?;
                         match buf
                             .get(at..at.saturating_add(8))
                             .filter(|_| (i - first + 1) * 8 <= avail)

@@ -276,7 +276,7 @@ pub fn create(req: &CreateRequest<'_>) -> Result<()> {
         metadata: region(REGION_METADATA, meta_offset, MIB),
         others: Vec::new(),
         copy: 0,
-    });
+    })?;
     for off in REGION_TABLE_OFFSETS {
         s.write_all_at(off, &rt).map_err(io)?;
     }

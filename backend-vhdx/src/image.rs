@@ -126,7 +126,9 @@ impl VhdxImage {
                 let at = crate::format::HEADER_OFFSETS
                     .get(header.slot)
                     .copied()
-                    .unwrap_or(0)
+                    .ok_or_else(|| {
+                        Error::new(ErrorKind::OutOfRange, "the current header has no slot")
+                    })?
                     + 48;
                 return Err(Corruption::DirtyLogRefused.at("header log guid", at));
             }

@@ -64,9 +64,12 @@ fn decode_utf16(
     let bytes = buf
         .get(start..start.saturating_add(usize::from(len)))
         .ok_or_else(|| bad("outside the item"))?;
+    // The length is even (checked above), so there is no remainder.
     let units: Vec<u16> = bytes
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes(c.try_into().unwrap_or([0, 0])))
+        .as_chunks::<2>()
+        .0
+        .iter()
+        .map(|c| u16::from_le_bytes(*c))
         .collect();
     if units.contains(&0) {
         return Err(bad("contains a NUL"));

@@ -4,6 +4,7 @@
 use uuid::Uuid;
 use vd_core::{Error, Geometry, Result};
 
+use crate::error::fit;
 use crate::format::{LOG_SECTOR_SIZE, MetadataFlags};
 use crate::guid::{Guid, META_PARENT_LOCATOR, META_VIRTUAL_DISK_ID, USER_COMMENT};
 use crate::image::VhdxImage;
@@ -34,7 +35,7 @@ impl VhdxImage {
             };
             (item, self.regions().metadata)
         };
-        let mut buf = vec![0u8; item.length as usize];
+        let mut buf = vec![0u8; fit::<usize, _>(item.length, "metadata item length")?];
         self.storage()
             .read_exact_at(region.offset + u64::from(item.offset), &mut buf)
             .map_err(|e| Error::io("cannot read a metadata item", e))?;
@@ -44,10 +45,12 @@ impl VhdxImage {
     /// The stored geometry of vd's user item `guid`, if any.
     pub(crate) fn stored_geometry(&self, guid: Uuid) -> Result<Option<Geometry>> {
         Ok(self.item_data(guid, true)?.and_then(|d| {
-            let v: Vec<u32> = d
-                .chunks_exact(4)
-                .map(|c| u32::from_le_bytes(c.try_into().unwrap_or([0; 4])))
-                .collect();
+            let (words, rest) = d.as_chunks::<4>();
+            let v: Vec<u32> = if rest.is_empty() {
+                words.iter().map(|c| u32::from_le_bytes(*c)).collect()
+            } else {
+                Vec::new()
+            };
             match v.as_slice() {
                 [c, h, s] => Some(Geometry {
                     cylinders: *c,
@@ -80,13 +83,14 @@ impl VhdxImage {
         storage
             .read_exact_at(region.offset, &mut old)
             .map_err(|e| Error::io("cannot read the metadata region", e))?;
-        let mut items = ItemData::from_table(&self.metadata().items, &old);
+        let mut items = ItemData::from_table(&self.metadata().items, &old)?;
         edit(&mut items)?;
         let new = build_metadata_region(&items, len)?;
-        let page = usize::try_from(LOG_SECTOR_SIZE).unwrap_or(4096);
+        let page = fit::<usize, _>(LOG_SECTOR_SIZE, "log sector size")?;
         for (k, (a, b)) in old.chunks(page).zip(new.chunks(page)).enumerate() {
             if a != b {
-                ws.queue_page(region.offset + (k * page) as u64, b.to_vec());
+                let at = fit::<u64, _>(k * page, "metadata page offset")?;
+                ws.queue_page(region.offset + at, b.to_vec());
             }
         }
         self.commit(&mut ws)?;

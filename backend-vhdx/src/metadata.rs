@@ -8,7 +8,7 @@ use vd_core::{Error, ErrorKind, Result, Storage};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::error::{Corruption, io_at};
+use crate::error::{Corruption, fit, io_at};
 use crate::format::{
     FileParameterFlags, FileParameters, MAX_BLOCK_SIZE, MAX_METADATA_ENTRIES, MAX_METADATA_ITEM,
     MAX_VIRTUAL_SIZE, METADATA_SIGNATURE, METADATA_TABLE_SIZE, MIN_BLOCK_SIZE, MetadataFlags,
@@ -176,27 +176,35 @@ impl ItemData {
     }
 
     /// The items of a parsed table with their bytes taken from `region` (the whole metadata
-    /// region); an item outside it gets no bytes (`read_metadata` has checked every range).
-    pub(crate) fn from_table(items: &[MetadataItem], region: &[u8]) -> Vec<Self> {
+    /// region).
+    ///
+    /// # Errors
+    /// `Corrupt` ([`Corruption::MetadataItemRange`]) for an item outside `region`
+    /// (`read_metadata` has checked every range against the region, so only a shorter buffer
+    /// gets here).
+    pub(crate) fn from_table(items: &[MetadataItem], region: &[u8]) -> Result<Vec<Self>> {
         items
             .iter()
             .map(|i| {
-                let start = usize::try_from(i.offset).ok();
-                let end = start.and_then(|s| {
-                    usize::try_from(i.length)
-                        .ok()
-                        .and_then(|l| s.checked_add(l))
-                });
+                let start = fit::<usize, _>(i.offset, "metadata item offset")?;
+                let len = fit::<usize, _>(i.length, "metadata item length")?;
                 let data = start
-                    .zip(end)
-                    .and_then(|(s, e)| region.get(s..e))
-                    .map(<[u8]>::to_vec)
-                    .unwrap_or_default();
-                Self {
+                    .checked_add(len)
+                    .and_then(|end| region.get(start..end))
+                    .ok_or_else(|| {
+                        Corruption::MetadataItemRange {
+                            guid: i.guid,
+                            offset: i.offset,
+                            length: i.length,
+                            reason: "beyond the end of the metadata region",
+                        }
+                        .at("metadata table", 0)
+                    })?;
+                Ok(Self {
                     guid: i.guid,
                     flags: i.flags(),
-                    data,
-                }
+                    data: data.to_vec(),
+                })
             })
             .collect()
     }
@@ -357,7 +365,7 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn read(&self, item: &MetadataItem) -> Result<Vec<u8>> {
         let off = self.region.offset + u64::from(item.offset);
-        let mut buf = vec![0u8; item.length as usize];
+        let mut buf = vec![0u8; fit::<usize, _>(item.length, "metadata item length")?];
         self.storage
             .read_exact_at(off, &mut buf)
             .map_err(|e| io_at("metadata item", off, e))?;
@@ -463,7 +471,7 @@ pub fn read_metadata(
             return Err(bad("longer than 1 MiB"));
         }
         if item.length > 0 {
-            if (item.offset as usize) < METADATA_TABLE_SIZE {
+            if u64::from(item.offset) < METADATA_TABLE_SIZE as u64 {
                 return Err(bad("inside the metadata table"));
             }
             if u64::from(item.offset) + u64::from(item.length) > region.length {
@@ -685,7 +693,7 @@ mod tests {
         assert_eq!((m.logical_sector_size, m.physical_sector_size), (4096, 512));
         assert_eq!(m.parent_locator, Some(loc));
         // The parsed table gives back the same items, flags and bytes.
-        assert_eq!(ItemData::from_table(&m.items, &bytes), items);
+        assert_eq!(ItemData::from_table(&m.items, &bytes).unwrap(), items);
         // Every system item carries the flags of SYSTEM_ITEMS.
         for k in SYSTEM_ITEMS {
             let i = m.items.iter().find(|i| i.guid == k.guid).unwrap();

@@ -6,10 +6,10 @@ use vd_core::{Result, Storage};
 use zerocopy::FromBytes;
 
 use crate::checksum::crc32c_with_zero_field;
-use crate::error::{Corruption, io_at};
+use crate::error::{Corruption, fit, io_at};
 use crate::format::{
     HEADER_SECTION_SIZE, MAX_REGION_ENTRIES, MIB, REGION_SIGNATURE, REGION_TABLE_OFFSETS,
-    REGION_TABLE_SIZE, RegionTableEntry, RegionTableHeader,
+    REGION_TABLE_SIZE, RegionFlags, RegionTableEntry, RegionTableHeader,
 };
 use crate::guid::{REGION_BAT, REGION_METADATA};
 
@@ -67,7 +67,7 @@ fn parse(buf: &[u8]) -> std::result::Result<Vec<Region>, Corruption> {
             guid: e.guid.to_uuid(),
             offset: e.file_offset.get(),
             length: u64::from(e.length.get()),
-            required: e.flags.get() & 1 != 0,
+            required: RegionFlags::from_bits_retain(e.flags.get()).contains(RegionFlags::REQUIRED),
         })
         .collect())
 }
@@ -230,7 +230,11 @@ pub fn read_region_table(
 
 /// Serialises a region table (the BAT, the metadata region, then every other region) with its
 /// checksum, as a 64 KiB block.
-pub fn build_region_table(t: &RegionTable) -> Vec<u8> {
+///
+/// # Errors
+/// `OutOfRange` when a region is longer than its 32-bit length field holds or the regions do
+/// not fit in the table.
+pub fn build_region_table(t: &RegionTable) -> Result<Vec<u8>> {
     use zerocopy::IntoBytes;
     use zerocopy::little_endian::{U32, U64};
     let regions: Vec<Region> = [t.bat, t.metadata]
@@ -241,7 +245,7 @@ pub fn build_region_table(t: &RegionTable) -> Vec<u8> {
     let header = RegionTableHeader {
         signature: U32::new(REGION_SIGNATURE),
         checksum: U32::new(0),
-        entry_count: U32::new(u32::try_from(regions.len()).unwrap_or(0)),
+        entry_count: U32::new(fit(regions.len(), "region table entry count")?),
         reserved: U32::new(0),
     };
     let mut bytes = header.as_bytes().to_vec();
@@ -249,17 +253,27 @@ pub fn build_region_table(t: &RegionTable) -> Vec<u8> {
         let e = RegionTableEntry {
             guid: crate::guid::Guid::from_uuid(r.guid),
             file_offset: U64::new(r.offset),
-            length: U32::new(u32::try_from(r.length).unwrap_or(u32::MAX)),
-            flags: U32::new(u32::from(r.required)),
+            length: U32::new(fit(r.length, "region length")?),
+            flags: U32::new(if r.required {
+                RegionFlags::REQUIRED.bits()
+            } else {
+                0
+            }),
         };
         bytes.extend_from_slice(e.as_bytes());
     }
-    if let Some(d) = out.get_mut(..bytes.len()) {
-        d.copy_from_slice(&bytes);
-    }
+    out.get_mut(..bytes.len())
+        .ok_or_else(|| {
+            vd_core::Error::new(
+                vd_core::ErrorKind::OutOfRange,
+                format!("{} regions do not fit in the region table", regions.len()),
+            )
+        })?
+        .copy_from_slice(&bytes);
     let sum = crc32c_with_zero_field(&out, 4);
+    // The table is 64 KiB, so its checksum field exists.
     if let Some(d) = out.get_mut(4..8) {
         d.copy_from_slice(&sum.to_le_bytes());
     }
-    out
+    Ok(out)
 }

@@ -11,6 +11,7 @@
 use vd_core::{Error, ErrorKind, Result};
 
 use crate::bat::{BlockState, Forbidden, Layout};
+use crate::error::fit;
 use crate::format::{
     BatEntry, MAX_BAT_SIZE, MAX_VIRTUAL_SIZE, MIB, PayloadState, REGION_TABLE_OFFSETS,
 };
@@ -54,7 +55,7 @@ impl VhdxImage {
                 let start = (b * old.block_size).max(new_size);
                 let end = ((b + 1) * old.block_size).min(old.virtual_size);
                 if matches!(state, BlockState::Full(_) | BlockState::Partial(_)) {
-                    let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+                    let mut buf = vec![0u8; fit::<usize, _>(end - start, "block tail")?];
                     self.read_own(start, &mut buf)?;
                     if buf.iter().any(|&x| x != 0) {
                         return Err(Error::invalid_argument(format!(
@@ -134,7 +135,7 @@ impl VhdxImage {
         )?;
         table.bat.offset = new_off;
         table.bat.length = new_len;
-        let bytes = build_region_table(&table);
+        let bytes = build_region_table(&table)?;
         for copy_off in REGION_TABLE_OFFSETS {
             let mut current = vec![0u8; bytes.len()];
             storage

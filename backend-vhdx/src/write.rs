@@ -19,7 +19,7 @@ use uuid::Uuid;
 use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
 
 use crate::bat::{BlockState, Layout};
-use crate::error::io_err;
+use crate::error::{fit, io_err};
 use crate::format::{BatEntry, BitmapState, MIB, PayloadState};
 use crate::guid::Guid;
 use crate::header::update_headers;
@@ -38,11 +38,11 @@ pub(crate) fn copy_range(
     len: u64,
     what: &str,
 ) -> Result<()> {
-    let mut buf = vec![0u8; usize::try_from(MIB.min(len)).unwrap_or(0)];
+    let mut buf = vec![0u8; fit::<usize, _>(MIB.min(len), "copy length")?];
     let mut done = 0;
     while done < len {
         let chunk = buf
-            .get_mut(..usize::try_from((len - done).min(MIB)).unwrap_or(0))
+            .get_mut(..fit::<usize, _>((len - done).min(MIB), "copy length")?)
             .ok_or_else(|| Error::invalid_argument("copy chunk"))?;
         storage
             .read_exact_at(from + done, chunk)
@@ -282,7 +282,7 @@ impl VhdxImage {
         let layout = self.layout();
         let end = offset + len;
         let mut pos = offset;
-        let zeros = vec![0u8; usize::try_from(layout.block_size.min(len)).unwrap_or(0)];
+        let zeros = vec![0u8; fit::<usize, _>(layout.block_size.min(len), "zero length")?];
         while pos < end {
             let block = pos / layout.block_size;
             let within = pos % layout.block_size;
@@ -323,7 +323,7 @@ impl VhdxImage {
                 && (layout.has_parent || state != BlockState::NotPresent)
             {
                 let part = zeros
-                    .get(..usize::try_from(n).unwrap_or(usize::MAX))
+                    .get(..fit::<usize, _>(n, "zero length")?)
                     .ok_or_else(|| Error::invalid_argument("zero range"))?;
                 self.write_impl(pos, part)?;
             }
@@ -375,12 +375,13 @@ impl VhdxImage {
         let guid = *ws
             .log_guid
             .get_or_insert_with(|| Guid::from_uuid(Uuid::new_v4()));
-        let per_entry = max_pages_per_entry(log_len).max(1);
+        let per_entry = fit::<usize, _>(max_pages_per_entry(log_len).max(1), "log entry pages")?;
         let file_len = storage
             .len()
             .map_err(|e| io_err("cannot read the file size", e))?;
         for batch in pages.chunks(per_entry) {
-            let entry_len = ((batch.len() as u64 + 2).div_ceil(128) + batch.len() as u64) * 4096;
+            let n = fit::<u64, _>(batch.len(), "log entry pages")?;
+            let entry_len = ((n + 2).div_ceil(128) + n) * 4096;
             if ws.log_pos + entry_len > log_len {
                 ws.log_pos = 0;
             }
@@ -393,7 +394,7 @@ impl VhdxImage {
                     last_file_offset: file_len.max(ws.file_end),
                 },
                 batch,
-            );
+            )?;
             storage
                 .write_all_at(log_offset + ws.log_pos, &entry)
                 .and_then(|()| storage.flush())
