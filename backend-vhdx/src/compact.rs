@@ -30,7 +30,7 @@ impl VhdxImage {
         self.preflight(&mut ws)?;
         // Structures that never move.
         let regions = self.regions();
-        let header = self.header_lock().read().clone();
+        let header = *self.header_lock().read();
         let mut fixed: Vec<(u64, u64)> = vec![
             (0, HEADER_SECTION_SIZE),
             (regions.bat.offset, regions.bat.offset + regions.bat.length),

@@ -16,15 +16,14 @@ use std::path::{Component, Path};
 use uuid::Uuid;
 use vd_core::{CreateRequest, Error, ImageFlags, Result};
 use zerocopy::IntoBytes;
-use zerocopy::little_endian::{U16, U32, U64};
 
 use crate::bat::Layout;
 use crate::format::{
-    BatEntry, FILE_SIGNATURE, HEADER_OFFSETS, HEADER_SIGNATURE, Header, MAX_BLOCK_SIZE,
-    MAX_VIRTUAL_SIZE, MIB, MIN_BLOCK_SIZE, PayloadState, REGION_TABLE_OFFSETS,
+    BatEntry, FILE_SIGNATURE, HEADER_OFFSETS, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIB,
+    MIN_BLOCK_SIZE, PayloadState, REGION_TABLE_OFFSETS,
 };
 use crate::guid::{Guid, REGION_BAT, REGION_METADATA};
-use crate::header::seal;
+use crate::header::ActiveHeader;
 use crate::locator::{ParentLocator, encode_utf16};
 use crate::metadata::{ItemData, NewDisk, build_metadata_region, system_items};
 use crate::region::{Region, RegionTable, build_region_table};
@@ -178,22 +177,19 @@ fn relative_windows_path(from: &Path, target: &Path) -> Option<String> {
     Some(parts.join("\\"))
 }
 
-fn header(seq: u64, log_offset: u64, log_len: u32) -> Header {
-    let mut h = Header {
-        signature: U32::new(HEADER_SIGNATURE),
-        checksum: U32::new(0),
-        sequence_number: U64::new(seq),
+/// The first header of a new image: fresh write GUIDs, an empty log.
+fn header(log_offset: u64, log_length: u32) -> ActiveHeader {
+    ActiveHeader {
+        slot: 0,
+        sequence: 0,
         file_write_guid: Guid::from_uuid(Uuid::new_v4()),
         data_write_guid: Guid::from_uuid(Uuid::new_v4()),
         log_guid: Guid::ZERO,
-        log_version: U16::new(0),
-        version: U16::new(1),
-        log_length: U32::new(log_len),
-        log_offset: U64::new(log_offset),
-        reserved: [0; 4016],
-    };
-    seal(&mut h);
-    h
+        log_version: 0,
+        version: 1,
+        log_length,
+        log_offset,
+    }
 }
 
 /// Writes the image `req` asks for into `req.storage` (the caller opens it afterwards).
@@ -282,13 +278,15 @@ pub fn create(req: &CreateRequest<'_>) -> Result<()> {
     }
     let log_len =
         u32::try_from(o.log_size).map_err(|_| Error::invalid_argument("log_size: at most 1G"))?;
-    let h = header(0, log_offset, log_len);
-    s.write_all_at(HEADER_OFFSETS[0], h.as_bytes())
+    let h = header(log_offset, log_len);
+    s.write_all_at(HEADER_OFFSETS[0], h.to_wire().as_bytes())
         .map_err(io)?;
-    let mut h2 = h;
-    h2.sequence_number.set(1);
-    seal(&mut h2);
-    s.write_all_at(HEADER_OFFSETS[1], h2.as_bytes())
+    let h2 = ActiveHeader {
+        slot: 1,
+        sequence: 1,
+        ..h
+    };
+    s.write_all_at(HEADER_OFFSETS[1], h2.to_wire().as_bytes())
         .map_err(io)?;
     s.flush().map_err(io)?;
     // Complete: rewrite the metadata without the incomplete-file marker (the last item, with

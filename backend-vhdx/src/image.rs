@@ -16,7 +16,7 @@ use crate::bat::{Bat, BlockState, Forbidden, Layout};
 use crate::error::{Corruption, io_err};
 use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
 use crate::guid::{Guid, USER_COMMENT, USER_LCHS, USER_PCHS};
-use crate::header::{ActiveHeader, read_headers, read_identifier, update_headers};
+use crate::header::{ActiveHeader, HeaderUpdate, read_headers, read_identifier, update_headers};
 use crate::log::{EntrySummary, OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
 use crate::metadata::{Metadata, read_metadata};
 use crate::region::{RegionTable, read_region_table};
@@ -257,11 +257,9 @@ impl VhdxImage {
                 bat.verify_all(Err).map_err(|e| e.with_path(req.path))?;
                 verified = true;
                 // Log playback is a modification: a new FileWriteGuid goes first.
-                header = update_headers(&file, &header, |h| {
-                    h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
-                })?;
+                header = update_headers(&file, &header, HeaderUpdate::new_file_write_guid())?;
                 apply(file.as_ref(), &plan).map_err(|e| io_err("cannot replay the log", e))?;
-                header = update_headers(&file, &header, |h| h.log_guid = Guid::ZERO)?;
+                header = update_headers(&file, &header, HeaderUpdate::log_guid(Guid::ZERO))?;
                 log.replay = "file";
                 storage = file.clone();
                 // The replay may have extended the file to LastFileOffset.
@@ -657,9 +655,11 @@ impl Image for VhdxImage {
         let mut ws = self.write_state().lock();
         self.begin(&mut ws)?;
         let mut header = self.header.write();
-        *header = update_headers(&self.storage, &header, |h| {
-            h.data_write_guid = Guid::from_uuid(uuid);
-        })?;
+        *header = update_headers(
+            &self.storage,
+            &header,
+            HeaderUpdate::data_write_guid(Guid::from_uuid(uuid)),
+        )?;
         Ok(())
     }
 
@@ -901,7 +901,7 @@ impl Image for VhdxImage {
 
     fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
         let w = |e: io::Error| io_err("cannot write the dump", e);
-        let h = self.header.read().clone();
+        let h = *self.header.read();
         let l = self.bat.layout();
         writeln!(out, "file identifier: creator {:?}", self.creator).map_err(w)?;
         writeln!(

@@ -277,3 +277,69 @@ pub fn build_region_table(t: &RegionTable) -> Result<Vec<u8>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::uuid;
+    use vd_core::MemStorage;
+
+    fn table() -> RegionTable {
+        let r = |guid, offset, length, required| Region {
+            guid,
+            offset,
+            length,
+            required,
+        };
+        RegionTable {
+            bat: r(REGION_BAT, 3 * MIB, MIB, true),
+            metadata: r(REGION_METADATA, 2 * MIB, MIB, true),
+            others: vec![r(
+                uuid!("aaaaaaaa-0000-4000-8000-000000000001"),
+                4 * MIB,
+                MIB,
+                false,
+            )],
+            copy: 0,
+        }
+    }
+
+    #[test]
+    fn region_table_round_trips() {
+        let bytes = build_region_table(&table()).unwrap();
+        assert_eq!(bytes.len(), REGION_TABLE_SIZE);
+        let regions = parse(&bytes).unwrap();
+        let t = table();
+        assert_eq!(regions, [t.bat, t.metadata, t.others[0]]);
+        let (h, rest) = RegionTableHeader::read_from_prefix(&bytes).unwrap();
+        assert_eq!(h.entry_count.get(), 3);
+        let (e, _) = <[RegionTableEntry]>::ref_from_prefix_with_elems(rest, 3).unwrap();
+        assert_eq!(e[0].flags.get(), RegionFlags::REQUIRED.bits());
+        assert_eq!(e[2].flags.get(), 0);
+    }
+
+    #[test]
+    fn a_bad_copy_falls_back_to_the_other() {
+        let bytes = build_region_table(&table()).unwrap();
+        let mut file = vec![0u8; usize::try_from(5 * MIB).unwrap()];
+        for off in REGION_TABLE_OFFSETS {
+            let at = usize::try_from(off).unwrap();
+            file[at..at + REGION_TABLE_SIZE].copy_from_slice(&bytes);
+        }
+        let first = usize::try_from(REGION_TABLE_OFFSETS[0]).unwrap();
+        file[first + 100] ^= 1;
+        let s = MemStorage::from_bytes(file);
+        let mut warnings = Vec::new();
+        let t = read_region_table(&s, 5 * MIB, (MIB, MIB), &mut warnings).unwrap();
+        assert_eq!(t.copy, 1);
+        assert_eq!(t.bat, table().bat);
+        assert!(!warnings.is_empty());
+    }
+
+    #[test]
+    fn a_region_too_long_for_its_field_is_an_error() {
+        let mut t = table();
+        t.others[0].length = 1 << 32;
+        assert!(build_region_table(&t).is_err());
+    }
+}

@@ -22,7 +22,7 @@ use crate::bat::{BlockState, Layout};
 use crate::error::{fit, io_err};
 use crate::format::{BatEntry, BitmapState, MIB, PayloadState};
 use crate::guid::Guid;
-use crate::header::update_headers;
+use crate::header::{HeaderUpdate, update_headers};
 use crate::image::VhdxImage;
 use crate::log::{EntryParams, build_entry, max_pages_per_entry};
 use crate::write_state::WriteState;
@@ -90,9 +90,7 @@ impl VhdxImage {
         }
         self.preflight(ws)?;
         let mut header = self.header_lock().write();
-        *header = update_headers(self.storage(), &header, |h| {
-            h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
-        })?;
+        *header = update_headers(self.storage(), &header, HeaderUpdate::new_file_write_guid())?;
         ws.started = true;
         Ok(())
     }
@@ -107,12 +105,12 @@ impl VhdxImage {
         self.preflight(ws)?;
         let started = ws.started;
         let mut header = self.header_lock().write();
-        *header = update_headers(self.storage(), &header, |h| {
-            if !started {
-                h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
-            }
-            h.data_write_guid = Guid::from_uuid(Uuid::new_v4());
-        })?;
+        let update = HeaderUpdate {
+            file_write_guid: (!started).then(|| Guid::from_uuid(Uuid::new_v4())),
+            data_write_guid: Some(Guid::from_uuid(Uuid::new_v4())),
+            log_guid: None,
+        };
+        *header = update_headers(self.storage(), &header, update)?;
         ws.started = true;
         ws.data_changed = true;
         Ok(())
@@ -401,7 +399,7 @@ impl VhdxImage {
                 .map_err(|e| io_err("cannot write the log", e))?;
             if !ws.header_has_guid {
                 let mut header = self.header_lock().write();
-                *header = update_headers(&storage, &header, |h| h.log_guid = guid)?;
+                *header = update_headers(&storage, &header, HeaderUpdate::log_guid(guid))?;
                 ws.header_has_guid = true;
             }
             for (off, page) in batch {
@@ -424,7 +422,7 @@ impl VhdxImage {
     pub(crate) fn end_log(&self, ws: &mut WriteState) -> Result<()> {
         if ws.header_has_guid {
             let mut header = self.header_lock().write();
-            *header = update_headers(self.storage(), &header, |h| h.log_guid = Guid::ZERO)?;
+            *header = update_headers(self.storage(), &header, HeaderUpdate::log_guid(Guid::ZERO))?;
             ws.header_has_guid = false;
             ws.log_guid = None;
             ws.log_pos = 0;
