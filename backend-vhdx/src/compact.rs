@@ -127,3 +127,35 @@ impl VhdxImage {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vd_core::OpenFlags;
+
+    use crate::format::MIB;
+    use crate::test_support::{create, read, reopen};
+
+    #[test]
+    fn compact_moves_blocks_into_holes_and_truncates() {
+        let (s, image) = create(8 * MIB, &[("block_size", "1M")]);
+        for b in 0..4u8 {
+            image.write_at(u64::from(b) * MIB, &[b + 1; 4096]).unwrap();
+        }
+        image.flush().unwrap();
+        let full = s.len().unwrap();
+        image.discard(0, 2 * MIB).unwrap();
+        image.compact(&mut |_, _| {}).unwrap();
+        assert_eq!(s.len().unwrap(), full - 2 * MIB);
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        for b in 0..4u8 {
+            let want = if b < 2 { 0 } else { b + 1 };
+            assert!(
+                read(&again, u64::from(b) * MIB, 4096)
+                    .iter()
+                    .all(|&x| x == want),
+                "block {b}"
+            );
+        }
+    }
+}

@@ -317,4 +317,85 @@ mod tests {
             r"..\x\p.vhdx"
         );
     }
+
+    #[test]
+    fn a_fixed_image_parses_with_every_block_present() {
+        use crate::bat::{Bat, BlockState};
+        use crate::header::read_headers;
+        use crate::metadata::read_metadata;
+        use crate::region::read_region_table;
+        let (s, _) = crate::test_support::create(
+            5 * MIB + 512,
+            &[
+                ("subformat", "fixed"),
+                ("block_size", "1M"),
+                ("log_size", "2M"),
+            ],
+        );
+        let len = s.len().unwrap();
+        let h = read_headers(s.as_ref(), len, true).unwrap();
+        assert!(h.warnings.is_empty());
+        assert_eq!((h.active.slot, h.active.sequence), (1, 1));
+        assert_eq!(
+            (h.active.log_offset(), h.active.log_length()),
+            (MIB, 2 * MIB)
+        );
+        let mut warnings = Vec::new();
+        let r = read_region_table(s.as_ref(), len, (MIB, 2 * MIB), &mut warnings).unwrap();
+        assert_eq!(r.metadata.offset, 3 * MIB);
+        assert_eq!(r.bat.offset, 4 * MIB);
+        let m = read_metadata(s.as_ref(), r.metadata, true, &mut warnings).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(m.leave_block_allocated && !m.has_parent);
+        assert_eq!((m.block_size, m.virtual_size), (1 << 20, 5 * MIB + 512));
+        // No incomplete-file marker left: exactly the five system items.
+        assert_eq!(m.items.len(), 5);
+        let layout = Layout::new(&m);
+        assert_eq!(layout.data_blocks, 6);
+        let bat = Bat::new(s.clone(), layout, r.bat.offset, len, Vec::new());
+        let data = r.bat.offset + r.bat.length;
+        for b in 0..6 {
+            assert_eq!(bat.block(b).unwrap(), BlockState::Full(data + b * MIB));
+        }
+        assert_eq!(len, data + 6 * MIB);
+    }
+
+    #[test]
+    fn a_dynamic_image_has_an_empty_bat() {
+        let (s, image) = crate::test_support::create(64 * MIB, &[]);
+        assert_eq!(image.size(), 64 * MIB);
+        // Header section, 1 MiB log, metadata, one BAT MiB, no blocks.
+        assert_eq!(s.len().unwrap(), 4 * MIB);
+        assert!(
+            crate::test_support::read(image.as_ref(), 0, 4096)
+                .iter()
+                .all(|&b| b == 0)
+        );
+    }
+
+    #[test]
+    fn options_out_of_range_are_refused() {
+        for o in [
+            ("block_size", "3M"),
+            ("block_size", "512M"),
+            ("log_size", "1536K"),
+            ("logical_sector_size", "1024"),
+            ("subformat", "sparse"),
+            ("unknown", "1"),
+        ] {
+            let params = vd_core::CreateParams {
+                size: MIB,
+                options: [(o.0.to_string(), o.1.to_string())].into(),
+                ..vd_core::CreateParams::default()
+            };
+            let req = CreateRequest {
+                path: Path::new("x.vhdx"),
+                storage: std::sync::Arc::new(vd_core::MemStorage::new()),
+                provider: std::sync::Arc::new(vd_core::MemFileSystem::new()),
+                params: &params,
+                parent: None,
+            };
+            assert!(CreateOptions::from_request(&req).is_err(), "{o:?}");
+        }
+    }
 }

@@ -450,3 +450,21 @@ where
         .with_field(field.to_string())
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_converts_or_names_the_field() {
+        assert_eq!(fit::<u32, u64>(7, "x").unwrap(), 7);
+        assert_eq!(fit::<u16, usize>(65535, "x").unwrap(), u16::MAX);
+        let e = fit::<u32, u64>(1 << 32, "region length").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
+        assert!(
+            e.to_string()
+                .contains("region length 0x100000000 does not fit in u32"),
+            "{e}"
+        );
+    }
+}

@@ -226,6 +226,67 @@ impl Backend for VhdxBackend {
 }
 
 #[cfg(test)]
+pub(crate) mod test_support {
+    //! Images created in memory for the unit tests of the modules that work on an open image.
+
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use vd_core::{
+        Backend, CreateParams, CreateRequest, Image, ImageFlags, MemFileSystem, MemStorage,
+        OpenFlags, OpenRequest, Storage,
+    };
+
+    use crate::{VhdxBackend, VhdxImage};
+
+    /// A new image of `size` bytes with the `-o` options `options`, and its storage.
+    pub(crate) fn create(
+        size: u64,
+        options: &[(&str, &str)],
+    ) -> (Arc<dyn Storage>, Box<dyn Image>) {
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let params = CreateParams {
+            size,
+            image_flags: ImageFlags::empty(),
+            options: options
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            ..CreateParams::default()
+        };
+        let image = VhdxBackend
+            .create(CreateRequest {
+                path: Path::new("t.vhdx"),
+                storage: storage.clone(),
+                provider: Arc::new(MemFileSystem::new()),
+                params: &params,
+                parent: None,
+            })
+            .unwrap();
+        (storage, image)
+    }
+
+    /// Opens `storage` again with `flags`.
+    pub(crate) fn reopen(storage: &Arc<dyn Storage>, flags: OpenFlags) -> VhdxImage {
+        VhdxImage::open(OpenRequest {
+            path: Path::new("t.vhdx"),
+            storage: storage.clone(),
+            provider: Arc::new(MemFileSystem::new()),
+            flags,
+        })
+        .unwrap()
+    }
+
+    /// The `len` bytes of `image` at `offset`.
+    pub(crate) fn read(image: &dyn Image, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        image.read_at(offset, &mut buf).unwrap();
+        buf
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use vd_core::MemStorage;

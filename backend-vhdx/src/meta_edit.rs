@@ -154,3 +154,48 @@ impl VhdxImage {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vd_core::{Geometry, Image, OpenFlags};
+
+    use crate::test_support::{create, reopen};
+
+    #[test]
+    fn comment_and_geometry_round_trip_through_the_file() {
+        let (s, image) = create(64 << 20, &[]);
+        let g = Geometry {
+            cylinders: 100,
+            heads: 16,
+            sectors: 63,
+        };
+        image.set_comment(Some("hello")).unwrap();
+        image.set_pchs_geometry(g).unwrap();
+        let id = uuid::uuid!("01234567-89ab-cdef-0123-456789abcdef");
+        image.set_uuid(id).unwrap();
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert_eq!(again.comment().unwrap().as_deref(), Some("hello"));
+        assert_eq!(again.pchs_geometry().unwrap(), g);
+        assert_eq!(again.uuid().unwrap(), id);
+        // The system items are untouched by the user items.
+        assert_eq!(again.metadata().virtual_size, 64 << 20);
+        drop(again);
+        let image = reopen(&s, OpenFlags::empty());
+        image.set_comment(None).unwrap();
+        Box::new(image).close(false).unwrap();
+        assert_eq!(reopen(&s, OpenFlags::READ_ONLY).comment().unwrap(), None);
+    }
+
+    #[test]
+    fn a_comment_is_at_most_64_kib() {
+        let (_, image) = create(64 << 20, &[]);
+        assert!(image.set_comment(Some(&"x".repeat(65 * 1024))).is_err());
+    }
+
+    #[test]
+    fn a_base_image_has_no_locator_to_edit() {
+        let (_, image) = create(64 << 20, &[]);
+        assert!(image.set_parent_filename("p.vhdx").is_err());
+    }
+}

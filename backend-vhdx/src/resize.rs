@@ -170,3 +170,48 @@ impl VhdxImage {
         vd_core::Image::read_at(self, offset, buf)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vd_core::{Image, OpenFlags};
+
+    use crate::format::MIB;
+    use crate::test_support::{create, read, reopen};
+
+    #[test]
+    fn grow_keeps_data_and_the_new_part_reads_zeros() {
+        let (s, image) = create(3 * MIB + 512, &[("block_size", "1M")]);
+        image.write_at(3 * MIB, &[5; 512]).unwrap();
+        image.resize(64 * MIB, &mut |_, _| {}).unwrap();
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert_eq!(again.size(), 64 * MIB);
+        let tail = read(&again, 3 * MIB, 4096);
+        assert!(tail[..512].iter().all(|&b| b == 5));
+        assert!(tail[512..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn shrink_refuses_to_cut_off_data() {
+        let (_, image) = create(8 * MIB, &[("block_size", "1M")]);
+        image.write_at(6 * MIB, &[1; 512]).unwrap();
+        assert!(image.resize(4 * MIB, &mut |_, _| {}).is_err());
+        assert_eq!(image.size(), 8 * MIB);
+        image.discard(6 * MIB, MIB).unwrap();
+        image.resize(4 * MIB, &mut |_, _| {}).unwrap();
+        assert_eq!(image.size(), 4 * MIB);
+    }
+
+    #[test]
+    fn growing_past_the_bat_region_moves_the_bat() {
+        // 1 MiB blocks: one BAT MiB holds 131072 entries, about 128 GiB of disk.
+        let (s, image) = create(MIB, &[("block_size", "1M")]);
+        image.write_at(0, &[9; 512]).unwrap();
+        image.resize(200 << 30, &mut |_, _| {}).unwrap();
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert_eq!(again.size(), 200 << 30);
+        assert!(again.regions().bat.length >= 2 * MIB);
+        assert!(read(&again, 0, 512).iter().all(|&b| b == 9));
+    }
+}

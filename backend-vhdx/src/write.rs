@@ -440,3 +440,52 @@ impl VhdxImage {
         self.end_log(&mut ws)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vd_core::OpenFlags;
+
+    use crate::format::MIB;
+    use crate::test_support::{create, read, reopen};
+
+    #[test]
+    fn writes_survive_a_reopen_and_allocate_whole_blocks() {
+        let (s, image) = create(8 * MIB, &[("block_size", "1M")]);
+        let before = s.len().unwrap();
+        image.write_at(3 * MIB + 512, &[0xAB; 1024]).unwrap();
+        image.flush().unwrap();
+        // One new block at the 1 MiB-aligned end of the file.
+        assert_eq!(s.len().unwrap(), before + MIB);
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert!(!again.log_state().dirty);
+        let got = read(&again, 3 * MIB, 4096);
+        assert!(got[..512].iter().all(|&b| b == 0));
+        assert!(got[512..1536].iter().all(|&b| b == 0xAB));
+        assert!(got[1536..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn discarding_a_whole_block_makes_it_zero() {
+        let (s, image) = create(4 * MIB, &[("block_size", "1M")]);
+        image.write_at(MIB, &vec![7; 1 << 20]).unwrap();
+        image.discard(MIB, MIB).unwrap();
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert!(read(&again, MIB, 1 << 20).iter().all(|&b| b == 0));
+        assert_eq!(again.bat().block(1).unwrap(), crate::bat::BlockState::Zero);
+    }
+
+    #[test]
+    fn an_unflushed_session_replays_from_the_log() {
+        let (s, image) = create(4 * MIB, &[("block_size", "1M")]);
+        image.write_at(0, &[1; 4096]).unwrap();
+        image.flush().unwrap();
+        // No close: the LogGuid stays set, as after a crash following the flush.
+        std::mem::forget(image);
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert!(again.log_state().dirty);
+        assert_eq!(again.log_state().replay, "memory");
+        assert!(read(&again, 0, 4096).iter().all(|&b| b == 1));
+    }
+}

@@ -53,3 +53,26 @@ impl WriteState {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_file_end_is_rounded_up_to_a_mib() {
+        let mut ws = WriteState::new(MIB + 1);
+        assert_eq!(ws.file_end(), 2 * MIB);
+        assert_eq!(ws.sequence, 1);
+        ws.set_file_end(3 * MIB);
+        assert_eq!(ws.file_end(), 3 * MIB);
+        ws.set_file_end(0);
+        assert_eq!(ws.file_end(), 0);
+        ws.queue_page(4096, vec![1; 4096]);
+        ws.queue_page(4096, vec![2; 4096]);
+        assert_eq!(ws.dirty_pages.len(), 1);
+        assert_eq!(ws.dirty_pages[&4096][0], 2);
+        assert!(!ws.verified);
+        ws.set_verified();
+        assert!(ws.verified);
+    }
+}
