@@ -22,12 +22,12 @@
 //! ## Module map
 //!
 //! Each module imports only modules on lower lines, so none reaches itself through its
-//! imports (`lib` only declares and re-exports).
+//! imports (`lib`, the backend, is the top).
 //!
 //! ```text
 //! backend  lib         Backend: probe, open, create then open
 //! image    compact, resize
-//!          write, meta_edit    (add methods to VhdxImage; image does not import them)
+//!          write, meta_edit    add methods to VhdxImage (see below)
 //!          image               VhdxImage: open, the vd_core::Image impl
 //! format   create              writes a new file and returns
 //!          bat
@@ -37,6 +37,9 @@
 //!          guid
 //! ```
 //!
+//! `write`, `meta_edit`, `resize` and `compact` still add methods to `VhdxImage`, which the
+//! `Image` impl in `image` calls: `image` imports none of them, but they are not yet separate
+//! from the image type (an engine struct they work on is the next step).
 //! `create` writes a file with the format modules only; `lib` opens it afterwards. `metadata`
 //! builds the table it parses and lists the known system items once; `locator` parses and
 //! builds parent locators; `write_state` holds a writable session's state, which `image` owns
