@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
-use vd_core::{Error, Result, Storage};
+use vd_core::{Error, ErrorKind, Result, Storage};
 
-use crate::error::{BlockRef, Corruption, io_at};
-use crate::format::{BAT_RESERVED_MASK, MIB, bat_state};
+use crate::error::{BlockRef, Corruption, fit, io_at};
+use crate::format::{BatEntry, BitmapState, InvalidState, MIB, PayloadState};
 use crate::metadata::Metadata;
 
 /// Entries per 4 KiB BAT page.
@@ -41,25 +41,43 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// The layout of a disk with these parameters.
+    /// The layout of the disk `meta` describes.
     pub fn new(meta: &Metadata) -> Self {
-        let block_size = u64::from(meta.block_size);
-        let sector_size = u64::from(meta.logical_sector_size);
+        Self::from_parts(
+            meta.virtual_size,
+            meta.block_size,
+            meta.logical_sector_size,
+            meta.has_parent,
+        )
+    }
+
+    /// The layout of a disk of `virtual_size` bytes with these (validated) block and logical
+    /// sector sizes: chunk ratio = 2^23 × sector size / block size (2.5), at least 1; a
+    /// differencing disk's BAT holds whole chunks, each followed by its sector-bitmap entry,
+    /// and any other disk's BAT ends with the last payload entry.
+    pub fn from_parts(
+        virtual_size: u64,
+        block_size: u32,
+        logical_sector_size: u32,
+        has_parent: bool,
+    ) -> Self {
+        let block_size = u64::from(block_size).max(1);
+        let sector_size = u64::from(logical_sector_size);
         let chunk_ratio = ((1u64 << 23) * sector_size / block_size).max(1);
-        let data_blocks = meta.virtual_size.div_ceil(block_size);
-        let entries = if meta.has_parent {
+        let data_blocks = virtual_size.div_ceil(block_size);
+        let entries = if has_parent {
             data_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
         } else {
             data_blocks + data_blocks.saturating_sub(1) / chunk_ratio
         };
         Self {
-            virtual_size: meta.virtual_size,
+            virtual_size,
             block_size,
             sector_size,
             chunk_ratio,
             data_blocks,
             entries,
-            has_parent: meta.has_parent,
+            has_parent,
         }
     }
 
@@ -197,9 +215,9 @@ impl Bat {
     fn load_page(&self, page: u64) -> Result<Arc<[u64]>> {
         let off = self.region_offset() + page * ENTRIES_PER_PAGE * 8;
         let mut buf = vec![0u8; PAGE_BYTES];
+        // More than a page past `off` (or more than `usize` holds) is a whole page.
         let avail = usize::try_from(self.file_len().saturating_sub(off))
-            .unwrap_or(usize::MAX)
-            .min(PAGE_BYTES);
+            .map_or(PAGE_BYTES, |n| n.min(PAGE_BYTES));
         if let Some(part) = buf.get_mut(..avail)
             && !part.is_empty()
         {
@@ -208,8 +226,10 @@ impl Bat {
                 .map_err(|e| io_at("BAT", off, e))?;
         }
         Ok(buf
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .as_chunks::<8>()
+            .0
+            .iter()
+            .map(|c| u64::from_le_bytes(*c))
             .collect())
     }
 
@@ -226,15 +246,17 @@ impl Bat {
     ///
     /// # Errors
     /// I/O errors loading the page.
-    pub fn set_raw(&self, index: u64, value: u64) -> Result<u64> {
+    pub fn set_entry(&self, index: u64, entry: BatEntry) -> Result<u64> {
         let page = index / ENTRIES_PER_PAGE;
         let current = self.page(page)?;
         let mut copy = current.to_vec();
-        if let Some(slot) =
-            copy.get_mut(usize::try_from(index % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
-        {
-            *slot = value;
-        }
+        let slot = fit::<usize, _>(index % ENTRIES_PER_PAGE, "BAT entry slot")?;
+        *copy.get_mut(slot).ok_or_else(|| {
+            Error::new(
+                ErrorKind::OutOfRange,
+                format!("BAT entry {index} is outside its cached page"),
+            )
+        })? = entry.raw();
         self.pages.write().insert(page, copy.into());
         Ok(page)
     }
@@ -264,10 +286,13 @@ impl Bat {
             let stop = end.min(page_end_bit);
             let mut copy = self.bitmap_page(page_off)?.to_vec();
             for b in bit..stop {
-                let byte = usize::try_from(b / 8 % SB_PAGE).unwrap_or(usize::MAX);
-                if let Some(v) = copy.get_mut(byte) {
-                    *v |= 1 << (b % 8);
-                }
+                let byte = fit::<usize, _>(b / 8 % SB_PAGE, "sector bitmap byte")?;
+                *copy.get_mut(byte).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::OutOfRange,
+                        format!("sector bitmap bit {b} is outside its page"),
+                    )
+                })? |= 1 << (b % 8);
             }
             self.bitmap_pages.write().insert(page_off, copy.into());
             changed.push(page_off);
@@ -284,23 +309,29 @@ impl Bat {
         Ok(self.bitmap_page(file_offset)?.to_vec())
     }
 
-    /// The raw entry at `index`.
+    /// The entry at `index` (empty past the entries the layout uses).
     ///
     /// # Errors
     /// I/O errors.
-    pub fn raw(&self, index: u64) -> Result<u64> {
+    pub fn entry(&self, index: u64) -> Result<BatEntry> {
         let layout = self.layout();
         if index >= layout.entries {
-            return Ok(0);
+            return Ok(BatEntry::EMPTY);
         }
         // An entry past the end of a truncated file is unknown, never NOT_PRESENT. Writable
         // sessions never get here: their open refuses a BAT region past the end of the file.
         self.entry_in_file(index)?;
         let page = self.page(index / ENTRIES_PER_PAGE)?;
-        Ok(page
-            .get(usize::try_from(index % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
+        let slot = fit::<usize, _>(index % ENTRIES_PER_PAGE, "BAT entry slot")?;
+        page.get(slot)
             .copied()
-            .unwrap_or(0))
+            .map(BatEntry::from_raw)
+            .ok_or_else(|| {
+                Error::new(
+                    ErrorKind::OutOfRange,
+                    format!("BAT entry {index} is outside its cached page"),
+                )
+            })
     }
 
     fn entry_at(&self, index: u64) -> u64 {
@@ -356,52 +387,55 @@ impl Bat {
     pub fn block(&self, block: u64) -> Result<BlockState> {
         let layout = self.layout();
         let index = layout.payload_index(block);
-        let raw = self.raw(index)?;
-        self.payload_state(&layout, block, index, raw)
+        let entry = self.entry(index)?;
+        self.payload_state(&layout, block, index, entry)
     }
 
-    /// Validates the raw entry `raw` of payload block `block` (at BAT index `index`).
+    /// Validates the entry of payload block `block` (at BAT index `index`).
     fn payload_state(
         &self,
         layout: &Layout,
         block: u64,
         index: u64,
-        raw: u64,
+        entry: BatEntry,
     ) -> Result<BlockState> {
-        if raw & BAT_RESERVED_MASK != 0 {
-            return Err(Corruption::BatReservedBits { index, value: raw }
-                .at(format!("BAT entry {index}"), self.entry_at(index)));
+        let bad_state = |e: InvalidState| {
+            Corruption::BatState {
+                index,
+                state: e.value,
+            }
+            .at(format!("BAT entry {index}"), self.entry_at(index))
+        };
+        if entry.reserved() != 0 {
+            return Err(Corruption::BatReservedBits {
+                index,
+                value: entry.raw(),
+            }
+            .at(format!("BAT entry {index}"), self.entry_at(index)));
         }
-        let state = (raw & 7) as u8;
-        let offset = (raw >> 20) * MIB;
+        let state = entry.payload_state().map_err(bad_state)?;
+        let offset = entry.file_offset();
         // The last block may be partial; only the part inside the virtual disk must exist.
         let disk_offset = block * layout.block_size;
         let needed = (layout.virtual_size - disk_offset).min(layout.block_size);
         let block_ref = BlockRef::Payload { block, disk_offset };
         Ok(match state {
-            bat_state::NOT_PRESENT => BlockState::NotPresent,
-            bat_state::UNDEFINED
-            | bat_state::ZERO
-            | bat_state::UNMAPPED
-            | bat_state::UNMAPPED_LEGACY => BlockState::Zero,
-            bat_state::FULLY_PRESENT => {
+            PayloadState::NotPresent => BlockState::NotPresent,
+            PayloadState::Undefined
+            | PayloadState::Zero
+            | PayloadState::Unmapped
+            | PayloadState::UnmappedLegacy => BlockState::Zero,
+            PayloadState::FullyPresent => {
                 self.check_block(index, block_ref, offset, needed)?;
                 BlockState::Full(offset)
             }
-            bat_state::PARTIALLY_PRESENT => {
+            PayloadState::PartiallyPresent => {
                 if !layout.has_parent {
                     return Err(Corruption::PartiallyPresentWithoutParent { index }
                         .at(format!("BAT entry {index}"), self.entry_at(index)));
                 }
                 self.check_block(index, block_ref, offset, needed)?;
                 BlockState::Partial(offset)
-            }
-            other => {
-                return Err(Corruption::BatState {
-                    index,
-                    state: other,
-                }
-                .at(format!("BAT entry {index}"), self.entry_at(index)));
             }
         })
     }
@@ -413,27 +447,29 @@ impl Bat {
     pub fn bitmap(&self, chunk: u64) -> Result<Option<u64>> {
         let layout = self.layout();
         let index = layout.bitmap_index(chunk);
-        let raw = self.raw(index)?;
-        self.bitmap_state(chunk, index, raw)
+        let entry = self.entry(index)?;
+        self.bitmap_state(chunk, index, entry)
     }
 
-    /// Validates the raw entry `raw` of chunk `chunk`'s sector bitmap (at BAT index `index`).
-    fn bitmap_state(&self, chunk: u64, index: u64, raw: u64) -> Result<Option<u64>> {
-        if raw & BAT_RESERVED_MASK != 0 {
-            return Err(Corruption::BatReservedBits { index, value: raw }
-                .at(format!("BAT entry {index}"), self.entry_at(index)));
+    /// Validates the entry of chunk `chunk`'s sector bitmap (at BAT index `index`).
+    fn bitmap_state(&self, chunk: u64, index: u64, entry: BatEntry) -> Result<Option<u64>> {
+        if entry.reserved() != 0 {
+            return Err(Corruption::BatReservedBits {
+                index,
+                value: entry.raw(),
+            }
+            .at(format!("BAT entry {index}"), self.entry_at(index)));
         }
-        match (raw & 7) as u8 {
-            bat_state::NOT_PRESENT => Ok(None),
-            // 7 in a bitmap slot is read as present (openvmm does the same).
-            bat_state::SB_PRESENT | 7 => {
-                let offset = (raw >> 20) * MIB;
+        match entry.bitmap_state() {
+            Ok(BitmapState::NotPresent) => Ok(None),
+            Ok(BitmapState::Present) => {
+                let offset = entry.file_offset();
                 self.check_block(index, BlockRef::SectorBitmap { chunk }, offset, MIB)?;
                 Ok(Some(offset))
             }
-            other => Err(Corruption::BatState {
+            Err(e) => Err(Corruption::BatState {
                 index,
-                state: other,
+                state: e.value,
             }
             .at(format!("BAT entry {index}"), self.entry_at(index))),
         }
@@ -494,7 +530,7 @@ impl Bat {
                 }
             };
             let v = page
-                .get(usize::try_from(byte % SB_PAGE).unwrap_or(usize::MAX))
+                .get(fit::<usize, _>(byte % SB_PAGE, "sector bitmap byte")?)
                 .is_some_and(|b| b >> (bit % 8) & 1 == 1);
             match run_value {
                 Some(r) if r == v => {}
@@ -527,14 +563,14 @@ impl Bat {
         let region = self.region_offset();
         let file_len = self.file_len();
         let group = layout.chunk_ratio + 1;
-        let mut buf = vec![0u8; usize::try_from(PIECE_ENTRIES * 8).unwrap_or(0)];
+        let mut buf = vec![0u8; fit::<usize, _>(PIECE_ENTRIES * 8, "BAT piece")?];
         let mut first = 0;
         while first < layout.entries {
             let n = (layout.entries - first).min(PIECE_ENTRIES);
             let off = region + first * 8;
             // Bytes of this piece inside the file; entries past them are reported below.
             let avail = file_len.saturating_sub(off).min(n * 8);
-            if let Some(part) = buf.get_mut(..usize::try_from(avail).unwrap_or(0))
+            if let Some(part) = buf.get_mut(..fit::<usize, _>(avail, "BAT piece")?)
                 && !part.is_empty()
             {
                 self.storage
@@ -547,18 +583,25 @@ impl Bat {
                 let page_end = ((page_no + 1) * ENTRIES_PER_PAGE).min(first + n);
                 let cached = self.pages.read().get(&page_no).cloned();
                 for i in index..page_end {
-                    let raw = if let Some(p) = &cached {
-                        p.get(usize::try_from(i % ENTRIES_PER_PAGE).unwrap_or(usize::MAX))
+                    let entry = if let Some(p) = &cached {
+                        let slot = fit::<usize, _>(i % ENTRIES_PER_PAGE, "BAT entry slot")?;
+                        p.get(slot)
                             .copied()
-                            .unwrap_or(0)
+                            .map(BatEntry::from_raw)
+                            .ok_or_else(|| {
+                                Error::new(
+                                    ErrorKind::OutOfRange,
+                                    format!("BAT entry {i} is outside its cached page"),
+                                )
+                            })?
                     } else {
-                        let at = usize::try_from((i - first) * 8).unwrap_or(usize::MAX);
+                        let at = fit::<usize, _>((i - first) * 8, "BAT piece offset")?;
                         match buf
                             .get(at..at.saturating_add(8))
                             .filter(|_| (i - first + 1) * 8 <= avail)
                             .and_then(|b| <[u8; 8]>::try_from(b).ok())
                         {
-                            Some(b) => u64::from_le_bytes(b),
+                            Some(b) => BatEntry::from_raw(u64::from_le_bytes(b)),
                             None => {
                                 if let Err(e) = self.entry_in_file(i) {
                                     f(e)?;
@@ -571,14 +614,14 @@ impl Bat {
                     let checked = if slot == layout.chunk_ratio {
                         // Bitmap slots matter only where reads use them.
                         if layout.has_parent {
-                            self.bitmap_state(chunk, i, raw).map(|_| ())
+                            self.bitmap_state(chunk, i, entry).map(|_| ())
                         } else {
                             Ok(())
                         }
                     } else {
                         let block = chunk * layout.chunk_ratio + slot;
                         if block < layout.data_blocks {
-                            self.payload_state(&layout, block, i, raw).map(|_| ())
+                            self.payload_state(&layout, block, i, entry).map(|_| ())
                         } else {
                             Ok(())
                         }
@@ -617,5 +660,85 @@ impl Bat {
             }
         }
         Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_ratio_follows_the_sector_and_block_size() {
+        // 2^23 × sector size / block size (2.5, table in 2.5.1).
+        for (sector, block, ratio) in [
+            (512, MIB, 4096),
+            (512, 32 * MIB, 128),
+            (512, 256 * MIB, 16),
+            (4096, MIB, 32768),
+            (4096, 256 * MIB, 128),
+        ] {
+            let l = Layout::from_parts(GIB, u32::try_from(block).unwrap(), sector, false);
+            assert_eq!(l.chunk_ratio, ratio, "sector {sector}, block {block}");
+            assert_eq!(l.sectors_per_block(), block / u64::from(sector));
+        }
+    }
+
+    const GIB: u64 = 1024 * MIB;
+
+    #[test]
+    fn entries_interleave_bitmaps_after_each_chunk() {
+        // 512-byte sectors, 256 MiB blocks: 16 payload entries, then a bitmap entry.
+        let l = Layout::from_parts(64 * GIB, 256 << 20, 512, true);
+        assert_eq!(l.chunk_ratio, 16);
+        assert_eq!(l.data_blocks, 256);
+        assert_eq!(l.payload_index(0), 0);
+        assert_eq!(l.payload_index(15), 15);
+        assert_eq!(l.bitmap_index(0), 16);
+        assert_eq!(l.payload_index(16), 17);
+        assert_eq!(l.bitmap_index(15), 15 * 17 + 16);
+        assert_eq!(l.payload_index(255), 255 + 15);
+        // 16 whole chunks, each with its bitmap entry.
+        assert_eq!(l.entries, 16 * 17);
+    }
+
+    #[test]
+    fn last_partial_block_and_chunk() {
+        // 33 blocks of 256 MiB and a bit: 34 payload blocks, the last one partial.
+        let size = 33 * 256 * MIB + 512;
+        let diff = Layout::from_parts(size, 256 << 20, 512, true);
+        assert_eq!(diff.data_blocks, 34);
+        // A differencing BAT holds whole chunks: 3 chunks × 17 entries.
+        assert_eq!(diff.entries, 3 * 17);
+        assert_eq!(diff.bitmap_index(2), 2 * 17 + 16);
+        assert!(diff.bitmap_index(2) < diff.entries);
+        // Any other BAT ends with the last payload entry, bitmaps interleaved before it.
+        let base = Layout::from_parts(size, 256 << 20, 512, false);
+        assert_eq!(base.entries, 34 + 33 / 16);
+        assert_eq!(base.payload_index(33), base.entries - 1);
+        // Exactly one chunk: no bitmap entry after it in a base image.
+        let one = Layout::from_parts(16 * 256 * MIB, 256 << 20, 512, false);
+        assert_eq!(one.entries, 16);
+        assert_eq!(one.payload_index(15), 15);
+    }
+
+    #[test]
+    fn sector_bitmap_block_of_a_sector() {
+        // Each sector-bitmap block covers one chunk: chunk_ratio × block bytes, 2^23 sectors.
+        let l = Layout::from_parts(64 * GIB, 32 << 20, 512, true);
+        let sectors_per_chunk = l.chunk_ratio * l.sectors_per_block();
+        assert_eq!(sectors_per_chunk, 1 << 23);
+        assert_eq!(sectors_per_chunk / 8, MIB);
+        let block = 129; // chunk 1, second block
+        assert_eq!(block / l.chunk_ratio, 1);
+        assert_eq!(l.payload_index(block), 130);
+        assert_eq!(l.bitmap_index(block / l.chunk_ratio), 2 * 129 - 1);
+    }
+
+    #[test]
+    fn smallest_disk() {
+        let l = Layout::from_parts(512, 1 << 20, 512, false);
+        assert_eq!((l.data_blocks, l.entries), (1, 1));
+        let d = Layout::from_parts(512, 1 << 20, 512, true);
+        assert_eq!((d.data_blocks, d.entries), (1, 4097));
     }
 }

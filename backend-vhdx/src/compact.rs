@@ -8,13 +8,13 @@
 use vd_core::{Error, Result};
 
 use crate::bat::BlockState;
-use crate::format::{HEADER_SECTION_SIZE, MIB, bat_state};
+use crate::format::{BatEntry, BitmapState, HEADER_SECTION_SIZE, MIB, PayloadState};
 use crate::image::VhdxImage;
 use crate::write::copy_range;
 
 #[derive(Debug, Clone, Copy)]
 enum Owner {
-    Payload(u64, u8),
+    Payload(u64, PayloadState),
     Bitmap(u64),
 }
 
@@ -30,7 +30,7 @@ impl VhdxImage {
         self.preflight(&mut ws)?;
         // Structures that never move.
         let regions = self.regions();
-        let header = self.header_lock().read().clone();
+        let header = *self.header_lock().read();
         let mut fixed: Vec<(u64, u64)> = vec![
             (0, HEADER_SECTION_SIZE),
             (regions.bat.offset, regions.bat.offset + regions.bat.length),
@@ -57,13 +57,13 @@ impl VhdxImage {
                 BlockState::Full(off) => blocks.push((
                     off,
                     layout.block_size,
-                    Owner::Payload(b, bat_state::FULLY_PRESENT),
+                    Owner::Payload(b, PayloadState::FullyPresent),
                 )),
                 BlockState::Partial(off) => {
                     blocks.push((
                         off,
                         layout.block_size,
-                        Owner::Payload(b, bat_state::PARTIALLY_PRESENT),
+                        Owner::Payload(b, PayloadState::PartiallyPresent),
                     ));
                 }
                 _ => {}
@@ -94,11 +94,14 @@ impl VhdxImage {
             }
             if target < off {
                 copy_range(storage.as_ref(), off, target, len, "cannot move a block")?;
-                let (index, state) = match owner {
-                    Owner::Payload(b, s) => (layout.payload_index(b), s),
-                    Owner::Bitmap(c) => (layout.bitmap_index(c), bat_state::SB_PRESENT),
+                let (index, entry) = match owner {
+                    Owner::Payload(b, s) => (layout.payload_index(b), BatEntry::payload(s, target)),
+                    Owner::Bitmap(c) => (
+                        layout.bitmap_index(c),
+                        BatEntry::bitmap(BitmapState::Present, target),
+                    ),
                 };
-                self.set_entry(&mut ws, index, (target / MIB) << 20 | u64::from(state))?;
+                self.set_entry(&mut ws, index, entry)?;
                 // Data is flushed before the entry that points at it (commit flushes first).
                 self.commit(&mut ws)?;
                 target += len;
@@ -122,5 +125,37 @@ impl VhdxImage {
             self.bat().reset_file_len(end);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vd_core::OpenFlags;
+
+    use crate::format::MIB;
+    use crate::test_support::{create, read, reopen};
+
+    #[test]
+    fn compact_moves_blocks_into_holes_and_truncates() {
+        let (s, image) = create(8 * MIB, &[("block_size", "1M")]);
+        for b in 0..4u8 {
+            image.write_at(u64::from(b) * MIB, &[b + 1; 4096]).unwrap();
+        }
+        image.flush().unwrap();
+        let full = s.len().unwrap();
+        image.discard(0, 2 * MIB).unwrap();
+        image.compact(&mut |_, _| {}).unwrap();
+        assert_eq!(s.len().unwrap(), full - 2 * MIB);
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        for b in 0..4u8 {
+            let want = if b < 2 { 0 } else { b + 1 };
+            assert!(
+                read(&again, u64::from(b) * MIB, 4096)
+                    .iter()
+                    .all(|&x| x == want),
+                "block {b}"
+            );
+        }
     }
 }

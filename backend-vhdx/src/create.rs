@@ -7,26 +7,25 @@
 //! Crash safety: the metadata table is first written with the "incomplete file" item, so a
 //! crash while creating leaves a file that refuses to open; only after everything else is
 //! flushed is the table rewritten without it.
+//!
+//! This module writes the file with the format modules only (header, region, metadata, BAT,
+//! locator) and returns; the backend opens the result.
 
 use std::path::{Component, Path};
 
 use uuid::Uuid;
-use vd_core::{CreateRequest, Error, ImageFlags, OpenFlags, OpenRequest, Result};
+use vd_core::{CreateRequest, Error, ImageFlags, Result};
 use zerocopy::IntoBytes;
-use zerocopy::little_endian::{U16, U32, U64};
 
+use crate::bat::Layout;
 use crate::format::{
-    FILE_SIGNATURE, HEADER_OFFSETS, HEADER_SIGNATURE, Header, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE,
-    MIB, MIN_BLOCK_SIZE, ParentLocatorEntry, ParentLocatorHeader, REGION_TABLE_OFFSETS, bat_state,
+    BatEntry, FILE_SIGNATURE, HEADER_OFFSETS, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIB,
+    MIN_BLOCK_SIZE, PayloadState, REGION_TABLE_OFFSETS,
 };
-use crate::guid::{
-    Guid, META_FILE_PARAMETERS, META_INCOMPLETE_FILE, META_LOGICAL_SECTOR_SIZE,
-    META_PARENT_LOCATOR, META_PHYSICAL_SECTOR_SIZE, META_VIRTUAL_DISK_ID, META_VIRTUAL_DISK_SIZE,
-    PARENT_LOCATOR_TYPE_VHDX, REGION_BAT, REGION_METADATA,
-};
-use crate::header::seal;
-use crate::image::VhdxImage;
-use crate::meta_edit::{ItemData, build_metadata_region};
+use crate::guid::{Guid, REGION_BAT, REGION_METADATA};
+use crate::header::ActiveHeader;
+use crate::locator::{ParentLocator, encode_utf16};
+use crate::metadata::{ItemData, NewDisk, build_metadata_region, system_items};
 use crate::region::{Region, RegionTable, build_region_table};
 
 /// Validated creation options.
@@ -178,128 +177,49 @@ fn relative_windows_path(from: &Path, target: &Path) -> Option<String> {
     Some(parts.join("\\"))
 }
 
-fn utf16(s: &str) -> Vec<u8> {
-    s.encode_utf16().flat_map(u16::to_le_bytes).collect()
-}
-
-pub(crate) fn parent_locator(pairs: &[(&str, String)]) -> Vec<u8> {
-    let header_len = 20 + 12 * pairs.len();
-    let mut strings = Vec::new();
-    let mut entries = Vec::new();
-    for (k, v) in pairs {
-        let (kb, vb) = (utf16(k), utf16(v));
-        let ko = header_len + strings.len();
-        strings.extend_from_slice(&kb);
-        let vo = header_len + strings.len();
-        strings.extend_from_slice(&vb);
-        entries.push(ParentLocatorEntry {
-            key_offset: U32::new(u32::try_from(ko).unwrap_or(0)),
-            value_offset: U32::new(u32::try_from(vo).unwrap_or(0)),
-            key_length: U16::new(u16::try_from(kb.len()).unwrap_or(0)),
-            value_length: U16::new(u16::try_from(vb.len()).unwrap_or(0)),
-        });
-    }
-    let mut out = ParentLocatorHeader {
-        locator_type: Guid::from_uuid(PARENT_LOCATOR_TYPE_VHDX),
-        reserved: U16::new(0),
-        key_value_count: U16::new(u16::try_from(pairs.len()).unwrap_or(0)),
-    }
-    .as_bytes()
-    .to_vec();
-    for e in &entries {
-        out.extend_from_slice(e.as_bytes());
-    }
-    out.extend_from_slice(&strings);
-    out
-}
-
-/// The metadata region for these options (the incomplete-file marker last, when asked for).
-fn metadata_region(o: &CreateOptions, locator: Option<&[u8]>, incomplete: bool) -> Result<Vec<u8>> {
-    const REQ: u32 = 4;
-    const VD: u32 = 2;
-    let fp_flags = u32::from(o.fixed) | u32::from(locator.is_some()) << 1;
-    let mut fp = o.block_size.to_le_bytes().to_vec();
-    fp.extend_from_slice(&fp_flags.to_le_bytes());
-    let mut items = vec![
-        ItemData::new(META_FILE_PARAMETERS, REQ, fp),
-        ItemData::new(
-            META_VIRTUAL_DISK_SIZE,
-            REQ | VD,
-            o.size.to_le_bytes().to_vec(),
-        ),
-        ItemData::new(
-            META_VIRTUAL_DISK_ID,
-            REQ | VD,
-            Guid::from_uuid(Uuid::new_v4()).0.to_vec(),
-        ),
-        ItemData::new(
-            META_LOGICAL_SECTOR_SIZE,
-            REQ | VD,
-            o.logical_sector_size.to_le_bytes().to_vec(),
-        ),
-        ItemData::new(
-            META_PHYSICAL_SECTOR_SIZE,
-            REQ | VD,
-            o.physical_sector_size.to_le_bytes().to_vec(),
-        ),
-    ];
-    if let Some(loc) = locator {
-        items.push(ItemData::new(META_PARENT_LOCATOR, REQ, loc.to_vec()));
-    }
-    if incomplete {
-        items.push(ItemData::new(META_INCOMPLETE_FILE, REQ, Vec::new()));
-    }
-    build_metadata_region(&items, usize::try_from(MIB).unwrap_or(0))
-}
-
-fn header(seq: u64, log_offset: u64, log_len: u64) -> Header {
-    let mut h = Header {
-        signature: U32::new(HEADER_SIGNATURE),
-        checksum: U32::new(0),
-        sequence_number: U64::new(seq),
+/// The first header of a new image: fresh write GUIDs, an empty log.
+fn header(log_offset: u64, log_length: u32) -> ActiveHeader {
+    ActiveHeader {
+        slot: 0,
+        sequence: 0,
         file_write_guid: Guid::from_uuid(Uuid::new_v4()),
         data_write_guid: Guid::from_uuid(Uuid::new_v4()),
         log_guid: Guid::ZERO,
-        log_version: U16::new(0),
-        version: U16::new(1),
-        log_length: U32::new(u32::try_from(log_len).unwrap_or(0)),
-        log_offset: U64::new(log_offset),
-        reserved: [0; 4016],
-    };
-    seal(&mut h);
-    h
+        log_version: 0,
+        version: 1,
+        log_length,
+        log_offset,
+    }
 }
 
-/// Creates an image as `req` asks and opens it read-write.
+/// Writes the image `req` asks for into `req.storage` (the caller opens it afterwards).
 ///
 /// # Errors
 /// `InvalidArgument` for bad options; I/O errors.
-pub fn create(req: CreateRequest<'_>) -> Result<VhdxImage> {
-    let o = CreateOptions::from_request(&req)?;
+pub fn create(req: &CreateRequest<'_>) -> Result<()> {
+    let o = CreateOptions::from_request(req)?;
     let locator = match req.parent {
         Some((parent_path, parent)) => {
             let linkage = parent.modification_uuid()?;
-            let mut pairs = vec![("parent_linkage", format!("{{{linkage}}}"))];
             let rel = relative_windows_path(req.path, parent_path).ok_or_else(|| {
                 Error::invalid_argument("cannot express the parent path relative to the child")
             })?;
-            pairs.push(("relative_path", rel));
-            Some(parent_locator(&pairs))
+            let loc = ParentLocator::from_pairs([
+                ("parent_linkage", format!("{{{linkage}}}")),
+                ("relative_path", rel),
+            ]);
+            Some(loc.to_bytes()?)
         }
         None => None,
     };
+    let has_parent = locator.is_some();
     let s = req.storage.clone();
     let io = |e: std::io::Error| Error::io("cannot create the image", e);
     let log_offset = MIB;
     let meta_offset = log_offset + o.log_size;
-    let bs = u64::from(o.block_size);
-    let chunk_ratio = ((1u64 << 23) * u64::from(o.logical_sector_size) / bs).max(1);
-    let data_blocks = o.size.div_ceil(bs);
-    let entries = if locator.is_some() {
-        data_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
-    } else {
-        data_blocks + data_blocks.saturating_sub(1) / chunk_ratio
-    };
+    let layout = Layout::from_parts(o.size, o.block_size, o.logical_sector_size, has_parent);
+    let bs = layout.block_size;
+    let (data_blocks, entries) = (layout.data_blocks, layout.entries);
     let bat_offset = meta_offset + MIB;
     let bat_len = (entries * 8).div_ceil(MIB) * MIB;
     let data_offset = bat_offset + bat_len;
@@ -307,25 +227,34 @@ pub fn create(req: CreateRequest<'_>) -> Result<VhdxImage> {
     s.set_len(0).map_err(io)?;
     // File identifier.
     let mut ident = FILE_SIGNATURE.to_le_bytes().to_vec();
-    ident.extend_from_slice(&utf16(concat!("vd ", env!("CARGO_PKG_VERSION"))));
+    ident.extend_from_slice(&encode_utf16(concat!("vd ", env!("CARGO_PKG_VERSION"))));
     s.write_all_at(0, &ident).map_err(io)?;
     // Metadata first, marked incomplete.
-    s.write_all_at(meta_offset, &metadata_region(&o, locator.as_deref(), true)?)
+    let meta_len = usize::try_from(MIB).map_err(|_| Error::invalid_argument("1 MiB region"))?;
+    let mut items = system_items(&NewDisk {
+        block_size: o.block_size,
+        fixed: o.fixed,
+        virtual_size: o.size,
+        disk_id: Uuid::new_v4(),
+        logical_sector_size: o.logical_sector_size,
+        physical_sector_size: o.physical_sector_size,
+        locator,
+    });
+    items.push(ItemData::incomplete_marker());
+    s.write_all_at(meta_offset, &build_metadata_region(&items, meta_len)?)
         .map_err(io)?;
+    items.pop();
     // BAT.
     let mut end = data_offset;
     if o.fixed {
-        let mut bat = vec![
-            0u8;
-            usize::try_from(entries * 8)
-                .map_err(|_| Error::invalid_argument("disk too large"))?
-        ];
+        let too_large = || Error::invalid_argument("disk too large");
+        let mut bat = vec![0u8; usize::try_from(entries * 8).map_err(|_| too_large())?];
         for b in 0..data_blocks {
-            let idx = usize::try_from(b + b / chunk_ratio).unwrap_or(usize::MAX);
-            let v = ((data_offset + b * bs) / MIB) << 20 | u64::from(bat_state::FULLY_PRESENT);
-            if let Some(d) = bat.get_mut(idx * 8..idx * 8 + 8) {
-                d.copy_from_slice(&v.to_le_bytes());
-            }
+            let at = usize::try_from(layout.payload_index(b) * 8).map_err(|_| too_large())?;
+            let entry = BatEntry::payload(PayloadState::FullyPresent, data_offset + b * bs);
+            bat.get_mut(at..at + 8)
+                .ok_or_else(too_large)?
+                .copy_from_slice(&entry.raw().to_le_bytes());
         }
         s.write_all_at(bat_offset, &bat).map_err(io)?;
         end = data_offset + data_blocks * bs;
@@ -343,42 +272,28 @@ pub fn create(req: CreateRequest<'_>) -> Result<VhdxImage> {
         metadata: region(REGION_METADATA, meta_offset, MIB),
         others: Vec::new(),
         copy: 0,
-    });
+    })?;
     for off in REGION_TABLE_OFFSETS {
         s.write_all_at(off, &rt).map_err(io)?;
     }
-    let h = header(0, log_offset, o.log_size);
-    s.write_all_at(HEADER_OFFSETS[0], h.as_bytes())
+    let log_len =
+        u32::try_from(o.log_size).map_err(|_| Error::invalid_argument("log_size: at most 1G"))?;
+    let h = header(log_offset, log_len);
+    s.write_all_at(HEADER_OFFSETS[0], h.to_wire().as_bytes())
         .map_err(io)?;
-    let mut h2 = h;
-    h2.sequence_number.set(1);
-    seal(&mut h2);
-    s.write_all_at(HEADER_OFFSETS[1], h2.as_bytes())
+    let h2 = ActiveHeader {
+        slot: 1,
+        sequence: 1,
+        ..h
+    };
+    s.write_all_at(HEADER_OFFSETS[1], h2.to_wire().as_bytes())
         .map_err(io)?;
     s.flush().map_err(io)?;
-    // Complete: rewrite the metadata without the incomplete-file marker. The virtual disk id
-    // must stay the same, so only the table entry count changes (the marker is the last entry).
-    let mut table = vec![0u8; 64 * 1024];
-    s.read_exact_at(meta_offset, &mut table).map_err(io)?;
-    let count = u16::from_le_bytes([
-        table.get(10).copied().unwrap_or(0),
-        table.get(11).copied().unwrap_or(0),
-    ]);
-    let last = 32 + 32 * usize::from(count.saturating_sub(1));
-    if let Some(d) = table.get_mut(last..last + 32) {
-        d.fill(0);
-    }
-    if let Some(d) = table.get_mut(10..12) {
-        d.copy_from_slice(&count.saturating_sub(1).to_le_bytes());
-    }
-    s.write_all_at(meta_offset, &table).map_err(io)?;
-    s.flush().map_err(io)?;
-    VhdxImage::open(OpenRequest {
-        path: req.path,
-        storage: req.storage,
-        provider: req.provider,
-        flags: OpenFlags::empty(),
-    })
+    // Complete: rewrite the metadata without the incomplete-file marker (the last item, with
+    // no data, so every other byte stays the same).
+    s.write_all_at(meta_offset, &build_metadata_region(&items, meta_len)?)
+        .map_err(io)?;
+    s.flush().map_err(io)
 }
 
 #[cfg(test)]
@@ -401,5 +316,86 @@ mod tests {
             relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/x/p.vhdx")).unwrap(),
             r"..\x\p.vhdx"
         );
+    }
+
+    #[test]
+    fn a_fixed_image_parses_with_every_block_present() {
+        use crate::bat::{Bat, BlockState};
+        use crate::header::read_headers;
+        use crate::metadata::read_metadata;
+        use crate::region::read_region_table;
+        let (s, _) = crate::test_support::create(
+            5 * MIB + 512,
+            &[
+                ("subformat", "fixed"),
+                ("block_size", "1M"),
+                ("log_size", "2M"),
+            ],
+        );
+        let len = s.len().unwrap();
+        let h = read_headers(s.as_ref(), len, true).unwrap();
+        assert!(h.warnings.is_empty());
+        assert_eq!((h.active.slot, h.active.sequence), (1, 1));
+        assert_eq!(
+            (h.active.log_offset(), h.active.log_length()),
+            (MIB, 2 * MIB)
+        );
+        let mut warnings = Vec::new();
+        let r = read_region_table(s.as_ref(), len, (MIB, 2 * MIB), &mut warnings).unwrap();
+        assert_eq!(r.metadata.offset, 3 * MIB);
+        assert_eq!(r.bat.offset, 4 * MIB);
+        let m = read_metadata(s.as_ref(), r.metadata, true, &mut warnings).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert!(m.leave_block_allocated && !m.has_parent);
+        assert_eq!((m.block_size, m.virtual_size), (1 << 20, 5 * MIB + 512));
+        // No incomplete-file marker left: exactly the five system items.
+        assert_eq!(m.items.len(), 5);
+        let layout = Layout::new(&m);
+        assert_eq!(layout.data_blocks, 6);
+        let bat = Bat::new(s.clone(), layout, r.bat.offset, len, Vec::new());
+        let data = r.bat.offset + r.bat.length;
+        for b in 0..6 {
+            assert_eq!(bat.block(b).unwrap(), BlockState::Full(data + b * MIB));
+        }
+        assert_eq!(len, data + 6 * MIB);
+    }
+
+    #[test]
+    fn a_dynamic_image_has_an_empty_bat() {
+        let (s, image) = crate::test_support::create(64 * MIB, &[]);
+        assert_eq!(image.size(), 64 * MIB);
+        // Header section, 1 MiB log, metadata, one BAT MiB, no blocks.
+        assert_eq!(s.len().unwrap(), 4 * MIB);
+        assert!(
+            crate::test_support::read(image.as_ref(), 0, 4096)
+                .iter()
+                .all(|&b| b == 0)
+        );
+    }
+
+    #[test]
+    fn options_out_of_range_are_refused() {
+        for o in [
+            ("block_size", "3M"),
+            ("block_size", "512M"),
+            ("log_size", "1536K"),
+            ("logical_sector_size", "1024"),
+            ("subformat", "sparse"),
+            ("unknown", "1"),
+        ] {
+            let params = vd_core::CreateParams {
+                size: MIB,
+                options: [(o.0.to_string(), o.1.to_string())].into(),
+                ..vd_core::CreateParams::default()
+            };
+            let req = CreateRequest {
+                path: Path::new("x.vhdx"),
+                storage: std::sync::Arc::new(vd_core::MemStorage::new()),
+                provider: std::sync::Arc::new(vd_core::MemFileSystem::new()),
+                params: &params,
+                parent: None,
+            };
+            assert!(CreateOptions::from_request(&req).is_err(), "{o:?}");
+        }
     }
 }

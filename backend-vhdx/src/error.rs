@@ -428,3 +428,43 @@ pub fn io_at(what: &str, offset: u64, e: std::io::Error) -> Error {
         .with_field(what.to_string())
         .with_offset(offset)
 }
+
+/// `value` converted to `T` (a field's width, or `usize` for a length or index in memory), or
+/// an `OutOfRange` error naming `field`: used instead of a fallback value, which could write a
+/// wrong number into an image.
+///
+/// # Errors
+/// `OutOfRange` when `value` does not fit in `T`.
+pub(crate) fn fit<T, V>(value: V, field: &str) -> Result<T, Error>
+where
+    V: Copy + TryInto<T> + std::fmt::LowerHex,
+{
+    value.try_into().map_err(|_| {
+        Error::new(
+            ErrorKind::OutOfRange,
+            format!(
+                "{field} {value:#x} does not fit in {}",
+                std::any::type_name::<T>()
+            ),
+        )
+        .with_field(field.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_converts_or_names_the_field() {
+        assert_eq!(fit::<u32, u64>(7, "x").unwrap(), 7);
+        assert_eq!(fit::<u16, usize>(65535, "x").unwrap(), u16::MAX);
+        let e = fit::<u32, u64>(1 << 32, "region length").unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
+        assert!(
+            e.to_string()
+                .contains("region length 0x100000000 does not fit in u32"),
+            "{e}"
+        );
+    }
+}

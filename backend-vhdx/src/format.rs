@@ -289,3 +289,304 @@ pub mod bat_state {
 
 /// Mask of the reserved BAT entry bits 3..=19.
 pub const BAT_RESERVED_MASK: u64 = 0xF_FFF8;
+
+bitflags::bitflags! {
+    /// Region table entry flags ([MS-VHDX] 2.2.3.2, `Required`).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct RegionFlags: u32 {
+        /// The region must be understood to open the file.
+        const REQUIRED = 1;
+    }
+}
+
+bitflags::bitflags! {
+    /// Metadata table entry flags ([MS-VHDX] 2.6.1.2).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct MetadataFlags: u32 {
+        /// IsUser: a user item (vd's geometry and comment), not a system item.
+        const IS_USER = 1;
+        /// IsVirtualDisk: the item describes the virtual disk, not the file.
+        const IS_VIRTUAL_DISK = 2;
+        /// IsRequired: the item must be understood to open the file.
+        const IS_REQUIRED = 4;
+    }
+}
+
+bitflags::bitflags! {
+    /// File Parameters flags ([MS-VHDX] 2.6.2.1).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub struct FileParameterFlags: u32 {
+        /// LeaveBlockAllocated: a fixed disk.
+        const LEAVE_BLOCK_ALLOCATED = 1;
+        /// HasParent: a differencing disk.
+        const HAS_PARENT = 2;
+    }
+}
+
+/// A state value no [`PayloadState`] or [`BitmapState`] has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{field} {value} is not a valid state")]
+pub struct InvalidState {
+    /// The field: "payload block state" or "sector bitmap state".
+    pub field: &'static str,
+    /// The value found.
+    pub value: u8,
+}
+
+/// The state of a payload block's BAT entry ([MS-VHDX] 2.5.1.1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PayloadState {
+    /// PAYLOAD_BLOCK_NOT_PRESENT: the parent's data, or zeros for a base image.
+    NotPresent,
+    /// PAYLOAD_BLOCK_UNDEFINED: contents undefined (read as zeros).
+    Undefined,
+    /// PAYLOAD_BLOCK_ZERO: reads as zeros.
+    Zero,
+    /// PAYLOAD_BLOCK_UNMAPPED: trimmed (read as zeros).
+    Unmapped,
+    /// Unmapped, the value of spec draft 0.95 (read as zeros).
+    UnmappedLegacy,
+    /// PAYLOAD_BLOCK_FULLY_PRESENT: the data is at the entry's offset.
+    FullyPresent,
+    /// PAYLOAD_BLOCK_PARTIALLY_PRESENT: the sector bitmap decides, per sector.
+    PartiallyPresent,
+}
+
+impl PayloadState {
+    /// The 3-bit value stored in the entry.
+    pub const fn bits(self) -> u8 {
+        match self {
+            Self::NotPresent => bat_state::NOT_PRESENT,
+            Self::Undefined => bat_state::UNDEFINED,
+            Self::Zero => bat_state::ZERO,
+            Self::Unmapped => bat_state::UNMAPPED,
+            Self::UnmappedLegacy => bat_state::UNMAPPED_LEGACY,
+            Self::FullyPresent => bat_state::FULLY_PRESENT,
+            Self::PartiallyPresent => bat_state::PARTIALLY_PRESENT,
+        }
+    }
+}
+
+impl TryFrom<u8> for PayloadState {
+    type Error = InvalidState;
+
+    fn try_from(v: u8) -> Result<Self, InvalidState> {
+        Ok(match v {
+            bat_state::NOT_PRESENT => Self::NotPresent,
+            bat_state::UNDEFINED => Self::Undefined,
+            bat_state::ZERO => Self::Zero,
+            bat_state::UNMAPPED => Self::Unmapped,
+            bat_state::UNMAPPED_LEGACY => Self::UnmappedLegacy,
+            bat_state::FULLY_PRESENT => Self::FullyPresent,
+            bat_state::PARTIALLY_PRESENT => Self::PartiallyPresent,
+            value => {
+                return Err(InvalidState {
+                    field: "payload block state",
+                    value,
+                });
+            }
+        })
+    }
+}
+
+/// The state of a sector-bitmap block's BAT entry ([MS-VHDX] 2.5.1.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BitmapState {
+    /// SB_BLOCK_NOT_PRESENT.
+    NotPresent,
+    /// SB_BLOCK_PRESENT: the bitmap is at the entry's offset.
+    Present,
+}
+
+impl BitmapState {
+    /// The 3-bit value stored in the entry.
+    pub const fn bits(self) -> u8 {
+        match self {
+            Self::NotPresent => bat_state::NOT_PRESENT,
+            Self::Present => bat_state::SB_PRESENT,
+        }
+    }
+}
+
+impl TryFrom<u8> for BitmapState {
+    type Error = InvalidState;
+
+    /// 0 and 6 as the specification says; 7 is read as present too (some writers store the
+    /// payload value there; openvmm reads it the same way).
+    fn try_from(v: u8) -> Result<Self, InvalidState> {
+        match v {
+            bat_state::NOT_PRESENT => Ok(Self::NotPresent),
+            bat_state::SB_PRESENT | 7 => Ok(Self::Present),
+            value => Err(InvalidState {
+                field: "sector bitmap state",
+                value,
+            }),
+        }
+    }
+}
+
+/// One BAT entry ([MS-VHDX] 2.5.1): the state in bits 0..=2, reserved bits 3..=19 (zero), and
+/// the file offset in MiB in bits 20..=63.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct BatEntry(u64);
+
+impl BatEntry {
+    /// The entry of an unallocated block (state 0, offset 0).
+    pub const EMPTY: Self = Self(0);
+
+    /// The entry stored as `raw` (a little-endian `u64` in the file).
+    pub const fn from_raw(raw: u64) -> Self {
+        Self(raw)
+    }
+
+    /// The value stored in the file.
+    pub const fn raw(self) -> u64 {
+        self.0
+    }
+
+    fn with_state(state: u8, file_offset: u64) -> Self {
+        debug_assert!(
+            file_offset.is_multiple_of(MIB),
+            "BAT offsets are MiB-aligned"
+        );
+        // `file_offset / MIB` has at most 44 bits, so the shift cannot lose any.
+        Self((file_offset / MIB) << 20 | u64::from(state))
+    }
+
+    /// A payload entry; `file_offset` is 1 MiB-aligned (0 for states without data).
+    pub fn payload(state: PayloadState, file_offset: u64) -> Self {
+        Self::with_state(state.bits(), file_offset)
+    }
+
+    /// A sector-bitmap entry; `file_offset` is 1 MiB-aligned (0 when not present).
+    pub fn bitmap(state: BitmapState, file_offset: u64) -> Self {
+        Self::with_state(state.bits(), file_offset)
+    }
+
+    /// The 3-bit state field, undecoded.
+    pub const fn state_bits(self) -> u8 {
+        // The mask keeps three bits, so the value fits.
+        #[allow(clippy::cast_possible_truncation)] // masked to 3 bits
+        let s = (self.0 & 7) as u8;
+        s
+    }
+
+    /// The state as a payload entry.
+    ///
+    /// # Errors
+    /// [`InvalidState`] for 4 and any other undefined value.
+    pub fn payload_state(self) -> Result<PayloadState, InvalidState> {
+        PayloadState::try_from(self.state_bits())
+    }
+
+    /// The state as a sector-bitmap entry.
+    ///
+    /// # Errors
+    /// [`InvalidState`] for values other than 0, 6 and 7.
+    pub fn bitmap_state(self) -> Result<BitmapState, InvalidState> {
+        BitmapState::try_from(self.state_bits())
+    }
+
+    /// The reserved bits 3..=19 (zero in a valid entry).
+    pub const fn reserved(self) -> u64 {
+        self.0 & BAT_RESERVED_MASK
+    }
+
+    /// The file offset in bytes (FileOffsetMB × 1 MiB; at most 2^64 − 1 MiB, so it cannot
+    /// overflow).
+    pub const fn file_offset(self) -> u64 {
+        (self.0 >> 20) * MIB
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAYLOAD: [(u8, PayloadState); 7] = [
+        (0, PayloadState::NotPresent),
+        (1, PayloadState::Undefined),
+        (2, PayloadState::Zero),
+        (3, PayloadState::Unmapped),
+        (5, PayloadState::UnmappedLegacy),
+        (6, PayloadState::FullyPresent),
+        (7, PayloadState::PartiallyPresent),
+    ];
+
+    #[test]
+    fn payload_states_round_trip_and_reject_unknown_values() {
+        for (bits, state) in PAYLOAD {
+            assert_eq!(PayloadState::try_from(bits), Ok(state));
+            assert_eq!(state.bits(), bits);
+        }
+        for v in [4u8, 8, 0xff] {
+            let e = PayloadState::try_from(v).unwrap_err();
+            assert_eq!(e.field, "payload block state");
+            assert_eq!(e.value, v);
+            assert_eq!(
+                e.to_string(),
+                format!("payload block state {v} is not a valid state")
+            );
+        }
+    }
+
+    #[test]
+    fn bitmap_states_round_trip_and_reject_unknown_values() {
+        assert_eq!(BitmapState::try_from(0), Ok(BitmapState::NotPresent));
+        assert_eq!(BitmapState::try_from(6), Ok(BitmapState::Present));
+        // 7 is tolerated as present; it is written back as 6.
+        assert_eq!(BitmapState::try_from(7), Ok(BitmapState::Present));
+        assert_eq!(BitmapState::Present.bits(), 6);
+        assert_eq!(BitmapState::NotPresent.bits(), 0);
+        for v in 1..=5u8 {
+            let e = BitmapState::try_from(v).unwrap_err();
+            assert_eq!((e.field, e.value), ("sector bitmap state", v));
+        }
+    }
+
+    #[test]
+    fn bat_entries_round_trip() {
+        let max_offset = (u64::MAX >> 20) * MIB;
+        for (_, state) in PAYLOAD {
+            for off in [0, MIB, 3 * MIB, 1 << 40, max_offset] {
+                let e = BatEntry::payload(state, off);
+                assert_eq!(e.payload_state(), Ok(state));
+                assert_eq!(e.file_offset(), off);
+                assert_eq!(e.reserved(), 0);
+                assert_eq!(BatEntry::from_raw(e.raw()), e);
+            }
+        }
+        let e = BatEntry::bitmap(BitmapState::Present, 5 * MIB);
+        assert_eq!(e.raw(), 5 << 20 | 6);
+        assert_eq!(e.bitmap_state(), Ok(BitmapState::Present));
+        assert_eq!(BatEntry::EMPTY.raw(), 0);
+        assert_eq!(
+            BatEntry::EMPTY.payload_state(),
+            Ok(PayloadState::NotPresent)
+        );
+    }
+
+    #[test]
+    fn bat_entry_fields_are_where_the_spec_puts_them() {
+        // State in bits 0..=2, reserved 3..=19, FileOffsetMB in 20..=63.
+        let e = BatEntry::from_raw(0xABC_0000_0000_0000 | 1 << 19 | 1 << 3 | 4);
+        assert_eq!(e.state_bits(), 4);
+        assert!(e.payload_state().is_err());
+        assert_eq!(e.reserved(), 1 << 19 | 1 << 3);
+        assert_eq!(e.file_offset(), (0xABC_0000_0000_0000 >> 20) * MIB);
+        assert_eq!(BAT_RESERVED_MASK, ((1u64 << 20) - 1) & !7);
+    }
+
+    #[test]
+    fn flags_keep_unknown_bits_for_reporting() {
+        let f = MetadataFlags::from_bits_retain(0b1101);
+        assert!(f.contains(MetadataFlags::IS_USER | MetadataFlags::IS_REQUIRED));
+        assert!(!f.contains(MetadataFlags::IS_VIRTUAL_DISK));
+        assert_eq!(f.bits(), 0b1101);
+        assert_eq!(
+            FileParameterFlags::from_bits_retain(3),
+            FileParameterFlags::LEAVE_BLOCK_ALLOCATED | FileParameterFlags::HAS_PARENT
+        );
+        assert_eq!(RegionFlags::REQUIRED.bits(), 1);
+    }
+}

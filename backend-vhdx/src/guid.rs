@@ -76,6 +76,13 @@ pub const PARENT_LOCATOR_TYPE_VHDX: Uuid = uuid!("B04AEFB7-D19E-4A81-B789-25B8E9
 /// Marks a file whose creation has not finished (openvmm); such a file must not be opened.
 pub const META_INCOMPLETE_FILE: Uuid = uuid!("71CC85F0-1B69-4E28-9558-C3BF83AE75D3");
 
+/// vd's user metadata item holding the physical geometry (3 × u32: cylinders, heads, sectors).
+pub const USER_PCHS: Uuid = uuid!("6f2f6b0e-2a8c-4d0b-9b53-7a1c3d9e5a01");
+/// vd's user metadata item holding the logical geometry (3 × u32).
+pub const USER_LCHS: Uuid = uuid!("6f2f6b0e-2a8c-4d0b-9b53-7a1c3d9e5a02");
+/// vd's user metadata item holding the comment (UTF-8).
+pub const USER_COMMENT: Uuid = uuid!("6f2f6b0e-2a8c-4d0b-9b53-7a1c3d9e5a03");
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use vd_core::{Error, ErrorKind, Result, Storage};
+use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::checksum::crc32c_with_zero_field;
@@ -40,39 +41,135 @@ pub fn read_identifier(storage: &dyn Storage) -> Result<String> {
     Ok(String::from_utf16_lossy(&units))
 }
 
-/// The header in force, validated.
-#[derive(Debug, Clone)]
+/// The header in force, validated, as plain values (2.2.2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ActiveHeader {
     /// Which slot (0 or 1) it was read from.
     pub slot: usize,
-    /// The raw structure, kept to build the next header from.
-    pub raw: Header,
+    /// SequenceNumber: higher is newer.
+    pub sequence: u64,
+    /// FileWriteGuid.
+    pub file_write_guid: Guid,
+    /// DataWriteGuid.
+    pub data_write_guid: Guid,
+    /// LogGuid: non-zero when the log holds entries to replay.
+    pub log_guid: Guid,
+    /// LogVersion (0).
+    pub log_version: u16,
+    /// Version (1).
+    pub version: u16,
+    /// LogLength.
+    pub log_length: u32,
+    /// LogOffset.
+    pub log_offset: u64,
 }
 
 impl ActiveHeader {
+    /// The values of the wire header `h`, read from `slot`.
+    pub fn from_wire(slot: usize, h: &Header) -> Self {
+        Self {
+            slot,
+            sequence: h.sequence_number.get(),
+            file_write_guid: h.file_write_guid,
+            data_write_guid: h.data_write_guid,
+            log_guid: h.log_guid,
+            log_version: h.log_version.get(),
+            version: h.version.get(),
+            log_length: h.log_length.get(),
+            log_offset: h.log_offset.get(),
+        }
+    }
+
+    /// The wire header with these values, reserved bytes zero, sealed with its checksum.
+    pub fn to_wire(self) -> Header {
+        let mut h = Header {
+            signature: U32::new(HEADER_SIGNATURE),
+            checksum: U32::new(0),
+            sequence_number: U64::new(self.sequence),
+            file_write_guid: self.file_write_guid,
+            data_write_guid: self.data_write_guid,
+            log_guid: self.log_guid,
+            log_version: U16::new(self.log_version),
+            version: U16::new(self.version),
+            log_length: U32::new(self.log_length),
+            log_offset: U64::new(self.log_offset),
+            reserved: FromZeros::new_zeroed(),
+        };
+        seal(&mut h);
+        h
+    }
+
     /// SequenceNumber.
     pub fn sequence(&self) -> u64 {
-        self.raw.sequence_number.get()
+        self.sequence
     }
     /// FileWriteGuid.
     pub fn file_write_guid(&self) -> Guid {
-        self.raw.file_write_guid
+        self.file_write_guid
     }
     /// DataWriteGuid.
     pub fn data_write_guid(&self) -> Guid {
-        self.raw.data_write_guid
+        self.data_write_guid
     }
     /// LogGuid.
     pub fn log_guid(&self) -> Guid {
-        self.raw.log_guid
+        self.log_guid
     }
     /// LogOffset.
     pub fn log_offset(&self) -> u64 {
-        self.raw.log_offset.get()
+        self.log_offset
     }
     /// LogLength.
     pub fn log_length(&self) -> u64 {
-        u64::from(self.raw.log_length.get())
+        u64::from(self.log_length)
+    }
+}
+
+/// The fields a header update (2.2.2.1) may change; `None` keeps the current value. The
+/// sequence number and slot are the update procedure's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeaderUpdate {
+    /// A new FileWriteGuid.
+    pub file_write_guid: Option<Guid>,
+    /// A new DataWriteGuid.
+    pub data_write_guid: Option<Guid>,
+    /// A new LogGuid (zero: the log is empty).
+    pub log_guid: Option<Guid>,
+}
+
+impl HeaderUpdate {
+    /// A fresh random FileWriteGuid (the first change of a session).
+    pub fn new_file_write_guid() -> Self {
+        Self {
+            file_write_guid: Some(Guid::from_uuid(uuid::Uuid::new_v4())),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the LogGuid.
+    pub fn log_guid(guid: Guid) -> Self {
+        Self {
+            log_guid: Some(guid),
+            ..Self::default()
+        }
+    }
+
+    /// Sets the DataWriteGuid.
+    pub fn data_write_guid(guid: Guid) -> Self {
+        Self {
+            data_write_guid: Some(guid),
+            ..Self::default()
+        }
+    }
+
+    /// `current` with these changes.
+    pub fn apply(self, current: &ActiveHeader) -> ActiveHeader {
+        ActiveHeader {
+            file_write_guid: self.file_write_guid.unwrap_or(current.file_write_guid),
+            data_write_guid: self.data_write_guid.unwrap_or(current.data_write_guid),
+            log_guid: self.log_guid.unwrap_or(current.log_guid),
+            ..*current
+        }
     }
 }
 
@@ -204,7 +301,7 @@ pub fn read_headers(storage: &dyn Storage, file_len: u64, strict: bool) -> Resul
     };
     let raw = if slot == 0 { first } else { second }.map_err(|c| c.at("header", 0))?;
     Ok(Headers {
-        active: ActiveHeader { slot, raw },
+        active: ActiveHeader::from_wire(slot, &raw),
         warnings,
     })
 }
@@ -216,18 +313,17 @@ pub fn seal(h: &mut Header) {
     h.checksum.set(sum);
 }
 
-fn write_slot(storage: &dyn Storage, slot: usize, mut h: Header) -> Result<Header> {
-    seal(&mut h);
+fn write_slot(storage: &dyn Storage, h: &ActiveHeader) -> Result<()> {
     let [first, second] = HEADER_OFFSETS;
-    let off = if slot & 1 == 0 { first } else { second };
+    let off = if h.slot & 1 == 0 { first } else { second };
     storage
-        .write_all_at(off, h.as_bytes())
+        .write_all_at(off, h.to_wire().as_bytes())
         .and_then(|()| storage.flush())
         .map_err(|e| Error::io("cannot write the header", e).with_offset(off))?;
-    Ok(h)
+    Ok(())
 }
 
-/// The header update procedure (2.2.2.1): builds the next header from `current` with `change`
+/// The header update procedure (2.2.2.1): builds the next header from `current` with `update`
 /// applied and SequenceNumber + 1, writes it over the non-current slot and flushes, then does
 /// the same again so both slots are up to date. Returns the new current header.
 ///
@@ -236,20 +332,113 @@ fn write_slot(storage: &dyn Storage, slot: usize, mut h: Header) -> Result<Heade
 pub fn update_headers(
     storage: &Arc<dyn Storage>,
     current: &ActiveHeader,
-    change: impl Fn(&mut Header),
+    update: HeaderUpdate,
 ) -> Result<ActiveHeader> {
-    let mut h = current.raw;
-    h.reserved = FromZeros::new_zeroed();
-    change(&mut h);
-    let mut slot = current.slot;
-    let mut seq = current.sequence();
+    let mut h = update.apply(current);
     for _ in 0..2 {
-        seq = seq.checked_add(1).ok_or_else(|| {
+        h.sequence = h.sequence.checked_add(1).ok_or_else(|| {
             Error::new(ErrorKind::Corrupt, "header sequence number would overflow")
         })?;
-        h.sequence_number.set(seq);
-        slot ^= 1;
-        h = write_slot(storage.as_ref(), slot, h)?;
+        h.slot ^= 1;
+        write_slot(storage.as_ref(), &h)?;
     }
-    Ok(ActiveHeader { slot, raw: h })
+    Ok(h)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vd_core::MemStorage;
+
+    fn sample() -> ActiveHeader {
+        ActiveHeader {
+            slot: 1,
+            sequence: 7,
+            file_write_guid: Guid::from_uuid(uuid::uuid!("11111111-2222-3333-4444-555555555555")),
+            data_write_guid: Guid::from_uuid(uuid::uuid!("66666666-7777-8888-9999-aaaaaaaaaaaa")),
+            log_guid: Guid::ZERO,
+            log_version: 0,
+            version: 1,
+            log_length: 1 << 20,
+            log_offset: MIB,
+        }
+    }
+
+    #[test]
+    fn header_round_trips_through_the_wire_form() {
+        let h = sample();
+        let wire = h.to_wire();
+        assert_eq!(wire.signature.get(), HEADER_SIGNATURE);
+        assert!(wire.reserved.iter().all(|&b| b == 0));
+        let parsed = validate(wire.as_bytes(), 4 * MIB).unwrap();
+        assert_eq!(ActiveHeader::from_wire(1, &parsed), h);
+        // Any flipped bit breaks the checksum.
+        let mut bytes = wire.as_bytes().to_vec();
+        bytes[100] ^= 1;
+        assert!(matches!(
+            validate(&bytes, 4 * MIB),
+            Err(Corruption::Checksum { .. })
+        ));
+    }
+
+    #[test]
+    fn updates_change_only_what_they_name() {
+        let h = sample();
+        let g = Guid::from_uuid(uuid::uuid!("bbbbbbbb-cccc-dddd-eeee-ffffffffffff"));
+        assert_eq!(
+            HeaderUpdate::log_guid(g).apply(&h),
+            ActiveHeader { log_guid: g, ..h }
+        );
+        assert_eq!(
+            HeaderUpdate::data_write_guid(g).apply(&h),
+            ActiveHeader {
+                data_write_guid: g,
+                ..h
+            }
+        );
+        let f = HeaderUpdate::new_file_write_guid().apply(&h);
+        assert_ne!(f.file_write_guid, h.file_write_guid);
+        assert_eq!(
+            ActiveHeader {
+                file_write_guid: h.file_write_guid,
+                ..f
+            },
+            h
+        );
+        assert_eq!(HeaderUpdate::default().apply(&h), h);
+    }
+
+    #[test]
+    fn update_writes_both_slots_and_the_newer_one_wins() {
+        let mut file = vec![0u8; usize::try_from(4 * MIB).unwrap()];
+        let h = sample();
+        for (slot, &off) in HEADER_OFFSETS.iter().enumerate() {
+            let at = usize::try_from(off).unwrap();
+            file[at..at + HEADER_SIZE]
+                .copy_from_slice(ActiveHeader { slot, ..h }.to_wire().as_bytes());
+        }
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(file));
+        let g = Guid::from_uuid(uuid::uuid!("bbbbbbbb-cccc-dddd-eeee-ffffffffffff"));
+        let new = update_headers(&s, &h, HeaderUpdate::log_guid(g)).unwrap();
+        // Two writes: slot 0 with sequence 8, then slot 1 with sequence 9.
+        assert_eq!((new.slot, new.sequence, new.log_guid), (1, 9, g));
+        let read = read_headers(s.as_ref(), 4 * MIB, true).unwrap();
+        assert!(read.warnings.is_empty());
+        assert_eq!(read.active, new);
+        // A corrupt current header falls back to the other, one sequence older.
+        s.write_all_at(HEADER_OFFSETS[1] + 200, &[1]).unwrap();
+        let read = read_headers(s.as_ref(), 4 * MIB, false).unwrap();
+        assert_eq!((read.active.slot, read.active.sequence), (0, 8));
+        assert_eq!(read.warnings.len(), 1);
+    }
+
+    #[test]
+    fn sequence_overflow_is_an_error() {
+        let s: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(vec![0; 1 << 20]));
+        let h = ActiveHeader {
+            sequence: u64::MAX,
+            ..sample()
+        };
+        assert!(update_headers(&s, &h, HeaderUpdate::default()).is_err());
+    }
 }

@@ -15,13 +15,12 @@ use vd_core::{
 use crate::bat::{Bat, BlockState, Forbidden, Layout};
 use crate::error::{Corruption, io_err};
 use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
-use crate::guid::Guid;
-use crate::header::{ActiveHeader, read_headers, read_identifier, update_headers};
+use crate::guid::{Guid, USER_COMMENT, USER_LCHS, USER_PCHS};
+use crate::header::{ActiveHeader, HeaderUpdate, read_headers, read_identifier, update_headers};
 use crate::log::{EntrySummary, OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
-use crate::meta_edit::{USER_COMMENT, USER_LCHS, USER_PCHS};
 use crate::metadata::{Metadata, read_metadata};
 use crate::region::{RegionTable, read_region_table};
-use crate::write::WriteState;
+use crate::write_state::WriteState;
 
 /// What happened to the log at open.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -127,7 +126,9 @@ impl VhdxImage {
                 let at = crate::format::HEADER_OFFSETS
                     .get(header.slot)
                     .copied()
-                    .unwrap_or(0)
+                    .ok_or_else(|| {
+                        Error::new(ErrorKind::OutOfRange, "the current header has no slot")
+                    })?
                     + 48;
                 return Err(Corruption::DirtyLogRefused.at("header log guid", at));
             }
@@ -256,11 +257,9 @@ impl VhdxImage {
                 bat.verify_all(Err).map_err(|e| e.with_path(req.path))?;
                 verified = true;
                 // Log playback is a modification: a new FileWriteGuid goes first.
-                header = update_headers(&file, &header, |h| {
-                    h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
-                })?;
+                header = update_headers(&file, &header, HeaderUpdate::new_file_write_guid())?;
                 apply(file.as_ref(), &plan).map_err(|e| io_err("cannot replay the log", e))?;
-                header = update_headers(&file, &header, |h| h.log_guid = Guid::ZERO)?;
+                header = update_headers(&file, &header, HeaderUpdate::log_guid(Guid::ZERO))?;
                 log.replay = "file";
                 storage = file.clone();
                 // The replay may have extended the file to LastFileOffset.
@@ -656,9 +655,11 @@ impl Image for VhdxImage {
         let mut ws = self.write_state().lock();
         self.begin(&mut ws)?;
         let mut header = self.header.write();
-        *header = update_headers(&self.storage, &header, |h| {
-            h.data_write_guid = Guid::from_uuid(uuid);
-        })?;
+        *header = update_headers(
+            &self.storage,
+            &header,
+            HeaderUpdate::data_write_guid(Guid::from_uuid(uuid)),
+        )?;
         Ok(())
     }
 
@@ -868,7 +869,10 @@ impl Image for VhdxImage {
                         repaired: false,
                     }),
                 }
-            } else if self.bat.raw(layout.bitmap_index(c)).is_ok_and(|r| r != 0)
+            } else if self
+                .bat
+                .entry(layout.bitmap_index(c))
+                .is_ok_and(|e| e != crate::format::BatEntry::EMPTY)
                 && layout.bitmap_index(c) < layout.entries
             {
                 report.findings.push(Finding {
@@ -897,7 +901,7 @@ impl Image for VhdxImage {
 
     fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
         let w = |e: io::Error| io_err("cannot write the dump", e);
-        let h = self.header.read().clone();
+        let h = *self.header.read();
         let l = self.bat.layout();
         writeln!(out, "file identifier: creator {:?}", self.creator).map_err(w)?;
         writeln!(

@@ -19,6 +19,32 @@
 //! | geometry and comment (vd's own non-required user metadata items) | yes |
 //! | updating stale parent locator paths after a chain opens | no |
 //!
+//! ## Module map
+//!
+//! Each module imports only modules on lower lines, so none reaches itself through its
+//! imports (`lib`, the backend, is the top).
+//!
+//! ```text
+//! backend  lib         Backend: probe, open, create then open
+//! image    compact, resize
+//!          write, meta_edit    add methods to VhdxImage (see below)
+//!          image               VhdxImage: open, the vd_core::Image impl
+//! format   create              writes a new file and returns
+//!          bat
+//!          metadata
+//!          header, log, region, locator, write_state
+//!          format, checksum, error
+//!          guid
+//! ```
+//!
+//! `write`, `meta_edit`, `resize` and `compact` still add methods to `VhdxImage`, which the
+//! `Image` impl in `image` calls: `image` imports none of them, but they are not yet separate
+//! from the image type (an engine struct they work on is the next step).
+//! `create` writes a file with the format modules only; `lib` opens it afterwards. `metadata`
+//! builds the table it parses and lists the known system items once; `locator` parses and
+//! builds parent locators; `write_state` holds a writable session's state, which `image` owns
+//! and `write` works on.
+//!
 //! ## File layout
 //!
 //! ```text
@@ -97,7 +123,8 @@ use std::path::Path;
 
 use vd_core::linkme::distributed_slice;
 use vd_core::{
-    BACKENDS, Backend, Capabilities, Confidence, Error, Image, OpenRequest, Result, Storage,
+    BACKENDS, Backend, Capabilities, Confidence, Error, Image, OpenFlags, OpenRequest, Result,
+    Storage,
 };
 
 mod bat;
@@ -109,18 +136,20 @@ mod format;
 mod guid;
 mod header;
 mod image;
+mod locator;
 mod log;
 mod meta_edit;
 mod metadata;
 mod region;
 mod resize;
 mod write;
+mod write_state;
 
 pub use bat::{BatSummary, BlockState, Layout};
 pub use error::{BlockRef, Corruption, corruption_of};
+pub use guid::{USER_COMMENT, USER_LCHS, USER_PCHS};
 pub use image::{LogState, VhdxImage};
 pub use log::EntrySummary;
-pub use meta_edit::{USER_COMMENT, USER_LCHS, USER_PCHS};
 
 /// The file-type identifier signature at offset 0 ([MS-VHDX] 2.2.1).
 pub const FILE_SIGNATURE: [u8; 8] = *b"vhdxfile";
@@ -187,9 +216,76 @@ impl Backend for VhdxBackend {
     /// `logical_sector_size`, `physical_sector_size` (512 or 4096).
     fn create(&self, req: vd_core::CreateRequest<'_>) -> Result<Box<dyn Image>> {
         let path = req.path.to_path_buf();
-        create::create(req)
-            .map(|i| Box::new(i) as Box<dyn Image>)
-            .map_err(|e| e.with_path(path))
+        create::create(&req).map_err(|e| e.with_path(&path))?;
+        VhdxImage::open(OpenRequest {
+            path: req.path,
+            storage: req.storage,
+            provider: req.provider,
+            flags: OpenFlags::empty(),
+        })
+        .map(|i| Box::new(i) as Box<dyn Image>)
+        .map_err(|e| e.with_path(path))
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    //! Images created in memory for the unit tests of the modules that work on an open image.
+
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use vd_core::{
+        Backend, CreateParams, CreateRequest, Image, ImageFlags, MemFileSystem, MemStorage,
+        OpenFlags, OpenRequest, Storage,
+    };
+
+    use crate::{VhdxBackend, VhdxImage};
+
+    /// A new image of `size` bytes with the `-o` options `options`, and its storage.
+    pub(crate) fn create(
+        size: u64,
+        options: &[(&str, &str)],
+    ) -> (Arc<dyn Storage>, Box<dyn Image>) {
+        let storage: Arc<dyn Storage> = Arc::new(MemStorage::new());
+        let params = CreateParams {
+            size,
+            image_flags: ImageFlags::empty(),
+            options: options
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect::<BTreeMap<_, _>>(),
+            ..CreateParams::default()
+        };
+        let image = VhdxBackend
+            .create(CreateRequest {
+                path: Path::new("t.vhdx"),
+                storage: storage.clone(),
+                provider: Arc::new(MemFileSystem::new()),
+                params: &params,
+                parent: None,
+            })
+            .unwrap();
+        (storage, image)
+    }
+
+    /// Opens `storage` again with `flags`.
+    pub(crate) fn reopen(storage: &Arc<dyn Storage>, flags: OpenFlags) -> VhdxImage {
+        VhdxImage::open(OpenRequest {
+            path: Path::new("t.vhdx"),
+            storage: storage.clone(),
+            provider: Arc::new(MemFileSystem::new()),
+            flags,
+        })
+        .unwrap()
+    }
+
+    /// The `len` bytes of `image` at `offset`.
+    pub(crate) fn read(image: &dyn Image, offset: u64, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        image.read_at(offset, &mut buf).unwrap();
+        buf
     }
 }
 

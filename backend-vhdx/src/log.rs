@@ -10,7 +10,7 @@ use vd_core::{Result, Storage};
 use zerocopy::FromBytes;
 
 use crate::checksum::crc32c_with_zero_field;
-use crate::error::{Corruption, io_at};
+use crate::error::{Corruption, fit, io_at};
 use crate::format::{
     DATA_DESC_SIGNATURE, DATA_SECTOR_SIGNATURE, DataSector, Descriptor, LOG_ENTRY_SIGNATURE,
     LOG_SECTOR_SIZE, LogEntryHeader, REGION_TABLE_OFFSETS, ZERO_DESC_SIGNATURE,
@@ -274,12 +274,12 @@ pub fn plan_replay(
         cache.insert(pos, e.clone());
         Ok(e)
     };
-    let mut covered = vec![false; usize::try_from(sectors).unwrap_or(0)];
+    let mut covered = vec![false; fit::<usize, _>(sectors, "log sectors")?];
     let mut best: Option<Vec<Entry>> = None;
     for start in 0..sectors {
         let pos = start * LOG_SECTOR_SIZE;
         if covered
-            .get(usize::try_from(start).unwrap_or(usize::MAX))
+            .get(fit::<usize, _>(start, "log sector")?)
             .copied()
             .unwrap_or(true)
         {
@@ -303,7 +303,7 @@ pub fn plan_replay(
         for e in &chain {
             for s in 0..e.length / LOG_SECTOR_SIZE {
                 let idx = (e.position / LOG_SECTOR_SIZE + s) % sectors;
-                if let Some(c) = covered.get_mut(usize::try_from(idx).unwrap_or(usize::MAX)) {
+                if let Some(c) = covered.get_mut(fit::<usize, _>(idx, "log sector")?) {
                     *c = true;
                 }
             }
@@ -423,7 +423,7 @@ pub fn plan_replay(
 /// # Errors
 /// I/O errors.
 pub fn read_log(storage: &dyn Storage, offset: u64, length: u64) -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    let mut buf = vec![0u8; fit::<usize, _>(length, "log length")?];
     storage
         .read_exact_at(offset, &mut buf)
         .map_err(|e| io_at("log", offset, e))?;
@@ -493,9 +493,9 @@ impl OverlayStorage {
 
     fn read_base(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let base_len = self.base.len()?;
+        // More than `buf` past `offset` (or more than `usize` holds) is all of `buf`.
         let inside = usize::try_from(base_len.saturating_sub(offset))
-            .unwrap_or(usize::MAX)
-            .min(buf.len());
+            .map_or(buf.len(), |n| n.min(buf.len()));
         let (a, b) = buf.split_at_mut(inside);
         if !a.is_empty() {
             self.base.read_exact_at(offset, a)?;
@@ -572,13 +572,13 @@ impl Storage for OverlayStorage {
 }
 
 /// Data sectors one entry can carry in a log of `log_len` bytes, keeping one sector free.
-pub fn max_pages_per_entry(log_len: u64) -> usize {
+pub fn max_pages_per_entry(log_len: u64) -> u64 {
     let sectors = log_len / LOG_SECTOR_SIZE;
     let mut n = sectors.saturating_sub(2);
     while n > 0 && (n + 2).div_ceil(128) + n > sectors.saturating_sub(1) {
         n -= 1;
     }
-    usize::try_from(n).unwrap_or(0)
+    n
 }
 
 /// Fields of a log entry header a writer chooses.
@@ -598,62 +598,207 @@ pub struct EntryParams {
 
 /// Builds a log entry that writes each `(file_offset, 4 KiB page)`; the pages must be 4 KiB
 /// long and 4 KiB aligned.
-pub fn build_entry(params: &EntryParams, pages: &[(u64, Vec<u8>)]) -> Vec<u8> {
+///
+/// # Errors
+/// `InvalidArgument` for a page that is not 4 KiB long; `OutOfRange` when the entry's length,
+/// the tail or the descriptor count do not fit their 32-bit fields.
+pub fn build_entry(params: &EntryParams, pages: &[(u64, Vec<u8>)]) -> Result<Vec<u8>> {
     use zerocopy::IntoBytes;
     use zerocopy::little_endian::{U32, U64};
-    let n = pages.len() as u64;
+    let n = fit::<u64, _>(pages.len(), "log descriptor count")?;
     let desc_sectors = (n + 2).div_ceil(128);
     let length = (desc_sectors + n) * LOG_SECTOR_SIZE;
-    let mut entry = vec![0u8; usize::try_from(length).unwrap_or(0)];
+    let mut entry = vec![0u8; fit::<usize, _>(length, "log entry length")?];
     let header = LogEntryHeader {
         signature: U32::new(LOG_ENTRY_SIGNATURE),
         checksum: U32::new(0),
-        entry_length: U32::new(u32::try_from(length).unwrap_or(u32::MAX)),
-        tail: U32::new(u32::try_from(params.tail).unwrap_or(u32::MAX)),
+        entry_length: U32::new(fit(length, "log entry length")?),
+        tail: U32::new(fit(params.tail, "log entry tail")?),
         sequence_number: U64::new(params.sequence),
-        descriptor_count: U32::new(u32::try_from(n).unwrap_or(u32::MAX)),
+        descriptor_count: U32::new(fit(n, "log descriptor count")?),
         reserved: U32::new(0),
         log_guid: params.guid,
         flushed_file_offset: U64::new(params.flushed_file_offset),
         last_file_offset: U64::new(params.last_file_offset),
     };
-    let put = |entry: &mut Vec<u8>, at: usize, bytes: &[u8]| {
-        if let Some(dst) = entry.get_mut(at..at + bytes.len()) {
-            dst.copy_from_slice(bytes);
-        }
+    let put = |entry: &mut Vec<u8>, at: usize, bytes: &[u8]| -> Result<()> {
+        entry
+            .get_mut(at..at.saturating_add(bytes.len()))
+            .ok_or_else(|| {
+                vd_core::Error::new(
+                    vd_core::ErrorKind::OutOfRange,
+                    format!("log entry bytes {at:#x}.. are outside the entry"),
+                )
+            })?
+            .copy_from_slice(bytes);
+        Ok(())
     };
-    put(&mut entry, 0, header.as_bytes());
+    put(&mut entry, 0, header.as_bytes())?;
+    let (high, low) = (params.sequence >> 32, params.sequence & 0xffff_ffff);
     for (i, (offset, page)) in pages.iter().enumerate() {
-        let mut leading = [0u8; 8];
-        let mut trailing = [0u8; 4];
-        let mut middle = [0u8; 4084];
-        if let (Some(l), Some(m), Some(t)) =
-            (page.get(..8), page.get(8..4092), page.get(4092..4096))
-        {
-            leading.copy_from_slice(l);
-            middle.copy_from_slice(m);
-            trailing.copy_from_slice(t);
-        }
+        let page: &[u8; 4096] = page.as_slice().try_into().map_err(|_| {
+            vd_core::Error::invalid_argument(format!(
+                "a logged page at {offset:#x} is {} bytes, not 4096",
+                page.len()
+            ))
+        })?;
+        let (leading, rest) = page.split_first_chunk::<8>().ok_or_else(|| {
+            vd_core::Error::invalid_argument("a logged page is shorter than 8 bytes")
+        })?;
+        let (middle, trailing) = rest.split_first_chunk::<4084>().ok_or_else(|| {
+            vd_core::Error::invalid_argument("a logged page is shorter than 4092 bytes")
+        })?;
+        let trailing: [u8; 4] = trailing
+            .try_into()
+            .map_err(|_| vd_core::Error::invalid_argument("a logged page is not 4096 bytes"))?;
         let desc = Descriptor {
             signature: U32::new(DATA_DESC_SIGNATURE),
             trailing_bytes: trailing,
-            leading_bytes: leading,
+            leading_bytes: *leading,
             file_offset: U64::new(*offset),
             sequence_number: U64::new(params.sequence),
         };
-        put(&mut entry, 64 + 32 * i, desc.as_bytes());
+        put(&mut entry, 64 + 32 * i, desc.as_bytes())?;
         let sector = DataSector {
             signature: U32::new(DATA_SECTOR_SIGNATURE),
-            sequence_high: U32::new(u32::try_from(params.sequence >> 32).unwrap_or(0)),
-            data: middle,
-            sequence_low: U32::new(u32::try_from(params.sequence & 0xffff_ffff).unwrap_or(0)),
+            sequence_high: U32::new(fit(high, "log sequence high")?),
+            data: *middle,
+            sequence_low: U32::new(fit(low, "log sequence low")?),
         };
-        let at = usize::try_from((desc_sectors + i as u64) * LOG_SECTOR_SIZE).unwrap_or(usize::MAX);
-        put(&mut entry, at, sector.as_bytes());
+        let i = fit::<u64, _>(i, "log descriptor index")?;
+        let at = fit::<usize, _>((desc_sectors + i) * LOG_SECTOR_SIZE, "log data sector")?;
+        put(&mut entry, at, sector.as_bytes())?;
     }
     let sum = crc32c_with_zero_field(&entry, 4);
-    put(&mut entry, 4, &sum.to_le_bytes());
-    entry
+    put(&mut entry, 4, &sum.to_le_bytes())?;
+    Ok(entry)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::{Descriptor, LogEntryHeader, MIB};
+    use zerocopy::FromBytes;
+
+    const LOG_AT: u64 = MIB;
+    const FILE_LEN: u64 = 8 * MIB;
+
+    fn guid() -> Guid {
+        Guid::from_uuid(uuid::uuid!("0123abcd-0000-4000-8000-00000000beef"))
+    }
+
+    fn params(sequence: u64, tail: u64) -> EntryParams {
+        EntryParams {
+            guid: guid(),
+            sequence,
+            tail,
+            flushed_file_offset: FILE_LEN,
+            last_file_offset: FILE_LEN,
+        }
+    }
+
+    fn page(fill: u8) -> Vec<u8> {
+        let mut p = vec![fill; 4096];
+        p[0] = 0xAA; // leading bytes
+        p[4095] = 0xBB; // trailing bytes
+        p
+    }
+
+    #[test]
+    fn entry_header_and_descriptors_round_trip() {
+        let pages = vec![(5 * MIB, page(1)), (5 * MIB + 4096, page(2))];
+        let e = build_entry(&params(0x1_0000_0002, 0), &pages).unwrap();
+        // One descriptor sector (2 descriptors + header fit), then two data sectors.
+        assert_eq!(e.len(), 3 * 4096);
+        let (h, rest) = LogEntryHeader::read_from_prefix(&e).unwrap();
+        assert_eq!(h.signature.get(), LOG_ENTRY_SIGNATURE);
+        assert_eq!(h.checksum.get(), crc32c_with_zero_field(&e, 4));
+        assert_eq!(h.entry_length.get(), 3 * 4096);
+        assert_eq!(h.sequence_number.get(), 0x1_0000_0002);
+        assert_eq!(h.descriptor_count.get(), 2);
+        assert_eq!(h.log_guid, guid());
+        assert_eq!(
+            (h.flushed_file_offset.get(), h.last_file_offset.get()),
+            (FILE_LEN, FILE_LEN)
+        );
+        let (d, _) = <[Descriptor]>::ref_from_prefix_with_elems(rest, 2).unwrap();
+        assert_eq!(d[1].signature.get(), DATA_DESC_SIGNATURE);
+        assert_eq!(d[1].file_offset.get(), 5 * MIB + 4096);
+        assert_eq!(d[1].leading_bytes, [0xAA, 2, 2, 2, 2, 2, 2, 2]);
+        assert_eq!(d[1].trailing_bytes, [2, 2, 2, 0xBB]);
+        let (s, _) = DataSector::read_from_prefix(&e[2 * 4096..]).unwrap();
+        assert_eq!(s.signature.get(), DATA_SECTOR_SIGNATURE);
+        assert_eq!((s.sequence_high.get(), s.sequence_low.get()), (1, 2));
+    }
+
+    #[test]
+    fn descriptor_sectors_grow_with_the_page_count() {
+        // 126 descriptors fit in the first sector with the header; the 127th needs another.
+        let pages: Vec<(u64, Vec<u8>)> = (0..127).map(|i| (i * 4096, page(0))).collect();
+        let e = build_entry(&params(1, 0), &pages[..126]).unwrap();
+        assert_eq!(e.len(), (1 + 126) * 4096);
+        let e = build_entry(&params(1, 0), &pages).unwrap();
+        assert_eq!(e.len(), (2 + 127) * 4096);
+        assert_eq!(max_pages_per_entry(MIB), 253);
+    }
+
+    #[test]
+    fn build_rejects_a_short_page() {
+        assert!(build_entry(&params(1, 0), &[(0, vec![0; 100])]).is_err());
+    }
+
+    fn log_with(entries: &[Vec<u8>]) -> Vec<u8> {
+        let mut log = Vec::new();
+        for e in entries {
+            log.extend_from_slice(e);
+        }
+        log.resize(usize::try_from(MIB).unwrap(), 0);
+        log
+    }
+
+    #[test]
+    fn plan_replays_the_active_sequence_in_order() {
+        let first = build_entry(&params(7, 0), &[(4 * MIB, page(1))]).unwrap();
+        let second = build_entry(&params(8, 0), &[(4 * MIB, page(2))]).unwrap();
+        let log = log_with(&[first, second]);
+        let plan = plan_replay(&log, LOG_AT, guid(), FILE_LEN).unwrap();
+        assert_eq!((plan.entries, plan.head_sequence), (2, 8));
+        assert_eq!(plan.summary[0].log_offset, 0);
+        assert_eq!(plan.summary[1].log_offset, 2 * 4096);
+        let data: Vec<(u64, u8)> = plan
+            .writes
+            .iter()
+            .map(|w| match w {
+                LogWrite::Data { offset, data } => (*offset, data[1]),
+                LogWrite::Zero { offset, .. } => (*offset, 0),
+            })
+            .collect();
+        assert_eq!(data, [(4 * MIB, 1), (4 * MIB, 2)]);
+        assert!(plan.beyond_file.is_empty());
+    }
+
+    #[test]
+    fn plan_rejects_other_guids_and_truncated_files() {
+        let e = build_entry(&params(7, 0), &[(4 * MIB, page(1))]).unwrap();
+        let log = log_with(&[e]);
+        let other = Guid::from_uuid(uuid::uuid!("99999999-0000-4000-8000-000000000000"));
+        let err = plan_replay(&log, LOG_AT, other, FILE_LEN).unwrap_err();
+        assert_eq!(
+            crate::error::corruption_of(&err),
+            Some(&Corruption::NoActiveLogSequence)
+        );
+        let err = plan_replay(&log, LOG_AT, guid(), FILE_LEN - MIB).unwrap_err();
+        assert!(matches!(
+            crate::error::corruption_of(&err),
+            Some(Corruption::LogTruncatedFile { .. })
+        ));
+    }
+
+    #[test]
+    fn plan_refuses_writes_into_the_header_section() {
+        let e = build_entry(&params(7, 0), &[(64 * 1024, page(1))]).unwrap();
+        assert!(plan_replay(&log_with(&[e]), LOG_AT, guid(), FILE_LEN).is_err());
+    }
 }
 
 #[cfg(test)]

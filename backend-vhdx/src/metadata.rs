@@ -1,28 +1,25 @@
-//! The metadata region ([MS-VHDX] 2.6): the table, the system items, and the parent locator.
-
-use std::collections::BTreeMap;
+//! The metadata region ([MS-VHDX] 2.6): parsing the table and the system items, and building a
+//! region from a list of items (what `create` and the metadata edits write). The known system
+//! items, their lengths and flags are listed once, in [`SYSTEM_ITEMS`]; the parent locator
+//! item's contents are `locator`'s.
 
 use uuid::Uuid;
-use vd_core::{Result, Storage};
-use zerocopy::FromBytes;
-use zerocopy::little_endian::{U32, U64};
+use vd_core::{Error, ErrorKind, Result, Storage};
+use zerocopy::little_endian::{U16, U32, U64};
+use zerocopy::{FromBytes, IntoBytes};
 
-use crate::error::{Corruption, io_at};
+use crate::error::{Corruption, fit, io_at};
 use crate::format::{
-    FileParameters, MAX_BLOCK_SIZE, MAX_LOCATOR_ENTRIES, MAX_METADATA_ENTRIES, MAX_METADATA_ITEM,
-    MAX_VIRTUAL_SIZE, METADATA_SIGNATURE, METADATA_TABLE_SIZE, MIN_BLOCK_SIZE, MetadataTableEntry,
-    MetadataTableHeader, ParentLocatorEntry, ParentLocatorHeader,
+    FileParameterFlags, FileParameters, MAX_BLOCK_SIZE, MAX_METADATA_ENTRIES, MAX_METADATA_ITEM,
+    MAX_VIRTUAL_SIZE, METADATA_SIGNATURE, METADATA_TABLE_SIZE, MIN_BLOCK_SIZE, MetadataFlags,
+    MetadataTableEntry, MetadataTableHeader,
 };
 use crate::guid::{
     Guid, META_FILE_PARAMETERS, META_INCOMPLETE_FILE, META_LOGICAL_SECTOR_SIZE,
     META_PARENT_LOCATOR, META_PHYSICAL_SECTOR_SIZE, META_VIRTUAL_DISK_ID, META_VIRTUAL_DISK_SIZE,
-    PARENT_LOCATOR_TYPE_VHDX,
 };
+use crate::locator::{ParentLocator, parse_locator};
 use crate::region::Region;
-
-const FLAG_USER: u32 = 1;
-const FLAG_VIRTUAL_DISK: u32 = 2;
-const FLAG_REQUIRED: u32 = 4;
 
 /// One metadata table entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,40 +36,6 @@ pub struct MetadataItem {
     pub is_virtual_disk: bool,
     /// IsRequired.
     pub is_required: bool,
-}
-
-/// The parent locator's key/value pairs.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ParentLocator {
-    /// Every pair, keys as stored.
-    pub entries: BTreeMap<String, String>,
-}
-
-impl ParentLocator {
-    /// The value for `key`.
-    pub fn get(&self, key: &str) -> Option<&str> {
-        self.entries.get(key).map(String::as_str)
-    }
-
-    /// `parent_linkage` as a UUID.
-    pub fn linkage(&self) -> Option<Uuid> {
-        self.get("parent_linkage").and_then(parse_guid)
-    }
-
-    /// `parent_linkage2` as a UUID, where present and not nil.
-    pub fn linkage2(&self) -> Option<Uuid> {
-        self.get("parent_linkage2")
-            .and_then(parse_guid)
-            .filter(|u| !u.is_nil())
-    }
-}
-
-/// Parses a GUID string with or without braces, in any case.
-pub fn parse_guid(s: &str) -> Option<Uuid> {
-    let t = s.trim();
-    let t = t.strip_prefix('{').unwrap_or(t);
-    let t = t.strip_suffix('}').unwrap_or(t);
-    Uuid::parse_str(t).ok()
 }
 
 /// Validated disk parameters from the system metadata items.
@@ -98,6 +61,302 @@ pub struct Metadata {
     pub parent_locator: Option<ParentLocator>,
 }
 
+/// A system item vd knows ([MS-VHDX] 2.6.2): its GUID, name, length (`None`: variable) and the
+/// flags it must carry besides IsRequired.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct KnownItem {
+    /// Item GUID.
+    pub guid: Uuid,
+    /// Name used in errors.
+    pub name: &'static str,
+    /// Fixed length in bytes, if any.
+    pub length: Option<u32>,
+    /// Whether IsVirtualDisk must be set.
+    pub virtual_disk: bool,
+}
+
+/// The file parameters item (2.6.2).
+pub(crate) const FILE_PARAMETERS: KnownItem = KnownItem {
+    guid: META_FILE_PARAMETERS,
+    name: "file parameters",
+    length: Some(8),
+    virtual_disk: false,
+};
+/// The virtual disk size item (2.6.2).
+pub(crate) const VIRTUAL_DISK_SIZE: KnownItem = KnownItem {
+    guid: META_VIRTUAL_DISK_SIZE,
+    name: "virtual disk size",
+    length: Some(8),
+    virtual_disk: true,
+};
+/// The virtual disk id item (2.6.2).
+pub(crate) const VIRTUAL_DISK_ID: KnownItem = KnownItem {
+    guid: META_VIRTUAL_DISK_ID,
+    name: "virtual disk id",
+    length: Some(16),
+    virtual_disk: true,
+};
+/// The logical sector size item (2.6.2).
+pub(crate) const LOGICAL_SECTOR_SIZE: KnownItem = KnownItem {
+    guid: META_LOGICAL_SECTOR_SIZE,
+    name: "logical sector size",
+    length: Some(4),
+    virtual_disk: true,
+};
+/// The physical sector size item (2.6.2).
+pub(crate) const PHYSICAL_SECTOR_SIZE: KnownItem = KnownItem {
+    guid: META_PHYSICAL_SECTOR_SIZE,
+    name: "physical sector size",
+    length: Some(4),
+    virtual_disk: true,
+};
+/// The parent locator item (2.6.2).
+pub(crate) const PARENT_LOCATOR: KnownItem = KnownItem {
+    guid: META_PARENT_LOCATOR,
+    name: "parent locator",
+    length: None,
+    virtual_disk: false,
+};
+/// Every system item of 2.6.2, in the order vd writes them.
+pub(crate) const SYSTEM_ITEMS: [KnownItem; 6] = [
+    FILE_PARAMETERS,
+    VIRTUAL_DISK_SIZE,
+    VIRTUAL_DISK_ID,
+    LOGICAL_SECTOR_SIZE,
+    PHYSICAL_SECTOR_SIZE,
+    PARENT_LOCATOR,
+];
+
+impl KnownItem {
+    /// The flags this item is written with.
+    pub(crate) fn flags(&self) -> MetadataFlags {
+        if self.virtual_disk {
+            MetadataFlags::IS_REQUIRED | MetadataFlags::IS_VIRTUAL_DISK
+        } else {
+            MetadataFlags::IS_REQUIRED
+        }
+    }
+}
+
+/// The known system item `guid`.
+fn known(guid: Uuid) -> Option<&'static KnownItem> {
+    SYSTEM_ITEMS.iter().find(|k| k.guid == guid)
+}
+
+/// One metadata item with its contents, as written into a region.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ItemData {
+    /// Item GUID.
+    pub guid: Uuid,
+    /// Table entry flags.
+    pub flags: MetadataFlags,
+    /// The item's bytes.
+    pub data: Vec<u8>,
+}
+
+impl ItemData {
+    /// An item with explicit flags.
+    pub(crate) fn new(guid: Uuid, flags: MetadataFlags, data: Vec<u8>) -> Self {
+        Self { guid, flags, data }
+    }
+
+    /// A known system item with the flags 2.6.2 gives it.
+    pub(crate) fn system(guid: Uuid, data: Vec<u8>) -> Self {
+        let flags = known(guid).map_or(MetadataFlags::IS_REQUIRED, KnownItem::flags);
+        Self { guid, flags, data }
+    }
+
+    /// The "incomplete file" marker (required, empty): a file holding it refuses to open.
+    pub(crate) fn incomplete_marker() -> Self {
+        Self::new(META_INCOMPLETE_FILE, MetadataFlags::IS_REQUIRED, Vec::new())
+    }
+
+    fn is_user(&self) -> bool {
+        self.flags.contains(MetadataFlags::IS_USER)
+    }
+
+    /// The items of a parsed table with their bytes taken from `region` (the whole metadata
+    /// region).
+    ///
+    /// # Errors
+    /// `Corrupt` ([`Corruption::MetadataItemRange`]) for an item outside `region`
+    /// (`read_metadata` has checked every range against the region, so only a shorter buffer
+    /// gets here).
+    pub(crate) fn from_table(items: &[MetadataItem], region: &[u8]) -> Result<Vec<Self>> {
+        items
+            .iter()
+            .map(|i| {
+                let start = fit::<usize, _>(i.offset, "metadata item offset")?;
+                let len = fit::<usize, _>(i.length, "metadata item length")?;
+                let data = start
+                    .checked_add(len)
+                    .and_then(|end| region.get(start..end))
+                    .ok_or_else(|| {
+                        Corruption::MetadataItemRange {
+                            guid: i.guid,
+                            offset: i.offset,
+                            length: i.length,
+                            reason: "beyond the end of the metadata region",
+                        }
+                        .at("metadata table", 0)
+                    })?;
+                Ok(Self {
+                    guid: i.guid,
+                    flags: i.flags(),
+                    data: data.to_vec(),
+                })
+            })
+            .collect()
+    }
+}
+
+impl MetadataItem {
+    /// The table entry flags.
+    pub fn flags(&self) -> MetadataFlags {
+        let mut f = MetadataFlags::empty();
+        f.set(MetadataFlags::IS_USER, self.is_user);
+        f.set(MetadataFlags::IS_VIRTUAL_DISK, self.is_virtual_disk);
+        f.set(MetadataFlags::IS_REQUIRED, self.is_required);
+        f
+    }
+}
+
+/// Sets, replaces or (with `data` `None`) removes the item `guid` of the kind `flags` says
+/// (user or system).
+pub(crate) fn set_item(
+    items: &mut Vec<ItemData>,
+    guid: Uuid,
+    flags: MetadataFlags,
+    data: Option<Vec<u8>>,
+) {
+    let user = flags.contains(MetadataFlags::IS_USER);
+    let pos = items
+        .iter()
+        .position(|i| i.guid == guid && i.is_user() == user);
+    match (pos, data) {
+        (Some(p), Some(d)) => {
+            if let Some(i) = items.get_mut(p) {
+                i.data = d;
+            }
+        }
+        (Some(p), None) => {
+            items.remove(p);
+        }
+        (None, Some(d)) => items.push(ItemData::new(guid, flags, d)),
+        (None, None) => {}
+    }
+}
+
+/// Replaces the data of an existing system item.
+pub(crate) fn replace_item(items: &mut [ItemData], guid: Uuid, data: Vec<u8>) {
+    if let Some(i) = items.iter_mut().find(|i| i.guid == guid && !i.is_user()) {
+        i.data = data;
+    }
+}
+
+/// The parameters a new image's system items hold.
+#[derive(Debug, Clone)]
+pub(crate) struct NewDisk {
+    /// Block size.
+    pub block_size: u32,
+    /// LeaveBlockAllocated (fixed).
+    pub fixed: bool,
+    /// Virtual size.
+    pub virtual_size: u64,
+    /// Virtual Disk ID.
+    pub disk_id: Uuid,
+    /// Logical sector size.
+    pub logical_sector_size: u32,
+    /// Physical sector size.
+    pub physical_sector_size: u32,
+    /// The parent locator's bytes, for a differencing image.
+    pub locator: Option<Vec<u8>>,
+}
+
+/// The system items of a new image, in the order of [`SYSTEM_ITEMS`].
+pub(crate) fn system_items(d: &NewDisk) -> Vec<ItemData> {
+    let mut fp_flags = FileParameterFlags::empty();
+    fp_flags.set(FileParameterFlags::LEAVE_BLOCK_ALLOCATED, d.fixed);
+    fp_flags.set(FileParameterFlags::HAS_PARENT, d.locator.is_some());
+    let fp = FileParameters {
+        block_size: U32::new(d.block_size),
+        flags: U32::new(fp_flags.bits()),
+    };
+    let mut items = vec![
+        ItemData::system(META_FILE_PARAMETERS, fp.as_bytes().to_vec()),
+        ItemData::system(
+            META_VIRTUAL_DISK_SIZE,
+            d.virtual_size.to_le_bytes().to_vec(),
+        ),
+        ItemData::system(META_VIRTUAL_DISK_ID, Guid::from_uuid(d.disk_id).0.to_vec()),
+        ItemData::system(
+            META_LOGICAL_SECTOR_SIZE,
+            d.logical_sector_size.to_le_bytes().to_vec(),
+        ),
+        ItemData::system(
+            META_PHYSICAL_SECTOR_SIZE,
+            d.physical_sector_size.to_le_bytes().to_vec(),
+        ),
+    ];
+    if let Some(loc) = &d.locator {
+        items.push(ItemData::system(META_PARENT_LOCATOR, loc.clone()));
+    }
+    items
+}
+
+/// Lays out a metadata region of `len` bytes: the table, then each item's data from 64 KiB on,
+/// 8-byte aligned, in order (an empty item has offset 0).
+///
+/// # Errors
+/// `OutOfRange` when the items do not fit.
+pub(crate) fn build_metadata_region(items: &[ItemData], len: usize) -> Result<Vec<u8>> {
+    let full = || Error::new(ErrorKind::OutOfRange, "the metadata region is full");
+    let count = u16::try_from(items.len())
+        .ok()
+        .filter(|c| *c <= MAX_METADATA_ENTRIES)
+        .ok_or_else(full)?;
+    let mut new = vec![0u8; len];
+    let header = MetadataTableHeader {
+        signature: U64::new(METADATA_SIGNATURE),
+        reserved: U16::new(0),
+        entry_count: U16::new(count),
+        reserved2: [0; 20],
+    };
+    let put = |buf: &mut Vec<u8>, at: usize, b: &[u8]| -> Result<()> {
+        buf.get_mut(at..at.checked_add(b.len()).ok_or_else(full)?)
+            .ok_or_else(full)?
+            .copy_from_slice(b);
+        Ok(())
+    };
+    put(&mut new, 0, header.as_bytes())?;
+    let entry_size = size_of::<MetadataTableEntry>();
+    let mut data_off = METADATA_TABLE_SIZE;
+    for (n, i) in items.iter().enumerate() {
+        let at = entry_size * (n + 1);
+        if at + entry_size > METADATA_TABLE_SIZE {
+            return Err(full());
+        }
+        let offset = if i.data.is_empty() {
+            0
+        } else {
+            u32::try_from(data_off).map_err(|_| full())?
+        };
+        let entry = MetadataTableEntry {
+            item_id: Guid::from_uuid(i.guid),
+            offset: U32::new(offset),
+            length: U32::new(u32::try_from(i.data.len()).map_err(|_| full())?),
+            flags: U32::new(i.flags.bits()),
+            reserved: U32::new(0),
+        };
+        put(&mut new, at, entry.as_bytes())?;
+        put(&mut new, data_off, &i.data)?;
+        data_off = data_off
+            .checked_add(i.data.len().div_ceil(8) * 8)
+            .ok_or_else(full)?;
+    }
+    Ok(new)
+}
+
 struct Reader<'a> {
     storage: &'a dyn Storage,
     region: Region,
@@ -106,7 +365,7 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn read(&self, item: &MetadataItem) -> Result<Vec<u8>> {
         let off = self.region.offset + u64::from(item.offset);
-        let mut buf = vec![0u8; item.length as usize];
+        let mut buf = vec![0u8; fit::<usize, _>(item.length, "metadata item length")?];
         self.storage
             .read_exact_at(off, &mut buf)
             .map_err(|e| io_at("metadata item", off, e))?;
@@ -190,14 +449,14 @@ pub fn read_metadata(
     let mut ranges = Vec::new();
     for (i, e) in entries.iter().enumerate() {
         let entry_off = table_off + 32 + 32 * i as u64;
-        let flags = e.flags.get();
+        let flags = MetadataFlags::from_bits_retain(e.flags.get());
         let item = MetadataItem {
             guid: e.item_id.to_uuid(),
             offset: e.offset.get(),
             length: e.length.get(),
-            is_user: flags & FLAG_USER != 0,
-            is_virtual_disk: flags & FLAG_VIRTUAL_DISK != 0,
-            is_required: flags & FLAG_REQUIRED != 0,
+            is_user: flags.contains(MetadataFlags::IS_USER),
+            is_virtual_disk: flags.contains(MetadataFlags::IS_VIRTUAL_DISK),
+            is_required: flags.contains(MetadataFlags::IS_REQUIRED),
         };
         let bad = |reason| {
             Corruption::MetadataItemRange {
@@ -212,7 +471,7 @@ pub fn read_metadata(
             return Err(bad("longer than 1 MiB"));
         }
         if item.length > 0 {
-            if (item.offset as usize) < METADATA_TABLE_SIZE {
+            if u64::from(item.offset) < METADATA_TABLE_SIZE as u64 {
                 return Err(bad("inside the metadata table"));
             }
             if u64::from(item.offset) + u64::from(item.length) > region.length {
@@ -245,14 +504,7 @@ pub fn read_metadata(
     }
 
     let reader = Reader { storage, region };
-    let known = [
-        META_FILE_PARAMETERS,
-        META_VIRTUAL_DISK_SIZE,
-        META_VIRTUAL_DISK_ID,
-        META_LOGICAL_SECTOR_SIZE,
-        META_PHYSICAL_SECTOR_SIZE,
-        META_PARENT_LOCATOR,
-    ];
+    let known = SYSTEM_ITEMS.map(|k| k.guid);
     for (i, item) in items.iter().enumerate() {
         if item.is_user || known.contains(&item.guid) {
             continue;
@@ -279,64 +531,56 @@ pub fn read_metadata(
     };
     let at = |item: &MetadataItem| region.offset + u64::from(item.offset);
 
-    let fp_item = find(META_FILE_PARAMETERS, "file parameters")?;
-    fixed_len(&fp_item, "file parameters", 8, at(&fp_item))?;
-    check_flags(
-        &fp_item,
-        "file parameters",
-        false,
-        at(&fp_item),
-        strict,
-        warnings,
-    )?;
-    let fp = FileParameters::read_from_bytes(&reader.read(&fp_item)?).map_err(|_| {
-        Corruption::MissingMetadata {
-            name: "file parameters",
+    // Finds a system item and checks its length and flags.
+    let system = |k: &KnownItem, warnings: &mut Vec<String>| -> Result<MetadataItem> {
+        let item = find(k.guid, k.name)?;
+        if let Some(len) = k.length {
+            fixed_len(&item, k.name, len, at(&item))?;
         }
-        .at("file parameters", at(&fp_item))
-    })?;
+        check_flags(&item, k.name, k.virtual_disk, at(&item), strict, warnings)?;
+        Ok(item)
+    };
+    // A fixed-length item too short for its value (`system` has checked the length, so this
+    // is only reached if that rule changes).
+    let short = |k: &KnownItem, item: &MetadataItem, expected: u32| {
+        Corruption::MetadataItemLength {
+            name: k.name,
+            length: item.length,
+            expected,
+        }
+        .at(format!("{} metadata item", k.name), at(item))
+    };
+
+    let fp_item = system(&FILE_PARAMETERS, warnings)?;
+    let fp = FileParameters::read_from_bytes(&reader.read(&fp_item)?)
+        .map_err(|_| short(&FILE_PARAMETERS, &fp_item, 8))?;
     let block_size = fp.block_size.get();
     if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
         return Err(Corruption::BlockSize { found: block_size }
             .at("file parameters block size", at(&fp_item)));
     }
-    let flags = fp.flags.get();
-    let leave_block_allocated = flags & 1 != 0;
-    let has_parent = flags & 2 != 0;
+    let flags = FileParameterFlags::from_bits_retain(fp.flags.get());
+    let leave_block_allocated = flags.contains(FileParameterFlags::LEAVE_BLOCK_ALLOCATED);
+    let has_parent = flags.contains(FileParameterFlags::HAS_PARENT);
 
-    let mut sector = |guid, name: &'static str, which: &'static str| -> Result<u32> {
-        let item = find(guid, name)?;
-        fixed_len(&item, name, 4, at(&item))?;
-        check_flags(&item, name, true, at(&item), strict, warnings)?;
+    let mut sector = |k: &KnownItem, which: &'static str| -> Result<u32> {
+        let item = system(k, warnings)?;
         let v = U32::read_from_bytes(&reader.read(&item)?)
-            .map(|v| v.get())
-            .unwrap_or(0);
+            .map_err(|_| short(k, &item, 4))?
+            .get();
         if v != 512 && v != 4096 {
             return Err(Corruption::SectorSize { which, found: v }
-                .at(format!("{name} metadata item"), at(&item)));
+                .at(format!("{} metadata item", k.name), at(&item)));
         }
         Ok(v)
     };
-    let logical_sector_size = sector(META_LOGICAL_SECTOR_SIZE, "logical sector size", "logical")?;
-    let physical_sector_size = sector(
-        META_PHYSICAL_SECTOR_SIZE,
-        "physical sector size",
-        "physical",
-    )?;
+    let logical_sector_size = sector(&LOGICAL_SECTOR_SIZE, "logical")?;
+    let physical_sector_size = sector(&PHYSICAL_SECTOR_SIZE, "physical")?;
 
-    let vs_item = find(META_VIRTUAL_DISK_SIZE, "virtual disk size")?;
-    fixed_len(&vs_item, "virtual disk size", 8, at(&vs_item))?;
-    check_flags(
-        &vs_item,
-        "virtual disk size",
-        true,
-        at(&vs_item),
-        strict,
-        warnings,
-    )?;
+    let vs_item = system(&VIRTUAL_DISK_SIZE, warnings)?;
     let virtual_size = U64::read_from_bytes(&reader.read(&vs_item)?)
-        .map(|v| v.get())
-        .unwrap_or(0);
+        .map_err(|_| short(&VIRTUAL_DISK_SIZE, &vs_item, 8))?
+        .get();
     let vs_bad = |reason| {
         Corruption::VirtualSize {
             found: virtual_size,
@@ -354,23 +598,13 @@ pub fn read_metadata(
         return Err(vs_bad("not a multiple of the logical sector size"));
     }
 
-    let id_item = find(META_VIRTUAL_DISK_ID, "virtual disk id")?;
-    fixed_len(&id_item, "virtual disk id", 16, at(&id_item))?;
-    check_flags(
-        &id_item,
-        "virtual disk id",
-        true,
-        at(&id_item),
-        strict,
-        warnings,
-    )?;
+    let id_item = system(&VIRTUAL_DISK_ID, warnings)?;
     let virtual_disk_id = Guid::read_from_bytes(&reader.read(&id_item)?)
-        .map(Guid::to_uuid)
-        .unwrap_or_default();
+        .map_err(|_| short(&VIRTUAL_DISK_ID, &id_item, 16))?
+        .to_uuid();
 
     let parent_locator = if has_parent {
-        let item = find(META_PARENT_LOCATOR, "parent locator")?;
-        check_flags(&item, "parent locator", false, at(&item), strict, warnings)?;
+        let item = system(&PARENT_LOCATOR, warnings)?;
         Some(parse_locator(&reader.read(&item)?).map_err(|c| c.at("parent locator", at(&item)))?)
     } else {
         None
@@ -389,67 +623,198 @@ pub fn read_metadata(
     })
 }
 
-fn utf16(buf: &[u8], off: u32, len: u16, what: &str) -> std::result::Result<String, Corruption> {
-    let bad = |reason: &str| Corruption::ParentLocator {
-        reason: format!("{what} at {off:#x} (length {len}): {reason}"),
-    };
-    if len == 0 || !len.is_multiple_of(2) {
-        return Err(bad("length is zero or odd"));
-    }
-    let start = off as usize;
-    let bytes = buf
-        .get(start..start + usize::from(len))
-        .ok_or_else(|| bad("outside the item"))?;
-    let units: Vec<u16> = bytes
-        .chunks_exact(2)
-        .map(|c| u16::from_le_bytes(c.try_into().unwrap_or([0, 0])))
-        .collect();
-    if units.contains(&0) {
-        return Err(bad("contains a NUL"));
-    }
-    String::from_utf16(&units).map_err(|_| bad("not valid UTF-16"))
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::guid::{REGION_METADATA, USER_COMMENT};
+    use crate::locator::ParentLocator;
+    use vd_core::MemStorage;
 
-/// Parses a parent locator item (2.6.2.6).
-///
-/// # Errors
-/// [`Corruption::ParentLocator`] naming what is wrong.
-pub fn parse_locator(buf: &[u8]) -> std::result::Result<ParentLocator, Corruption> {
-    let bad = |reason: String| Corruption::ParentLocator { reason };
-    let (hdr, rest) = ParentLocatorHeader::read_from_prefix(buf)
-        .map_err(|_| bad("shorter than its header".into()))?;
-    if hdr.locator_type.to_uuid() != PARENT_LOCATOR_TYPE_VHDX {
-        return Err(bad(format!("unknown locator type {}", hdr.locator_type)));
-    }
-    let count = hdr.key_value_count.get();
-    if count > MAX_LOCATOR_ENTRIES {
-        return Err(bad(format!(
-            "{count} entries, at most {MAX_LOCATOR_ENTRIES} are accepted"
-        )));
-    }
-    let (entries, _) = <[ParentLocatorEntry]>::ref_from_prefix_with_elems(rest, usize::from(count))
-        .map_err(|_| bad(format!("{count} entries do not fit in the item")))?;
-    let mut loc = ParentLocator::default();
-    for e in entries {
-        let key = utf16(buf, e.key_offset.get(), e.key_length.get(), "key")?;
-        let value = utf16(buf, e.value_offset.get(), e.value_length.get(), "value")?;
-        if loc.entries.insert(key.clone(), value).is_some() {
-            return Err(bad(format!("key {key:?} appears twice")));
+    const AT: u64 = 3 * 1024 * 1024;
+    const LEN: usize = 1024 * 1024;
+
+    fn region() -> Region {
+        Region {
+            guid: REGION_METADATA,
+            offset: AT,
+            length: LEN as u64,
+            required: true,
         }
     }
-    let linkage = loc
-        .get("parent_linkage")
-        .ok_or_else(|| bad("parent_linkage is missing".into()))?;
-    if parse_guid(linkage).is_none() {
-        return Err(bad(format!("parent_linkage {linkage:?} is not a GUID")));
+
+    fn disk(locator: Option<Vec<u8>>) -> NewDisk {
+        NewDisk {
+            block_size: 2 << 20,
+            fixed: false,
+            virtual_size: 10 << 30,
+            disk_id: uuid::uuid!("12345678-9abc-def0-1234-56789abcdef0"),
+            logical_sector_size: 4096,
+            physical_sector_size: 512,
+            locator,
+        }
     }
-    if !["relative_path", "volume_path", "absolute_win32_path"]
-        .iter()
-        .any(|k| loc.get(k).is_some())
-    {
-        return Err(bad(
-            "no parent path (relative_path, volume_path, absolute_win32_path)".into(),
+
+    fn parse(items: &[ItemData]) -> (Result<Metadata>, Vec<u8>, Vec<String>) {
+        let bytes = build_metadata_region(items, LEN).unwrap();
+        let mut file = vec![0u8; usize::try_from(AT).unwrap()];
+        file.extend_from_slice(&bytes);
+        let s = MemStorage::from_bytes(file);
+        let mut warnings = Vec::new();
+        let m = read_metadata(&s, region(), true, &mut warnings);
+        (m, bytes, warnings)
+    }
+
+    #[test]
+    fn table_round_trips_through_the_parser() {
+        let loc = ParentLocator::from_pairs([
+            (
+                "parent_linkage",
+                "{00000000-0000-0000-0000-000000000001}".to_string(),
+            ),
+            ("relative_path", r".\p.vhdx".to_string()),
+        ]);
+        let mut items = system_items(&disk(Some(loc.to_bytes().unwrap())));
+        items.push(ItemData::new(
+            USER_COMMENT,
+            MetadataFlags::IS_USER,
+            b"hello".to_vec(),
         ));
+        let (m, bytes, warnings) = parse(&items);
+        let m = m.unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(m.block_size, 2 << 20);
+        assert!(!m.leave_block_allocated);
+        assert!(m.has_parent);
+        assert_eq!(m.virtual_size, 10 << 30);
+        assert_eq!(
+            m.virtual_disk_id,
+            uuid::uuid!("12345678-9abc-def0-1234-56789abcdef0")
+        );
+        assert_eq!((m.logical_sector_size, m.physical_sector_size), (4096, 512));
+        assert_eq!(m.parent_locator, Some(loc));
+        // The parsed table gives back the same items, flags and bytes.
+        assert_eq!(ItemData::from_table(&m.items, &bytes).unwrap(), items);
+        // Every system item carries the flags of SYSTEM_ITEMS.
+        for k in SYSTEM_ITEMS {
+            let i = m.items.iter().find(|i| i.guid == k.guid).unwrap();
+            assert_eq!(i.flags(), k.flags(), "{}", k.name);
+            if let Some(len) = k.length {
+                assert_eq!(i.length, len, "{}", k.name);
+            }
+        }
     }
-    Ok(loc)
+
+    #[test]
+    fn layout_of_the_region() {
+        let items = system_items(&disk(None));
+        let bytes = build_metadata_region(&items, LEN).unwrap();
+        let (h, rest) = MetadataTableHeader::read_from_prefix(&bytes).unwrap();
+        assert_eq!(h.signature.get(), METADATA_SIGNATURE);
+        assert_eq!(h.entry_count.get(), 5);
+        let (e, _) = <[MetadataTableEntry]>::ref_from_prefix_with_elems(rest, 5).unwrap();
+        // Data from 64 KiB on, 8-byte aligned, in order.
+        let offsets: Vec<u32> = e.iter().map(|e| e.offset.get()).collect();
+        assert_eq!(offsets, [0x10000, 0x10008, 0x10010, 0x10020, 0x10028]);
+        assert_eq!(e[0].flags.get(), 4);
+        assert_eq!(e[1].flags.get(), 6);
+        // A fixed disk sets LeaveBlockAllocated.
+        let fixed = system_items(&NewDisk {
+            fixed: true,
+            ..disk(None)
+        });
+        assert_eq!(fixed[0].data, [0, 0, 0x20, 0, 1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn an_empty_item_has_offset_zero_and_marks_an_incomplete_file() {
+        let mut items = system_items(&disk(None));
+        items.push(ItemData::incomplete_marker());
+        let (m, bytes, _) = parse(&items);
+        let e = MetadataTableEntry::read_from_prefix(&bytes[32 * 6..])
+            .unwrap()
+            .0;
+        assert_eq!((e.offset.get(), e.length.get()), (0, 0));
+        let err = m.unwrap_err();
+        assert_eq!(
+            crate::error::corruption_of(&err),
+            Some(&Corruption::IncompleteFile)
+        );
+        // Without the marker, the region differs only in the count and the last entry.
+        items.pop();
+        let without = build_metadata_region(&items, LEN).unwrap();
+        let diff: Vec<usize> = (0..LEN).filter(|&i| bytes[i] != without[i]).collect();
+        assert!(
+            diff.iter().all(|&i| i == 10 || (192..224).contains(&i)),
+            "{diff:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_items_required_or_not() {
+        let unknown = uuid::uuid!("aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee");
+        let mut items = system_items(&disk(None));
+        items.push(ItemData::new(unknown, MetadataFlags::empty(), vec![1]));
+        let (m, _, warnings) = parse(&items);
+        assert!(m.is_ok());
+        assert_eq!(warnings.len(), 1);
+        items.pop();
+        items.push(ItemData::new(unknown, MetadataFlags::IS_REQUIRED, vec![1]));
+        let err = parse(&items).0.unwrap_err();
+        assert_eq!(
+            crate::error::corruption_of(&err),
+            Some(&Corruption::UnknownRequiredMetadata { guid: unknown })
+        );
+    }
+
+    #[test]
+    fn set_and_replace_items() {
+        let mut items = system_items(&disk(None));
+        set_item(
+            &mut items,
+            USER_COMMENT,
+            MetadataFlags::IS_USER,
+            Some(vec![1]),
+        );
+        assert_eq!(items.len(), 6);
+        set_item(
+            &mut items,
+            USER_COMMENT,
+            MetadataFlags::IS_USER,
+            Some(vec![2]),
+        );
+        assert_eq!(items.last().unwrap().data, [2]);
+        set_item(&mut items, USER_COMMENT, MetadataFlags::IS_USER, None);
+        assert_eq!(items.len(), 5);
+        replace_item(
+            &mut items,
+            META_VIRTUAL_DISK_SIZE,
+            7u64.to_le_bytes().to_vec(),
+        );
+        assert_eq!(items[1].data, 7u64.to_le_bytes());
+        // A user item with a system GUID is not the system item.
+        set_item(
+            &mut items,
+            META_VIRTUAL_DISK_SIZE,
+            MetadataFlags::IS_USER,
+            Some(vec![9]),
+        );
+        assert_eq!(items.len(), 6);
+        assert_eq!(items[1].data, 7u64.to_le_bytes());
+    }
+
+    #[test]
+    fn a_full_region_is_an_error() {
+        let big = ItemData::new(USER_COMMENT, MetadataFlags::IS_USER, vec![0; LEN]);
+        assert!(build_metadata_region(&[big], LEN).is_err());
+        let many: Vec<ItemData> = (0..2048u32)
+            .map(|n| {
+                ItemData::new(
+                    Uuid::from_u128(u128::from(n)),
+                    MetadataFlags::IS_USER,
+                    Vec::new(),
+                )
+            })
+            .collect();
+        assert!(build_metadata_region(&many, LEN).is_err());
+    }
 }

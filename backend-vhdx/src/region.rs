@@ -6,10 +6,10 @@ use vd_core::{Result, Storage};
 use zerocopy::FromBytes;
 
 use crate::checksum::crc32c_with_zero_field;
-use crate::error::{Corruption, io_at};
+use crate::error::{Corruption, fit, io_at};
 use crate::format::{
     HEADER_SECTION_SIZE, MAX_REGION_ENTRIES, MIB, REGION_SIGNATURE, REGION_TABLE_OFFSETS,
-    REGION_TABLE_SIZE, RegionTableEntry, RegionTableHeader,
+    REGION_TABLE_SIZE, RegionFlags, RegionTableEntry, RegionTableHeader,
 };
 use crate::guid::{REGION_BAT, REGION_METADATA};
 
@@ -67,7 +67,7 @@ fn parse(buf: &[u8]) -> std::result::Result<Vec<Region>, Corruption> {
             guid: e.guid.to_uuid(),
             offset: e.file_offset.get(),
             length: u64::from(e.length.get()),
-            required: e.flags.get() & 1 != 0,
+            required: RegionFlags::from_bits_retain(e.flags.get()).contains(RegionFlags::REQUIRED),
         })
         .collect())
 }
@@ -230,7 +230,11 @@ pub fn read_region_table(
 
 /// Serialises a region table (the BAT, the metadata region, then every other region) with its
 /// checksum, as a 64 KiB block.
-pub fn build_region_table(t: &RegionTable) -> Vec<u8> {
+///
+/// # Errors
+/// `OutOfRange` when a region is longer than its 32-bit length field holds or the regions do
+/// not fit in the table.
+pub fn build_region_table(t: &RegionTable) -> Result<Vec<u8>> {
     use zerocopy::IntoBytes;
     use zerocopy::little_endian::{U32, U64};
     let regions: Vec<Region> = [t.bat, t.metadata]
@@ -241,7 +245,7 @@ pub fn build_region_table(t: &RegionTable) -> Vec<u8> {
     let header = RegionTableHeader {
         signature: U32::new(REGION_SIGNATURE),
         checksum: U32::new(0),
-        entry_count: U32::new(u32::try_from(regions.len()).unwrap_or(0)),
+        entry_count: U32::new(fit(regions.len(), "region table entry count")?),
         reserved: U32::new(0),
     };
     let mut bytes = header.as_bytes().to_vec();
@@ -249,17 +253,93 @@ pub fn build_region_table(t: &RegionTable) -> Vec<u8> {
         let e = RegionTableEntry {
             guid: crate::guid::Guid::from_uuid(r.guid),
             file_offset: U64::new(r.offset),
-            length: U32::new(u32::try_from(r.length).unwrap_or(u32::MAX)),
-            flags: U32::new(u32::from(r.required)),
+            length: U32::new(fit(r.length, "region length")?),
+            flags: U32::new(if r.required {
+                RegionFlags::REQUIRED.bits()
+            } else {
+                0
+            }),
         };
         bytes.extend_from_slice(e.as_bytes());
     }
-    if let Some(d) = out.get_mut(..bytes.len()) {
-        d.copy_from_slice(&bytes);
-    }
+    out.get_mut(..bytes.len())
+        .ok_or_else(|| {
+            vd_core::Error::new(
+                vd_core::ErrorKind::OutOfRange,
+                format!("{} regions do not fit in the region table", regions.len()),
+            )
+        })?
+        .copy_from_slice(&bytes);
     let sum = crc32c_with_zero_field(&out, 4);
+    // The table is 64 KiB, so its checksum field exists.
     if let Some(d) = out.get_mut(4..8) {
         d.copy_from_slice(&sum.to_le_bytes());
     }
-    out
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use uuid::uuid;
+    use vd_core::MemStorage;
+
+    fn table() -> RegionTable {
+        let r = |guid, offset, length, required| Region {
+            guid,
+            offset,
+            length,
+            required,
+        };
+        RegionTable {
+            bat: r(REGION_BAT, 3 * MIB, MIB, true),
+            metadata: r(REGION_METADATA, 2 * MIB, MIB, true),
+            others: vec![r(
+                uuid!("aaaaaaaa-0000-4000-8000-000000000001"),
+                4 * MIB,
+                MIB,
+                false,
+            )],
+            copy: 0,
+        }
+    }
+
+    #[test]
+    fn region_table_round_trips() {
+        let bytes = build_region_table(&table()).unwrap();
+        assert_eq!(bytes.len(), REGION_TABLE_SIZE);
+        let regions = parse(&bytes).unwrap();
+        let t = table();
+        assert_eq!(regions, [t.bat, t.metadata, t.others[0]]);
+        let (h, rest) = RegionTableHeader::read_from_prefix(&bytes).unwrap();
+        assert_eq!(h.entry_count.get(), 3);
+        let (e, _) = <[RegionTableEntry]>::ref_from_prefix_with_elems(rest, 3).unwrap();
+        assert_eq!(e[0].flags.get(), RegionFlags::REQUIRED.bits());
+        assert_eq!(e[2].flags.get(), 0);
+    }
+
+    #[test]
+    fn a_bad_copy_falls_back_to_the_other() {
+        let bytes = build_region_table(&table()).unwrap();
+        let mut file = vec![0u8; usize::try_from(5 * MIB).unwrap()];
+        for off in REGION_TABLE_OFFSETS {
+            let at = usize::try_from(off).unwrap();
+            file[at..at + REGION_TABLE_SIZE].copy_from_slice(&bytes);
+        }
+        let first = usize::try_from(REGION_TABLE_OFFSETS[0]).unwrap();
+        file[first + 100] ^= 1;
+        let s = MemStorage::from_bytes(file);
+        let mut warnings = Vec::new();
+        let t = read_region_table(&s, 5 * MIB, (MIB, MIB), &mut warnings).unwrap();
+        assert_eq!(t.copy, 1);
+        assert_eq!(t.bat, table().bat);
+        assert!(!warnings.is_empty());
+    }
+
+    #[test]
+    fn a_region_too_long_for_its_field_is_an_error() {
+        let mut t = table();
+        t.others[0].length = 1 << 32;
+        assert!(build_region_table(&t).is_err());
+    }
 }

@@ -11,7 +11,10 @@
 use vd_core::{Error, ErrorKind, Result};
 
 use crate::bat::{BlockState, Forbidden, Layout};
-use crate::format::{MAX_BAT_SIZE, MAX_VIRTUAL_SIZE, MIB, REGION_TABLE_OFFSETS, bat_state};
+use crate::error::fit;
+use crate::format::{
+    BatEntry, MAX_BAT_SIZE, MAX_VIRTUAL_SIZE, MIB, PayloadState, REGION_TABLE_OFFSETS,
+};
 use crate::guid::META_VIRTUAL_DISK_SIZE;
 use crate::image::VhdxImage;
 use crate::region::build_region_table;
@@ -52,7 +55,7 @@ impl VhdxImage {
                 let start = (b * old.block_size).max(new_size);
                 let end = ((b + 1) * old.block_size).min(old.virtual_size);
                 if matches!(state, BlockState::Full(_) | BlockState::Partial(_)) {
-                    let mut buf = vec![0u8; usize::try_from(end - start).unwrap_or(0)];
+                    let mut buf = vec![0u8; fit::<usize, _>(end - start, "block tail")?];
                     self.read_own(start, &mut buf)?;
                     if buf.iter().any(|&x| x != 0) {
                         return Err(Error::invalid_argument(format!(
@@ -71,7 +74,7 @@ impl VhdxImage {
         {
             if new_size < old.virtual_size {
                 for b in new.data_blocks..old.data_blocks {
-                    self.set_entry(&mut ws, old.payload_index(b), 0)?;
+                    self.set_entry(&mut ws, old.payload_index(b), BatEntry::EMPTY)?;
                 }
             } else {
                 // The tail of a partial last block must read as zeros once it is inside the disk.
@@ -90,7 +93,7 @@ impl VhdxImage {
                         self.set_entry(
                             &mut ws,
                             new.payload_index(b),
-                            (off / MIB) << 20 | u64::from(bat_state::FULLY_PRESENT),
+                            BatEntry::payload(PayloadState::FullyPresent, off),
                         )?;
                     }
                 }
@@ -98,7 +101,7 @@ impl VhdxImage {
         }
         drop(ws);
         self.edit_metadata(|items| {
-            crate::meta_edit::replace_item(
+            crate::metadata::replace_item(
                 items,
                 META_VIRTUAL_DISK_SIZE,
                 new_size.to_le_bytes().to_vec(),
@@ -132,7 +135,7 @@ impl VhdxImage {
         )?;
         table.bat.offset = new_off;
         table.bat.length = new_len;
-        let bytes = build_region_table(&table);
+        let bytes = build_region_table(&table)?;
         for copy_off in REGION_TABLE_OFFSETS {
             let mut current = vec![0u8; bytes.len()];
             storage
@@ -165,5 +168,50 @@ impl VhdxImage {
     /// Reads this layer only (zeros where the parent would be consulted).
     fn read_own(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         vd_core::Image::read_at(self, offset, buf)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vd_core::{Image, OpenFlags};
+
+    use crate::format::MIB;
+    use crate::test_support::{create, read, reopen};
+
+    #[test]
+    fn grow_keeps_data_and_the_new_part_reads_zeros() {
+        let (s, image) = create(3 * MIB + 512, &[("block_size", "1M")]);
+        image.write_at(3 * MIB, &[5; 512]).unwrap();
+        image.resize(64 * MIB, &mut |_, _| {}).unwrap();
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert_eq!(again.size(), 64 * MIB);
+        let tail = read(&again, 3 * MIB, 4096);
+        assert!(tail[..512].iter().all(|&b| b == 5));
+        assert!(tail[512..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn shrink_refuses_to_cut_off_data() {
+        let (_, image) = create(8 * MIB, &[("block_size", "1M")]);
+        image.write_at(6 * MIB, &[1; 512]).unwrap();
+        assert!(image.resize(4 * MIB, &mut |_, _| {}).is_err());
+        assert_eq!(image.size(), 8 * MIB);
+        image.discard(6 * MIB, MIB).unwrap();
+        image.resize(4 * MIB, &mut |_, _| {}).unwrap();
+        assert_eq!(image.size(), 4 * MIB);
+    }
+
+    #[test]
+    fn growing_past_the_bat_region_moves_the_bat() {
+        // 1 MiB blocks: one BAT MiB holds 131072 entries, about 128 GiB of disk.
+        let (s, image) = create(MIB, &[("block_size", "1M")]);
+        image.write_at(0, &[9; 512]).unwrap();
+        image.resize(200 << 30, &mut |_, _| {}).unwrap();
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert_eq!(again.size(), 200 << 30);
+        assert!(again.regions().bat.length >= 2 * MIB);
+        assert!(read(&again, 0, 512).iter().all(|&b| b == 9));
     }
 }

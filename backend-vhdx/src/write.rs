@@ -15,72 +15,20 @@
 //! A crash at any point leaves either the old metadata (the data of an unflushed allocation is
 //! unreferenced) or a log whose replay produces the new metadata.
 
-use std::collections::{BTreeMap, BTreeSet};
-
 use uuid::Uuid;
 use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
 
 use crate::bat::{BlockState, Layout};
-use crate::error::io_err;
-use crate::format::{MIB, bat_state};
+use crate::error::{fit, io_err};
+use crate::format::{BatEntry, BitmapState, MIB, PayloadState};
 use crate::guid::Guid;
-use crate::header::update_headers;
+use crate::header::{HeaderUpdate, update_headers};
 use crate::image::VhdxImage;
 use crate::log::{EntryParams, build_entry, max_pages_per_entry};
+use crate::write_state::WriteState;
 
 /// Dirty metadata pages that trigger a commit before the next `flush`.
 const MAX_DIRTY_PAGES: usize = 256;
-
-/// The mutable state of a writable session.
-#[derive(Debug, Default)]
-pub struct WriteState {
-    started: bool,
-    verified: bool,
-    data_changed: bool,
-    log_guid: Option<Guid>,
-    header_has_guid: bool,
-    log_pos: u64,
-    sequence: u64,
-    dirty_bat: BTreeSet<u64>,
-    dirty_bitmaps: BTreeSet<u64>,
-    dirty_pages: BTreeMap<u64, Vec<u8>>,
-    file_end: u64,
-}
-
-impl WriteState {
-    /// The next allocation offset (the 1 MiB-aligned end of the file).
-    pub fn file_end(&self) -> u64 {
-        self.file_end
-    }
-
-    /// Sets the end of the file after truncation.
-    pub fn set_file_end(&mut self, end: u64) {
-        self.file_end = end.div_ceil(MIB) * MIB;
-    }
-
-    /// Records that the whole BAT was checked (by an open that replayed the log).
-    pub fn set_verified(&mut self) {
-        self.verified = true;
-    }
-
-    /// Queues a whole 4 KiB page of metadata for the next commit.
-    pub fn queue_page(&mut self, offset: u64, page: Vec<u8>) {
-        self.dirty_pages.insert(offset, page);
-    }
-
-    /// A session over a file of `file_len` bytes.
-    pub fn new(file_len: u64) -> Self {
-        Self {
-            file_end: file_len.div_ceil(MIB) * MIB,
-            sequence: 1,
-            ..Self::default()
-        }
-    }
-}
-
-fn entry_value(offset: u64, state: u8) -> u64 {
-    (offset / MIB) << 20 | u64::from(state)
-}
 
 /// Copies `len` bytes of the file from `from` to `to` in 1 MiB pieces.
 pub(crate) fn copy_range(
@@ -90,11 +38,11 @@ pub(crate) fn copy_range(
     len: u64,
     what: &str,
 ) -> Result<()> {
-    let mut buf = vec![0u8; usize::try_from(MIB.min(len)).unwrap_or(0)];
+    let mut buf = vec![0u8; fit::<usize, _>(MIB.min(len), "copy length")?];
     let mut done = 0;
     while done < len {
         let chunk = buf
-            .get_mut(..usize::try_from((len - done).min(MIB)).unwrap_or(0))
+            .get_mut(..fit::<usize, _>((len - done).min(MIB), "copy length")?)
             .ok_or_else(|| Error::invalid_argument("copy chunk"))?;
         storage
             .read_exact_at(from + done, chunk)
@@ -142,9 +90,7 @@ impl VhdxImage {
         }
         self.preflight(ws)?;
         let mut header = self.header_lock().write();
-        *header = update_headers(self.storage(), &header, |h| {
-            h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
-        })?;
+        *header = update_headers(self.storage(), &header, HeaderUpdate::new_file_write_guid())?;
         ws.started = true;
         Ok(())
     }
@@ -159,12 +105,12 @@ impl VhdxImage {
         self.preflight(ws)?;
         let started = ws.started;
         let mut header = self.header_lock().write();
-        *header = update_headers(self.storage(), &header, |h| {
-            if !started {
-                h.file_write_guid = Guid::from_uuid(Uuid::new_v4());
-            }
-            h.data_write_guid = Guid::from_uuid(Uuid::new_v4());
-        })?;
+        let update = HeaderUpdate {
+            file_write_guid: (!started).then(|| Guid::from_uuid(Uuid::new_v4())),
+            data_write_guid: Some(Guid::from_uuid(Uuid::new_v4())),
+            log_guid: None,
+        };
+        *header = update_headers(self.storage(), &header, update)?;
         ws.started = true;
         ws.data_changed = true;
         Ok(())
@@ -184,8 +130,8 @@ impl VhdxImage {
         Ok(off)
     }
 
-    pub(crate) fn set_entry(&self, ws: &mut WriteState, index: u64, value: u64) -> Result<()> {
-        let page = self.bat().set_raw(index, value)?;
+    pub(crate) fn set_entry(&self, ws: &mut WriteState, index: u64, entry: BatEntry) -> Result<()> {
+        let page = self.bat().set_entry(index, entry)?;
         ws.dirty_bat.insert(page);
         Ok(())
     }
@@ -202,7 +148,7 @@ impl VhdxImage {
                 self.set_entry(
                     ws,
                     layout.bitmap_index(chunk),
-                    entry_value(off, bat_state::SB_PRESENT),
+                    BatEntry::bitmap(BitmapState::Present, off),
                 )?;
                 off
             }
@@ -303,7 +249,7 @@ impl VhdxImage {
                     self.set_entry(
                         &mut ws,
                         index,
-                        entry_value(file, bat_state::PARTIALLY_PRESENT),
+                        BatEntry::payload(PayloadState::PartiallyPresent, file),
                     )?;
                 }
                 // Not present in a base image, zero, unmapped, or a whole block: a new block
@@ -312,7 +258,11 @@ impl VhdxImage {
                     let file = self.allocate(&mut ws, layout.block_size)?;
                     write(file)?;
                     let index = layout.payload_index(block);
-                    self.set_entry(&mut ws, index, entry_value(file, bat_state::FULLY_PRESENT))?;
+                    self.set_entry(
+                        &mut ws,
+                        index,
+                        BatEntry::payload(PayloadState::FullyPresent, file),
+                    )?;
                 }
             }
             done += n_usize;
@@ -330,7 +280,7 @@ impl VhdxImage {
         let layout = self.layout();
         let end = offset + len;
         let mut pos = offset;
-        let zeros = vec![0u8; usize::try_from(layout.block_size.min(len)).unwrap_or(0)];
+        let zeros = vec![0u8; fit::<usize, _>(layout.block_size.min(len), "zero length")?];
         while pos < end {
             let block = pos / layout.block_size;
             let within = pos % layout.block_size;
@@ -351,7 +301,11 @@ impl VhdxImage {
                             .map_err(|e| io_err("cannot zero a block", e))?;
                     } else {
                         let off = self.allocate(&mut ws, layout.block_size)?;
-                        self.set_entry(&mut ws, index, entry_value(off, bat_state::FULLY_PRESENT))?;
+                        self.set_entry(
+                            &mut ws,
+                            index,
+                            BatEntry::payload(PayloadState::FullyPresent, off),
+                        )?;
                     }
                 }
             } else if whole && !self.metadata().leave_block_allocated {
@@ -361,13 +315,13 @@ impl VhdxImage {
                     // ZERO, not UNMAPPED, so the range reads as zeros in every reader. The old
                     // block stays in the file until `compact`.
                     let index = layout.payload_index(block);
-                    self.set_entry(&mut ws, index, entry_value(0, bat_state::ZERO))?;
+                    self.set_entry(&mut ws, index, BatEntry::payload(PayloadState::Zero, 0))?;
                 }
             } else if state != BlockState::Zero
                 && (layout.has_parent || state != BlockState::NotPresent)
             {
                 let part = zeros
-                    .get(..usize::try_from(n).unwrap_or(usize::MAX))
+                    .get(..fit::<usize, _>(n, "zero length")?)
                     .ok_or_else(|| Error::invalid_argument("zero range"))?;
                 self.write_impl(pos, part)?;
             }
@@ -419,12 +373,13 @@ impl VhdxImage {
         let guid = *ws
             .log_guid
             .get_or_insert_with(|| Guid::from_uuid(Uuid::new_v4()));
-        let per_entry = max_pages_per_entry(log_len).max(1);
+        let per_entry = fit::<usize, _>(max_pages_per_entry(log_len).max(1), "log entry pages")?;
         let file_len = storage
             .len()
             .map_err(|e| io_err("cannot read the file size", e))?;
         for batch in pages.chunks(per_entry) {
-            let entry_len = ((batch.len() as u64 + 2).div_ceil(128) + batch.len() as u64) * 4096;
+            let n = fit::<u64, _>(batch.len(), "log entry pages")?;
+            let entry_len = ((n + 2).div_ceil(128) + n) * 4096;
             if ws.log_pos + entry_len > log_len {
                 ws.log_pos = 0;
             }
@@ -437,14 +392,14 @@ impl VhdxImage {
                     last_file_offset: file_len.max(ws.file_end),
                 },
                 batch,
-            );
+            )?;
             storage
                 .write_all_at(log_offset + ws.log_pos, &entry)
                 .and_then(|()| storage.flush())
                 .map_err(|e| io_err("cannot write the log", e))?;
             if !ws.header_has_guid {
                 let mut header = self.header_lock().write();
-                *header = update_headers(&storage, &header, |h| h.log_guid = guid)?;
+                *header = update_headers(&storage, &header, HeaderUpdate::log_guid(guid))?;
                 ws.header_has_guid = true;
             }
             for (off, page) in batch {
@@ -467,7 +422,7 @@ impl VhdxImage {
     pub(crate) fn end_log(&self, ws: &mut WriteState) -> Result<()> {
         if ws.header_has_guid {
             let mut header = self.header_lock().write();
-            *header = update_headers(self.storage(), &header, |h| h.log_guid = Guid::ZERO)?;
+            *header = update_headers(self.storage(), &header, HeaderUpdate::log_guid(Guid::ZERO))?;
             ws.header_has_guid = false;
             ws.log_guid = None;
             ws.log_pos = 0;
@@ -483,5 +438,54 @@ impl VhdxImage {
         self.flush_impl()?;
         let mut ws = self.write_state().lock();
         self.end_log(&mut ws)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vd_core::OpenFlags;
+
+    use crate::format::MIB;
+    use crate::test_support::{create, read, reopen};
+
+    #[test]
+    fn writes_survive_a_reopen_and_allocate_whole_blocks() {
+        let (s, image) = create(8 * MIB, &[("block_size", "1M")]);
+        let before = s.len().unwrap();
+        image.write_at(3 * MIB + 512, &[0xAB; 1024]).unwrap();
+        image.flush().unwrap();
+        // One new block at the 1 MiB-aligned end of the file.
+        assert_eq!(s.len().unwrap(), before + MIB);
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert!(!again.log_state().dirty);
+        let got = read(&again, 3 * MIB, 4096);
+        assert!(got[..512].iter().all(|&b| b == 0));
+        assert!(got[512..1536].iter().all(|&b| b == 0xAB));
+        assert!(got[1536..].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn discarding_a_whole_block_makes_it_zero() {
+        let (s, image) = create(4 * MIB, &[("block_size", "1M")]);
+        image.write_at(MIB, &vec![7; 1 << 20]).unwrap();
+        image.discard(MIB, MIB).unwrap();
+        image.close(false).unwrap();
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert!(read(&again, MIB, 1 << 20).iter().all(|&b| b == 0));
+        assert_eq!(again.bat().block(1).unwrap(), crate::bat::BlockState::Zero);
+    }
+
+    #[test]
+    fn an_unflushed_session_replays_from_the_log() {
+        let (s, image) = create(4 * MIB, &[("block_size", "1M")]);
+        image.write_at(0, &[1; 4096]).unwrap();
+        image.flush().unwrap();
+        // No close: the LogGuid stays set, as after a crash following the flush.
+        std::mem::forget(image);
+        let again = reopen(&s, OpenFlags::READ_ONLY);
+        assert!(again.log_state().dirty);
+        assert_eq!(again.log_state().replay, "memory");
+        assert!(read(&again, 0, 4096).iter().all(|&b| b == 1));
     }
 }
