@@ -289,7 +289,14 @@ impl Bat {
     /// # Errors
     /// I/O errors.
     pub fn raw(&self, index: u64) -> Result<u64> {
-        let layout = self.layout();
+        self.raw_in(&self.layout(), index)
+    }
+
+    /// [`raw`](Bat::raw) under a layout the caller took once for its whole request.
+    ///
+    /// # Errors
+    /// As [`raw`](Bat::raw).
+    pub fn raw_in(&self, layout: &Layout, index: u64) -> Result<u64> {
         if index >= layout.entries {
             return Ok(0);
         }
@@ -354,10 +361,17 @@ impl Bat {
     /// `Corrupt` for reserved bits, invalid states, offsets outside the file or inside other
     /// structures; I/O errors.
     pub fn block(&self, block: u64) -> Result<BlockState> {
-        let layout = self.layout();
+        self.block_in(&self.layout(), block)
+    }
+
+    /// [`block`](Bat::block) under a layout the caller took once for its whole request.
+    ///
+    /// # Errors
+    /// As [`block`](Bat::block).
+    pub fn block_in(&self, layout: &Layout, block: u64) -> Result<BlockState> {
         let index = layout.payload_index(block);
-        let raw = self.raw(index)?;
-        self.payload_state(&layout, block, index, raw)
+        let raw = self.raw_in(layout, index)?;
+        self.payload_state(layout, block, index, raw)
     }
 
     /// Validates the raw entry `raw` of payload block `block` (at BAT index `index`).
@@ -411,9 +425,16 @@ impl Bat {
     /// # Errors
     /// `Corrupt` for invalid entries; I/O errors.
     pub fn bitmap(&self, chunk: u64) -> Result<Option<u64>> {
-        let layout = self.layout();
+        self.bitmap_in(&self.layout(), chunk)
+    }
+
+    /// [`bitmap`](Bat::bitmap) under a layout the caller took once for its whole request.
+    ///
+    /// # Errors
+    /// As [`bitmap`](Bat::bitmap).
+    pub fn bitmap_in(&self, layout: &Layout, chunk: u64) -> Result<Option<u64>> {
         let index = layout.bitmap_index(chunk);
-        let raw = self.raw(index)?;
+        let raw = self.raw_in(layout, index)?;
         self.bitmap_state(chunk, index, raw)
     }
 
@@ -459,20 +480,21 @@ impl Bat {
     }
 
     /// Calls `f(first_sector, count, present)` for the runs of sectors `[first, first + count)`
-    /// of payload block `block` whose sector-bitmap bits are equal.
+    /// of payload block `block` whose sector-bitmap bits are equal, under a layout the caller
+    /// took once for its whole request.
     ///
     /// # Errors
     /// `Corrupt` when the bitmap is missing; I/O errors.
     pub fn bitmap_runs(
         &self,
+        layout: &Layout,
         block: u64,
         first: u64,
         count: u64,
         mut f: impl FnMut(u64, u64, bool),
     ) -> Result<()> {
-        let layout = self.layout();
         let chunk = block / layout.chunk_ratio;
-        let Some(sb) = self.bitmap(chunk)? else {
+        let Some(sb) = self.bitmap_in(layout, chunk)? else {
             let index = layout.payload_index(block);
             return Err(Corruption::SectorBitmapMissing { index }
                 .at(format!("BAT entry {index}"), self.entry_at(index)));

@@ -8,8 +8,9 @@ use parking_lot::RwLock;
 use serde_json::json;
 use uuid::Uuid;
 use vd_core::{
-    CheckReport, Error, ErrorKind, Extent, ExtentKind, Finding, Geometry, Image, ImageFlags,
-    OpenFlags, OpenRequest, Result, Severity, Storage, StorageProvider, check_range, error_chain,
+    CheckReport, Error, ErrorKind, Extent, Finding, Geometry, Image, ImageFlags, MappedExtent,
+    Mapping, OpenFlags, OpenRequest, Result, Severity, Storage, StorageProvider, check_range,
+    error_chain, push_extent,
 };
 
 use crate::bat::{Bat, BlockState, Forbidden, Layout};
@@ -43,10 +44,40 @@ pub struct LogState {
 }
 
 /// An opened VHDX image.
+///
+/// # Locks
+///
+/// Reads take no lock across payload I/O. A read (or [`map_file`](Image::map_file)) copies the
+/// [`Layout`] once per request (one shared lock) and then, per block, takes the BAT's page cache
+/// and forbidden-range locks briefly (shared, released before the next one is taken); the file
+/// is read after the mapping of each run is known, with no lock held.
+///
+/// Lock order, outermost first; a lock further down is never held while one further up is
+/// taken:
+/// 1. `write` (the [`WriteState`] mutex): held for a whole change (write, discard, metadata
+///    edit, resize, compact, flush, close), so changes are serialised. Readers never take it.
+/// 2. `header`, `regions`, `meta`: each taken on its own, for writing only while `write` is
+///    held, and never two at once (a reader takes `meta` alone, for the size or a flag).
+/// 3. The [`Bat`]'s own locks (`layout`, `forbidden`, the BAT page and sector-bitmap page
+///    caches): leaves, each held only inside one `Bat` method call, never while another lock is
+///    taken.
+///
+/// The write mutex stays held across payload writes: a write into a new block allocates the
+/// block, writes its data and only then publishes the BAT entry, and that sequence must not
+/// interleave with another writer allocating the same block; an overwrite of an existing block
+/// could run unlocked, but compaction and shrinking move or cut blocks under the same mutex,
+/// so an unlocked overwrite could land in a block's old place after it was moved (lost data).
+/// Releasing it would need a separate gate that compaction and resize take exclusively.
 pub struct VhdxImage {
     path: PathBuf,
     provider: Arc<dyn StorageProvider>,
+    /// What the image is read through: the file, or the file under a log replayed in memory.
     storage: Arc<dyn Storage>,
+    /// The image file itself, for [`read_file_at`](Image::read_file_at).
+    file: Arc<dyn Storage>,
+    /// Whether `storage` is the plain file (no log replayed in memory over it), so data runs
+    /// can be reported with their file offsets.
+    plain_file: bool,
     flags: OpenFlags,
     creator: String,
     header: RwLock<ActiveHeader>,
@@ -283,10 +314,13 @@ impl VhdxImage {
         if verified {
             write.set_verified();
         }
+        let plain_file = Arc::ptr_eq(&storage, &file);
         Ok(Self {
             path: req.path.to_path_buf(),
             provider: req.provider,
             storage,
+            file,
+            plain_file,
             flags,
             creator,
             header: RwLock::new(header),
@@ -357,14 +391,15 @@ impl VhdxImage {
     }
 
     /// Calls `f(offset, len, source)` for consecutive runs covering `[offset, offset + len)`,
-    /// merging runs whose file ranges are contiguous.
+    /// merging runs whose file ranges are contiguous. The whole request is resolved under the
+    /// one `layout` the caller took; no lock is held while `f` runs.
     fn resolve(
         &self,
+        layout: &Layout,
         offset: u64,
         len: u64,
         mut f: impl FnMut(u64, u64, Source) -> Result<()>,
     ) -> Result<()> {
-        let layout = self.bat.layout();
         let mut pending: Option<(u64, u64, Source)> = None;
         let mut emit = |off: u64,
                         n: u64,
@@ -391,7 +426,7 @@ impl VhdxImage {
             let block = pos / layout.block_size;
             let within = pos % layout.block_size;
             let n = (layout.block_size - within).min(end - pos);
-            match self.bat.block(block)? {
+            match self.bat.block_in(layout, block)? {
                 BlockState::NotPresent => {
                     emit(
                         pos,
@@ -413,7 +448,7 @@ impl VhdxImage {
                     let block_start = block * layout.block_size;
                     let mut runs = Vec::new();
                     self.bat
-                        .bitmap_runs(block, first, last - first, |s, c, present| {
+                        .bitmap_runs(layout, block, first, last - first, |s, c, present| {
                             runs.push((s, c, present));
                         })?;
                     for (s, c, present) in runs {
@@ -502,9 +537,12 @@ impl Image for VhdxImage {
         &self.path
     }
 
+    /// Resolves the request under one layout snapshot, reading each run as soon as it is
+    /// known (no lock held during the read).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size())?;
-        self.resolve(offset, buf.len() as u64, |off, n, src| {
+        let layout = self.bat.layout();
+        check_range(offset, buf.len() as u64, layout.virtual_size)?;
+        self.resolve(&layout, offset, buf.len() as u64, |off, n, src| {
             let a = usize::try_from(off - offset).unwrap_or(usize::MAX);
             let b = a.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
             let Some(part) = buf.get_mut(a..b) else {
@@ -783,28 +821,61 @@ impl Image for VhdxImage {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(offset, len, self.size())?;
         let mut out: Vec<Extent> = Vec::new();
-        self.resolve(offset, len, |off, n, src| {
-            let kind = match src {
-                Source::File(_) => ExtentKind::Data,
-                Source::Zero => ExtentKind::Zero,
-                Source::Parent => ExtentKind::Unallocated,
-            };
+        for e in self.map_file(offset, len)? {
+            let e = e.extent();
             match out.last_mut() {
-                Some(last) if last.kind == kind && last.offset + last.length == off => {
-                    last.length += n;
+                Some(last) if last.kind == e.kind && last.offset + last.length == e.offset => {
+                    last.length += e.length;
                 }
-                _ => out.push(Extent {
+                _ => out.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fully present blocks (all of a fixed image's) map to their place in the file; a
+    /// partially present block of a differencing image maps run by run from its sector bitmap
+    /// (present sectors at their file offsets, the others [`Unallocated`]); not-present blocks
+    /// are [`Unallocated`] in a differencing image and [`Zero`] otherwise. While a log replayed
+    /// in memory lies over the file (a read-only open of a dirty image), data runs carry no file
+    /// offset, since the file may not hold what the image reads there.
+    ///
+    /// [`Unallocated`]: Mapping::Unallocated
+    /// [`Zero`]: Mapping::Zero
+    fn map_file(&self, offset: u64, len: u64) -> Result<Vec<MappedExtent>> {
+        let layout = self.bat.layout();
+        check_range(offset, len, layout.virtual_size)?;
+        let mut out: Vec<MappedExtent> = Vec::new();
+        self.resolve(&layout, offset, len, |off, n, src| {
+            let mapping = match src {
+                Source::File(file) => Mapping::Data {
+                    file_offset: self.plain_file.then_some(file),
+                },
+                Source::Zero => Mapping::Zero,
+                Source::Parent => Mapping::Unallocated,
+            };
+            push_extent(
+                &mut out,
+                MappedExtent {
                     offset: off,
                     length: n,
-                    kind,
-                }),
-            }
+                    mapping,
+                },
+            );
             Ok(())
         })
         .map_err(|e| e.with_path(&self.path))?;
         Ok(out)
+    }
+
+    /// A plain read of the image file (never through a log replayed in memory).
+    fn read_file_at(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(file_offset, buf).map_err(|e| {
+            io_err("read failed", e)
+                .with_offset(file_offset)
+                .with_path(&self.path)
+        })
     }
 
     /// Checks every BAT entry (states, reserved bits, offsets inside the file and outside the

@@ -46,7 +46,9 @@ fn create(registry: &Registry, path: &Path, flags: ImageFlags, parent: Option<&P
 }
 
 fn write_all(registry: &Registry, path: &Path, seed: u8) {
-    let image = registry.open(path, OpenFlags::empty()).expect("open for writing");
+    let image = registry
+        .open(path, OpenFlags::empty())
+        .expect("open for writing");
     let mut buf = vec![0u8; 1 << 20];
     for off in (0..SIZE).step_by(buf.len()) {
         fill_pattern(&mut buf, off, seed);
@@ -56,7 +58,9 @@ fn write_all(registry: &Registry, path: &Path, seed: u8) {
 }
 
 fn write_half(registry: &Registry, path: &Path, seed: u8) {
-    let image = registry.open(path, OpenFlags::empty()).expect("open for writing");
+    let image = registry
+        .open(path, OpenFlags::empty())
+        .expect("open for writing");
     let mut rng = SplitMix64::new(7);
     let mut buf = vec![0u8; READ];
     for _ in 0..(SIZE / READ as u64) / 2 {
@@ -95,11 +99,15 @@ fn bench(c: &mut Criterion) {
             // The same offsets, shifted past the 1 MiB header area into the payload.
             let off = (offsets[i % OFFSETS] + (4 << 20)) % (file_len - READ as u64);
             i += 1;
-            storage.read_exact_at(black_box(off), &mut buf).expect("read");
+            storage
+                .read_exact_at(black_box(off), &mut buf)
+                .expect("read");
         });
     });
 
-    let image = registry.open(&base, OpenFlags::READ_ONLY).expect("open image");
+    let image = registry
+        .open(&base, OpenFlags::READ_ONLY)
+        .expect("open image");
     group.bench_function("image", |b| {
         b.iter(|| {
             image
