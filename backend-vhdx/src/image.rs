@@ -1075,3 +1075,227 @@ impl Image for VhdxImage {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use vd_core::{CreateParams, Disk, ImageFlags, MemFileSystem, Registry, StorageProvider};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn registry() -> (Arc<MemFileSystem>, Registry) {
+        let fs = Arc::new(MemFileSystem::new());
+        let reg = Registry::builtin_with_provider(fs.clone());
+        (fs, reg)
+    }
+
+    fn create(
+        reg: &Registry,
+        path: &str,
+        flags: ImageFlags,
+        parent: Option<(&Path, &dyn Image)>,
+    ) -> Box<dyn Image> {
+        let params = CreateParams {
+            size: 4 * MIB,
+            image_flags: flags,
+            options: BTreeMap::from([("block_size".to_string(), "1M".to_string())]),
+            ..CreateParams::default()
+        };
+        reg.create("vhdx", Path::new(path), &params, parent, false)
+            .unwrap()
+    }
+
+    fn pattern(len: u64, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 253) as u8 ^ seed | 1).collect()
+    }
+
+    /// Every data run's file bytes are what `read_at` reads there.
+    fn check_file_ranges(image: &dyn Image, map: &[MappedExtent]) {
+        for e in map {
+            if let Mapping::Data {
+                file_offset: Some(f),
+            } = e.mapping
+            {
+                let mut via_file = vec![0u8; usize::try_from(e.length).unwrap()];
+                let mut via_image = via_file.clone();
+                image.read_file_at(f, &mut via_file).unwrap();
+                image.read_at(e.offset, &mut via_image).unwrap();
+                assert_eq!(via_file, via_image, "run {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn map_file_of_a_differencing_image_follows_the_sector_bitmap() {
+        let (_fs, reg) = registry();
+        let base = create(&reg, "/base.vhdx", ImageFlags::empty(), None);
+        base.write_at(0, &pattern(4 * MIB, 0x10)).unwrap();
+        base.close(false).unwrap();
+        let base = reg
+            .open(Path::new("/base.vhdx"), OpenFlags::READ_ONLY)
+            .unwrap();
+        let child = create(
+            &reg,
+            "/child.vhdx",
+            ImageFlags::DIFF,
+            Some((Path::new("/base.vhdx"), base.as_ref())),
+        );
+        drop(base);
+        // Block 0: sectors 1..3 and 8 present (partially present); block 2 whole (fully
+        // present); blocks 1 and 3 not present.
+        child.write_at(512, &pattern(1024, 0x20)).unwrap();
+        child.write_at(4096, &pattern(512, 0x30)).unwrap();
+        child.write_at(2 * MIB, &pattern(MIB, 0x40)).unwrap();
+        let m = child.map_file(0, 4 * MIB).unwrap();
+        let shape: Vec<(u64, u64, bool)> = m
+            .iter()
+            .map(|e| {
+                (
+                    e.offset,
+                    e.length,
+                    matches!(e.mapping, Mapping::Data { .. }),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, 512, false),
+                (512, 1024, true),
+                (1536, 4096 - 1536, false),
+                (4096, 512, true),
+                (4608, 2 * MIB - 4608, false),
+                (2 * MIB, MIB, true),
+                (3 * MIB, MIB, false),
+            ]
+        );
+        for e in &m {
+            match e.mapping {
+                Mapping::Data { file_offset } => assert!(file_offset.is_some(), "{e:?}"),
+                other => assert_eq!(other, Mapping::Unallocated, "{e:?}"),
+            }
+        }
+        // Both runs of block 0 lie in one payload block, at their offsets within it.
+        let off = |i: usize| match m[i].mapping {
+            Mapping::Data { file_offset } => file_offset.unwrap(),
+            _ => unreachable!(),
+        };
+        assert_eq!(off(3) - off(1), 4096 - 512);
+        assert_eq!((off(1) - 512) % MIB, 0, "block 0 starts on a MiB boundary");
+        check_file_ranges(child.as_ref(), &m);
+        // A request inside one run maps to the matching part of it.
+        assert_eq!(
+            child.map_file(1024, 256).unwrap(),
+            vec![MappedExtent {
+                offset: 1024,
+                length: 256,
+                mapping: Mapping::Data {
+                    file_offset: Some(off(1) + 512)
+                }
+            }]
+        );
+        // `map` is map_file without offsets.
+        let kinds: Vec<Extent> = child.map(0, 4 * MIB).unwrap();
+        assert_eq!(kinds.len(), m.len());
+        assert!(kinds.iter().zip(&m).all(|(k, e)| *k == e.extent()));
+        child.close(false).unwrap();
+        // Through the chain: the child's sectors, the base elsewhere.
+        let disk = Disk::from_layers(vec![
+            reg.open(Path::new("/child.vhdx"), OpenFlags::READ_ONLY)
+                .unwrap(),
+            reg.open(Path::new("/base.vhdx"), OpenFlags::READ_ONLY)
+                .unwrap(),
+        ])
+        .unwrap();
+        let mut want = pattern(4 * MIB, 0x10);
+        want[512..1536].copy_from_slice(&pattern(1024, 0x20));
+        want[4096..4608].copy_from_slice(&pattern(512, 0x30));
+        want[2 * MIB as usize..3 * MIB as usize].copy_from_slice(&pattern(MIB, 0x40));
+        let mut got = vec![0u8; 4 * MIB as usize];
+        disk.read_at(0, &mut got).unwrap();
+        assert!(got == want, "chain read differs");
+        for (o, l) in [(0, 4096), (300, 5000), (MIB - 100, 200), (3 * MIB - 7, 14)] {
+            let mut part = vec![0u8; l];
+            disk.read_at(o, &mut part).unwrap();
+            assert!(part == want[o as usize..o as usize + l], "{o:#x}+{l:#x}");
+        }
+    }
+
+    #[test]
+    fn map_file_of_fixed_and_dynamic_images() {
+        let (_fs, reg) = registry();
+        let fixed = create(&reg, "/fixed.vhdx", ImageFlags::FIXED, None);
+        let m = fixed.map_file(0, 4 * MIB).unwrap();
+        let mut covered = 0;
+        for e in &m {
+            assert!(
+                matches!(
+                    e.mapping,
+                    Mapping::Data {
+                        file_offset: Some(_)
+                    }
+                ),
+                "{e:?}"
+            );
+            covered += e.length;
+        }
+        assert_eq!(covered, 4 * MIB);
+        fixed.write_at(MIB + 5, &pattern(3000, 0x50)).unwrap();
+        check_file_ranges(fixed.as_ref(), &fixed.map_file(0, 4 * MIB).unwrap());
+        // A dynamic image: unwritten blocks read as zeros (no parent), written ones at offsets.
+        let dynamic = create(&reg, "/dyn.vhdx", ImageFlags::empty(), None);
+        dynamic.write_at(3 * MIB, &pattern(MIB, 0x60)).unwrap();
+        let m = dynamic.map_file(2 * MIB, 2 * MIB).unwrap();
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[0].mapping, Mapping::Zero);
+        assert!(matches!(
+            m[1].mapping,
+            Mapping::Data {
+                file_offset: Some(_)
+            }
+        ));
+        check_file_ranges(dynamic.as_ref(), &m);
+        assert_eq!(
+            dynamic.map_file(4 * MIB, 1).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+    }
+
+    #[test]
+    fn a_log_replayed_in_memory_hides_file_offsets() {
+        let (fs, reg) = registry();
+        let image = create(&reg, "/dirty.vhdx", ImageFlags::empty(), None);
+        image.write_at(MIB, &pattern(MIB, 0x70)).unwrap();
+        image.flush().unwrap();
+        // Gone without closing: the header still names the session's log.
+        drop(image);
+        assert!(fs.exists(Path::new("/dirty.vhdx")));
+        let image = reg
+            .open(Path::new("/dirty.vhdx"), OpenFlags::READ_ONLY)
+            .unwrap();
+        let m = image.map_file(0, 4 * MIB).unwrap();
+        assert!(
+            m.iter()
+                .any(|e| e.mapping == Mapping::Data { file_offset: None }),
+            "{m:?}"
+        );
+        assert!(
+            m.iter().all(|e| !matches!(
+                e.mapping,
+                Mapping::Data {
+                    file_offset: Some(_)
+                }
+            )),
+            "{m:?}"
+        );
+        // Readers fall back to read_at, and read what the log says.
+        let disk = Disk::from_layers(vec![image]).unwrap();
+        let mut got = vec![0u8; 2 * MIB as usize];
+        disk.read_at(0, &mut got).unwrap();
+        assert!(got[..MIB as usize].iter().all(|&b| b == 0));
+        assert!(got[MIB as usize..] == pattern(MIB, 0x70)[..]);
+    }
+}
