@@ -1086,6 +1086,11 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    /// `x` as an index (test sizes are small).
+    fn us(x: u64) -> usize {
+        usize::try_from(x).unwrap()
+    }
+
     fn registry() -> (Arc<MemFileSystem>, Registry) {
         let fs = Arc::new(MemFileSystem::new());
         let reg = Registry::builtin_with_provider(fs.clone());
@@ -1213,14 +1218,14 @@ mod tests {
         let mut want = pattern(4 * MIB, 0x10);
         want[512..1536].copy_from_slice(&pattern(1024, 0x20));
         want[4096..4608].copy_from_slice(&pattern(512, 0x30));
-        want[2 * MIB as usize..3 * MIB as usize].copy_from_slice(&pattern(MIB, 0x40));
-        let mut got = vec![0u8; 4 * MIB as usize];
+        want[us(2 * MIB)..us(3 * MIB)].copy_from_slice(&pattern(MIB, 0x40));
+        let mut got = vec![0u8; us(4 * MIB)];
         disk.read_at(0, &mut got).unwrap();
         assert!(got == want, "chain read differs");
         for (o, l) in [(0, 4096), (300, 5000), (MIB - 100, 200), (3 * MIB - 7, 14)] {
             let mut part = vec![0u8; l];
             disk.read_at(o, &mut part).unwrap();
-            assert!(part == want[o as usize..o as usize + l], "{o:#x}+{l:#x}");
+            assert!(part == want[us(o)..us(o) + l], "{o:#x}+{l:#x}");
         }
     }
 
@@ -1293,9 +1298,9 @@ mod tests {
         );
         // Readers fall back to read_at, and read what the log says.
         let disk = Disk::from_layers(vec![image]).unwrap();
-        let mut got = vec![0u8; 2 * MIB as usize];
+        let mut got = vec![0u8; us(2 * MIB)];
         disk.read_at(0, &mut got).unwrap();
-        assert!(got[..MIB as usize].iter().all(|&b| b == 0));
-        assert!(got[MIB as usize..] == pattern(MIB, 0x70)[..]);
+        assert!(got[..us(MIB)].iter().all(|&b| b == 0));
+        assert!(got[us(MIB)..] == pattern(MIB, 0x70)[..]);
     }
 }
