@@ -54,11 +54,12 @@ pub struct LogState {
 ///
 /// Lock order, outermost first; a lock further down is never held while one further up is
 /// taken:
-/// 1. `write` (the [`WriteState`] mutex): held for a whole change (write, discard, metadata
+/// 1. `write` (the `WriteState` mutex): held for a whole change (write, discard, metadata
 ///    edit, resize, compact, flush, close), so changes are serialised. Readers never take it.
-/// 2. `header`, `regions`, `meta`: each taken on its own, for writing only while `write` is
-///    held, and never two at once (a reader takes `meta` alone, for the size or a flag).
-/// 3. The [`Bat`]'s own locks (`layout`, `forbidden`, the BAT page and sector-bitmap page
+/// 2. `header`, then `meta`, then `regions`: each written only while `write` is held, and
+///    while no other lock of this list is held; shared guards nest only in this order
+///    (`details` reads `meta` under `header`, `item_data` reads `regions` under `meta`).
+/// 3. The `Bat`'s own locks (`layout`, `forbidden`, the BAT page and sector-bitmap page
 ///    caches): leaves, each held only inside one `Bat` method call, never while another lock is
 ///    taken.
 ///
