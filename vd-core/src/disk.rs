@@ -222,8 +222,9 @@ impl Disk {
     /// # Errors
     /// `OutOfRange`; errors of the layers.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size())?;
-        self.read_layer(0, offset, buf)
+        let size = self.size();
+        check_range(offset, buf.len() as u64, size)?;
+        self.read_layer(0, Some(size), offset, buf)
     }
 
     /// Reads `buf` at `offset` from layer `index` in one pass: the layer is mapped once
@@ -231,13 +232,22 @@ impl Disk {
     /// data without one through the layer's [`Image::read_at`], zeros are filled, and only the
     /// ranges the layer does not hold go one layer down. Below the base, and beyond a layer
     /// smaller than the disk, the disk reads as zeros.
-    fn read_layer(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+    ///
+    /// `size` is the layer's size when the caller already asked for it.
+    fn read_layer(
+        &self,
+        index: usize,
+        size: Option<u64>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let Some(layer) = self.layers.get(index) else {
             buf.fill(0);
             return Ok(());
         };
+        let size = size.unwrap_or_else(|| layer.size());
         // A child may be larger than its parent: the part beyond this layer reads as zeros.
-        let avail = usize::try_from(layer.size().saturating_sub(offset))
+        let avail = usize::try_from(size.saturating_sub(offset))
             .unwrap_or(usize::MAX)
             .min(buf.len());
         let (inside, beyond) = buf.split_at_mut(avail);
@@ -285,7 +295,7 @@ impl Disk {
                 } => layer.read_file_at(file, part)?,
                 Mapping::Data { file_offset: None } => layer.read_at(e.offset, part)?,
                 Mapping::Zero => part.fill(0),
-                Mapping::Unallocated => self.read_layer(index + 1, e.offset, part)?,
+                Mapping::Unallocated => self.read_layer(index + 1, None, e.offset, part)?,
             }
         }
         if expect != offset + inside_len as u64 {
