@@ -507,16 +507,15 @@ impl Bat {
             let bit = base + s;
             let byte = bit / 8;
             let page_off = sb + byte / SB_PAGE * SB_PAGE;
-            let page = match &page_cache {
-                Some((o, p)) if *o == page_off => p.clone(),
-                _ => {
-                    let p = self.bitmap_page(page_off)?;
-                    page_cache = Some((page_off, p.clone()));
-                    p
-                }
-            };
-            let v = page
-                .get(usize::try_from(byte % SB_PAGE).unwrap_or(usize::MAX))
+            // The page is looked up once per 4 KiB of bitmap and borrowed for each bit.
+            if !matches!(&page_cache, Some((o, _)) if *o == page_off) {
+                page_cache = Some((page_off, self.bitmap_page(page_off)?));
+            }
+            let v = page_cache
+                .as_ref()
+                .and_then(|(_, page)| {
+                    page.get(usize::try_from(byte % SB_PAGE).unwrap_or(usize::MAX))
+                })
                 .is_some_and(|b| b >> (bit % 8) & 1 == 1);
             match run_value {
                 Some(r) if r == v => {}

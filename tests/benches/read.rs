@@ -1,6 +1,7 @@
 //! 4 KiB random reads: the storage alone, `Image::read_at` on a dynamic VHDX full of data,
 //! `Disk::read_at` on the same image, and `Disk::read_at` on a two-layer chain (a differencing
-//! child holding about half of the sectors over that image).
+//! child holding about half of the sectors over that image), and `Image::map_file` alone (the
+//! lookup a read adds to the storage).
 //!
 //! Run with `cargo bench -p vd-tests --bench read`. The goal (issue 8): `Disk` within 1.5x of
 //! `Image::read_at`, and `Image::read_at` within 1.5x of the storage alone.
@@ -114,6 +115,16 @@ fn bench(c: &mut Criterion) {
                 .read_at(black_box(offsets[i % OFFSETS]), &mut buf)
                 .expect("read");
             i += 1;
+        });
+    });
+    // The lookup alone (no payload I/O): what a read adds to the storage.
+    group.bench_function("image_map_file", |b| {
+        b.iter(|| {
+            let m = image
+                .map_file(black_box(offsets[i % OFFSETS]), READ as u64)
+                .expect("map");
+            i += 1;
+            black_box(m);
         });
     });
     drop(image);
