@@ -86,7 +86,9 @@ pub trait Image: Send + Sync {
     fn path(&self) -> &Path;
 
     /// Reads `buf.len()` bytes at `offset` (`pfnRead`). Ranges this image does not hold read as
-    /// zeros; [`Disk`](crate::Disk) uses [`map`](Image::map) to send them to the parent instead.
+    /// zeros; [`Disk`](crate::Disk) uses [`map_file`](Image::map_file) to send them to the parent
+    /// instead, and reads data with a known file offset through
+    /// [`read_file_at`](Image::read_file_at).
     ///
     /// # Errors
     /// `OutOfRange` beyond the virtual size; I/O errors.
