@@ -24,9 +24,9 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use vd_core::linkme::distributed_slice;
 use vd_core::{
-    BACKENDS, Backend, Capabilities, CheckReport, Confidence, CreateRequest, Error, Extent,
-    ExtentKind, Image, ImageFlags, OpenFlags, OpenMode, OpenRequest, Progress, Result, Storage,
-    StorageProvider, check_range,
+    BACKENDS, Backend, Capabilities, CheckReport, Confidence, CreateRequest, Error, Extent, Image,
+    ImageFlags, MappedExtent, Mapping, OpenFlags, OpenMode, OpenRequest, Progress, Result, Storage,
+    StorageProvider, check_range, push_extent,
 };
 
 /// The raw backend.
@@ -262,11 +262,25 @@ impl Image for RawImage {
         Ok(())
     }
 
-    /// Data runs and holes of the file; holes are [`ExtentKind::Zero`].
+    /// Data runs and holes of the file; holes are [`ExtentKind::Zero`](vd_core::ExtentKind::Zero).
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+        let mut out: Vec<Extent> = Vec::new();
+        for e in self.map_file(offset, len)? {
+            let e = e.extent();
+            match out.last_mut() {
+                Some(last) if last.kind == e.kind => last.length += e.length,
+                _ => out.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Data runs (at the identical file offset) and holes ([`Mapping::Zero`]) of the file, found
+    /// with `SEEK_DATA`/`SEEK_HOLE` through the storage.
+    fn map_file(&self, offset: u64, len: u64) -> Result<Vec<MappedExtent>> {
         check_range(offset, len, self.size())?;
         let s = self.storage();
-        let mut out: Vec<Extent> = Vec::new();
+        let mut out: Vec<MappedExtent> = Vec::new();
         let mut pos = offset;
         let end = offset + len;
         while pos < end {
@@ -275,22 +289,31 @@ impl Image for RawImage {
                 .map_err(|e| self.err("cannot map", e))?;
             // Guard against a storage that reports empty runs: never loop forever.
             let n = run.len.clamp(1, end - pos);
-            let kind = if run.data {
-                ExtentKind::Data
+            let mapping = if run.data {
+                Mapping::Data {
+                    file_offset: Some(pos),
+                }
             } else {
-                ExtentKind::Zero
+                Mapping::Zero
             };
-            match out.last_mut() {
-                Some(last) if last.kind == kind => last.length += n,
-                _ => out.push(Extent {
+            push_extent(
+                &mut out,
+                MappedExtent {
                     offset: pos,
                     length: n,
-                    kind,
-                }),
-            }
+                    mapping,
+                },
+            );
             pos += n;
         }
         Ok(out)
+    }
+
+    /// The file is the disk: a plain read of the storage.
+    fn read_file_at(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.storage()
+            .read_exact_at(file_offset, buf)
+            .map_err(|e| self.err("read failed", e).with_offset(file_offset))
     }
 
     fn discard(&self, offset: u64, len: u64) -> Result<()> {
@@ -337,7 +360,10 @@ impl Image for RawImage {
 mod tests {
     use super::*;
     use vd_core::testing::conformance::{Subject, check_power_loss, check_sequences};
-    use vd_core::{CreateParams, Disk, FileSystem, MemFileSystem, MemStorage, Registry};
+    use vd_core::{
+        CreateParams, Disk, ExtentKind, FileSystem, MemFileSystem, MemStorage, Registry,
+        merge_extents,
+    };
 
     struct Raw;
 
@@ -758,5 +784,94 @@ mod tests {
         img.write_at(0, &[9]).unwrap();
         img.flush().unwrap();
         assert_eq!(std::fs::read(&path).unwrap()[0], 9);
+    }
+
+    #[test]
+    fn map_file_reports_data_at_identical_offsets_and_holes_as_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.img");
+        let reg = Registry::builtin_with_provider(Arc::new(FileSystem));
+        let mib = 1u64 << 20;
+        let img = reg
+            .create(
+                "raw",
+                &path,
+                &CreateParams {
+                    size: 8 * mib,
+                    ..CreateParams::default()
+                },
+                None,
+                false,
+            )
+            .unwrap();
+        let data: Vec<u8> = (0..mib).map(|i| (i % 251) as u8 + 1).collect();
+        img.write_at(3 * mib, &data).unwrap();
+        img.flush().unwrap();
+        let m = img.map_file(mib, 6 * mib).unwrap();
+        // Contiguous, covering the request, merged, and data always at its own offset.
+        assert_eq!(m.first().unwrap().offset, mib);
+        let last = m.last().unwrap();
+        assert_eq!(last.offset + last.length, 7 * mib);
+        assert_eq!(merge_extents(m.clone()), m);
+        for w in m.windows(2) {
+            assert_eq!(w[0].offset + w[0].length, w[1].offset);
+        }
+        for e in &m {
+            match e.mapping {
+                Mapping::Data { file_offset } => assert_eq!(file_offset, Some(e.offset)),
+                Mapping::Zero => {}
+                Mapping::Unallocated => panic!("raw has no parent: {m:?}"),
+            }
+        }
+        // The written MiB is data (the file system may report more around it); the kinds
+        // agree with `map`.
+        assert!(
+            m.iter().any(|e| matches!(e.mapping, Mapping::Data { .. })
+                && e.offset <= 3 * mib
+                && e.offset + e.length >= 4 * mib),
+            "{m:?}"
+        );
+        let kinds: Vec<Extent> = img.map(mib, 6 * mib).unwrap();
+        let from_file: Vec<ExtentKind> = merge_extents(m.iter().map(|e| MappedExtent {
+            mapping: match e.mapping {
+                Mapping::Data { .. } => Mapping::Data { file_offset: None },
+                other => other,
+            },
+            ..*e
+        }))
+        .iter()
+        .map(|e| e.mapping.kind())
+        .collect();
+        assert_eq!(kinds.iter().map(|e| e.kind).collect::<Vec<_>>(), from_file);
+        let mut got = vec![0u8; 4096];
+        img.read_file_at(3 * mib + 4096, &mut got).unwrap();
+        assert_eq!(got, data[4096..8192]);
+        // Past the end of the file is an error, never zeros.
+        assert!(img.read_file_at(8 * mib - 10, &mut got).is_err());
+        img.close(true).unwrap();
+    }
+
+    #[test]
+    fn map_file_on_storage_without_holes_is_one_data_run() {
+        let fs = Arc::new(MemFileSystem::new());
+        fs.insert("/d", Arc::new(MemStorage::from_bytes(vec![3; 64 << 10])));
+        let reg = Registry::builtin_with_provider(fs);
+        let img = reg
+            .open_as("raw", Path::new("/d"), OpenFlags::READ_ONLY)
+            .unwrap();
+        assert_eq!(
+            img.map_file(4096, 8192).unwrap(),
+            vec![MappedExtent {
+                offset: 4096,
+                length: 8192,
+                mapping: Mapping::Data {
+                    file_offset: Some(4096)
+                }
+            }]
+        );
+        assert_eq!(
+            img.map_file(0, (64 << 10) + 1).unwrap_err().kind(),
+            vd_core::ErrorKind::OutOfRange
+        );
     }
 }

@@ -314,7 +314,14 @@ impl Bat {
     /// # Errors
     /// I/O errors.
     pub fn entry(&self, index: u64) -> Result<BatEntry> {
-        let layout = self.layout();
+        self.entry_in(&self.layout(), index)
+    }
+
+    /// [`entry`](Bat::entry) under a layout the caller took once for its whole request.
+    ///
+    /// # Errors
+    /// As [`entry`](Bat::entry).
+    pub fn entry_in(&self, layout: &Layout, index: u64) -> Result<BatEntry> {
         if index >= layout.entries {
             return Ok(BatEntry::EMPTY);
         }
@@ -385,10 +392,17 @@ impl Bat {
     /// `Corrupt` for reserved bits, invalid states, offsets outside the file or inside other
     /// structures; I/O errors.
     pub fn block(&self, block: u64) -> Result<BlockState> {
-        let layout = self.layout();
+        self.block_in(&self.layout(), block)
+    }
+
+    /// [`block`](Bat::block) under a layout the caller took once for its whole request.
+    ///
+    /// # Errors
+    /// As [`block`](Bat::block).
+    pub fn block_in(&self, layout: &Layout, block: u64) -> Result<BlockState> {
         let index = layout.payload_index(block);
-        let entry = self.entry(index)?;
-        self.payload_state(&layout, block, index, entry)
+        let entry = self.entry_in(layout, index)?;
+        self.payload_state(layout, block, index, entry)
     }
 
     /// Validates the entry of payload block `block` (at BAT index `index`).
@@ -445,9 +459,16 @@ impl Bat {
     /// # Errors
     /// `Corrupt` for invalid entries; I/O errors.
     pub fn bitmap(&self, chunk: u64) -> Result<Option<u64>> {
-        let layout = self.layout();
+        self.bitmap_in(&self.layout(), chunk)
+    }
+
+    /// [`bitmap`](Bat::bitmap) under a layout the caller took once for its whole request.
+    ///
+    /// # Errors
+    /// As [`bitmap`](Bat::bitmap).
+    pub fn bitmap_in(&self, layout: &Layout, chunk: u64) -> Result<Option<u64>> {
         let index = layout.bitmap_index(chunk);
-        let entry = self.entry(index)?;
+        let entry = self.entry_in(layout, index)?;
         self.bitmap_state(chunk, index, entry)
     }
 
@@ -495,20 +516,21 @@ impl Bat {
     }
 
     /// Calls `f(first_sector, count, present)` for the runs of sectors `[first, first + count)`
-    /// of payload block `block` whose sector-bitmap bits are equal.
+    /// of payload block `block` whose sector-bitmap bits are equal, under a layout the caller
+    /// took once for its whole request.
     ///
     /// # Errors
     /// `Corrupt` when the bitmap is missing; I/O errors.
     pub fn bitmap_runs(
         &self,
+        layout: &Layout,
         block: u64,
         first: u64,
         count: u64,
         mut f: impl FnMut(u64, u64, bool),
     ) -> Result<()> {
-        let layout = self.layout();
         let chunk = block / layout.chunk_ratio;
-        let Some(sb) = self.bitmap(chunk)? else {
+        let Some(sb) = self.bitmap_in(layout, chunk)? else {
             let index = layout.payload_index(block);
             return Err(Corruption::SectorBitmapMissing { index }
                 .at(format!("BAT entry {index}"), self.entry_at(index)));
@@ -521,16 +543,14 @@ impl Bat {
             let bit = base + s;
             let byte = bit / 8;
             let page_off = sb + byte / SB_PAGE * SB_PAGE;
-            let page = match &page_cache {
-                Some((o, p)) if *o == page_off => p.clone(),
-                _ => {
-                    let p = self.bitmap_page(page_off)?;
-                    page_cache = Some((page_off, p.clone()));
-                    p
-                }
-            };
-            let v = page
-                .get(fit::<usize, _>(byte % SB_PAGE, "sector bitmap byte")?)
+            // The page is looked up once per 4 KiB of bitmap and borrowed for each bit.
+            if !matches!(&page_cache, Some((o, _)) if *o == page_off) {
+                page_cache = Some((page_off, self.bitmap_page(page_off)?));
+            }
+            let in_page = fit::<usize, _>(byte % SB_PAGE, "sector bitmap byte")?;
+            let v = page_cache
+                .as_ref()
+                .and_then(|(_, page)| page.get(in_page))
                 .is_some_and(|b| b >> (bit % 8) & 1 == 1);
             match run_value {
                 Some(r) if r == v => {}

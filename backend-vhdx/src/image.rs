@@ -8,8 +8,9 @@ use parking_lot::RwLock;
 use serde_json::json;
 use uuid::Uuid;
 use vd_core::{
-    CheckReport, Error, ErrorKind, Extent, ExtentKind, Finding, Geometry, Image, ImageFlags,
-    OpenFlags, OpenRequest, Result, Severity, Storage, StorageProvider, check_range, error_chain,
+    CheckReport, Error, ErrorKind, Extent, Finding, Geometry, Image, ImageFlags, MappedExtent,
+    Mapping, OpenFlags, OpenRequest, Result, Severity, Storage, StorageProvider, check_range,
+    error_chain, push_extent,
 };
 
 use crate::bat::{Bat, BlockState, Forbidden, Layout};
@@ -42,10 +43,41 @@ pub struct LogState {
 }
 
 /// An opened VHDX image.
+///
+/// # Locks
+///
+/// Reads take no lock across payload I/O. A read (or [`map_file`](Image::map_file)) copies the
+/// [`Layout`] once per request (one shared lock) and then, per block, takes the BAT's page cache
+/// and forbidden-range locks briefly (shared, released before the next one is taken); the file
+/// is read after the mapping of each run is known, with no lock held.
+///
+/// Lock order, outermost first; a lock further down is never held while one further up is
+/// taken:
+/// 1. `write` (the `WriteState` mutex): held for a whole change (write, discard, metadata
+///    edit, resize, compact, flush, close), so changes are serialised. Readers never take it.
+/// 2. `header`, then `meta`, then `regions`: each written only while `write` is held, and
+///    while no other lock of this list is held; shared guards nest only in this order
+///    (`details` reads `meta` under `header`, `item_data` reads `regions` under `meta`).
+/// 3. The `Bat`'s own locks (`layout`, `forbidden`, the BAT page and sector-bitmap page
+///    caches): leaves, each held only inside one `Bat` method call, never while another lock is
+///    taken.
+///
+/// The write mutex stays held across payload writes: a write into a new block allocates the
+/// block, writes its data and only then publishes the BAT entry, and that sequence must not
+/// interleave with another writer allocating the same block; an overwrite of an existing block
+/// could run unlocked, but compaction and shrinking move or cut blocks under the same mutex,
+/// so an unlocked overwrite could land in a block's old place after it was moved (lost data).
+/// Releasing it would need a separate gate that compaction and resize take exclusively.
 pub struct VhdxImage {
     path: PathBuf,
     provider: Arc<dyn StorageProvider>,
+    /// What the image is read through: the file, or the file under a log replayed in memory.
     storage: Arc<dyn Storage>,
+    /// The image file itself, for [`read_file_at`](Image::read_file_at).
+    file: Arc<dyn Storage>,
+    /// Whether `storage` is the plain file (no log replayed in memory over it), so data runs
+    /// can be reported with their file offsets.
+    plain_file: bool,
     flags: OpenFlags,
     creator: String,
     header: RwLock<ActiveHeader>,
@@ -282,10 +314,13 @@ impl VhdxImage {
         if verified {
             write.set_verified();
         }
+        let plain_file = Arc::ptr_eq(&storage, &file);
         Ok(Self {
             path: req.path.to_path_buf(),
             provider: req.provider,
             storage,
+            file,
+            plain_file,
             flags,
             creator,
             header: RwLock::new(header),
@@ -356,14 +391,15 @@ impl VhdxImage {
     }
 
     /// Calls `f(offset, len, source)` for consecutive runs covering `[offset, offset + len)`,
-    /// merging runs whose file ranges are contiguous.
+    /// merging runs whose file ranges are contiguous. The whole request is resolved under the
+    /// one `layout` the caller took; no lock is held while `f` runs.
     fn resolve(
         &self,
+        layout: &Layout,
         offset: u64,
         len: u64,
         mut f: impl FnMut(u64, u64, Source) -> Result<()>,
     ) -> Result<()> {
-        let layout = self.bat.layout();
         let mut pending: Option<(u64, u64, Source)> = None;
         let mut emit = |off: u64,
                         n: u64,
@@ -390,7 +426,7 @@ impl VhdxImage {
             let block = pos / layout.block_size;
             let within = pos % layout.block_size;
             let n = (layout.block_size - within).min(end - pos);
-            match self.bat.block(block)? {
+            match self.bat.block_in(layout, block)? {
                 BlockState::NotPresent => {
                     emit(
                         pos,
@@ -412,7 +448,7 @@ impl VhdxImage {
                     let block_start = block * layout.block_size;
                     let mut runs = Vec::new();
                     self.bat
-                        .bitmap_runs(block, first, last - first, |s, c, present| {
+                        .bitmap_runs(layout, block, first, last - first, |s, c, present| {
                             runs.push((s, c, present));
                         })?;
                     for (s, c, present) in runs {
@@ -501,9 +537,12 @@ impl Image for VhdxImage {
         &self.path
     }
 
+    /// Resolves the request under one layout snapshot, reading each run as soon as it is
+    /// known (no lock held during the read).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size())?;
-        self.resolve(offset, buf.len() as u64, |off, n, src| {
+        let layout = self.bat.layout();
+        check_range(offset, buf.len() as u64, layout.virtual_size)?;
+        self.resolve(&layout, offset, buf.len() as u64, |off, n, src| {
             let a = usize::try_from(off - offset).unwrap_or(usize::MAX);
             let b = a.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
             let Some(part) = buf.get_mut(a..b) else {
@@ -784,28 +823,61 @@ impl Image for VhdxImage {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        check_range(offset, len, self.size())?;
         let mut out: Vec<Extent> = Vec::new();
-        self.resolve(offset, len, |off, n, src| {
-            let kind = match src {
-                Source::File(_) => ExtentKind::Data,
-                Source::Zero => ExtentKind::Zero,
-                Source::Parent => ExtentKind::Unallocated,
-            };
+        for e in self.map_file(offset, len)? {
+            let e = e.extent();
             match out.last_mut() {
-                Some(last) if last.kind == kind && last.offset + last.length == off => {
-                    last.length += n;
+                Some(last) if last.kind == e.kind && last.offset + last.length == e.offset => {
+                    last.length += e.length;
                 }
-                _ => out.push(Extent {
+                _ => out.push(e),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fully present blocks (all of a fixed image's) map to their place in the file; a
+    /// partially present block of a differencing image maps run by run from its sector bitmap
+    /// (present sectors at their file offsets, the others [`Unallocated`]); not-present blocks
+    /// are [`Unallocated`] in a differencing image and [`Zero`] otherwise. While a log replayed
+    /// in memory lies over the file (a read-only open of a dirty image), data runs carry no file
+    /// offset, since the file may not hold what the image reads there.
+    ///
+    /// [`Unallocated`]: Mapping::Unallocated
+    /// [`Zero`]: Mapping::Zero
+    fn map_file(&self, offset: u64, len: u64) -> Result<Vec<MappedExtent>> {
+        let layout = self.bat.layout();
+        check_range(offset, len, layout.virtual_size)?;
+        let mut out: Vec<MappedExtent> = Vec::new();
+        self.resolve(&layout, offset, len, |off, n, src| {
+            let mapping = match src {
+                Source::File(file) => Mapping::Data {
+                    file_offset: self.plain_file.then_some(file),
+                },
+                Source::Zero => Mapping::Zero,
+                Source::Parent => Mapping::Unallocated,
+            };
+            push_extent(
+                &mut out,
+                MappedExtent {
                     offset: off,
                     length: n,
-                    kind,
-                }),
-            }
+                    mapping,
+                },
+            );
             Ok(())
         })
         .map_err(|e| e.with_path(&self.path))?;
         Ok(out)
+    }
+
+    /// A plain read of the image file (never through a log replayed in memory).
+    fn read_file_at(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.file.read_exact_at(file_offset, buf).map_err(|e| {
+            io_err("read failed", e)
+                .with_offset(file_offset)
+                .with_path(&self.path)
+        })
     }
 
     /// Checks every BAT entry (states, reserved bits, offsets inside the file and outside the
@@ -1006,5 +1078,234 @@ impl Image for VhdxImage {
             "bat_entries": self.bat.layout().entries,
             "data_blocks": self.bat.layout().data_blocks,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use vd_core::{CreateParams, Disk, ImageFlags, MemFileSystem, Registry, StorageProvider};
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// `x` as an index (test sizes are small).
+    fn us(x: u64) -> usize {
+        usize::try_from(x).unwrap()
+    }
+
+    fn registry() -> (Arc<MemFileSystem>, Registry) {
+        let fs = Arc::new(MemFileSystem::new());
+        let reg = Registry::builtin_with_provider(fs.clone());
+        (fs, reg)
+    }
+
+    fn create(
+        reg: &Registry,
+        path: &str,
+        flags: ImageFlags,
+        parent: Option<(&Path, &dyn Image)>,
+    ) -> Box<dyn Image> {
+        let params = CreateParams {
+            size: 4 * MIB,
+            image_flags: flags,
+            options: BTreeMap::from([("block_size".to_string(), "1M".to_string())]),
+            ..CreateParams::default()
+        };
+        reg.create("vhdx", Path::new(path), &params, parent, false)
+            .unwrap()
+    }
+
+    fn pattern(len: u64, seed: u8) -> Vec<u8> {
+        (0..len).map(|i| (i % 253) as u8 ^ seed | 1).collect()
+    }
+
+    /// Every data run's file bytes are what `read_at` reads there.
+    fn check_file_ranges(image: &dyn Image, map: &[MappedExtent]) {
+        for e in map {
+            if let Mapping::Data {
+                file_offset: Some(f),
+            } = e.mapping
+            {
+                let mut via_file = vec![0u8; usize::try_from(e.length).unwrap()];
+                let mut via_image = via_file.clone();
+                image.read_file_at(f, &mut via_file).unwrap();
+                image.read_at(e.offset, &mut via_image).unwrap();
+                assert_eq!(via_file, via_image, "run {e:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn map_file_of_a_differencing_image_follows_the_sector_bitmap() {
+        let (_fs, reg) = registry();
+        let base = create(&reg, "/base.vhdx", ImageFlags::empty(), None);
+        base.write_at(0, &pattern(4 * MIB, 0x10)).unwrap();
+        base.close(false).unwrap();
+        let base = reg
+            .open(Path::new("/base.vhdx"), OpenFlags::READ_ONLY)
+            .unwrap();
+        let child = create(
+            &reg,
+            "/child.vhdx",
+            ImageFlags::DIFF,
+            Some((Path::new("/base.vhdx"), base.as_ref())),
+        );
+        drop(base);
+        // Block 0: sectors 1..3 and 8 present (partially present); block 2 whole (fully
+        // present); blocks 1 and 3 not present.
+        child.write_at(512, &pattern(1024, 0x20)).unwrap();
+        child.write_at(4096, &pattern(512, 0x30)).unwrap();
+        child.write_at(2 * MIB, &pattern(MIB, 0x40)).unwrap();
+        let m = child.map_file(0, 4 * MIB).unwrap();
+        let shape: Vec<(u64, u64, bool)> = m
+            .iter()
+            .map(|e| {
+                (
+                    e.offset,
+                    e.length,
+                    matches!(e.mapping, Mapping::Data { .. }),
+                )
+            })
+            .collect();
+        assert_eq!(
+            shape,
+            vec![
+                (0, 512, false),
+                (512, 1024, true),
+                (1536, 4096 - 1536, false),
+                (4096, 512, true),
+                (4608, 2 * MIB - 4608, false),
+                (2 * MIB, MIB, true),
+                (3 * MIB, MIB, false),
+            ]
+        );
+        for e in &m {
+            match e.mapping {
+                Mapping::Data { file_offset } => assert!(file_offset.is_some(), "{e:?}"),
+                other => assert_eq!(other, Mapping::Unallocated, "{e:?}"),
+            }
+        }
+        // Both runs of block 0 lie in one payload block, at their offsets within it.
+        let off = |i: usize| match m[i].mapping {
+            Mapping::Data { file_offset } => file_offset.unwrap(),
+            _ => unreachable!(),
+        };
+        assert_eq!(off(3) - off(1), 4096 - 512);
+        assert_eq!((off(1) - 512) % MIB, 0, "block 0 starts on a MiB boundary");
+        check_file_ranges(child.as_ref(), &m);
+        // A request inside one run maps to the matching part of it.
+        assert_eq!(
+            child.map_file(1024, 256).unwrap(),
+            vec![MappedExtent {
+                offset: 1024,
+                length: 256,
+                mapping: Mapping::Data {
+                    file_offset: Some(off(1) + 512)
+                }
+            }]
+        );
+        // `map` is map_file without offsets.
+        let kinds: Vec<Extent> = child.map(0, 4 * MIB).unwrap();
+        assert_eq!(kinds.len(), m.len());
+        assert!(kinds.iter().zip(&m).all(|(k, e)| *k == e.extent()));
+        child.close(false).unwrap();
+        // Through the chain: the child's sectors, the base elsewhere.
+        let disk = Disk::from_layers(vec![
+            reg.open(Path::new("/child.vhdx"), OpenFlags::READ_ONLY)
+                .unwrap(),
+            reg.open(Path::new("/base.vhdx"), OpenFlags::READ_ONLY)
+                .unwrap(),
+        ])
+        .unwrap();
+        let mut want = pattern(4 * MIB, 0x10);
+        want[512..1536].copy_from_slice(&pattern(1024, 0x20));
+        want[4096..4608].copy_from_slice(&pattern(512, 0x30));
+        want[us(2 * MIB)..us(3 * MIB)].copy_from_slice(&pattern(MIB, 0x40));
+        let mut got = vec![0u8; us(4 * MIB)];
+        disk.read_at(0, &mut got).unwrap();
+        assert!(got == want, "chain read differs");
+        for (o, l) in [(0, 4096), (300, 5000), (MIB - 100, 200), (3 * MIB - 7, 14)] {
+            let mut part = vec![0u8; l];
+            disk.read_at(o, &mut part).unwrap();
+            assert!(part == want[us(o)..us(o) + l], "{o:#x}+{l:#x}");
+        }
+    }
+
+    #[test]
+    fn map_file_of_fixed_and_dynamic_images() {
+        let (_fs, reg) = registry();
+        let fixed = create(&reg, "/fixed.vhdx", ImageFlags::FIXED, None);
+        let m = fixed.map_file(0, 4 * MIB).unwrap();
+        let mut covered = 0;
+        for e in &m {
+            assert!(
+                matches!(
+                    e.mapping,
+                    Mapping::Data {
+                        file_offset: Some(_)
+                    }
+                ),
+                "{e:?}"
+            );
+            covered += e.length;
+        }
+        assert_eq!(covered, 4 * MIB);
+        fixed.write_at(MIB + 5, &pattern(3000, 0x50)).unwrap();
+        check_file_ranges(fixed.as_ref(), &fixed.map_file(0, 4 * MIB).unwrap());
+        // A dynamic image: unwritten blocks read as zeros (no parent), written ones at offsets.
+        let dynamic = create(&reg, "/dyn.vhdx", ImageFlags::empty(), None);
+        dynamic.write_at(3 * MIB, &pattern(MIB, 0x60)).unwrap();
+        let m = dynamic.map_file(2 * MIB, 2 * MIB).unwrap();
+        assert_eq!(m.len(), 2, "{m:?}");
+        assert_eq!(m[0].mapping, Mapping::Zero);
+        assert!(matches!(
+            m[1].mapping,
+            Mapping::Data {
+                file_offset: Some(_)
+            }
+        ));
+        check_file_ranges(dynamic.as_ref(), &m);
+        assert_eq!(
+            dynamic.map_file(4 * MIB, 1).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+    }
+
+    #[test]
+    fn a_log_replayed_in_memory_hides_file_offsets() {
+        let (fs, reg) = registry();
+        let image = create(&reg, "/dirty.vhdx", ImageFlags::empty(), None);
+        image.write_at(MIB, &pattern(MIB, 0x70)).unwrap();
+        image.flush().unwrap();
+        // Gone without closing: the header still names the session's log.
+        drop(image);
+        assert!(fs.exists(Path::new("/dirty.vhdx")));
+        let image = reg
+            .open(Path::new("/dirty.vhdx"), OpenFlags::READ_ONLY)
+            .unwrap();
+        let m = image.map_file(0, 4 * MIB).unwrap();
+        assert!(
+            m.iter()
+                .any(|e| e.mapping == Mapping::Data { file_offset: None }),
+            "{m:?}"
+        );
+        assert!(
+            m.iter().all(|e| !matches!(
+                e.mapping,
+                Mapping::Data {
+                    file_offset: Some(_)
+                }
+            )),
+            "{m:?}"
+        );
+        // Readers fall back to read_at, and read what the log says.
+        let disk = Disk::from_layers(vec![image]).unwrap();
+        let mut got = vec![0u8; us(2 * MIB)];
+        disk.read_at(0, &mut got).unwrap();
+        assert!(got[..us(MIB)].iter().all(|&b| b == 0));
+        assert!(got[us(MIB)..] == pattern(MIB, 0x70)[..]);
     }
 }

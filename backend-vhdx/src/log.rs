@@ -806,7 +806,7 @@ mod tests {
     clippy::cast_possible_truncation,
     reason = "test offsets and lengths are at most a few MiB"
 )]
-mod tests {
+mod replay_tests {
     use super::*;
     use crate::error::corruption_of;
     use crate::format::MIB;
@@ -846,7 +846,7 @@ mod tests {
     /// An entry of `sequence` with tail `tail`, writing one page per `(target, seed)`.
     fn entry(sequence: u64, tail: u64, pages: &[(u64, u8)]) -> Vec<u8> {
         let pages: Vec<(u64, Vec<u8>)> = pages.iter().map(|&(t, s)| (t, page(s))).collect();
-        build_entry(&params(sequence, tail), &pages)
+        build_entry(&params(sequence, tail), &pages).unwrap()
     }
 
     /// An empty log.
@@ -1041,7 +1041,11 @@ mod tests {
         let mut l = log();
         let mut other = params(5, 0);
         other.guid = Guid([0xA5; 16]);
-        put(&mut l, 0, &build_entry(&other, &[(TARGET, page(1))]));
+        put(
+            &mut l,
+            0,
+            &build_entry(&other, &[(TARGET, page(1))]).unwrap(),
+        );
         assert_eq!(corruption(plan(&l)), Corruption::NoActiveLogSequence);
 
         let mut l = log();
@@ -1055,7 +1059,7 @@ mod tests {
         let mut p = params(70, 0);
         p.flushed_file_offset = FILE_LEN + S;
         p.last_file_offset = FILE_LEN + S;
-        put(&mut l, 0, &build_entry(&p, &[(TARGET, page(1))]));
+        put(&mut l, 0, &build_entry(&p, &[(TARGET, page(1))]).unwrap());
         assert_eq!(
             corruption(plan(&l)),
             Corruption::LogTruncatedFile {
@@ -1070,7 +1074,7 @@ mod tests {
         let mut l = log();
         let mut p = params(80, 0);
         p.last_file_offset = FILE_LEN + MIB;
-        put(&mut l, 0, &build_entry(&p, &[(FILE_LEN, page(1))]));
+        put(&mut l, 0, &build_entry(&p, &[(FILE_LEN, page(1))]).unwrap());
         let plan = plan(&l).expect("the file is at least FlushedFileOffset long");
         assert_eq!(plan.last_file_offset, FILE_LEN + MIB);
         let found: Vec<(u64, u64)> = plan
@@ -1206,7 +1210,7 @@ mod tests {
         let mut p = params(0x1_0000_0002, 3 * S);
         p.flushed_file_offset = 3 * MIB;
         p.last_file_offset = 5 * MIB;
-        let bytes = build_entry(&p, &[(TARGET, page(1)), (TARGET + S, page(2))]);
+        let bytes = build_entry(&p, &[(TARGET, page(1)), (TARGET + S, page(2))]).unwrap();
         let (h, _) = LogEntryHeader::read_from_prefix(&bytes).expect("64-byte header");
         assert_eq!(h.signature.get(), LOG_ENTRY_SIGNATURE);
         assert_eq!(u64::from(h.entry_length.get()), bytes.len() as u64);
@@ -1240,7 +1244,7 @@ mod tests {
     #[test]
     fn max_pages_per_entry_fills_the_log_but_one_sector() {
         for sectors in [2u64, 3, 16, 129, 130, 256, 257, 1024] {
-            let n = max_pages_per_entry(sectors * S) as u64;
+            let n = max_pages_per_entry(sectors * S);
             let used = |n: u64| (n + 2).div_ceil(128) + n;
             assert!(used(n) < sectors, "{n} pages overfill {sectors} sectors");
             assert!(
@@ -1262,7 +1266,7 @@ mod tests {
         put(
             &mut l,
             0,
-            &build_entry(&p, &[(TARGET, page(1)), (FILE_LEN + S, page(2))]),
+            &build_entry(&p, &[(TARGET, page(1)), (FILE_LEN + S, page(2))]).unwrap(),
         );
         // zero_entry's tail is 0: this sequence's first entry.
         put(&mut l, 3 * S, &zero_entry(121, TARGET + S, 2 * S));

@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::error::{Error, ErrorKind, Result};
 use crate::flags::{ImageFlags, OpenFlags};
 use crate::image::{ExtentKind, Image, check_range};
+use crate::mapping::Mapping;
 use crate::registry::Registry;
 
 /// The deepest chain [`Disk`] opens (the top image and its ancestors).
@@ -221,17 +222,32 @@ impl Disk {
     /// # Errors
     /// `OutOfRange`; errors of the layers.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size())?;
-        self.read_layer(0, offset, buf)
+        let size = self.size();
+        check_range(offset, buf.len() as u64, size)?;
+        self.read_layer(0, Some(size), offset, buf)
     }
 
-    fn read_layer(&self, index: usize, offset: u64, buf: &mut [u8]) -> Result<()> {
+    /// Reads `buf` at `offset` from layer `index` in one pass: the layer is mapped once
+    /// ([`Image::map_file`]); data with a file offset is read straight from that layer's file,
+    /// data without one through the layer's [`Image::read_at`], zeros are filled, and only the
+    /// ranges the layer does not hold go one layer down. Below the base, and beyond a layer
+    /// smaller than the disk, the disk reads as zeros.
+    ///
+    /// `size` is the layer's size when the caller already asked for it.
+    fn read_layer(
+        &self,
+        index: usize,
+        size: Option<u64>,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<()> {
         let Some(layer) = self.layers.get(index) else {
             buf.fill(0);
             return Ok(());
         };
+        let size = size.unwrap_or_else(|| layer.size());
         // A child may be larger than its parent: the part beyond this layer reads as zeros.
-        let avail = usize::try_from(layer.size().saturating_sub(offset))
+        let avail = usize::try_from(size.saturating_sub(offset))
             .unwrap_or(usize::MAX)
             .min(buf.len());
         let (inside, beyond) = buf.split_at_mut(avail);
@@ -242,7 +258,7 @@ impl Disk {
         let inside_len = inside.len();
         // Extents must tile the request exactly; a gap would leave stale bytes in the buffer.
         let mut expect = offset;
-        for e in layer.map(offset, inside_len as u64)? {
+        for e in layer.map_file(offset, inside_len as u64)? {
             if e.offset != expect {
                 return Err(Error::new(
                     ErrorKind::Corrupt,
@@ -273,10 +289,13 @@ impl Disk {
                 )
                 .with_path(layer.path())
             })?;
-            match e.kind {
-                ExtentKind::Data => layer.read_at(e.offset, part)?,
-                ExtentKind::Zero => part.fill(0),
-                ExtentKind::Unallocated => self.read_layer(index + 1, e.offset, part)?,
+            match e.mapping {
+                Mapping::Data {
+                    file_offset: Some(file),
+                } => layer.read_file_at(file, part)?,
+                Mapping::Data { file_offset: None } => layer.read_at(e.offset, part)?,
+                Mapping::Zero => part.fill(0),
+                Mapping::Unallocated => self.read_layer(index + 1, None, e.offset, part)?,
             }
         }
         if expect != offset + inside_len as u64 {
@@ -560,5 +579,496 @@ impl Seek for Disk {
                 "seek before the start",
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+    use crate::flags::ImageFlags;
+    use crate::image::Extent;
+    use crate::mapping::{MappedExtent, merge_extents};
+    use crate::storage::{MemStorage, Storage};
+
+    /// A small deterministic generator (xorshift64*), so failures replay.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// What a model layer was asked, to check the reader's access pattern.
+    #[derive(Debug, Default, Clone, PartialEq, Eq)]
+    struct Calls {
+        map: usize,
+        map_file: usize,
+        mapped_bytes: u64,
+        read_at: usize,
+        read_file_at: usize,
+    }
+
+    /// An image described by its runs: data at file offsets in an in-memory "file", zeros and
+    /// unallocated ranges. With `offsets` false it maps data without file offsets, as a backend
+    /// that cannot say where its data lives.
+    #[derive(Debug)]
+    struct Model {
+        size: u64,
+        runs: Vec<MappedExtent>,
+        file: MemStorage,
+        offsets: bool,
+        calls: Mutex<Calls>,
+    }
+
+    impl Model {
+        fn calls(&self) -> Calls {
+            self.calls.lock().unwrap().clone()
+        }
+
+        /// The runs of `[offset, offset + len)`, clipped, file offsets shifted to match.
+        fn clip(&self, offset: u64, len: u64) -> Vec<MappedExtent> {
+            let end = offset + len;
+            merge_extents(self.runs.iter().filter_map(|r| {
+                let a = r.offset.max(offset);
+                let b = (r.offset + r.length).min(end);
+                (a < b).then(|| MappedExtent {
+                    offset: a,
+                    length: b - a,
+                    mapping: match r.mapping {
+                        Mapping::Data { file_offset } => Mapping::Data {
+                            file_offset: file_offset
+                                .map(|f| f + (a - r.offset))
+                                .filter(|_| self.offsets),
+                        },
+                        m => m,
+                    },
+                })
+            }))
+        }
+
+        /// The byte this layer holds at `pos`: `None` when unallocated here.
+        fn byte(&self, pos: u64) -> Option<u8> {
+            let r = self
+                .runs
+                .iter()
+                .find(|r| r.offset <= pos && pos < r.offset + r.length)?;
+            match r.mapping {
+                Mapping::Data { file_offset } => {
+                    let mut b = [0u8];
+                    self.file
+                        .read_exact_at(file_offset.unwrap() + (pos - r.offset), &mut b)
+                        .unwrap();
+                    Some(b[0])
+                }
+                Mapping::Zero => Some(0),
+                Mapping::Unallocated => None,
+            }
+        }
+    }
+
+    /// The [`Image`] over a shared [`Model`] (the test keeps the model to inspect it).
+    #[derive(Debug)]
+    struct ModelLayer {
+        path: PathBuf,
+        model: Arc<Model>,
+    }
+
+    impl Image for ModelLayer {
+        fn format(&self) -> &'static str {
+            "model"
+        }
+
+        fn path(&self) -> &Path {
+            &self.path
+        }
+
+        /// This layer alone (zeros where unallocated): only for data without file offsets.
+        fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.model.calls.lock().unwrap().read_at += 1;
+            check_range(offset, buf.len() as u64, self.model.size)?;
+            for (i, b) in buf.iter_mut().enumerate() {
+                *b = self.model.byte(offset + i as u64).unwrap_or(0);
+            }
+            Ok(())
+        }
+
+        fn read_file_at(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+            self.model.calls.lock().unwrap().read_file_at += 1;
+            self.model
+                .file
+                .read_exact_at(file_offset, buf)
+                .map_err(|e| Error::io("read failed", e))
+        }
+
+        fn flush(&self) -> Result<()> {
+            Ok(())
+        }
+
+        fn close(self: Box<Self>, _delete: bool) -> Result<()> {
+            Ok(())
+        }
+
+        fn size(&self) -> u64 {
+            self.model.size
+        }
+
+        fn file_size(&self) -> Result<u64> {
+            self.model.file.len().map_err(|e| Error::io("len", e))
+        }
+
+        fn image_flags(&self) -> ImageFlags {
+            ImageFlags::DIFF
+        }
+
+        fn open_flags(&self) -> OpenFlags {
+            OpenFlags::READ_ONLY
+        }
+
+        fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+            self.model.calls.lock().unwrap().map += 1;
+            check_range(offset, len, self.model.size)?;
+            Ok(self
+                .model
+                .clip(offset, len)
+                .iter()
+                .map(MappedExtent::extent)
+                .collect())
+        }
+
+        fn map_file(&self, offset: u64, len: u64) -> Result<Vec<MappedExtent>> {
+            {
+                let mut c = self.model.calls.lock().unwrap();
+                c.map_file += 1;
+                c.mapped_bytes += len;
+            }
+            check_range(offset, len, self.model.size)?;
+            Ok(self.model.clip(offset, len))
+        }
+
+        fn dump(&self, _out: &mut dyn Write) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A random layer of `size` bytes: runs of random kinds and lengths; the data runs are
+    /// placed in the file in reverse order with gaps (so neither file offsets nor file
+    /// neighbours match the disk's), filled with random non-zero bytes.
+    fn random_model(rng: &mut Rng, size: u64, offsets: bool) -> Model {
+        let mut runs = Vec::new();
+        let mut pos = 0;
+        while pos < size {
+            let len = (1 + rng.below(3000)).min(size - pos);
+            let mapping = match rng.below(3) {
+                0 => Mapping::Data { file_offset: None },
+                1 => Mapping::Zero,
+                _ => Mapping::Unallocated,
+            };
+            runs.push(MappedExtent {
+                offset: pos,
+                length: len,
+                mapping,
+            });
+            pos += len;
+        }
+        let file = MemStorage::new();
+        let mut at = 1 + rng.below(100);
+        for r in runs.iter_mut().rev() {
+            if let Mapping::Data { file_offset } = &mut r.mapping {
+                *file_offset = Some(at);
+                let bytes: Vec<u8> = (0..r.length).map(|_| rng.next() as u8 | 1).collect();
+                file.write_all_at(at, &bytes).unwrap();
+                at += r.length + rng.below(64);
+            }
+        }
+        Model {
+            size,
+            runs,
+            file,
+            offsets,
+            calls: Mutex::default(),
+        }
+    }
+
+    fn disk_of(models: &[Arc<Model>]) -> Disk {
+        Disk::from_layers(
+            models
+                .iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    Box::new(ModelLayer {
+                        path: PathBuf::from(format!("layer{i}")),
+                        model: m.clone(),
+                    }) as Box<dyn Image>
+                })
+                .collect(),
+        )
+        .unwrap()
+    }
+
+    /// What the chain reads at `pos` (the reference for [`Disk::read_at`]).
+    fn expected(models: &[Arc<Model>], pos: u64) -> u8 {
+        for m in models {
+            if pos >= m.size {
+                return 0;
+            }
+            if let Some(b) = m.byte(pos) {
+                return b;
+            }
+        }
+        0
+    }
+
+    /// Bytes of `[offset, offset + len)` that reach layer `depth`: those unallocated in, and
+    /// inside, every layer above it.
+    fn reaching(models: &[Arc<Model>], depth: usize, offset: u64, len: u64) -> u64 {
+        (offset..offset + len)
+            .filter(|&p| {
+                models
+                    .iter()
+                    .take(depth + 1)
+                    .enumerate()
+                    .all(|(i, m)| p < m.size && (i == depth || m.byte(p).is_none()))
+            })
+            .count() as u64
+    }
+
+    #[test]
+    fn chain_reads_in_one_pass_against_a_model() {
+        for seed in 1..=24u64 {
+            let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+            let depth = 1 + rng.below(4) as usize;
+            let top = 20_000 + rng.below(20_000);
+            let models: Vec<Arc<Model>> = (0..depth)
+                .map(|i| {
+                    // Lower layers may be smaller than the disk (the rest reads as zeros);
+                    // every third seed has a layer that maps data without file offsets.
+                    let size = if i == 0 {
+                        top
+                    } else {
+                        5_000 + rng.below(40_000)
+                    };
+                    Arc::new(random_model(&mut rng, size, seed % 3 != 0 || i != 1))
+                })
+                .collect();
+            let disk = disk_of(&models);
+            for _ in 0..40 {
+                let offset = rng.below(top);
+                let len = 1 + rng.below((top - offset).min(9_000));
+                let before: Vec<Calls> = models.iter().map(|m| m.calls()).collect();
+                let mut buf = vec![0xEEu8; usize::try_from(len).unwrap()];
+                disk.read_at(offset, &mut buf).unwrap();
+                for (i, b) in buf.iter().enumerate() {
+                    let pos = offset + i as u64;
+                    assert_eq!(
+                        *b,
+                        expected(&models, pos),
+                        "seed {seed}: byte {pos:#x} of {offset:#x}+{len:#x}"
+                    );
+                }
+                for (d, m) in models.iter().enumerate() {
+                    let (c, b) = (m.calls(), &before[d]);
+                    // Never the kind-only map: one lookup per range, which says where to read.
+                    assert_eq!(c.map, b.map, "seed {seed} layer {d}");
+                    assert_eq!(
+                        c.mapped_bytes - b.mapped_bytes,
+                        reaching(&models, d, offset, len),
+                        "seed {seed} layer {d}: only ranges left unallocated above go down"
+                    );
+                    if d == 0 {
+                        assert_eq!(c.map_file - b.map_file, 1, "seed {seed}: top mapped once");
+                    }
+                    if m.offsets {
+                        assert_eq!(c.read_at, b.read_at, "seed {seed} layer {d}: no read_at");
+                    } else {
+                        assert_eq!(c.read_file_at, b.read_file_at, "seed {seed} layer {d}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn fixed_model(size: u64, runs: Vec<MappedExtent>, file: Vec<u8>) -> Arc<Model> {
+        Arc::new(Model {
+            size,
+            runs,
+            file: MemStorage::from_bytes(file),
+            offsets: true,
+            calls: Mutex::default(),
+        })
+    }
+
+    #[test]
+    fn missing_data_is_an_error_never_zeros() {
+        // The data run claims file bytes 8..24, but the file ends at 16 (a truncated file).
+        let top = fixed_model(
+            32,
+            vec![
+                MappedExtent {
+                    offset: 0,
+                    length: 16,
+                    mapping: Mapping::Unallocated,
+                },
+                MappedExtent {
+                    offset: 16,
+                    length: 16,
+                    mapping: Mapping::Data {
+                        file_offset: Some(8),
+                    },
+                },
+            ],
+            vec![7; 16],
+        );
+        let base = fixed_model(
+            32,
+            vec![MappedExtent {
+                offset: 0,
+                length: 32,
+                mapping: Mapping::Data {
+                    file_offset: Some(0),
+                },
+            }],
+            vec![9; 32],
+        );
+        let disk = disk_of(&[top, base]);
+        let mut buf = [0u8; 16];
+        disk.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [9; 16]);
+        let mut buf = [0u8; 32];
+        let err = disk.read_at(0, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Io, "{err}");
+    }
+
+    #[test]
+    fn a_map_that_does_not_tile_the_request_is_refused() {
+        // A gap at 8..12: reading across it must fail rather than leave stale bytes.
+        let gap = fixed_model(
+            16,
+            vec![
+                MappedExtent {
+                    offset: 0,
+                    length: 8,
+                    mapping: Mapping::Zero,
+                },
+                MappedExtent {
+                    offset: 12,
+                    length: 4,
+                    mapping: Mapping::Zero,
+                },
+            ],
+            Vec::new(),
+        );
+        let disk = disk_of(&[gap]);
+        let mut buf = [1u8; 16];
+        let err = disk.read_at(0, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+        assert!(err.to_string().contains("gap at 0x8"), "{err}");
+        // A map that stops short is refused too.
+        let short = fixed_model(
+            16,
+            vec![MappedExtent {
+                offset: 0,
+                length: 8,
+                mapping: Mapping::Zero,
+            }],
+            Vec::new(),
+        );
+        let disk = disk_of(&[short]);
+        let err = disk.read_at(0, &mut buf).unwrap_err();
+        assert!(err.to_string().contains("short of the request"), "{err}");
+    }
+
+    #[test]
+    fn the_default_map_file_reads_through_read_at() {
+        // An image that implements only `map` gets data runs without file offsets.
+        #[derive(Debug)]
+        struct OnlyMap(ModelLayer);
+        impl Image for OnlyMap {
+            fn format(&self) -> &'static str {
+                "only-map"
+            }
+            fn path(&self) -> &Path {
+                self.0.path()
+            }
+            fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+                self.0.read_at(offset, buf)
+            }
+            fn flush(&self) -> Result<()> {
+                Ok(())
+            }
+            fn close(self: Box<Self>, _delete: bool) -> Result<()> {
+                Ok(())
+            }
+            fn size(&self) -> u64 {
+                self.0.size()
+            }
+            fn file_size(&self) -> Result<u64> {
+                self.0.file_size()
+            }
+            fn image_flags(&self) -> ImageFlags {
+                ImageFlags::empty()
+            }
+            fn open_flags(&self) -> OpenFlags {
+                OpenFlags::READ_ONLY
+            }
+            fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
+                self.0.map(offset, len)
+            }
+            fn dump(&self, _out: &mut dyn Write) -> Result<()> {
+                Ok(())
+            }
+        }
+        let model = fixed_model(
+            16,
+            vec![
+                MappedExtent {
+                    offset: 0,
+                    length: 4,
+                    mapping: Mapping::Data {
+                        file_offset: Some(4),
+                    },
+                },
+                MappedExtent {
+                    offset: 4,
+                    length: 12,
+                    mapping: Mapping::Data {
+                        file_offset: Some(0),
+                    },
+                },
+            ],
+            (1..=16).collect(),
+        );
+        let image = OnlyMap(ModelLayer {
+            path: PathBuf::from("m"),
+            model: model.clone(),
+        });
+        // Default: the kind-only runs, merged, with no file offsets.
+        assert_eq!(
+            image.map_file(0, 16).unwrap(),
+            vec![MappedExtent {
+                offset: 0,
+                length: 16,
+                mapping: Mapping::Data { file_offset: None }
+            }]
+        );
+        assert_eq!(
+            image.read_file_at(0, &mut [0u8; 1]).unwrap_err().kind(),
+            ErrorKind::NotSupported
+        );
+        let disk = Disk::from_layers(vec![Box::new(image)]).unwrap();
+        let mut buf = [0u8; 16];
+        disk.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]);
+        assert_eq!(model.calls().read_at, 1);
+        assert_eq!(model.calls().read_file_at, 0);
     }
 }

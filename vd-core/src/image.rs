@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::error::{Error, ErrorKind, Result};
 use crate::flags::{ImageFlags, OpenFlags};
 use crate::geometry::Geometry;
+use crate::mapping::{MappedExtent, Mapping, merge_extents};
 
 /// What a range of an image holds, as far as this one image knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -85,7 +86,9 @@ pub trait Image: Send + Sync {
     fn path(&self) -> &Path;
 
     /// Reads `buf.len()` bytes at `offset` (`pfnRead`). Ranges this image does not hold read as
-    /// zeros; [`Disk`](crate::Disk) uses [`map`](Image::map) to send them to the parent instead.
+    /// zeros; [`Disk`](crate::Disk) uses [`map_file`](Image::map_file) to send them to the parent
+    /// instead, and reads data with a known file offset through
+    /// [`read_file_at`](Image::read_file_at).
     ///
     /// # Errors
     /// `OutOfRange` beyond the virtual size; I/O errors.
@@ -339,6 +342,44 @@ pub trait Image: Send + Sync {
     /// # Errors
     /// `OutOfRange`; I/O errors reading metadata.
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>>;
+
+    /// Like [`map`](Image::map), and says where data lives: each data run carries its offset in
+    /// the image file when it is a plain range of that file, so a reader can read it with
+    /// [`read_file_at`](Image::read_file_at) (or copy it as a file range) without a second
+    /// lookup. Extents are contiguous, cover the whole range, and adjacent ones that
+    /// [join](MappedExtent::joins) are merged.
+    ///
+    /// The default reports [`map`](Image::map)'s runs with no file offsets, so readers fall
+    /// back to [`read_at`](Image::read_at).
+    ///
+    /// # Errors
+    /// `OutOfRange`; I/O errors reading metadata; typed corruption errors for data the image
+    /// should hold but cannot (a block beyond the end of a truncated file, say), never zeros.
+    fn map_file(&self, offset: u64, len: u64) -> Result<Vec<MappedExtent>> {
+        Ok(merge_extents(self.map(offset, len)?.into_iter().map(|e| {
+            MappedExtent {
+                offset: e.offset,
+                length: e.length,
+                mapping: match e.kind {
+                    ExtentKind::Data => Mapping::Data { file_offset: None },
+                    ExtentKind::Zero => Mapping::Zero,
+                    ExtentKind::Unallocated => Mapping::Unallocated,
+                },
+            }
+        })))
+    }
+
+    /// Reads `buf.len()` bytes of the image file at `file_offset`: a plain range of the file,
+    /// read through the image's storage, as [`map_file`](Image::map_file) reported it.
+    ///
+    /// The default refuses: an image whose `map_file` reports file offsets implements it.
+    ///
+    /// # Errors
+    /// `NotSupported`; I/O errors (a short read is `UnexpectedEof`).
+    fn read_file_at(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _ = (file_offset, buf);
+        Err(Error::not_supported("reading file ranges"))
+    }
 
     /// Discards `[offset, offset + len)` so that it reads as zeros (`pfnDiscard`).
     ///

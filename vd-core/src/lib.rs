@@ -37,6 +37,7 @@ mod flags;
 mod geometry;
 mod image;
 mod lock;
+mod mapping;
 mod registry;
 mod storage;
 
@@ -54,6 +55,7 @@ pub use image::{
     check_range,
 };
 pub use lock::LockConflict;
+pub use mapping::{MappedExtent, Mapping, merge_extents, push_extent};
 pub use registry::{BACKENDS, ProbeMatch, Registry, StagedImage};
 pub use storage::{
     FileStorage, FileSystem, MemFileSystem, MemStorage, OpenMode, Storage, StorageProvider,
