@@ -4,7 +4,8 @@
 /// CRC-32C of `buf` with the four bytes at `field` treated as zero. A `field` that does not fit
 /// in `buf` is ignored (the caller validates sizes).
 pub fn crc32c_with_zero_field(buf: &[u8], field: usize) -> u32 {
-    let (Some(prefix), Some(suffix)) = (buf.get(..field), buf.get(field + 4..)) else {
+    let (Some(prefix), Some(suffix)) = (buf.get(..field), buf.get(field.saturating_add(4)..))
+    else {
         return crc32c::crc32c(buf);
     };
     let crc = crc32c::crc32c(prefix);
@@ -15,6 +16,14 @@ pub fn crc32c_with_zero_field(buf: &[u8], field: usize) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_field_at_the_end_of_the_address_space_is_ignored_without_overflow() {
+        let buf = [1u8, 2, 3, 4, 5, 6, 7, 8];
+        for field in [usize::MAX - 3, usize::MAX - 2, usize::MAX, 5] {
+            assert_eq!(crc32c_with_zero_field(&buf, field), crc32c::crc32c(&buf));
+        }
+    }
 
     #[test]
     fn check_value() {

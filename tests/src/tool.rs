@@ -57,21 +57,55 @@ impl Drop for Background {
     }
 }
 
-/// Waits (a bounded time) until a plain reader (`vd_bin info`) can no longer open `img`:
-/// another process has it open for writing. `holder`, when given, is that process: its early
-/// exit is reported.
+/// Byte offsets of the open-file-description locks other processes hold on `img`, read from
+/// `/proc/locks` (granted locks only; waiters are left out). Reading this takes no lock.
+fn ofd_locked_bytes(img: &Path) -> Vec<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(img) else {
+        return Vec::new();
+    };
+    let inode = meta.ino().to_string();
+    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+    locks
+        .lines()
+        .filter(|l| !l.contains("->"))
+        .filter_map(|l| {
+            // "1: OFDLCK ADVISORY READ -1 fe:00:5874598 100 100"
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let ino = f.get(5)?.rsplit(':').next()?;
+            (f.get(1) == Some(&"OFDLCK") && ino == inode).then(|| f.get(6)?.parse().ok())?
+        })
+        .collect()
+}
+
+/// Waits (a bounded time) until another process has `img` open for writing, as QEMU locks it,
+/// then checks that a plain reader (`vd_bin info`) is refused. `holder`, when given, is that
+/// process: its early exit is reported.
+///
+/// The wait reads `/proc/locks` instead of trying to open the image: a trial open holds a read
+/// lock for a moment, and a writer starting at that moment would be refused its own lock.
 ///
 /// # Panics
 ///
-/// When the holder exits first, or the image is not locked within 30 s.
+/// When the holder exits first, the image is not locked within 30 s, or the reader gets in.
 #[track_caller]
-pub fn wait_until_locked(vd_bin: &str, img: &Path, mut holder: Option<&mut Child>) {
+pub fn wait_until_locked(vd_bin: &str, img: &Path, holder: Option<&mut Child>) {
+    wait_for_qemu_locks(img, holder);
+    let o = output(vd_bin, &["info", s(img)]);
+    assert!(
+        o.status.code() == Some(2) && stderr(&o).contains("lock"),
+        "a plain reader opened {} while it is locked for writing: {}",
+        img.display(),
+        stderr(&o)
+    );
+}
+
+/// Waits (a bounded time) until a QEMU process holds all its locks on `img`. A writer takes
+/// bytes 100, 101, 103, 201 and 203, a reader 100, 201 and 203, in that order: 203 comes last.
+#[track_caller]
+fn wait_for_qemu_locks(img: &Path, mut holder: Option<&mut Child>) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let o = output(vd_bin, &["info", s(img)]);
-        if o.status.code() == Some(2) && stderr(&o).contains("lock") {
-            return;
-        }
+    while !ofd_locked_bytes(img).contains(&203) {
         if let Some(child) = holder.as_deref_mut()
             && let Ok(Some(status)) = child.try_wait()
         {
@@ -83,9 +117,9 @@ pub fn wait_until_locked(vd_bin: &str, img: &Path, mut holder: Option<&mut Child
         }
         assert!(
             Instant::now() < deadline,
-            "the writer never locked {}: {}",
+            "QEMU never locked {} (locked bytes: {:?})",
             img.display(),
-            stderr(&o)
+            ofd_locked_bytes(img)
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -113,7 +147,9 @@ pub fn qemu_io_holding(vd_bin: &str, img: &Path, read_only: bool) -> Background 
         .spawn()
         .expect("qemu-io runs");
     let mut held = Background(child);
-    if !read_only {
+    if read_only {
+        wait_for_qemu_locks(img, Some(&mut held.0));
+    } else {
         wait_until_locked(vd_bin, img, Some(&mut held.0));
     }
     held
