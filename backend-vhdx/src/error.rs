@@ -1,6 +1,6 @@
 //! Every rule a VHDX image can break, as one typed value per rule.
 //!
-//! Errors reach callers as [`vd_core::Error`] (kind `Corrupt`, or `Unsupported` for unknown
+//! Errors reach callers as [`vd_core::Error`] (kind `Corrupt`, or `NotSupported` for unknown
 //! required structures) naming the image, the structure and the offset; the [`Corruption`] is
 //! the error's `source()`, so callers and tests can downcast to the exact rule.
 
@@ -392,7 +392,7 @@ impl Corruption {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Self::UnknownRequiredRegion { .. } | Self::UnknownRequiredMetadata { .. } => {
-                ErrorKind::Unsupported
+                ErrorKind::NotSupported
             }
             Self::FileSignature { .. } => ErrorKind::InvalidHeader,
             _ => ErrorKind::Corrupt,
@@ -402,7 +402,7 @@ impl Corruption {
     /// This rule as a `vd_core` error naming the structure and offset.
     pub fn at(self, field: impl Into<String>, offset: u64) -> Error {
         let msg = match self.kind() {
-            ErrorKind::Unsupported => "unsupported VHDX image",
+            ErrorKind::NotSupported => "unsupported VHDX image",
             _ => "corrupt VHDX image",
         };
         Error::new(self.kind(), msg)

@@ -419,7 +419,7 @@ fn check_flags(
 /// Reads and validates the metadata table and the system items.
 ///
 /// # Errors
-/// `Corrupt` for every rule of 2.6; `Unsupported` for an unknown required item.
+/// `Corrupt` for every rule of 2.6; `NotSupported` for an unknown required item.
 pub fn read_metadata(
     storage: &dyn Storage,
     region: Region,

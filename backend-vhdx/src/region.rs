@@ -93,7 +93,7 @@ pub fn check_overlaps(mut ranges: Vec<(u64, u64, String)>) -> std::result::Resul
 /// every region against the file length and the log.
 ///
 /// # Errors
-/// `Corrupt` for no valid copy or a bad layout; `Unsupported` for an unknown required region.
+/// `Corrupt` for no valid copy or a bad layout; `NotSupported` for an unknown required region.
 pub fn read_region_table(
     storage: &dyn Storage,
     file_len: u64,

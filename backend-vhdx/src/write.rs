@@ -366,7 +366,7 @@ impl VhdxImage {
         };
         if log_len == 0 {
             return Err(Error::new(
-                ErrorKind::Unsupported,
+                ErrorKind::NotSupported,
                 "the image has no log to write metadata through",
             ));
         }

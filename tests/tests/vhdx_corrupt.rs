@@ -1127,7 +1127,7 @@ const DAMAGES: &[Damage] = &[
         add_region(&mut b, guid, FREE_AREA, MIB as u32, 1);
         Case::new(b, move |err, c| {
             assert_eq!(c, Corruption::UnknownRequiredRegion { guid });
-            assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+            assert_eq!(err.kind(), ErrorKind::NotSupported, "{err}");
             assert_names_path_and_offset(&err);
             assert_offset(&err, REGION_TABLES[0] + 16 + 32 * 2);
         })
@@ -1138,7 +1138,7 @@ const DAMAGES: &[Damage] = &[
         add_meta_entry(&mut b, guid, FREE_ITEM_OFFSET, 8, 4);
         Case::new(b, move |err, c| {
             assert_eq!(c, Corruption::UnknownRequiredMetadata { guid });
-            assert_eq!(err.kind(), ErrorKind::Unsupported, "{err}");
+            assert_eq!(err.kind(), ErrorKind::NotSupported, "{err}");
             assert_names_path_and_offset(&err);
             assert_offset(&err, metadata_offset(&empty_image()) + 32 + 32 * 5);
         })

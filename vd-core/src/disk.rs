@@ -516,7 +516,7 @@ fn to_io(e: Error) -> io::Error {
         ErrorKind::ReadOnly => io::ErrorKind::PermissionDenied,
         ErrorKind::OutOfRange | ErrorKind::InvalidArgument => io::ErrorKind::InvalidInput,
         ErrorKind::Corrupt | ErrorKind::InvalidHeader => io::ErrorKind::InvalidData,
-        ErrorKind::NotSupported | ErrorKind::Unsupported => io::ErrorKind::Unsupported,
+        ErrorKind::NotSupported => io::ErrorKind::Unsupported,
         _ => io::ErrorKind::Other,
     };
     io::Error::new(kind, e)

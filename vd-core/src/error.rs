@@ -13,7 +13,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorKind {
-    /// The operation is not implemented by this backend (`VERR_NOT_SUPPORTED`).
+    /// Not supported by this implementation: an operation the backend does not implement
+    /// (`VERR_NOT_SUPPORTED`), or a valid image using a feature it does not support
+    /// (`VERR_VD_..._UNSUPPORTED_VERSION`, unknown required regions). One kind for both, so a
+    /// caller has one thing to match.
     NotSupported,
     /// The image was opened read-only (`VERR_VD_IMAGE_READ_ONLY`).
     ReadOnly,
@@ -21,9 +24,6 @@ pub enum ErrorKind {
     InvalidHeader,
     /// A structure inside the image is inconsistent (`VERR_VD_..._INVALID_HEADER`, corrupt images).
     Corrupt,
-    /// The image is valid but uses a feature this implementation does not support
-    /// (`VERR_VD_..._UNSUPPORTED_VERSION`, unknown required regions).
-    Unsupported,
     /// An offset or size lies outside the image (`VERR_OUT_OF_RANGE`).
     OutOfRange,
     /// A caller-supplied argument is invalid (`VERR_INVALID_PARAMETER`).
@@ -55,7 +55,6 @@ impl ErrorKind {
             Self::ReadOnly => "read-only",
             Self::InvalidHeader => "invalid header",
             Self::Corrupt => "corrupt image",
-            Self::Unsupported => "unsupported feature",
             Self::OutOfRange => "out of range",
             Self::InvalidArgument => "invalid argument",
             Self::NotFound => "not found",
@@ -377,7 +376,6 @@ mod tests {
             ErrorKind::ReadOnly,
             ErrorKind::InvalidHeader,
             ErrorKind::Corrupt,
-            ErrorKind::Unsupported,
             ErrorKind::OutOfRange,
             ErrorKind::InvalidArgument,
             ErrorKind::NotFound,
