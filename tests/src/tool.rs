@@ -57,7 +57,7 @@ impl Drop for Background {
     }
 }
 
-/// Byte offsets of the open-file-description locks other processes hold on `img`, read from
+/// Byte offsets of the open-file-description locks held on `img` (by any process), read from
 /// `/proc/locks` (granted locks only; waiters are left out). Reading this takes no lock.
 fn ofd_locked_bytes(img: &Path) -> Vec<u64> {
     use std::os::unix::fs::MetadataExt;
