@@ -412,21 +412,11 @@ mod tests {
 
     #[test]
     fn sparse_create_maps_holes_and_discard_punches() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, reg) = file_registry();
         let path = dir.path().join("a.img");
-        let reg = Registry::builtin_with_provider(Arc::new(FileSystem));
         let mib = 1u64 << 20;
         let img = reg
-            .create(
-                "raw",
-                &path,
-                &CreateParams {
-                    size: 8 * mib,
-                    ..CreateParams::default()
-                },
-                None,
-                false,
-            )
+            .create("raw", &path, &sized(8 * mib), None, false)
             .unwrap();
         assert_eq!(
             img.map(0, 8 * mib).unwrap(),
@@ -788,21 +778,11 @@ mod tests {
 
     #[test]
     fn map_file_reports_data_at_identical_offsets_and_holes_as_zero() {
-        let dir = tempfile::tempdir().unwrap();
+        let (dir, reg) = file_registry();
         let path = dir.path().join("m.img");
-        let reg = Registry::builtin_with_provider(Arc::new(FileSystem));
         let mib = 1u64 << 20;
         let img = reg
-            .create(
-                "raw",
-                &path,
-                &CreateParams {
-                    size: 8 * mib,
-                    ..CreateParams::default()
-                },
-                None,
-                false,
-            )
+            .create("raw", &path, &sized(8 * mib), None, false)
             .unwrap();
         let data: Vec<u8> = (0..mib).map(|i| (i % 251) as u8 + 1).collect();
         img.write_at(3 * mib, &data).unwrap();
