@@ -8,8 +8,8 @@
 use vd_core::{Error, Result};
 
 use crate::bat::BlockState;
+use crate::engine::Engine;
 use crate::format::{BatEntry, BitmapState, HEADER_SECTION_SIZE, MIB, PayloadState};
-use crate::image::VhdxImage;
 use crate::write::copy_range;
 
 #[derive(Debug, Clone, Copy)]
@@ -18,19 +18,19 @@ enum Owner {
     Bitmap(u64),
 }
 
-impl VhdxImage {
-    pub(crate) fn compact_impl(&self, progress: vd_core::Progress<'_>) -> Result<()> {
+impl Engine {
+    pub(crate) fn compact(&self, progress: vd_core::Progress<'_>) -> Result<()> {
         self.check_writable("compacting")?;
         let layout = self.layout();
-        let storage = self.storage().clone();
-        let mut ws = self.write_state().lock();
+        let storage = self.storage.clone();
+        let mut ws = self.write_state.lock();
         // Everything is read and validated before the first write: `begin` checks the whole
         // BAT (refusing a truncated image) before it updates the header, and the block list
         // below reads every entry again (cached entries included).
         self.preflight(&mut ws)?;
         // Structures that never move.
         let regions = self.regions();
-        let header = *self.header_lock().read();
+        let header = *self.header.read();
         let mut fixed: Vec<(u64, u64)> = vec![
             (0, HEADER_SECTION_SIZE),
             (regions.bat.offset, regions.bat.offset + regions.bat.length),
@@ -53,7 +53,7 @@ impl VhdxImage {
         );
         let mut blocks: Vec<(u64, u64, Owner)> = Vec::new();
         for b in 0..layout.data_blocks {
-            match self.bat().block(b)? {
+            match self.bat.block(b)? {
                 BlockState::Full(off) => blocks.push((
                     off,
                     layout.block_size,
@@ -71,7 +71,7 @@ impl VhdxImage {
         }
         if layout.has_parent {
             for c in 0..layout.data_blocks.div_ceil(layout.chunk_ratio) {
-                if let Some(off) = self.bat().bitmap(c)? {
+                if let Some(off) = self.bat.bitmap(c)? {
                     blocks.push((off, MIB, Owner::Bitmap(c)));
                 }
             }
@@ -122,7 +122,7 @@ impl VhdxImage {
                 .and_then(|()| storage.flush())
                 .map_err(|e| Error::io("cannot truncate the file", e))?;
             ws.set_file_end(end);
-            self.bat().reset_file_len(end);
+            self.bat.reset_file_len(end);
         }
         Ok(())
     }

@@ -26,9 +26,10 @@
 //!
 //! ```text
 //! backend  lib         Backend: probe, open, create then open
-//! image    compact, resize
-//!          write, meta_edit    add methods to VhdxImage (see below)
-//!          image               VhdxImage: open, the vd_core::Image impl
+//! image    image               VhdxImage: the vd_core::Image impl; puts the path on errors
+//! engine   check, dump, compact, resize, meta_edit
+//!          write, read         impl Engine blocks (see below)
+//!          engine              Engine: the open image's state, and the open
 //! format   create              writes a new file and returns
 //!          bat
 //!          metadata
@@ -37,13 +38,17 @@
 //!          guid
 //! ```
 //!
-//! `write`, `meta_edit`, `resize` and `compact` still add methods to `VhdxImage`, which the
-//! `Image` impl in `image` calls: `image` imports none of them, but they are not yet separate
-//! from the image type (an engine struct they work on is the next step).
+//! `engine` holds the crate-private `Engine`: storage, header, region table, metadata, BAT, what
+//! the open found and the write session's state (with the lock order), and the open that
+//! builds it. `read` (mapping and reads), `write` (header protocol, allocation, the log
+//! writer), `meta_edit`, `resize`, `compact`, `check` and `dump` add `impl Engine` blocks that
+//! use its fields directly; none of them knows the image's path. `image` wraps an `Engine` with
+//! the path and storage provider as `VhdxImage`, whose `Image` methods each hand their work to
+//! the engine and attach the path to errors in one place.
 //! `create` writes a file with the format modules only; `lib` opens it afterwards. `metadata`
 //! builds the table it parses and lists the known system items once; `locator` parses and
-//! builds parent locators; `write_state` holds a writable session's state, which `image` owns
-//! and `write` works on.
+//! builds parent locators and lists where a parent may be; `write_state` holds a writable
+//! session's state, which the engine owns and `write` works on.
 //!
 //! ## File layout
 //!
@@ -128,9 +133,12 @@ use vd_core::{
 };
 
 mod bat;
+mod check;
 mod checksum;
 mod compact;
 mod create;
+mod dump;
+mod engine;
 mod error;
 mod format;
 mod guid;
@@ -140,15 +148,17 @@ mod locator;
 mod log;
 mod meta_edit;
 mod metadata;
+mod read;
 mod region;
 mod resize;
 mod write;
 mod write_state;
 
 pub use bat::{BatSummary, BlockState, Layout};
+pub use engine::LogState;
 pub use error::{BlockRef, Corruption, corruption_of};
 pub use guid::{USER_COMMENT, USER_LCHS, USER_PCHS};
-pub use image::{LogState, VhdxImage};
+pub use image::VhdxImage;
 pub use log::EntrySummary;
 
 /// The file-type identifier signature at offset 0 ([MS-VHDX] 2.2.1).
@@ -205,18 +215,14 @@ impl Backend for VhdxBackend {
     }
 
     fn open(&self, req: OpenRequest<'_>) -> Result<Box<dyn Image>> {
-        let path = req.path.to_path_buf();
-        VhdxImage::open(req)
-            .map(|i| Box::new(i) as Box<dyn Image>)
-            .map_err(|e| e.with_path(path))
+        VhdxImage::open(req).map(|i| Box::new(i) as Box<dyn Image>)
     }
 
     /// Creates a fixed, dynamic or differencing image. Options (`-o`): `subformat=dynamic|fixed`,
     /// `block_size` (default 32M, 2M for differencing), `log_size` (default 1M),
     /// `logical_sector_size`, `physical_sector_size` (512 or 4096).
     fn create(&self, req: vd_core::CreateRequest<'_>) -> Result<Box<dyn Image>> {
-        let path = req.path.to_path_buf();
-        create::create(&req).map_err(|e| e.with_path(&path))?;
+        create::create(&req).map_err(|e| e.with_path(req.path))?;
         VhdxImage::open(OpenRequest {
             path: req.path,
             storage: req.storage,
@@ -224,7 +230,6 @@ impl Backend for VhdxBackend {
             flags: OpenFlags::empty(),
         })
         .map(|i| Box::new(i) as Box<dyn Image>)
-        .map_err(|e| e.with_path(path))
     }
 }
 

@@ -4,10 +4,10 @@
 use uuid::Uuid;
 use vd_core::{Error, Geometry, Result};
 
+use crate::engine::Engine;
 use crate::error::fit;
 use crate::format::{LOG_SECTOR_SIZE, MetadataFlags};
 use crate::guid::{Guid, META_PARENT_LOCATOR, META_VIRTUAL_DISK_ID, USER_COMMENT};
-use crate::image::VhdxImage;
 use crate::locator::parse_locator;
 use crate::metadata::{ItemData, build_metadata_region, read_metadata, set_item};
 
@@ -20,7 +20,7 @@ fn geometry_bytes(g: Geometry) -> Vec<u8> {
         .collect()
 }
 
-impl VhdxImage {
+impl Engine {
     /// The data of a user or system item, read from the file.
     pub(crate) fn item_data(&self, guid: Uuid, user: bool) -> Result<Option<Vec<u8>>> {
         let (item, region) = {
@@ -36,7 +36,7 @@ impl VhdxImage {
             (item, self.regions().metadata)
         };
         let mut buf = vec![0u8; fit::<usize, _>(item.length, "metadata item length")?];
-        self.storage()
+        self.storage
             .read_exact_at(region.offset + u64::from(item.offset), &mut buf)
             .map_err(|e| Error::io("cannot read a metadata item", e))?;
         Ok(Some(buf))
@@ -62,6 +62,20 @@ impl VhdxImage {
         }))
     }
 
+    /// The geometry stored in vd's user item `guid`, or `synthesize` of the disk size.
+    pub(crate) fn geometry(&self, guid: Uuid, synthesize: fn(u64) -> Geometry) -> Result<Geometry> {
+        Ok(self
+            .stored_geometry(guid)?
+            .unwrap_or_else(|| synthesize(self.metadata().virtual_size)))
+    }
+
+    /// The comment in vd's user item.
+    pub(crate) fn comment(&self) -> Result<Option<String>> {
+        Ok(self
+            .item_data(USER_COMMENT, true)?
+            .map(|d| String::from_utf8_lossy(&d).into_owned()))
+    }
+
     /// Rebuilds the metadata region with `edit` applied and commits the changed pages through
     /// the log. Only the FileWriteGuid changes (MS-VHDX 2.2.2): the metadata items are not what
     /// the virtual disk reads, so differencing children made from this image stay valid. The
@@ -72,9 +86,9 @@ impl VhdxImage {
         edit: impl FnOnce(&mut Vec<ItemData>) -> Result<()>,
     ) -> Result<()> {
         self.check_writable("changing metadata")?;
-        let storage = self.storage().clone();
+        let storage = self.storage.clone();
         let region = self.regions().metadata;
-        let mut ws = self.write_state().lock();
+        let mut ws = self.write_state.lock();
         self.begin(&mut ws)?;
         self.commit(&mut ws)?;
         let len = usize::try_from(region.length)
@@ -96,7 +110,7 @@ impl VhdxImage {
         self.commit(&mut ws)?;
         let mut warnings = Vec::new();
         let meta = read_metadata(storage.as_ref(), region, false, &mut warnings)?;
-        *self.metadata_lock().write() = meta;
+        *self.meta.write() = meta;
         Ok(())
     }
 

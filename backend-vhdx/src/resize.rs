@@ -11,17 +11,17 @@
 use vd_core::{Error, ErrorKind, Result};
 
 use crate::bat::{BlockState, Forbidden, Layout};
+use crate::engine::Engine;
 use crate::error::fit;
 use crate::format::{
     BatEntry, MAX_BAT_SIZE, MAX_VIRTUAL_SIZE, MIB, PayloadState, REGION_TABLE_OFFSETS,
 };
 use crate::guid::META_VIRTUAL_DISK_SIZE;
-use crate::image::VhdxImage;
 use crate::region::build_region_table;
 use crate::write::copy_range;
 
-impl VhdxImage {
-    pub(crate) fn resize_impl(&self, new_size: u64) -> Result<()> {
+impl Engine {
+    pub(crate) fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable("resizing")?;
         let old = self.layout();
         let ss = old.sector_size;
@@ -42,8 +42,8 @@ impl VhdxImage {
                 format!("a BAT for {new_size} bytes would be too large"),
             ));
         }
-        let storage = self.storage().clone();
-        let mut ws = self.write_state().lock();
+        let storage = self.storage.clone();
+        let mut ws = self.write_state.lock();
         // Every check comes before the first write (the header update of `begin_visible`):
         // the whole BAT first, then the part of the disk a shrink cuts off.
         self.preflight(&mut ws)?;
@@ -51,12 +51,12 @@ impl VhdxImage {
             // Nothing past the new end may hold data.
             let first_cut = new_size / old.block_size;
             for b in first_cut..old.data_blocks {
-                let state = self.bat().block(b)?;
+                let state = self.bat.block(b)?;
                 let start = (b * old.block_size).max(new_size);
                 let end = ((b + 1) * old.block_size).min(old.virtual_size);
                 if matches!(state, BlockState::Full(_) | BlockState::Partial(_)) {
                     let mut buf = vec![0u8; fit::<usize, _>(end - start, "block tail")?];
-                    self.read_own(start, &mut buf)?;
+                    self.read(start, &mut buf)?;
                     if buf.iter().any(|&x| x != 0) {
                         return Err(Error::invalid_argument(format!(
                             "the part of the disk beyond {new_size} bytes holds data (block {b}); discard it first"
@@ -69,7 +69,7 @@ impl VhdxImage {
         if new.entries * 8 > self.regions().bat.length {
             drop(ws);
             self.move_bat((new.entries * 8).div_ceil(MIB) * MIB)?;
-            ws = self.write_state().lock();
+            ws = self.write_state.lock();
         }
         {
             if new_size < old.virtual_size {
@@ -80,7 +80,7 @@ impl VhdxImage {
                 // The tail of a partial last block must read as zeros once it is inside the disk.
                 if !old.virtual_size.is_multiple_of(old.block_size) {
                     let b = old.data_blocks - 1;
-                    if let BlockState::Full(off) = self.bat().block(b)? {
+                    if let BlockState::Full(off) = self.bat.block(b)? {
                         let within = old.virtual_size % old.block_size;
                         storage
                             .zero_range(off + within, old.block_size - within)
@@ -108,7 +108,7 @@ impl VhdxImage {
             );
             Ok(())
         })?;
-        self.bat().set_layout(new);
+        self.bat.set_layout(new);
         Ok(())
     }
 
@@ -118,8 +118,8 @@ impl VhdxImage {
     /// Only the FileWriteGuid changes for the move itself: where the BAT lives is not what the
     /// disk reads.
     fn move_bat(&self, new_len: u64) -> Result<()> {
-        let storage = self.storage().clone();
-        let mut ws = self.write_state().lock();
+        let storage = self.storage.clone();
+        let mut ws = self.write_state.lock();
         self.begin(&mut ws)?;
         self.commit(&mut ws)?;
         let mut table = self.regions();
@@ -150,7 +150,7 @@ impl VhdxImage {
         // The copy is flushed by the commit before the entry that switches to it.
         self.commit(&mut ws)?;
         let mut forbidden: Vec<Forbidden> = self
-            .bat()
+            .bat
             .forbidden()
             .into_iter()
             .filter(|f| f.start != old.offset)
@@ -160,14 +160,9 @@ impl VhdxImage {
             end: new_off + new_len,
             what: "BAT region",
         });
-        self.bat().relocate(new_off, forbidden);
-        *self.regions_lock().write() = table;
+        self.bat.relocate(new_off, forbidden);
+        *self.regions.write() = table;
         Ok(())
-    }
-
-    /// Reads this layer only (zeros where the parent would be consulted).
-    fn read_own(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        vd_core::Image::read_at(self, offset, buf)
     }
 }
 
@@ -211,7 +206,7 @@ mod tests {
         image.close(false).unwrap();
         let again = reopen(&s, OpenFlags::READ_ONLY);
         assert_eq!(again.size(), 200 << 30);
-        assert!(again.regions().bat.length >= 2 * MIB);
+        assert!(again.engine.regions().bat.length >= 2 * MIB);
         assert!(read(&again, 0, 512).iter().all(|&b| b == 9));
     }
 }

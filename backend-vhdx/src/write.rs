@@ -19,11 +19,11 @@ use uuid::Uuid;
 use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
 
 use crate::bat::{BlockState, Layout};
+use crate::engine::Engine;
 use crate::error::{fit, io_err};
 use crate::format::{BatEntry, BitmapState, MIB, PayloadState};
 use crate::guid::Guid;
 use crate::header::{HeaderUpdate, update_headers};
-use crate::image::VhdxImage;
 use crate::log::{EntryParams, build_entry, max_pages_per_entry};
 use crate::write_state::WriteState;
 
@@ -53,11 +53,11 @@ pub(crate) fn copy_range(
     Ok(())
 }
 
-impl VhdxImage {
+impl Engine {
     /// `ReadOnly` unless the image was opened read-write on writable storage.
     pub(crate) fn check_writable(&self, op: &str) -> Result<()> {
-        if self.flags().contains(OpenFlags::READ_ONLY) || self.storage().is_read_only() {
-            return Err(Error::read_only(op).with_path(self.path_buf()));
+        if self.flags.contains(OpenFlags::READ_ONLY) || self.storage.is_read_only() {
+            return Err(Error::read_only(op));
         }
         Ok(())
     }
@@ -70,14 +70,12 @@ impl VhdxImage {
     /// `SKIP_CONSISTENCY_CHECKS` skips it.
     ///
     /// # Errors
-    /// The first problem found, naming the image.
+    /// The first problem found.
     pub(crate) fn preflight(&self, ws: &mut WriteState) -> Result<()> {
-        if ws.verified || self.flags().contains(OpenFlags::SKIP_CONSISTENCY_CHECKS) {
+        if ws.verified || self.flags.contains(OpenFlags::SKIP_CONSISTENCY_CHECKS) {
             return Ok(());
         }
-        self.bat()
-            .verify_all(Err)
-            .map_err(|e| e.with_path(self.path_buf()))?;
+        self.bat.verify_all(Err)?;
         ws.verified = true;
         Ok(())
     }
@@ -89,8 +87,8 @@ impl VhdxImage {
             return Ok(());
         }
         self.preflight(ws)?;
-        let mut header = self.header_lock().write();
-        *header = update_headers(self.storage(), &header, HeaderUpdate::new_file_write_guid())?;
+        let mut header = self.header.write();
+        *header = update_headers(&self.storage, &header, HeaderUpdate::new_file_write_guid())?;
         ws.started = true;
         Ok(())
     }
@@ -104,15 +102,29 @@ impl VhdxImage {
         }
         self.preflight(ws)?;
         let started = ws.started;
-        let mut header = self.header_lock().write();
+        let mut header = self.header.write();
         let update = HeaderUpdate {
             file_write_guid: (!started).then(|| Guid::from_uuid(Uuid::new_v4())),
             data_write_guid: Some(Guid::from_uuid(Uuid::new_v4())),
             log_guid: None,
         };
-        *header = update_headers(self.storage(), &header, update)?;
+        *header = update_headers(&self.storage, &header, update)?;
         ws.started = true;
         ws.data_changed = true;
+        Ok(())
+    }
+
+    /// Sets the header's DataWriteGuid (children recording the old one no longer match).
+    pub(crate) fn set_data_write_guid(&self, uuid: Uuid) -> Result<()> {
+        self.check_writable("setting the modification UUID")?;
+        let mut ws = self.write_state.lock();
+        self.begin(&mut ws)?;
+        let mut header = self.header.write();
+        *header = update_headers(
+            &self.storage,
+            &header,
+            HeaderUpdate::data_write_guid(Guid::from_uuid(uuid)),
+        )?;
         Ok(())
     }
 
@@ -122,16 +134,16 @@ impl VhdxImage {
         let end = off
             .checked_add(len)
             .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "the file would exceed 2^64 bytes"))?;
-        self.storage()
+        self.storage
             .set_len(end)
             .map_err(|e| io_err("cannot grow the file", e))?;
         ws.file_end = end;
-        self.bat().set_file_len(end);
+        self.bat.set_file_len(end);
         Ok(off)
     }
 
     pub(crate) fn set_entry(&self, ws: &mut WriteState, index: u64, entry: BatEntry) -> Result<()> {
-        let page = self.bat().set_entry(index, entry)?;
+        let page = self.bat.set_entry(index, entry)?;
         ws.dirty_bat.insert(page);
         Ok(())
     }
@@ -141,7 +153,7 @@ impl VhdxImage {
     fn mark_present(&self, ws: &mut WriteState, block: u64, first: u64, count: u64) -> Result<()> {
         let layout = self.layout();
         let chunk = block / layout.chunk_ratio;
-        let sb = match self.bat().bitmap(chunk)? {
+        let sb = match self.bat.bitmap(chunk)? {
             Some(off) => off,
             None => {
                 let off = self.allocate(ws, MIB)?;
@@ -154,7 +166,7 @@ impl VhdxImage {
             }
         };
         let base = (block % layout.chunk_ratio) * layout.sectors_per_block();
-        for page in self.bat().set_bits(sb, base + first, count)? {
+        for page in self.bat.set_bits(sb, base + first, count)? {
             ws.dirty_bitmaps.insert(page);
         }
         Ok(())
@@ -180,7 +192,7 @@ impl VhdxImage {
             let n = stop - start;
             let whole = within == 0 && (n == layout.block_size || stop == layout.virtual_size);
             let aligned = within.is_multiple_of(ss) && n.is_multiple_of(ss);
-            let tracked = match self.bat().block(block)? {
+            let tracked = match self.bat.block(block)? {
                 BlockState::Partial(_) => true,
                 BlockState::NotPresent => !whole,
                 _ => false,
@@ -195,17 +207,17 @@ impl VhdxImage {
     }
 
     /// Writes `buf` at `offset`.
-    pub(crate) fn write_impl(&self, offset: u64, buf: &[u8]) -> Result<()> {
+    pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable("writing")?;
         check_range(offset, buf.len() as u64, self.layout().virtual_size)?;
         if buf.is_empty() {
             return Ok(());
         }
         let layout = self.layout();
-        let mut ws = self.write_state().lock();
+        let mut ws = self.write_state.lock();
         self.check_diff_alignment(&layout, offset, buf.len() as u64)?;
         self.begin_visible(&mut ws)?;
-        let storage = self.storage().clone();
+        let storage = self.storage.clone();
         let ss = layout.sector_size;
         let mut done = 0usize;
         while done < buf.len() {
@@ -225,7 +237,7 @@ impl VhdxImage {
                     .write_all_at(file_off + within, data)
                     .map_err(|e| io_err("write failed", e).with_offset(file_off + within))
             };
-            match self.bat().block(block)? {
+            match self.bat.block(block)? {
                 BlockState::Full(file) => write(file)?,
                 BlockState::Partial(file) => {
                     if !aligned {
@@ -274,7 +286,7 @@ impl VhdxImage {
     }
 
     /// Sets whole blocks to `state` (ZERO or UNMAPPED), and writes zeros over partial ones.
-    pub(crate) fn zero_impl(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
+    pub(crate) fn zero(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
         self.check_writable(if discard { "discard" } else { "writing zeros" })?;
         check_range(offset, len, self.layout().virtual_size)?;
         let layout = self.layout();
@@ -286,17 +298,17 @@ impl VhdxImage {
             let within = pos % layout.block_size;
             let n = (layout.block_size - within).min(end - pos);
             let whole = within == 0 && (n == layout.block_size || pos + n == layout.virtual_size);
-            let state = self.bat().block(block)?;
+            let state = self.bat.block(block)?;
             if whole && layout.has_parent {
                 // In a differencing image, a zeroed block becomes a present block of zeros (a
                 // hole in the file, so it costs no space) rather than ZERO: ZERO must read as
                 // zeros, but some readers (libvhdi 20260901) wrongly send it to the parent.
                 if state != BlockState::Zero {
-                    let mut ws = self.write_state().lock();
+                    let mut ws = self.write_state.lock();
                     self.begin_visible(&mut ws)?;
                     let index = layout.payload_index(block);
                     if let BlockState::Full(off) = state {
-                        self.storage()
+                        self.storage
                             .discard(off, layout.block_size)
                             .map_err(|e| io_err("cannot zero a block", e))?;
                     } else {
@@ -310,7 +322,7 @@ impl VhdxImage {
                 }
             } else if whole && !self.metadata().leave_block_allocated {
                 if state != BlockState::Zero {
-                    let mut ws = self.write_state().lock();
+                    let mut ws = self.write_state.lock();
                     self.begin_visible(&mut ws)?;
                     // ZERO, not UNMAPPED, so the range reads as zeros in every reader. The old
                     // block stays in the file until `compact`.
@@ -323,7 +335,7 @@ impl VhdxImage {
                 let part = zeros
                     .get(..fit::<usize, _>(n, "zero length")?)
                     .ok_or_else(|| Error::invalid_argument("zero range"))?;
-                self.write_impl(pos, part)?;
+                self.write(pos, part)?;
             }
             pos += n;
         }
@@ -331,15 +343,13 @@ impl VhdxImage {
     }
 
     /// Makes every completed write durable: data first, then the metadata through the log.
-    pub(crate) fn flush_impl(&self) -> Result<()> {
-        if self.flags().contains(OpenFlags::READ_ONLY) {
+    pub(crate) fn flush(&self) -> Result<()> {
+        if self.flags.contains(OpenFlags::READ_ONLY) {
             return Ok(());
         }
-        let mut ws = self.write_state().lock();
+        let mut ws = self.write_state.lock();
         self.commit(&mut ws)?;
-        self.storage()
-            .flush()
-            .map_err(|e| io_err("flush failed", e))
+        self.storage.flush().map_err(|e| io_err("flush failed", e))
     }
 
     /// Logs and applies the dirty metadata pages.
@@ -347,21 +357,21 @@ impl VhdxImage {
         if ws.dirty_bat.is_empty() && ws.dirty_bitmaps.is_empty() && ws.dirty_pages.is_empty() {
             return Ok(());
         }
-        let storage = self.storage().clone();
+        let storage = self.storage.clone();
         // The data of new blocks is durable before any entry points at it.
         storage.flush().map_err(|e| io_err("flush failed", e))?;
         let mut pages = Vec::with_capacity(ws.dirty_bat.len() + ws.dirty_bitmaps.len());
         for &p in &ws.dirty_bat {
-            pages.push(self.bat().page_bytes(p)?);
+            pages.push(self.bat.page_bytes(p)?);
         }
         for &off in &ws.dirty_bitmaps {
-            pages.push((off, self.bat().bitmap_page_bytes(off)?));
+            pages.push((off, self.bat.bitmap_page_bytes(off)?));
         }
         for (off, page) in &ws.dirty_pages {
             pages.push((*off, page.clone()));
         }
         let (log_offset, log_len) = {
-            let h = self.header_lock().read();
+            let h = self.header.read();
             (h.log_offset(), h.log_length())
         };
         if log_len == 0 {
@@ -398,7 +408,7 @@ impl VhdxImage {
                 .and_then(|()| storage.flush())
                 .map_err(|e| io_err("cannot write the log", e))?;
             if !ws.header_has_guid {
-                let mut header = self.header_lock().write();
+                let mut header = self.header.write();
                 *header = update_headers(&storage, &header, HeaderUpdate::log_guid(guid))?;
                 ws.header_has_guid = true;
             }
@@ -421,8 +431,8 @@ impl VhdxImage {
     /// replay is pending; the next commit starts a log with a new LogGuid.
     pub(crate) fn end_log(&self, ws: &mut WriteState) -> Result<()> {
         if ws.header_has_guid {
-            let mut header = self.header_lock().write();
-            *header = update_headers(self.storage(), &header, HeaderUpdate::log_guid(Guid::ZERO))?;
+            let mut header = self.header.write();
+            *header = update_headers(&self.storage, &header, HeaderUpdate::log_guid(Guid::ZERO))?;
             ws.header_has_guid = false;
             ws.log_guid = None;
             ws.log_pos = 0;
@@ -431,12 +441,12 @@ impl VhdxImage {
     }
 
     /// Applies everything and clears the LogGuid.
-    pub(crate) fn close_impl(&self) -> Result<()> {
-        if self.flags().contains(OpenFlags::READ_ONLY) || self.storage().is_read_only() {
+    pub(crate) fn close(&self) -> Result<()> {
+        if self.flags.contains(OpenFlags::READ_ONLY) || self.storage.is_read_only() {
             return Ok(());
         }
-        self.flush_impl()?;
-        let mut ws = self.write_state().lock();
+        self.flush()?;
+        let mut ws = self.write_state.lock();
         self.end_log(&mut ws)
     }
 }
@@ -473,7 +483,10 @@ mod tests {
         image.close(false).unwrap();
         let again = reopen(&s, OpenFlags::READ_ONLY);
         assert!(read(&again, MIB, 1 << 20).iter().all(|&b| b == 0));
-        assert_eq!(again.bat().block(1).unwrap(), crate::bat::BlockState::Zero);
+        assert_eq!(
+            again.engine.bat.block(1).unwrap(),
+            crate::bat::BlockState::Zero
+        );
     }
 
     #[test]

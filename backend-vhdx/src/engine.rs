@@ -1,0 +1,394 @@
+//! The state of an open VHDX image and the open that builds it.
+//!
+//! [`Engine`] owns the storage, the header, the region table, the metadata, the BAT, what the
+//! open found (log state, warnings, truncated structures) and the write session's state. The
+//! modules above it work on it: `read` (mapping and reading), `write` (the header protocol,
+//! allocation and the log writer), `meta_edit`, `resize`, `compact`, `check` and `dump`.
+//! `image` wraps it as the `vd_core::Image` impl. Nothing here knows the image's path: errors
+//! leave without it, and `image` attaches it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use uuid::Uuid;
+use vd_core::{Error, ErrorKind, ImageFlags, OpenFlags, Result, Storage, error_chain};
+
+use crate::bat::{Bat, Forbidden, Layout};
+use crate::error::{Corruption, io_err};
+use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
+use crate::guid::Guid;
+use crate::header::{ActiveHeader, HeaderUpdate, read_headers, read_identifier, update_headers};
+use crate::locator::ParentLocator;
+use crate::log::{EntrySummary, OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
+use crate::metadata::{Metadata, read_metadata};
+use crate::region::{RegionTable, read_region_table};
+use crate::write_state::WriteState;
+
+/// What happened to the log at open.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LogState {
+    /// Whether the header asked for a replay.
+    pub dirty: bool,
+    /// How the log was replayed: `none`, `file` or `memory`.
+    pub replay: &'static str,
+    /// Entries in the active sequence.
+    pub entries: usize,
+    /// Sequence number of the head entry.
+    pub head_sequence: u64,
+    /// Log offset and length.
+    pub offset: u64,
+    /// Log length.
+    pub length: u64,
+    /// The replayed entries, oldest first.
+    pub sequence: Vec<EntrySummary>,
+}
+
+/// The state of an open image, which the change, check and dump modules work on.
+///
+/// # Locks
+///
+/// Reads take no lock across payload I/O. A read (or `map_file`) copies the [`Layout`] once
+/// per request (one shared lock) and then, per block, takes the BAT's page cache and
+/// forbidden-range locks briefly (shared, released before the next one is taken); the file is
+/// read after the mapping of each run is known, with no lock held.
+///
+/// Lock order, outermost first; a lock further down is never held while one further up is
+/// taken:
+/// 1. `write_state` (the `WriteState` mutex): held for a whole change (write, discard,
+///    metadata edit, resize, compact, flush, close), so changes are serialised. Readers never
+///    take it.
+/// 2. `header`, then `meta`, then `regions`: each written only while `write_state` is held,
+///    and while no other lock of this list is held; shared guards nest only in this order
+///    (`details` reads `meta` under `header`, `item_data` reads `regions` under `meta`).
+/// 3. The `Bat`'s own locks (`layout`, `forbidden`, the BAT page and sector-bitmap page
+///    caches): leaves, each held only inside one `Bat` method call, never while another lock is
+///    taken.
+///
+/// The write mutex stays held across payload writes: a write into a new block allocates the
+/// block, writes its data and only then publishes the BAT entry, and that sequence must not
+/// interleave with another writer allocating the same block; an overwrite of an existing block
+/// could run unlocked, but compaction and shrinking move or cut blocks under the same mutex,
+/// so an unlocked overwrite could land in a block's old place after it was moved (lost data).
+/// Releasing it would need a separate gate that compaction and resize take exclusively.
+pub(crate) struct Engine {
+    /// What the image is read through: the file, or the file under a log replayed in memory.
+    pub(crate) storage: Arc<dyn Storage>,
+    /// The image file itself, for `read_file_at`.
+    pub(crate) file: Arc<dyn Storage>,
+    /// Whether `storage` is the plain file (no log replayed in memory over it), so data runs
+    /// can be reported with their file offsets.
+    pub(crate) plain_file: bool,
+    pub(crate) flags: OpenFlags,
+    /// The creator string of the file identifier.
+    pub(crate) creator: String,
+    pub(crate) header: RwLock<ActiveHeader>,
+    pub(crate) regions: RwLock<RegionTable>,
+    pub(crate) meta: RwLock<Metadata>,
+    pub(crate) bat: Bat,
+    /// What happened to the log at open.
+    pub(crate) log: LogState,
+    /// The tolerated deviations found at open.
+    pub(crate) warnings: Vec<String>,
+    /// Structures the file ends before (a tolerant read-only open): errors for `check`.
+    pub(crate) truncated: Vec<String>,
+    pub(crate) write_state: Mutex<WriteState>,
+}
+
+impl Engine {
+    /// Opens an image: identifier, headers, log, region table, metadata, BAT (the steps and
+    /// rules are documented on `VhdxImage::open`).
+    ///
+    /// `path` names the image in log messages only: the errors returned carry no path.
+    pub(crate) fn open(file: Arc<dyn Storage>, flags: OpenFlags, path: &Path) -> Result<Self> {
+        let strict = flags.contains(OpenFlags::STRICT);
+        let read_only = flags.contains(OpenFlags::READ_ONLY) || file.is_read_only();
+        let file_len = file
+            .len()
+            .map_err(|e| io_err("cannot read the file size", e))?;
+        let creator = read_identifier(file.as_ref())?;
+        let headers = read_headers(file.as_ref(), file_len, strict)?;
+        let mut warnings = headers.warnings;
+        let mut header = headers.active;
+        let mut log = LogState {
+            dirty: !header.log_guid().is_zero(),
+            replay: "none",
+            entries: 0,
+            head_sequence: 0,
+            offset: header.log_offset(),
+            length: header.log_length(),
+            sequence: Vec::new(),
+        };
+        // Structures the file ends before, each as the error a refusing open returns.
+        let mut truncation: Vec<Error> = Vec::new();
+        let mut storage = file.clone();
+        let mut plan = None;
+        if log.dirty {
+            if flags.contains(OpenFlags::REFUSE_DIRTY_LOG) {
+                let at = crate::format::HEADER_OFFSETS
+                    .get(header.slot)
+                    .copied()
+                    .ok_or_else(|| {
+                        Error::new(ErrorKind::OutOfRange, "the current header has no slot")
+                    })?
+                    + 48;
+                return Err(Corruption::DirtyLogRefused.at("header log guid", at));
+            }
+            let bytes = read_log(file.as_ref(), header.log_offset(), header.log_length())?;
+            let p: ReplayPlan =
+                plan_replay(&bytes, header.log_offset(), header.log_guid(), file_len)?;
+            log.entries = p.entries;
+            log.head_sequence = p.head_sequence;
+            log.sequence = p.summary.clone();
+            // Allowed by 2.3.3 (the file is at least FlushedFileOffset long, checked above):
+            // a warning, or an error in strict mode. Blocks past the end stay missing: the BAT
+            // checks them against the file's own length, not the replayed one.
+            for (c, at) in &p.beyond_file {
+                if strict {
+                    return Err(c.clone().at("log entry", *at));
+                }
+                warnings.push(error_chain(&c.clone().at("log entry", *at)));
+            }
+            // Read through the replayed log in memory until the image is known to be sound.
+            storage = Arc::new(
+                OverlayStorage::new(file.clone(), &p)
+                    .map_err(|e| io_err("cannot replay the log in memory", e))?,
+            );
+            log.replay = "memory";
+            plan = Some(p);
+        }
+        let regions = read_region_table(
+            storage.as_ref(),
+            file_len,
+            (header.log_offset(), header.log_length()),
+            &mut warnings,
+        )?;
+        let meta = read_metadata(storage.as_ref(), regions.metadata, strict, &mut warnings)?;
+        let layout = Layout::new(&meta);
+        let needed = layout.entries * 8;
+        if needed > regions.bat.length || needed > MAX_BAT_SIZE {
+            return Err(Corruption::BatTooSmall {
+                needed,
+                have: regions.bat.length,
+            }
+            .at("BAT region", regions.bat.offset));
+        }
+        for (what, r) in [("BAT region".to_string(), &regions.bat)]
+            .into_iter()
+            .chain(
+                regions
+                    .others
+                    .iter()
+                    .map(|r| (format!("region {}", r.guid), r)),
+            )
+        {
+            let end = r.offset.saturating_add(r.length);
+            if end > file_len {
+                truncation.push(
+                    Corruption::Truncated {
+                        what: what.clone(),
+                        offset: r.offset,
+                        end,
+                        file_len,
+                    }
+                    .at(what, r.offset),
+                );
+            }
+        }
+        let truncated: Vec<String> = truncation.iter().map(|e| error_chain(e)).collect();
+        if (strict || !read_only)
+            && let Some(first) = truncation.into_iter().next()
+        {
+            log::debug!(
+                "{}: refused ({}): {} structures end beyond the end of the file",
+                path.display(),
+                if strict { "strict" } else { "read-write" },
+                truncated.len()
+            );
+            return Err(first);
+        }
+        warnings.extend(truncated.iter().cloned());
+        let mut forbidden = vec![
+            Forbidden {
+                start: 0,
+                end: HEADER_SECTION_SIZE,
+                what: "header section",
+            },
+            Forbidden {
+                start: regions.bat.offset,
+                end: regions.bat.offset + regions.bat.length,
+                what: "BAT region",
+            },
+            Forbidden {
+                start: regions.metadata.offset,
+                end: regions.metadata.offset + regions.metadata.length,
+                what: "metadata region",
+            },
+        ];
+        if header.log_length() > 0 {
+            forbidden.push(Forbidden {
+                start: header.log_offset(),
+                end: header.log_offset() + header.log_length(),
+                what: "log",
+            });
+        }
+        for r in &regions.others {
+            forbidden.push(Forbidden {
+                start: r.offset,
+                end: r.offset + r.length,
+                what: "unknown region",
+            });
+        }
+        let mut bat = Bat::new(
+            storage.clone(),
+            layout,
+            regions.bat.offset,
+            file_len,
+            forbidden.clone(),
+        );
+        let mut verified = false;
+        let mut write_len = file_len;
+        if let Some(plan) = plan {
+            if read_only {
+                warnings.push(format!(
+                    "the log holds {} entries to replay; replayed in memory (the file is read-only)",
+                    plan.entries
+                ));
+            } else {
+                // Replaying is the first change: the image must be whole before it.
+                bat.verify_all(Err)?;
+                verified = true;
+                // Log playback is a modification: a new FileWriteGuid goes first.
+                header = update_headers(&file, &header, HeaderUpdate::new_file_write_guid())?;
+                apply(file.as_ref(), &plan).map_err(|e| io_err("cannot replay the log", e))?;
+                header = update_headers(&file, &header, HeaderUpdate::log_guid(Guid::ZERO))?;
+                log.replay = "file";
+                storage = file.clone();
+                // The replay may have extended the file to LastFileOffset.
+                write_len = file
+                    .len()
+                    .map_err(|e| io_err("cannot read the file size", e))?;
+                bat = Bat::new(
+                    storage.clone(),
+                    layout,
+                    regions.bat.offset,
+                    write_len,
+                    forbidden,
+                );
+            }
+        }
+        for w in &warnings {
+            log::warn!("{}: {w}", path.display());
+        }
+        let mut write = WriteState::new(write_len);
+        if verified {
+            write.set_verified();
+        }
+        let plain_file = Arc::ptr_eq(&storage, &file);
+        Ok(Self {
+            storage,
+            file,
+            plain_file,
+            flags,
+            creator,
+            header: RwLock::new(header),
+            regions: RwLock::new(regions),
+            meta: RwLock::new(meta),
+            bat,
+            log,
+            warnings,
+            truncated,
+            write_state: Mutex::new(write),
+        })
+    }
+
+    /// The block layout.
+    pub(crate) fn layout(&self) -> Layout {
+        self.bat.layout()
+    }
+
+    /// The parsed metadata.
+    pub(crate) fn metadata(&self) -> RwLockReadGuard<'_, Metadata> {
+        self.meta.read()
+    }
+
+    /// A copy of the region table.
+    pub(crate) fn regions(&self) -> RegionTable {
+        self.regions.read().clone()
+    }
+
+    /// The length of the file the image is read through.
+    pub(crate) fn file_size(&self) -> Result<u64> {
+        self.storage
+            .len()
+            .map_err(|e| io_err("cannot read the file size", e))
+    }
+
+    /// `FIXED` when blocks stay allocated, `DIFF` with a parent.
+    pub(crate) fn image_flags(&self) -> ImageFlags {
+        let mut f = ImageFlags::empty();
+        if self.metadata().leave_block_allocated {
+            f |= ImageFlags::FIXED;
+        }
+        if self.metadata().has_parent {
+            f |= ImageFlags::DIFF;
+        }
+        f
+    }
+
+    /// A differencing image tracks whole logical sectors in its sector bitmap.
+    pub(crate) fn write_granularity(&self) -> u32 {
+        let m = self.metadata();
+        if m.has_parent {
+            m.logical_sector_size
+        } else {
+            1
+        }
+    }
+
+    /// The header's DataWriteGuid.
+    pub(crate) fn data_write_guid(&self) -> Uuid {
+        self.header.read().data_write_guid().to_uuid()
+    }
+
+    /// `parent_linkage`: the parent's DataWriteGuid when this child was made.
+    pub(crate) fn parent_uuid(&self) -> Result<Uuid> {
+        self.metadata()
+            .parent_locator
+            .as_ref()
+            .and_then(|l| l.linkage())
+            .ok_or_else(|| Error::not_supported("parent UUIDs of images without a parent"))
+    }
+
+    /// `parent_linkage2`, where present and not nil.
+    pub(crate) fn parent_modification_uuid(&self) -> Result<Uuid> {
+        self.metadata()
+            .parent_locator
+            .as_ref()
+            .and_then(|l| l.linkage2())
+            .ok_or_else(|| Error::not_supported("parent_linkage2"))
+    }
+
+    /// The first path key of the parent locator: `relative_path`, `volume_path`, then
+    /// `absolute_win32_path`.
+    pub(crate) fn parent_filename(&self) -> Result<String> {
+        let meta = self.metadata();
+        let loc = meta
+            .parent_locator
+            .as_ref()
+            .ok_or_else(|| Error::not_supported("parent file names of images without a parent"))?;
+        ["relative_path", "volume_path", "absolute_win32_path"]
+            .iter()
+            .find_map(|k| loc.get(k))
+            .map(str::to_string)
+            .ok_or_else(|| Error::not_supported("parent file names"))
+    }
+
+    /// A copy of the parent locator; `NotSupported` (naming `what`) without one.
+    pub(crate) fn parent_locator(&self, what: &str) -> Result<ParentLocator> {
+        self.metadata()
+            .parent_locator
+            .clone()
+            .ok_or_else(|| Error::not_supported(what))
+    }
+}
