@@ -10,14 +10,14 @@ use crate::error::io_err;
 
 /// Where the bytes of a range come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Source {
+enum Source {
     File(u64),
     Zero,
     Parent,
 }
 
 impl Engine {
-    pub(crate) fn resolve(
+    fn resolve(
         &self,
         layout: &Layout,
         offset: u64,

@@ -1,6 +1,6 @@
 //! The mutable state of a writable session ([MS-VHDX] 2.2.2.1, 2.3): whether the session's
 //! header update happened, the log position, and the metadata pages waiting for the next
-//! commit. The image holds it behind its write mutex; `write` works on it.
+//! commit. The engine holds it behind its write mutex; `write` works on it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
