@@ -24,9 +24,9 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use vd_core::linkme::distributed_slice;
 use vd_core::{
-    BACKENDS, Backend, Capabilities, CheckReport, Confidence, CreateRequest, Error, Extent, Image,
-    ImageFlags, MappedExtent, Mapping, OpenFlags, OpenMode, OpenRequest, Progress, Result, Storage,
-    StorageProvider, check_range, push_extent,
+    BACKENDS, Backend, ByteSize, Capabilities, CheckReport, Confidence, CreateRequest, Error,
+    Extent, Facts, Image, ImageFlags, MappedExtent, Mapping, OpenFlags, OpenMode, OpenRequest,
+    Progress, Result, Storage, StorageProvider, check_range, push_extent,
 };
 
 /// The raw backend.
@@ -344,16 +344,20 @@ impl Image for RawImage {
         Ok(CheckReport::default())
     }
 
-    fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
-        writeln!(
-            out,
-            "raw image {}: virtual size {} bytes, file size {} bytes",
-            self.path.display(),
-            self.size(),
-            self.file_size()?
-        )
-        .map_err(|e| self.err("cannot write the dump", e))
+    /// A raw image has no structures: its sizes are all there is to describe.
+    fn dump(&self) -> Result<Facts> {
+        Ok(Facts::new(RawDump {
+            virtual_size: ByteSize(self.size()),
+            file_size: ByteSize(self.file_size()?),
+        }))
     }
+}
+
+/// What [`Image::dump`] reports about a raw image.
+#[derive(serde::Serialize)]
+struct RawDump {
+    virtual_size: ByteSize,
+    file_size: ByteSize,
 }
 
 #[cfg(test)]
@@ -511,13 +515,8 @@ mod tests {
             img.uuid().unwrap_err().kind(),
             vd_core::ErrorKind::NotSupported
         );
-        let mut out = Vec::new();
-        img.dump(&mut out).unwrap();
-        assert!(
-            String::from_utf8(out)
-                .unwrap()
-                .contains("virtual size 20971520")
-        );
+        let dump = serde_json::to_value(img.dump().unwrap()).unwrap();
+        assert_eq!(dump["virtual_size"], 20 << 20);
     }
 
     const MIB: u64 = 1 << 20;

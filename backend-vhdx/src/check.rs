@@ -2,10 +2,11 @@
 //! outside the other structures, no two blocks sharing space), the log state, and the tolerated
 //! deviations found at open.
 
-use vd_core::{CheckReport, Finding, Result, Severity, error_chain};
+use vd_core::{CheckReport, ErrorKind, Finding, Result, Severity};
 
 use crate::bat::BlockState;
 use crate::engine::Engine;
+use crate::report::LogReplay;
 
 impl Engine {
     /// Checks every BAT entry and reports the log state and the warnings of the open. A dirty
@@ -17,26 +18,28 @@ impl Engine {
     pub(crate) fn check(&self) -> Result<CheckReport> {
         let mut report = CheckReport::default();
         for w in &self.warnings {
-            let truncated = self.truncated.contains(w);
-            report.findings.push(Finding {
-                severity: if truncated {
-                    Severity::Error
-                } else {
-                    Severity::Warning
-                },
-                message: w.clone(),
-                repaired: false,
-            });
+            report
+                .findings
+                .push(Finding::from_warning(Severity::Warning, w));
+        }
+        for t in &self.truncated {
+            report
+                .findings
+                .push(Finding::from_warning(Severity::Error, t));
         }
         if self.log.dirty {
-            report.findings.push(Finding {
-                severity: Severity::Error,
-                message: format!(
+            let mut f = Finding::new(
+                Severity::Error,
+                ErrorKind::Corrupt,
+                format!(
                     "the log holds {} entries that had not been replayed",
                     self.log.entries
                 ),
-                repaired: self.log.replay == "file",
-            });
+            )
+            .repaired(self.log.replay == LogReplay::File);
+            f.field = Some("log".into());
+            f.offset = Some(self.log.offset.0);
+            report.findings.push(f);
         }
         let layout = self.bat.layout();
         let mut used: Vec<(u64, u64, String)> = Vec::new();
@@ -46,11 +49,9 @@ impl Engine {
                     used.push((off, layout.block_size, format!("payload block {b}")));
                 }
                 Ok(_) => {}
-                Err(e) => report.findings.push(Finding {
-                    severity: Severity::Error,
-                    message: error_chain(&e),
-                    repaired: false,
-                }),
+                Err(e) => report
+                    .findings
+                    .push(Finding::from_error(Severity::Error, &e)),
             }
         }
         for c in 0..layout.data_blocks.div_ceil(layout.chunk_ratio) {
@@ -60,11 +61,9 @@ impl Engine {
                         used.push((off, crate::format::MIB, format!("sector bitmap {c}")));
                     }
                     Ok(None) => {}
-                    Err(e) => report.findings.push(Finding {
-                        severity: Severity::Error,
-                        message: error_chain(&e),
-                        repaired: false,
-                    }),
+                    Err(e) => report
+                        .findings
+                        .push(Finding::from_error(Severity::Error, &e)),
                 }
             } else if self
                 .bat
@@ -72,13 +71,14 @@ impl Engine {
                 .is_ok_and(|e| e != crate::format::BatEntry::EMPTY)
                 && layout.bitmap_index(c) < layout.entries
             {
-                report.findings.push(Finding {
-                    severity: Severity::Warning,
-                    message: format!(
-                        "sector bitmap entry of chunk {c} is set in an image without a parent"
-                    ),
-                    repaired: false,
-                });
+                let mut f = Finding::new(
+                    Severity::Warning,
+                    ErrorKind::Corrupt,
+                    format!("sector bitmap entry of chunk {c} is set in an image without a parent"),
+                );
+                f.field = Some(format!("BAT entry {}", layout.bitmap_index(c)));
+                f.offset = Some(self.regions.read().bat.offset + 8 * layout.bitmap_index(c));
+                report.findings.push(f);
             }
         }
         used.sort_by_key(|u| u.0);
@@ -86,13 +86,106 @@ impl Engine {
             if let [a, b] = w
                 && a.0 + a.1 > b.0
             {
-                report.findings.push(Finding {
-                    severity: Severity::Error,
-                    message: format!("{} at {:#x} overlaps {} at {:#x}", a.2, a.0, b.2, b.0),
-                    repaired: false,
-                });
+                let mut f = Finding::new(
+                    Severity::Error,
+                    ErrorKind::Corrupt,
+                    format!("{} at {:#x} overlaps {} at {:#x}", a.2, a.0, b.2, b.0),
+                );
+                f.field = Some(b.2.clone());
+                f.offset = Some(b.0);
+                report.findings.push(f);
             }
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vd_core::{ErrorKind, OpenFlags, Severity};
+
+    use crate::format::{BatEntry, BitmapState, MIB, PayloadState};
+    use crate::test_support::{create, reopen};
+
+    #[test]
+    fn a_written_image_checks_clean() {
+        let (storage, image) = create(4 * MIB, &[("block_size", "1M")]);
+        image.write_at(MIB, &[1; 4096]).unwrap();
+        image.close(false).unwrap();
+        let report = reopen(&storage, OpenFlags::READ_ONLY)
+            .engine
+            .check()
+            .unwrap();
+        assert!(report.is_clean(), "{report:?}");
+    }
+
+    #[test]
+    fn blocks_sharing_space_are_an_error_at_the_second_one() {
+        let (storage, image) = create(4 * MIB, &[("block_size", "1M")]);
+        image.write_at(0, &[1; 4096]).unwrap();
+        image.close(false).unwrap();
+        let (bat, first) = {
+            let img = reopen(&storage, OpenFlags::READ_ONLY);
+            (
+                img.engine.regions().bat.offset,
+                img.engine.bat.entry(0).unwrap(),
+            )
+        };
+        assert_eq!(
+            first,
+            BatEntry::payload(PayloadState::FullyPresent, first.file_offset())
+        );
+        // Block 1 claims block 0's space.
+        storage
+            .write_all_at(bat + 8, &first.raw().to_le_bytes())
+            .unwrap();
+        let report = reopen(&storage, OpenFlags::READ_ONLY)
+            .engine
+            .check()
+            .unwrap();
+        assert_eq!(report.findings.len(), 1, "{report:?}");
+        let overlap = &report.findings[0];
+        assert!(overlap.message.contains("overlaps"), "{overlap:?}");
+        assert_eq!(
+            (overlap.severity, overlap.kind),
+            (Severity::Error, ErrorKind::Corrupt)
+        );
+        assert_eq!(overlap.field.as_deref(), Some("payload block 1"));
+        assert_eq!(overlap.offset, Some(first.file_offset()));
+    }
+
+    #[test]
+    fn a_sector_bitmap_entry_in_a_base_image_is_a_warning_at_its_entry() {
+        // 256 MiB blocks: 16 per chunk, so 17 blocks need a sector-bitmap entry after the
+        // first chunk. Nothing is written, so the image stays small in memory.
+        let (storage, image) = create(17 * 256 * MIB, &[("block_size", "256M")]);
+        image.close(false).unwrap();
+        let (bat, layout) = {
+            let img = reopen(&storage, OpenFlags::READ_ONLY);
+            (img.engine.regions().bat.offset, img.layout())
+        };
+        assert_eq!(layout.chunk_ratio, 16);
+        let index = layout.bitmap_index(0);
+        assert!(index < layout.entries, "{layout:?}");
+        let stray = BatEntry::bitmap(BitmapState::Present, 0);
+        storage
+            .write_all_at(bat + 8 * index, &stray.raw().to_le_bytes())
+            .unwrap();
+        let report = reopen(&storage, OpenFlags::READ_ONLY)
+            .engine
+            .check()
+            .unwrap();
+        assert_eq!(report.findings.len(), 1, "{report:?}");
+        let f = &report.findings[0];
+        assert!(
+            f.message.contains("sector bitmap entry of chunk 0"),
+            "{f:?}"
+        );
+        assert_eq!(
+            (f.severity, f.kind),
+            (Severity::Warning, ErrorKind::Corrupt)
+        );
+        assert_eq!(f.field, Some(format!("BAT entry {index}")));
+        assert_eq!(f.offset, Some(bat + 8 * index));
     }
 }

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use uuid::Uuid;
-use vd_core::{Error, ErrorKind, ImageFlags, OpenFlags, Result, Storage, error_chain};
+use vd_core::{Error, ErrorKind, ImageFlags, OpenFlags, Result, Storage, Warning};
 
 use crate::bat::{Bat, Forbidden, Layout};
 use crate::error::{Corruption, io_err};
@@ -20,29 +20,11 @@ use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
 use crate::guid::Guid;
 use crate::header::{ActiveHeader, HeaderUpdate, read_headers, read_identifier, update_headers};
 use crate::locator::ParentLocator;
-use crate::log::{EntrySummary, OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
+use crate::log::{OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
 use crate::metadata::{Metadata, read_metadata};
 use crate::region::{RegionTable, read_region_table};
+use crate::report::{LogReplay, LogState};
 use crate::write_state::WriteState;
-
-/// What happened to the log at open.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LogState {
-    /// Whether the header asked for a replay.
-    pub dirty: bool,
-    /// How the log was replayed: `none`, `file` or `memory`.
-    pub replay: &'static str,
-    /// Entries in the active sequence.
-    pub entries: usize,
-    /// Sequence number of the head entry.
-    pub head_sequence: u64,
-    /// Log offset and length.
-    pub offset: u64,
-    /// Log length.
-    pub length: u64,
-    /// The replayed entries, oldest first.
-    pub sequence: Vec<EntrySummary>,
-}
 
 /// The state of an open image, which the change, check and dump modules work on.
 ///
@@ -89,9 +71,10 @@ pub(crate) struct Engine {
     /// What happened to the log at open.
     pub(crate) log: LogState,
     /// The tolerated deviations found at open.
-    pub(crate) warnings: Vec<String>,
-    /// Structures the file ends before (a tolerant read-only open): errors for `check`.
-    pub(crate) truncated: Vec<String>,
+    pub(crate) warnings: Vec<Warning>,
+    /// Structures the file ends before (a tolerant read-only open): warnings of the open, and
+    /// errors for `check`.
+    pub(crate) truncated: Vec<Warning>,
     pub(crate) write_state: Mutex<WriteState>,
 }
 
@@ -110,15 +93,11 @@ impl Engine {
         let headers = read_headers(file.as_ref(), file_len, strict)?;
         let mut warnings = headers.warnings;
         let mut header = headers.active;
-        let mut log = LogState {
-            dirty: !header.log_guid().is_zero(),
-            replay: "none",
-            entries: 0,
-            head_sequence: 0,
-            offset: header.log_offset(),
-            length: header.log_length(),
-            sequence: Vec::new(),
-        };
+        let mut log = LogState::new(
+            !header.log_guid().is_zero(),
+            header.log_offset(),
+            header.log_length(),
+        );
         // Structures the file ends before, each as the error a refusing open returns.
         let mut truncation: Vec<Error> = Vec::new();
         let mut storage = file.clone();
@@ -147,14 +126,14 @@ impl Engine {
                 if strict {
                     return Err(c.clone().at("log entry", *at));
                 }
-                warnings.push(error_chain(&c.clone().at("log entry", *at)));
+                warnings.push(Warning::from_error(&c.clone().at("log entry", *at)));
             }
             // Read through the replayed log in memory until the image is known to be sound.
             storage = Arc::new(
                 OverlayStorage::new(file.clone(), &p)
                     .map_err(|e| io_err("cannot replay the log in memory", e))?,
             );
-            log.replay = "memory";
+            log.replay = LogReplay::Memory;
             plan = Some(p);
         }
         let regions = read_region_table(
@@ -195,7 +174,7 @@ impl Engine {
                 );
             }
         }
-        let truncated: Vec<String> = truncation.iter().map(|e| error_chain(e)).collect();
+        let truncated: Vec<Warning> = truncation.iter().map(Warning::from_error).collect();
         if (strict || !read_only)
             && let Some(first) = truncation.into_iter().next()
         {
@@ -207,7 +186,6 @@ impl Engine {
             );
             return Err(first);
         }
-        warnings.extend(truncated.iter().cloned());
         let mut forbidden = vec![
             Forbidden {
                 start: 0,
@@ -250,10 +228,16 @@ impl Engine {
         let mut write_len = file_len;
         if let Some(plan) = plan {
             if read_only {
-                warnings.push(format!(
-                    "the log holds {} entries to replay; replayed in memory (the file is read-only)",
-                    plan.entries
-                ));
+                warnings.push(Warning {
+                    kind: ErrorKind::ReadOnly,
+                    field: Some("log".into()),
+                    offset: Some(header.log_offset()),
+                    message: format!(
+                        "the log holds {} entries to replay; replayed in memory (the file is \
+                         read-only)",
+                        plan.entries
+                    ),
+                });
             } else {
                 // Replaying is the first change: the image must be whole before it.
                 bat.verify_all(Err)?;
@@ -262,7 +246,7 @@ impl Engine {
                 header = update_headers(&file, &header, HeaderUpdate::new_file_write_guid())?;
                 apply(file.as_ref(), &plan).map_err(|e| io_err("cannot replay the log", e))?;
                 header = update_headers(&file, &header, HeaderUpdate::log_guid(Guid::ZERO))?;
-                log.replay = "file";
+                log.replay = LogReplay::File;
                 storage = file.clone();
                 // The replay may have extended the file to LastFileOffset.
                 write_len = file
@@ -277,7 +261,7 @@ impl Engine {
                 );
             }
         }
-        for w in &warnings {
+        for w in warnings.iter().chain(&truncated) {
             log::warn!("{}: {w}", path.display());
         }
         let mut write = WriteState::new(write_len);
@@ -390,5 +374,62 @@ impl Engine {
             .parent_locator
             .clone()
             .ok_or_else(|| Error::not_supported(what))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vd_core::{ErrorKind, MemStorage, OpenFlags, Storage};
+
+    use super::*;
+    use crate::format::MIB;
+    use crate::test_support::create;
+
+    /// A 4 MiB image with 1 MiB blocks, all four written, cut inside its BAT region.
+    fn truncated() -> Arc<dyn Storage> {
+        let (storage, image) = create(4 * MIB, &[("block_size", "1M")]);
+        image.write_at(0, &vec![7u8; 4 << 20]).unwrap();
+        image.close(false).unwrap();
+        let bat = Engine::open(storage.clone(), OpenFlags::READ_ONLY, Path::new("t"))
+            .unwrap()
+            .regions()
+            .bat;
+        let mut bytes = vec![0u8; usize::try_from(bat.offset + 4096).unwrap()];
+        storage.read_exact_at(0, &mut bytes).unwrap();
+        Arc::new(MemStorage::from_bytes(bytes))
+    }
+
+    #[test]
+    fn a_clean_image_opens_without_warnings() {
+        let (storage, image) = create(4 * MIB, &[]);
+        image.close(false).unwrap();
+        let engine = Engine::open(storage, OpenFlags::READ_ONLY, Path::new("t")).unwrap();
+        assert!(engine.warnings.is_empty() && engine.truncated.is_empty());
+        assert_eq!(engine.log.replay, LogReplay::None);
+        assert!(
+            engine.plain_file,
+            "no log overlay: data runs carry file offsets"
+        );
+        assert_eq!(engine.metadata().virtual_size, 4 * MIB);
+    }
+
+    #[test]
+    fn a_truncated_file_is_kept_apart_from_tolerated_deviations() {
+        let storage = truncated();
+        let engine = Engine::open(storage.clone(), OpenFlags::READ_ONLY, Path::new("t"))
+            .expect("a tolerant read-only open succeeds");
+        assert!(engine.warnings.is_empty(), "{:?}", engine.warnings);
+        assert_eq!(engine.truncated.len(), 1, "{:?}", engine.truncated);
+        let t = &engine.truncated[0];
+        assert_eq!(t.kind, ErrorKind::Corrupt);
+        assert_eq!(t.field.as_deref(), Some("BAT region"));
+        assert_eq!(t.offset, Some(engine.regions().bat.offset));
+        for flags in [OpenFlags::READ_ONLY | OpenFlags::STRICT, OpenFlags::empty()] {
+            let Err(e) = Engine::open(storage.clone(), flags, Path::new("t")) else {
+                panic!("{flags:?}: a truncated image must be refused");
+            };
+            assert_eq!(e.kind(), ErrorKind::Corrupt, "{flags:?}: {e}");
+            assert_eq!(e.context().path, None, "the engine attaches no path");
+        }
     }
 }

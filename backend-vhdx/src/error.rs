@@ -6,7 +6,7 @@
 
 use thiserror::Error;
 use uuid::Uuid;
-use vd_core::{Error, ErrorKind};
+use vd_core::{Error, ErrorKind, Warning};
 
 /// One violated rule of [MS-VHDX], with the values found.
 #[non_exhaustive]
@@ -415,6 +415,21 @@ impl Corruption {
 /// The [`Corruption`] behind a `vd_core` error, if any.
 pub fn corruption_of(err: &Error) -> Option<&Corruption> {
     std::error::Error::source(err).and_then(|s| s.downcast_ref::<Corruption>())
+}
+
+/// A deviation of `kind` in `field` at `offset` that an open tolerated.
+pub(crate) fn warning(
+    kind: ErrorKind,
+    field: impl Into<String>,
+    offset: u64,
+    message: impl Into<String>,
+) -> Warning {
+    Warning {
+        kind,
+        field: Some(field.into()),
+        offset: Some(offset),
+        message: message.into(),
+    }
 }
 
 /// An I/O error during `op`.

@@ -83,6 +83,27 @@ pub const USER_LCHS: Uuid = uuid!("6f2f6b0e-2a8c-4d0b-9b53-7a1c3d9e5a02");
 /// vd's user metadata item holding the comment (UTF-8).
 pub const USER_COMMENT: Uuid = uuid!("6f2f6b0e-2a8c-4d0b-9b53-7a1c3d9e5a03");
 
+/// The name of a GUID this crate knows (a region, a metadata item, the parent locator type),
+/// for dumps.
+pub fn guid_name(guid: Uuid) -> Option<&'static str> {
+    Some(match guid {
+        REGION_BAT => "BAT",
+        REGION_METADATA => "metadata",
+        META_FILE_PARAMETERS => "file parameters",
+        META_VIRTUAL_DISK_SIZE => "virtual disk size",
+        META_VIRTUAL_DISK_ID => "virtual disk ID",
+        META_LOGICAL_SECTOR_SIZE => "logical sector size",
+        META_PHYSICAL_SECTOR_SIZE => "physical sector size",
+        META_PARENT_LOCATOR => "parent locator",
+        PARENT_LOCATOR_TYPE_VHDX => "VHDX parent locator type",
+        META_INCOMPLETE_FILE => "incomplete file",
+        USER_PCHS => "vd physical geometry",
+        USER_LCHS => "vd logical geometry",
+        USER_COMMENT => "vd comment",
+        _ => return None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -148,5 +169,9 @@ mod tests {
         ];
         let set: std::collections::HashSet<_> = all.iter().collect();
         assert_eq!(set.len(), all.len());
+        let names: std::collections::HashSet<_> =
+            all.iter().map(|g| guid_name(*g).expect("named")).collect();
+        assert_eq!(names.len(), all.len(), "each known GUID has its own name");
+        assert_eq!(guid_name(Uuid::nil()), None);
     }
 }

@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use vd_core::{Error, ErrorKind, Result, Storage};
+use vd_core::{Error, ErrorKind, Result, Storage, Warning};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::checksum::crc32c_with_zero_field;
-use crate::error::{Corruption, io_at};
+use crate::error::{Corruption, io_at, warning};
 use crate::format::{
     FILE_SIGNATURE, FileIdentifier, HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIGNATURE,
     HEADER_SIZE, Header, MAX_LOG_SIZE, MIB,
@@ -231,7 +231,7 @@ pub struct Headers {
     /// The current header.
     pub active: ActiveHeader,
     /// Tolerated problems (one bad header, equal sequence numbers).
-    pub warnings: Vec<String>,
+    pub warnings: Vec<Warning>,
 }
 
 /// Reads both headers and picks the current one: the only valid one, or the valid one with the
@@ -271,23 +271,36 @@ pub fn read_headers(storage: &dyn Storage, file_len: u64, strict: bool) -> Resul
                 return Err(Corruption::HeaderSequenceTie { sequence: sa }
                     .at("header sequence number", HEADER_OFFSETS[0] + 8));
             } else {
-                warnings.push(format!(
-                    "both headers have sequence number {sa} but differ; using header 1"
+                warnings.push(warning(
+                    ErrorKind::Corrupt,
+                    "header sequence number",
+                    HEADER_OFFSETS[0] + 8,
+                    format!("both headers have sequence number {sa} but differ; using header 1"),
                 ));
                 0
             }
         }
         (Ok(_), Err(e)) => {
-            warnings.push(format!(
-                "header 2 at {:#x} is invalid ({e}); using header 1",
-                HEADER_OFFSETS[1]
+            warnings.push(warning(
+                ErrorKind::Corrupt,
+                "header 2",
+                HEADER_OFFSETS[1],
+                format!(
+                    "header 2 at {:#x} is invalid ({e}); using header 1",
+                    HEADER_OFFSETS[1]
+                ),
             ));
             0
         }
         (Err(e), Ok(_)) => {
-            warnings.push(format!(
-                "header 1 at {:#x} is invalid ({e}); using header 2",
-                HEADER_OFFSETS[0]
+            warnings.push(warning(
+                ErrorKind::Corrupt,
+                "header 1",
+                HEADER_OFFSETS[0],
+                format!(
+                    "header 1 at {:#x} is invalid ({e}); using header 2",
+                    HEADER_OFFSETS[0]
+                ),
             ));
             1
         }
@@ -430,6 +443,13 @@ mod tests {
         let read = read_headers(s.as_ref(), 4 * MIB, false).unwrap();
         assert_eq!((read.active.slot, read.active.sequence), (0, 8));
         assert_eq!(read.warnings.len(), 1);
+        // The warning names the damaged copy as a typed location.
+        let w = &read.warnings[0];
+        assert_eq!(w.kind, ErrorKind::Corrupt);
+        assert_eq!(
+            (w.field.as_deref(), w.offset),
+            (Some("header 2"), Some(HEADER_OFFSETS[1]))
+        );
     }
 
     #[test]

@@ -2,22 +2,22 @@
 //! that holds its state. Each method hands its work to the engine and attaches the path to
 //! the errors it returns, in one place ([`on`]).
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use uuid::Uuid;
 use vd_core::{
-    CheckReport, Error, ErrorKind, Extent, Geometry, Image, ImageFlags, MappedExtent, OpenFlags,
-    OpenRequest, Result, StorageProvider,
+    CheckReport, Error, ErrorKind, Extent, Facts, Geometry, Image, ImageFlags, MappedExtent,
+    OpenFlags, OpenRequest, Result, StorageProvider, Warning,
 };
 
 use crate::bat::Layout;
-use crate::engine::{Engine, LogState};
+use crate::engine::Engine;
 use crate::error::io_err;
 use crate::guid::{USER_LCHS, USER_PCHS};
 use crate::locator::candidate_paths;
 use crate::metadata::Metadata;
+use crate::report::LogState;
 
 /// An opened VHDX image.
 ///
@@ -195,7 +195,7 @@ impl Image for VhdxImage {
     }
 
     fn file_size(&self) -> Result<u64> {
-        self.engine.file_size()
+        self.at(self.engine.file_size())
     }
 
     fn image_flags(&self) -> ImageFlags {
@@ -208,7 +208,7 @@ impl Image for VhdxImage {
 
     /// Stored in vd's user metadata item when set; synthesised otherwise.
     fn pchs_geometry(&self) -> Result<Geometry> {
-        self.engine.geometry(USER_PCHS, Geometry::synthesize_pchs)
+        self.at(self.engine.geometry(USER_PCHS, Geometry::synthesize_pchs))
     }
 
     /// Stored as vd's own non-required user metadata item, which other readers ignore.
@@ -218,7 +218,7 @@ impl Image for VhdxImage {
 
     /// Stored in vd's user metadata item when set; synthesised otherwise.
     fn lchs_geometry(&self) -> Result<Geometry> {
-        self.engine.geometry(USER_LCHS, Geometry::synthesize_lchs)
+        self.at(self.engine.geometry(USER_LCHS, Geometry::synthesize_lchs))
     }
 
     /// Stored as vd's own non-required user metadata item.
@@ -228,7 +228,7 @@ impl Image for VhdxImage {
 
     /// vd's user metadata item (VHDX itself has no comment).
     fn comment(&self) -> Result<Option<String>> {
-        self.engine.comment()
+        self.at(self.engine.comment())
     }
 
     fn set_comment(&self, comment: Option<&str>) -> Result<()> {
@@ -297,27 +297,27 @@ impl Image for VhdxImage {
 
     /// `parent_linkage`: the parent's DataWriteGuid when this child was made.
     fn parent_uuid(&self) -> Result<Uuid> {
-        self.engine.parent_uuid()
+        self.at(self.engine.parent_uuid())
     }
 
     /// `parent_linkage2`, where present and not nil.
     fn parent_modification_uuid(&self) -> Result<Uuid> {
-        self.engine.parent_modification_uuid()
+        self.at(self.engine.parent_modification_uuid())
     }
 
     /// The first path key of the parent locator: `relative_path`, `volume_path`, then
     /// `absolute_win32_path`.
     fn parent_filename(&self) -> Result<String> {
-        self.engine.parent_filename()
+        self.at(self.engine.parent_filename())
     }
 
     /// `relative_path` resolved against this image's folder, then `volume_path` and
     /// `absolute_win32_path` mapped to this host where possible, then each path's file name
     /// next to this image.
     fn parent_candidates(&self) -> Result<Vec<PathBuf>> {
-        let loc = self
+        let loc = self.at(self
             .engine
-            .parent_locator("parent lookup of images without a parent")?;
+            .parent_locator("parent lookup of images without a parent"))?;
         Ok(candidate_paths(&loc, &self.path, self.provider.as_ref()))
     }
 
@@ -353,18 +353,65 @@ impl Image for VhdxImage {
     /// read as zeros.
     fn repair(&self, dry_run: bool) -> Result<CheckReport> {
         let _ = dry_run;
-        self.engine.check()
+        self.at(self.engine.check())
     }
 
-    fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
-        self.at(self.engine.dump(out))
+    fn dump(&self) -> Result<Facts> {
+        self.at(self.engine.dump().map(Facts::new))
     }
 
-    fn warnings(&self) -> Vec<String> {
-        self.engine.warnings.clone()
+    /// The tolerated deviations, then the structures a truncated file lacks.
+    fn warnings(&self) -> Vec<Warning> {
+        self.engine
+            .warnings
+            .iter()
+            .chain(&self.engine.truncated)
+            .cloned()
+            .collect()
     }
 
-    fn details(&self) -> serde_json::Value {
-        self.engine.details()
+    fn details(&self) -> Option<Facts> {
+        Some(Facts::new(self.engine.details()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use vd_core::{ErrorKind, Image, OpenFlags};
+
+    use crate::format::MIB;
+    use crate::test_support::{create, reopen};
+
+    #[test]
+    fn errors_name_the_image_once() {
+        let (storage, image) = create(4 * MIB, &[]);
+        image.close(false).unwrap();
+        let img = reopen(&storage, OpenFlags::READ_ONLY);
+        let mut buf = [0u8; 512];
+        let e = img.read_at(4 * MIB, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
+        assert_eq!(e.context().path.as_deref(), Some(Path::new("t.vhdx")));
+        assert_eq!(e.to_string().matches("t.vhdx").count(), 1, "{e}");
+        let e = img.write_at(0, &buf).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ReadOnly);
+        assert_eq!(e.context().path.as_deref(), Some(Path::new("t.vhdx")));
+        let e = img.parent_uuid().unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotSupported);
+        assert_eq!(e.context().path.as_deref(), Some(Path::new("t.vhdx")));
+    }
+
+    #[test]
+    fn the_image_reports_typed_facts() {
+        let (storage, image) = create(4 * MIB, &[]);
+        image.close(false).unwrap();
+        let img = reopen(&storage, OpenFlags::READ_ONLY);
+        assert!(img.warnings().is_empty());
+        assert!(img.repair(true).unwrap().is_clean());
+        let details = serde_json::to_value(img.details()).unwrap();
+        assert_eq!(details["type"], "dynamic");
+        let dump = serde_json::to_value(img.dump().unwrap()).unwrap();
+        assert_eq!(dump["region_table"]["regions"][0]["name"], "BAT");
     }
 }

@@ -150,16 +150,20 @@ mod meta_edit;
 mod metadata;
 mod read;
 mod region;
+mod report;
 mod resize;
 mod write;
 mod write_state;
 
 pub use bat::{BatSummary, BlockState, Layout};
-pub use engine::LogState;
 pub use error::{BlockRef, Corruption, corruption_of};
 pub use guid::{USER_COMMENT, USER_LCHS, USER_PCHS};
 pub use image::VhdxImage;
 pub use log::EntrySummary;
+pub use report::{
+    BatFacts, Details, Dump, HeaderFacts, IdentifierFacts, ImageType, ItemFacts, LogReplay,
+    LogState, RegionFacts, RegionTableFacts,
+};
 
 /// The file-type identifier signature at offset 0 ([MS-VHDX] 2.2.1).
 pub const FILE_SIGNATURE: [u8; 8] = *b"vhdxfile";

@@ -4,11 +4,11 @@
 //! item's contents are `locator`'s.
 
 use uuid::Uuid;
-use vd_core::{Error, ErrorKind, Result, Storage};
+use vd_core::{Error, ErrorKind, Result, Storage, Warning};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::error::{Corruption, fit, io_at};
+use crate::error::{Corruption, fit, io_at, warning};
 use crate::format::{
     FileParameterFlags, FileParameters, MAX_BLOCK_SIZE, MAX_METADATA_ENTRIES, MAX_METADATA_ITEM,
     MAX_VIRTUAL_SIZE, METADATA_SIGNATURE, METADATA_TABLE_SIZE, MIN_BLOCK_SIZE, MetadataFlags,
@@ -394,7 +394,7 @@ fn check_flags(
     virtual_disk: bool,
     at: u64,
     strict: bool,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Result<()> {
     if item.is_required && item.is_virtual_disk == virtual_disk {
         return Ok(());
@@ -409,10 +409,11 @@ fn check_flags(
             "IsRequired only"
         },
     };
+    let field = format!("{name} metadata item");
     if strict {
-        return Err(c.at(format!("{name} metadata item"), at));
+        return Err(c.at(field, at));
     }
-    warnings.push(c.to_string());
+    warnings.push(warning(c.kind(), field, at, c.to_string()));
     Ok(())
 }
 
@@ -424,7 +425,7 @@ pub fn read_metadata(
     storage: &dyn Storage,
     region: Region,
     strict: bool,
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Result<Metadata> {
     let table_off = region.offset;
     let mut buf = vec![0u8; METADATA_TABLE_SIZE];
@@ -517,9 +518,11 @@ pub fn read_metadata(
             return Err(Corruption::UnknownRequiredMetadata { guid: item.guid }
                 .at(format!("metadata table entry {i}"), entry_off));
         }
-        warnings.push(format!(
-            "ignoring unknown optional metadata item {}",
-            item.guid
+        warnings.push(warning(
+            ErrorKind::NotSupported,
+            format!("metadata table entry {i}"),
+            entry_off,
+            format!("ignoring unknown optional metadata item {}", item.guid),
         ));
     }
     let find = |guid: Uuid, name: &'static str| {
@@ -532,7 +535,7 @@ pub fn read_metadata(
     let at = |item: &MetadataItem| region.offset + u64::from(item.offset);
 
     // Finds a system item and checks its length and flags.
-    let system = |k: &KnownItem, warnings: &mut Vec<String>| -> Result<MetadataItem> {
+    let system = |k: &KnownItem, warnings: &mut Vec<Warning>| -> Result<MetadataItem> {
         let item = find(k.guid, k.name)?;
         if let Some(len) = k.length {
             fixed_len(&item, k.name, len, at(&item))?;
@@ -654,7 +657,7 @@ mod tests {
         }
     }
 
-    fn parse(items: &[ItemData]) -> (Result<Metadata>, Vec<u8>, Vec<String>) {
+    fn parse(items: &[ItemData]) -> (Result<Metadata>, Vec<u8>, Vec<Warning>) {
         let bytes = build_metadata_region(items, LEN).unwrap();
         let mut file = vec![0u8; usize::try_from(AT).unwrap()];
         file.extend_from_slice(&bytes);
@@ -757,6 +760,14 @@ mod tests {
         let (m, _, warnings) = parse(&items);
         assert!(m.is_ok());
         assert_eq!(warnings.len(), 1);
+        assert_eq!(warnings[0].kind, ErrorKind::NotSupported);
+        assert!(
+            warnings[0]
+                .field
+                .as_deref()
+                .is_some_and(|f| f.starts_with("metadata table entry")),
+            "{warnings:?}"
+        );
         items.pop();
         items.push(ItemData::new(unknown, MetadataFlags::IS_REQUIRED, vec![1]));
         let err = parse(&items).0.unwrap_err();

@@ -2,11 +2,11 @@
 //! (alignment, inside the file, no overlaps with each other, the header section or the log).
 
 use uuid::Uuid;
-use vd_core::{Result, Storage};
+use vd_core::{ErrorKind, Result, Storage, Warning};
 use zerocopy::FromBytes;
 
 use crate::checksum::crc32c_with_zero_field;
-use crate::error::{Corruption, fit, io_at};
+use crate::error::{Corruption, fit, io_at, warning};
 use crate::format::{
     HEADER_SECTION_SIZE, MAX_REGION_ENTRIES, MIB, REGION_SIGNATURE, REGION_TABLE_OFFSETS,
     REGION_TABLE_SIZE, RegionFlags, RegionTableEntry, RegionTableHeader,
@@ -98,7 +98,7 @@ pub fn read_region_table(
     storage: &dyn Storage,
     file_len: u64,
     log: (u64, u64),
-    warnings: &mut Vec<String>,
+    warnings: &mut Vec<Warning>,
 ) -> Result<RegionTable> {
     let mut copies = Vec::with_capacity(2);
     for &off in &REGION_TABLE_OFFSETS {
@@ -116,19 +116,30 @@ pub fn read_region_table(
     let (copy, regions) = match (first, second) {
         (Ok(a), Ok(b)) => {
             if a != b {
-                warnings.push("the two region tables differ; using copy 1".into());
+                warnings.push(warning(
+                    ErrorKind::Corrupt,
+                    "region table 2",
+                    REGION_TABLE_OFFSETS[1],
+                    "the two region tables differ; using copy 1",
+                ));
             }
             (0, a)
         }
         (Ok(a), Err(e)) => {
-            warnings.push(format!(
-                "region table copy 2 is invalid ({e}); using copy 1"
+            warnings.push(warning(
+                ErrorKind::Corrupt,
+                "region table 2",
+                REGION_TABLE_OFFSETS[1],
+                format!("region table copy 2 is invalid ({e}); using copy 1"),
             ));
             (0, a)
         }
         (Err(e), Ok(b)) => {
-            warnings.push(format!(
-                "region table copy 1 is invalid ({e}); using copy 2"
+            warnings.push(warning(
+                ErrorKind::Corrupt,
+                "region table 1",
+                REGION_TABLE_OFFSETS[0],
+                format!("region table copy 1 is invalid ({e}); using copy 2"),
             ));
             (1, b)
         }
@@ -180,7 +191,12 @@ pub fn read_region_table(
         } else if r.required {
             return Err(Corruption::UnknownRequiredRegion { guid: r.guid }.at(field, entry_off));
         } else {
-            warnings.push(format!("ignoring unknown optional region {}", r.guid));
+            warnings.push(warning(
+                ErrorKind::NotSupported,
+                field.clone(),
+                entry_off,
+                format!("ignoring unknown optional region {}", r.guid),
+            ));
             others.push(*r);
             ranges.push((r.offset, r.length, format!("region {}", r.guid)));
             continue;
@@ -265,7 +281,7 @@ pub fn build_region_table(t: &RegionTable) -> Result<Vec<u8>> {
     out.get_mut(..bytes.len())
         .ok_or_else(|| {
             vd_core::Error::new(
-                vd_core::ErrorKind::OutOfRange,
+                ErrorKind::OutOfRange,
                 format!("{} regions do not fit in the region table", regions.len()),
             )
         })?
@@ -334,6 +350,19 @@ mod tests {
         assert_eq!(t.copy, 1);
         assert_eq!(t.bat, table().bat);
         assert!(!warnings.is_empty());
+        assert!(
+            warnings.iter().any(|w| w.kind == ErrorKind::Corrupt
+                && w.field.as_deref() == Some("region table 1")
+                && w.offset == Some(REGION_TABLE_OFFSETS[0])),
+            "{warnings:?}"
+        );
+        // The table's unknown optional region is a typed "not supported" warning.
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.kind == ErrorKind::NotSupported && w.message.contains("optional region")),
+            "{warnings:?}"
+        );
     }
 
     #[test]

@@ -456,6 +456,7 @@ mod tests {
     use vd_core::OpenFlags;
 
     use crate::format::MIB;
+    use crate::report::LogReplay;
     use crate::test_support::{create, read, reopen};
 
     #[test]
@@ -498,7 +499,7 @@ mod tests {
         std::mem::forget(image);
         let again = reopen(&s, OpenFlags::READ_ONLY);
         assert!(again.log_state().dirty);
-        assert_eq!(again.log_state().replay, "memory");
+        assert_eq!(again.log_state().replay, LogReplay::Memory);
         assert!(read(&again, 0, 4096).iter().all(|&b| b == 1));
     }
 }

@@ -422,7 +422,7 @@ fn bat_region_past_the_end_is_a_warning_or_an_error() {
     assert!(
         img.warnings()
             .iter()
-            .any(|w| w.contains("BAT region") && w.contains("truncated")),
+            .any(|w| w.message.contains("BAT region") && w.message.contains("truncated")),
         "{:?}",
         img.warnings()
     );
@@ -486,7 +486,9 @@ fn dirty_log_over_missing_blocks_never_reads_zeros() {
     let fs = mem_fs(b.clone());
     let img = open_in(&fs, OpenFlags::READ_ONLY).expect("tolerant open replays in memory");
     assert!(
-        img.warnings().iter().any(|w| w.contains("LastFileOffset")),
+        img.warnings()
+            .iter()
+            .any(|w| w.message.contains("LastFileOffset")),
         "{:?}",
         img.warnings()
     );

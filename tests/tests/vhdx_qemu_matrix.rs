@@ -764,6 +764,11 @@ fn same_bytes(a: &Path, b: &Path) -> bool {
     true
 }
 
+/// The image's typed details as JSON.
+fn details_json(img: &dyn vd_core::Image) -> serde_json::Value {
+    serde_json::to_value(img.details()).expect("details as JSON")
+}
+
 fn log_details(disk_or_image: &serde_json::Value) -> (bool, String) {
     let log = disk_or_image
         .get("log")
@@ -812,7 +817,7 @@ fn check_dirty_log(name: &str, log: &DirtyLog<'_>, len: u64) {
     // 1. Read-only: replayed in memory, the file untouched.
     {
         let disk = open_ro(&image);
-        let (dirty, replay) = log_details(&disk.top().details());
+        let (dirty, replay) = log_details(&details_json(disk.top()));
         assert!(dirty, "{name}: the log is not reported dirty");
         assert_eq!(
             replay, "memory",
@@ -840,7 +845,7 @@ fn check_dirty_log(name: &str, log: &DirtyLog<'_>, len: u64) {
     let img = Registry::builtin()
         .open(&image, OpenFlags::empty())
         .unwrap_or_else(|e| panic!("{name}: read-write open failed: {e}"));
-    let (dirty, replay) = log_details(&img.details());
+    let (dirty, replay) = log_details(&details_json(img.as_ref()));
     assert!(dirty, "{name}: the log is not reported dirty");
     assert_eq!(
         replay, "file",
@@ -856,7 +861,7 @@ fn check_dirty_log(name: &str, log: &DirtyLog<'_>, len: u64) {
     // 3. Clean now: for us, and for qemu.
     {
         let disk = open_ro(&image);
-        let (dirty, replay) = log_details(&disk.top().details());
+        let (dirty, replay) = log_details(&details_json(disk.top()));
         assert!(
             !dirty,
             "{name}: the log is still dirty after a read-write open"

@@ -14,13 +14,14 @@
 //! (`#[linkme::distributed_slice(vd_core::BACKENDS)]`) so that every binary linking it sees it;
 //! [`Registry::register`] is for formats that only one host knows about, such as plugins.
 
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use vd_core::{
-    Backend, Capabilities, Confidence, Disk, DiskOptions, Error, ErrorKind, Extent, ExtentKind,
-    Image, ImageFlags, OpenFlags, OpenRequest, Registry, Result, Storage, check_range,
+    Backend, ByteSize, Capabilities, Confidence, Disk, DiskOptions, Error, ErrorKind, Extent,
+    ExtentKind, Facts, Image, ImageFlags, OpenFlags, OpenRequest, Registry, Result, Storage,
+    check_range,
 };
 
 /// The file signature at offset 0.
@@ -160,16 +161,20 @@ impl Image for PatternImage {
         }])
     }
 
-    fn dump(&self, out: &mut dyn Write) -> Result<()> {
-        writeln!(
-            out,
-            "pattern image {}: {} bytes, seed {:#04x}",
-            self.path.display(),
-            self.size,
-            self.seed
-        )
-        .map_err(|e| Error::io("cannot write the dump", e))
+    /// The header's fields, typed: a front end renders them as text or JSON.
+    fn dump(&self) -> Result<Facts> {
+        Ok(Facts::new(PatternDump {
+            virtual_size: ByteSize(self.size),
+            seed: self.seed,
+        }))
     }
+}
+
+/// What [`Image::dump`] reports about a pattern image.
+#[derive(serde::Serialize)]
+struct PatternDump {
+    virtual_size: ByteSize,
+    seed: u8,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -231,7 +236,7 @@ fn main() -> std::result::Result<(), Box<dyn std::error::Error>> {
     for (pos, b) in (0x1_2345..).zip(head) {
         assert_eq!(b, pattern_byte(pos, seed), "byte {pos:#x}");
     }
-    disk.top().dump(&mut io::stdout())?;
+    println!("dump: {}", serde_json::to_string(&disk.top().dump()?)?);
     disk.close()?;
 
     // A file without the signature is not ours; nothing else is linked to claim it.

@@ -754,10 +754,6 @@ mod tests {
             check_range(offset, len, self.model.size)?;
             Ok(self.model.clip(offset, len))
         }
-
-        fn dump(&self, _out: &mut dyn Write) -> Result<()> {
-            Ok(())
-        }
     }
 
     /// A random layer of `size` bytes: runs of random kinds and lengths; the data runs are
@@ -1022,9 +1018,6 @@ mod tests {
             }
             fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
                 self.0.map(offset, len)
-            }
-            fn dump(&self, _out: &mut dyn Write) -> Result<()> {
-                Ok(())
             }
         }
         let model = fixed_model(

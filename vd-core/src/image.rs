@@ -1,6 +1,5 @@
 //! One opened image: the per-image half of VirtualBox's `VDIMAGEBACKEND`.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -10,6 +9,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::flags::{ImageFlags, OpenFlags};
 use crate::geometry::Geometry;
 use crate::mapping::{MappedExtent, Mapping, merge_extents};
+use crate::report::{CheckReport, Facts, Warning};
 
 /// What a range of an image holds, as far as this one image knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -33,41 +33,6 @@ pub struct Extent {
     pub length: u64,
     /// What the run holds.
     pub kind: ExtentKind,
-}
-
-/// Severity of a finding of [`Image::repair`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Severity {
-    /// Tolerated deviation from the format.
-    Warning,
-    /// Corruption or inconsistency.
-    Error,
-}
-
-/// One problem found by a check.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Finding {
-    /// How bad it is.
-    pub severity: Severity,
-    /// What is wrong, naming the structure and offset.
-    pub message: String,
-    /// Whether a repair fixed it.
-    pub repaired: bool,
-}
-
-/// The result of [`Image::repair`].
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct CheckReport {
-    /// Everything found.
-    pub findings: Vec<Finding>,
-}
-
-impl CheckReport {
-    /// Whether nothing (not even a warning) was found.
-    pub fn is_clean(&self) -> bool {
-        self.findings.is_empty()
-    }
 }
 
 /// Progress callback: `(done, total)` in arbitrary units.
@@ -435,20 +400,22 @@ pub trait Image: Send + Sync {
         Err(Error::not_supported("checking"))
     }
 
-    /// Writes a human-readable description of every on-disk structure (`pfnDump`).
+    /// Describes every on-disk structure (`pfnDump`), as typed facts a front end renders.
     ///
     /// # Errors
-    /// I/O errors.
-    fn dump(&self, out: &mut dyn io::Write) -> Result<()>;
+    /// `NotSupported`; I/O errors.
+    fn dump(&self) -> Result<Facts> {
+        Err(Error::not_supported("dumping"))
+    }
 
     /// Tolerated deviations found while opening.
-    fn warnings(&self) -> Vec<String> {
+    fn warnings(&self) -> Vec<Warning> {
         Vec::new()
     }
 
     /// Format-specific facts for `info` (like qemu-img's "format specific information").
-    fn details(&self) -> serde_json::Value {
-        serde_json::Value::Null
+    fn details(&self) -> Option<Facts> {
+        None
     }
 }
 
@@ -589,9 +556,6 @@ mod tests {
                 kind: ExtentKind::Zero,
             }])
         }
-        fn dump(&self, out: &mut dyn io::Write) -> Result<()> {
-            writeln!(out, "bare").map_err(|e| Error::io("dump", e))
-        }
     }
 
     fn bare(size: u64) -> Bare {
@@ -630,6 +594,7 @@ mod tests {
             ("compact", img.compact(&mut |_, _| {})),
             ("resize", img.resize(8192, &mut |_, _| {})),
             ("repair", img.repair(true).map(drop)),
+            ("dump", img.dump().map(drop)),
             ("rename", img.rename(Path::new("/x"))),
         ];
         for (op, r) in results {
@@ -637,7 +602,7 @@ mod tests {
             assert_eq!(e.kind(), ErrorKind::NotSupported, "{op}: {e}");
         }
         assert!(img.warnings().is_empty());
-        assert_eq!(img.details(), serde_json::Value::Null);
+        assert!(img.details().is_none());
     }
 
     #[test]
@@ -777,27 +742,12 @@ mod tests {
     }
 
     #[test]
-    fn reports_and_debug_output() {
-        let mut r = CheckReport::default();
-        assert!(r.is_clean());
-        r.findings.push(Finding {
-            severity: Severity::Warning,
-            message: "odd".into(),
-            repaired: false,
-        });
-        assert!(!r.is_clean(), "a warning is a finding");
-        assert_eq!(
-            serde_json::to_value(&r).expect("json")["findings"][0]["severity"],
-            "warning"
-        );
+    fn debug_output_names_the_image() {
         let img: Box<dyn Image> = Box::new(bare(4096));
         let d = format!("{img:?}");
         assert!(
             d.contains("bare") && d.contains("child.img") && d.contains("4096"),
             "{d}"
         );
-        let mut out = Vec::new();
-        img.dump(&mut out).expect("dump");
-        assert_eq!(out, b"bare\n");
     }
 }

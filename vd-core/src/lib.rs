@@ -39,6 +39,7 @@ mod image;
 mod lock;
 mod mapping;
 mod registry;
+mod report;
 mod storage;
 
 // Also built for vd-core's own unit tests, which use its test backends.
@@ -50,13 +51,11 @@ pub use disk::{Disk, DiskExtent, DiskOptions, MAX_CHAIN_DEPTH};
 pub use error::{Context, Error, ErrorKind, LinkageMismatch, Result, error_chain};
 pub use flags::{Capabilities, ImageFlags, OpenFlags, flag_names};
 pub use geometry::{Geometry, parse_size};
-pub use image::{
-    CheckReport, Extent, ExtentKind, Finding, Image, Progress, Severity, check_parent_identity,
-    check_range,
-};
+pub use image::{Extent, ExtentKind, Image, Progress, check_parent_identity, check_range};
 pub use lock::LockConflict;
 pub use mapping::{MappedExtent, Mapping, merge_extents, push_extent};
 pub use registry::{BACKENDS, ProbeMatch, Registry, StagedImage};
+pub use report::{ByteSize, CheckReport, Facts, Finding, Offset, Severity, Warning};
 pub use storage::{
     FileStorage, FileSystem, MemFileSystem, MemStorage, OpenMode, Storage, StorageProvider,
     StorageRun,

@@ -17,6 +17,7 @@ mod cli;
 mod commands;
 mod exit;
 mod render;
+mod tree;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();

@@ -340,19 +340,29 @@ fn dump_and_info_describe_vhdx_structures() {
     let img = qemu_vhdx(dir.path());
     let text = stdout(&vd(&["dump", s(&img)]));
     for needle in [
-        "file identifier: creator \"QEMU",
-        "header (slot",
-        "2dc27766-f623-4200-9d64-115e9bfd4a08",
-        "caa16737-fa36-4d43-b3b6-33f0aa44e76b",
-        "chunk ratio 4096",
-        "fully present 3",
-        "log: clean",
+        "file_identifier:\n  creator: QEMU",
+        "header:\n  slot: ",
+        "- guid: 2dc27766-f623-4200-9d64-115e9bfd4a08, name: BAT, offset: 0x",
+        "- guid: caa16737-fa36-4d43-b3b6-33f0aa44e76b, name: file parameters",
+        "chunk_ratio: 4096",
+        "fully_present: 3",
+        "log:\n  dirty: false\n  replay: none",
     ] {
         assert!(text.contains(needle), "dump lacks {needle:?}:\n{text}");
     }
+    // JSON holds the same structures as typed values, not lines of text.
     let v = json(&vd(&["dump", "--output", "json", s(&img)]));
     assert_eq!(v["format"], "vhdx");
-    assert!(v["lines"].as_array().unwrap().len() > 5);
+    let st = &v["structures"];
+    assert_eq!(st["bat"]["chunk_ratio"], 4096);
+    assert_eq!(st["bat"]["fully_present"], 3);
+    assert_eq!(st["bat"]["block_size"], 1 << 20);
+    assert_eq!(st["log"]["dirty"], false);
+    assert_eq!(st["log"]["replay"], "none");
+    let bat = &st["region_table"]["regions"][0];
+    assert_eq!(bat["guid"], "2dc27766-f623-4200-9d64-115e9bfd4a08");
+    assert_eq!(bat["name"], "BAT");
+    assert!(bat["offset"].as_u64().unwrap() >= 1 << 20, "{bat}");
     let info = stdout(&vd(&["info", s(&img)]));
     for needle in [
         "file format: vhdx",

@@ -8,7 +8,7 @@
 //!
 //! [`Disk`]: crate::Disk
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -149,9 +149,6 @@ impl Image for TagImage {
             length: len,
             kind: ExtentKind::Data,
         }])
-    }
-    fn dump(&self, out: &mut dyn Write) -> Result<()> {
-        writeln!(out, "tag image {}", self.path.display()).map_err(|e| Error::io("dump", e))
     }
 }
 
@@ -689,10 +686,6 @@ impl Image for LayerImage {
             }
         }
         Ok(pieces)
-    }
-
-    fn dump(&self, out: &mut dyn Write) -> Result<()> {
-        writeln!(out, "{:?}", *self.header()).map_err(|e| self.io("cannot dump", e))
     }
 }
 

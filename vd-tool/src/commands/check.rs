@@ -29,10 +29,10 @@ pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Res
         Some(f) => registry.open_as(f, &args.file, flags),
         None => registry.open(&args.file, flags),
     };
-    let cannot_open = |e: &vd_core::Error| Finding {
-        severity: Severity::Error,
-        message: format!("the image cannot be opened: {}", vd_core::error_chain(e)),
-        repaired: false,
+    let cannot_open = |e: &vd_core::Error| {
+        let mut f = Finding::from_error(Severity::Error, e);
+        f.message = format!("the image cannot be opened: {}", f.message);
+        f
     };
     let (format, findings) = match open(flags) {
         Ok(img) => {
@@ -46,14 +46,11 @@ pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Res
         Err(e)
             if args.repair && matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidHeader) =>
         {
-            let refused = Finding {
-                severity: Severity::Error,
-                message: format!(
-                    "not repaired, the image was left unchanged: {}",
-                    vd_core::error_chain(&e)
-                ),
-                repaired: false,
-            };
+            let mut refused = Finding::from_error(Severity::Error, &e);
+            refused.message = format!(
+                "not repaired, the image was left unchanged: {}",
+                refused.message
+            );
             match open(args.share.read_only()) {
                 Ok(img) => {
                     let mut report = img.repair(true)?;

@@ -1,16 +1,18 @@
 //! `vd-tool dump FILE`: every on-disk structure, as the backend describes it.
 
 use serde::Serialize;
-use vd_core::{OpenFlags, Registry};
+use vd_core::{Facts, OpenFlags, Registry};
 
 use crate::cli::{DumpArgs, Output};
-use crate::render::{emit, sanitize};
+use crate::render::emit;
+use crate::tree::{Node, write_tree};
 
 #[derive(Debug, Serialize)]
 struct DumpResult {
     file: String,
     format: &'static str,
-    lines: Vec<String>,
+    /// The backend's typed description of its on-disk structures.
+    structures: Facts,
 }
 
 pub fn run(registry: &Registry, args: &DumpArgs, output: Output) -> anyhow::Result<u8> {
@@ -19,21 +21,17 @@ pub fn run(registry: &Registry, args: &DumpArgs, output: Output) -> anyhow::Resu
         Some(f) => registry.open_as(f, &args.file, flags),
         None => registry.open(&args.file, flags),
     }?;
-    let mut text = Vec::new();
-    img.dump(&mut text)?;
     let result = DumpResult {
         file: args.file.display().to_string(),
         format: img.format(),
-        lines: String::from_utf8_lossy(&text)
-            .lines()
-            .map(str::to_string)
-            .collect(),
+        structures: img.dump()?,
     };
     emit(output, &result, |out, r| {
-        for l in &r.lines {
-            writeln!(out, "{}", sanitize(l))?;
-        }
-        Ok(())
+        write_tree(
+            out,
+            &Node::of(&r.structures).map_err(std::io::Error::other)?,
+            0,
+        )
     })?;
     img.close(false)?;
     Ok(crate::exit::OK)

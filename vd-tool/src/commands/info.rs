@@ -4,11 +4,14 @@ use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 
 use serde::Serialize;
-use vd_core::{ErrorKind, Geometry, Image, OpenFlags, Registry, Result as VdResult, flag_names};
+use vd_core::{
+    ErrorKind, Facts, Geometry, Image, OpenFlags, Registry, Result as VdResult, Warning, flag_names,
+};
 
 use crate::cli::{InfoArgs, Output};
 use crate::commands::open_disk_with;
 use crate::render::{emit, human_size, sanitize};
+use crate::tree::{Node, write_tree};
 
 /// What `info` reports about one image.
 #[derive(Debug, Serialize)]
@@ -36,9 +39,9 @@ pub struct ImageInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     comment: Option<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    warnings: Vec<String>,
-    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
-    format_specific: serde_json::Value,
+    warnings: Vec<Warning>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    format_specific: Option<Facts>,
 }
 
 /// `Ok(None)` for optional facts the format does not have.
@@ -114,23 +117,12 @@ fn write_human(out: &mut dyn Write, i: &ImageInfo) -> std::io::Result<()> {
             writeln!(out, "{label}: {}", sanitize(v))?;
         }
     }
-    if let Some(obj) = i.format_specific.as_object() {
+    if let Some(facts) = &i.format_specific {
         writeln!(out, "format specific information:")?;
-        for (k, v) in obj {
-            if v.is_null()
-                || (k == "log" && !i.format_specific["log"]["dirty"].as_bool().unwrap_or(false))
-            {
-                continue;
-            }
-            let text = match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            writeln!(out, "    {k}: {}", sanitize(&text))?;
-        }
+        write_tree(out, &Node::of(facts).map_err(std::io::Error::other)?, 4)?;
     }
     for w in &i.warnings {
-        writeln!(out, "warning: {}", sanitize(w))?;
+        writeln!(out, "warning: {}", sanitize(&w.message))?;
     }
     Ok(())
 }
