@@ -102,7 +102,9 @@ impl Engine {
 
 #[cfg(test)]
 mod tests {
-    use vd_core::{ErrorKind, OpenFlags, Severity};
+    use std::sync::Arc;
+
+    use vd_core::{ErrorKind, Finding, OpenFlags, Severity, Storage};
 
     use crate::format::{BatEntry, BitmapState, MIB, PayloadState};
     use crate::test_support::{create, reopen};
@@ -117,6 +119,19 @@ mod tests {
             .check()
             .unwrap();
         assert!(report.is_clean(), "{report:?}");
+    }
+
+    /// Stores `entry` at `at` in the BAT and checks the image, which must find one problem.
+    fn only_finding(storage: &Arc<dyn Storage>, at: u64, entry: BatEntry) -> Finding {
+        storage
+            .write_all_at(at, &entry.raw().to_le_bytes())
+            .unwrap();
+        let report = reopen(storage, OpenFlags::READ_ONLY)
+            .engine
+            .check()
+            .unwrap();
+        assert_eq!(report.findings.len(), 1, "{report:?}");
+        report.findings[0].clone()
     }
 
     #[test]
@@ -136,15 +151,7 @@ mod tests {
             BatEntry::payload(PayloadState::FullyPresent, first.file_offset())
         );
         // Block 1 claims block 0's space.
-        storage
-            .write_all_at(bat + 8, &first.raw().to_le_bytes())
-            .unwrap();
-        let report = reopen(&storage, OpenFlags::READ_ONLY)
-            .engine
-            .check()
-            .unwrap();
-        assert_eq!(report.findings.len(), 1, "{report:?}");
-        let overlap = &report.findings[0];
+        let overlap = &only_finding(&storage, bat + 8, first);
         assert!(overlap.message.contains("overlaps"), "{overlap:?}");
         assert_eq!(
             (overlap.severity, overlap.kind),
@@ -168,15 +175,7 @@ mod tests {
         let index = layout.bitmap_index(0);
         assert!(index < layout.entries, "{layout:?}");
         let stray = BatEntry::bitmap(BitmapState::Present, 0);
-        storage
-            .write_all_at(bat + 8 * index, &stray.raw().to_le_bytes())
-            .unwrap();
-        let report = reopen(&storage, OpenFlags::READ_ONLY)
-            .engine
-            .check()
-            .unwrap();
-        assert_eq!(report.findings.len(), 1, "{report:?}");
-        let f = &report.findings[0];
+        let f = &only_finding(&storage, bat + 8 * index, stray);
         assert!(
             f.message.contains("sector bitmap entry of chunk 0"),
             "{f:?}"

@@ -675,144 +675,17 @@ pub fn build_entry(params: &EntryParams, pages: &[(u64, Vec<u8>)]) -> Result<Vec
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::format::{Descriptor, LogEntryHeader, MIB};
-    use zerocopy::FromBytes;
-
-    const LOG_AT: u64 = MIB;
-    const FILE_LEN: u64 = 8 * MIB;
-
-    fn guid() -> Guid {
-        Guid::from_uuid(uuid::uuid!("0123abcd-0000-4000-8000-00000000beef"))
-    }
-
-    fn params(sequence: u64, tail: u64) -> EntryParams {
-        EntryParams {
-            guid: guid(),
-            sequence,
-            tail,
-            flushed_file_offset: FILE_LEN,
-            last_file_offset: FILE_LEN,
-        }
-    }
-
-    fn page(fill: u8) -> Vec<u8> {
-        let mut p = vec![fill; 4096];
-        p[0] = 0xAA; // leading bytes
-        p[4095] = 0xBB; // trailing bytes
-        p
-    }
-
-    #[test]
-    fn entry_header_and_descriptors_round_trip() {
-        let pages = vec![(5 * MIB, page(1)), (5 * MIB + 4096, page(2))];
-        let e = build_entry(&params(0x1_0000_0002, 0), &pages).unwrap();
-        // One descriptor sector (2 descriptors + header fit), then two data sectors.
-        assert_eq!(e.len(), 3 * 4096);
-        let (h, rest) = LogEntryHeader::read_from_prefix(&e).unwrap();
-        assert_eq!(h.signature.get(), LOG_ENTRY_SIGNATURE);
-        assert_eq!(h.checksum.get(), crc32c_with_zero_field(&e, 4));
-        assert_eq!(h.entry_length.get(), 3 * 4096);
-        assert_eq!(h.sequence_number.get(), 0x1_0000_0002);
-        assert_eq!(h.descriptor_count.get(), 2);
-        assert_eq!(h.log_guid, guid());
-        assert_eq!(
-            (h.flushed_file_offset.get(), h.last_file_offset.get()),
-            (FILE_LEN, FILE_LEN)
-        );
-        let (d, _) = <[Descriptor]>::ref_from_prefix_with_elems(rest, 2).unwrap();
-        assert_eq!(d[1].signature.get(), DATA_DESC_SIGNATURE);
-        assert_eq!(d[1].file_offset.get(), 5 * MIB + 4096);
-        assert_eq!(d[1].leading_bytes, [0xAA, 2, 2, 2, 2, 2, 2, 2]);
-        assert_eq!(d[1].trailing_bytes, [2, 2, 2, 0xBB]);
-        let (s, _) = DataSector::read_from_prefix(&e[2 * 4096..]).unwrap();
-        assert_eq!(s.signature.get(), DATA_SECTOR_SIGNATURE);
-        assert_eq!((s.sequence_high.get(), s.sequence_low.get()), (1, 2));
-    }
-
-    #[test]
-    fn descriptor_sectors_grow_with_the_page_count() {
-        // 126 descriptors fit in the first sector with the header; the 127th needs another.
-        let pages: Vec<(u64, Vec<u8>)> = (0..127).map(|i| (i * 4096, page(0))).collect();
-        let e = build_entry(&params(1, 0), &pages[..126]).unwrap();
-        assert_eq!(e.len(), (1 + 126) * 4096);
-        let e = build_entry(&params(1, 0), &pages).unwrap();
-        assert_eq!(e.len(), (2 + 127) * 4096);
-        assert_eq!(max_pages_per_entry(MIB), 253);
-    }
-
-    #[test]
-    fn build_rejects_a_short_page() {
-        assert!(build_entry(&params(1, 0), &[(0, vec![0; 100])]).is_err());
-    }
-
-    fn log_with(entries: &[Vec<u8>]) -> Vec<u8> {
-        let mut log = Vec::new();
-        for e in entries {
-            log.extend_from_slice(e);
-        }
-        log.resize(usize::try_from(MIB).unwrap(), 0);
-        log
-    }
-
-    #[test]
-    fn plan_replays_the_active_sequence_in_order() {
-        let first = build_entry(&params(7, 0), &[(4 * MIB, page(1))]).unwrap();
-        let second = build_entry(&params(8, 0), &[(4 * MIB, page(2))]).unwrap();
-        let log = log_with(&[first, second]);
-        let plan = plan_replay(&log, LOG_AT, guid(), FILE_LEN).unwrap();
-        assert_eq!((plan.entries, plan.head_sequence), (2, 8));
-        assert_eq!(plan.summary[0].log_offset, 0);
-        assert_eq!(plan.summary[1].log_offset, 2 * 4096);
-        let data: Vec<(u64, u8)> = plan
-            .writes
-            .iter()
-            .map(|w| match w {
-                LogWrite::Data { offset, data } => (*offset, data[1]),
-                LogWrite::Zero { offset, .. } => (*offset, 0),
-            })
-            .collect();
-        assert_eq!(data, [(4 * MIB, 1), (4 * MIB, 2)]);
-        assert!(plan.beyond_file.is_empty());
-    }
-
-    #[test]
-    fn plan_rejects_other_guids_and_truncated_files() {
-        let e = build_entry(&params(7, 0), &[(4 * MIB, page(1))]).unwrap();
-        let log = log_with(&[e]);
-        let other = Guid::from_uuid(uuid::uuid!("99999999-0000-4000-8000-000000000000"));
-        let err = plan_replay(&log, LOG_AT, other, FILE_LEN).unwrap_err();
-        assert_eq!(
-            crate::error::corruption_of(&err),
-            Some(&Corruption::NoActiveLogSequence)
-        );
-        let err = plan_replay(&log, LOG_AT, guid(), FILE_LEN - MIB).unwrap_err();
-        assert!(matches!(
-            crate::error::corruption_of(&err),
-            Some(Corruption::LogTruncatedFile { .. })
-        ));
-    }
-
-    #[test]
-    fn plan_refuses_writes_into_the_header_section() {
-        let e = build_entry(&params(7, 0), &[(64 * 1024, page(1))]).unwrap();
-        assert!(plan_replay(&log_with(&[e]), LOG_AT, guid(), FILE_LEN).is_err());
-    }
-}
-
-#[cfg(test)]
 #[allow(
     clippy::cast_possible_truncation,
     reason = "test offsets and lengths are at most a few MiB"
 )]
-mod replay_tests {
+mod tests {
     use super::*;
     use crate::error::corruption_of;
-    use crate::format::MIB;
+    use crate::format::{Descriptor, LogEntryHeader, MIB};
     use vd_core::MemStorage;
-    use zerocopy::IntoBytes;
     use zerocopy::little_endian::{U32, U64};
+    use zerocopy::{FromBytes, IntoBytes};
 
     /// The log region: 16 sectors at 1 MiB.
     const LOG_OFFSET: u64 = MIB;
@@ -1326,5 +1199,109 @@ mod replay_tests {
         );
         let err = read_log(&s, 2 * S, 2 * S).expect_err("past the end");
         assert_eq!(err.kind(), vd_core::ErrorKind::Io);
+    }
+
+    /// A 4 KiB page of `fill` with marker bytes at both ends, so the descriptor's leading and
+    /// trailing bytes show where they came from.
+    fn marked_page(fill: u8) -> Vec<u8> {
+        let mut p = vec![fill; 4096];
+        p[0] = 0xAA; // leading bytes
+        p[4095] = 0xBB; // trailing bytes
+        p
+    }
+
+    /// A log holding `entries` one after the other from its start.
+    fn log_of(entries: &[Vec<u8>]) -> Vec<u8> {
+        let mut l = log();
+        let mut pos = 0;
+        for e in entries {
+            put(&mut l, pos, e);
+            pos += e.len() as u64;
+        }
+        l
+    }
+
+    #[test]
+    fn entry_header_and_descriptors_round_trip() {
+        let pages = vec![(5 * MIB, marked_page(1)), (5 * MIB + 4096, marked_page(2))];
+        let e = build_entry(&params(0x1_0000_0002, 0), &pages).unwrap();
+        // One descriptor sector (2 descriptors + header fit), then two data sectors.
+        assert_eq!(e.len(), 3 * 4096);
+        let (h, rest) = LogEntryHeader::read_from_prefix(&e).unwrap();
+        assert_eq!(h.signature.get(), LOG_ENTRY_SIGNATURE);
+        assert_eq!(h.checksum.get(), crc32c_with_zero_field(&e, 4));
+        assert_eq!(h.entry_length.get(), 3 * 4096);
+        assert_eq!(h.sequence_number.get(), 0x1_0000_0002);
+        assert_eq!(h.descriptor_count.get(), 2);
+        assert_eq!(h.log_guid, guid());
+        assert_eq!(
+            (h.flushed_file_offset.get(), h.last_file_offset.get()),
+            (FILE_LEN, FILE_LEN)
+        );
+        let (d, _) = <[Descriptor]>::ref_from_prefix_with_elems(rest, 2).unwrap();
+        assert_eq!(d[1].signature.get(), DATA_DESC_SIGNATURE);
+        assert_eq!(d[1].file_offset.get(), 5 * MIB + 4096);
+        assert_eq!(d[1].leading_bytes, [0xAA, 2, 2, 2, 2, 2, 2, 2]);
+        assert_eq!(d[1].trailing_bytes, [2, 2, 2, 0xBB]);
+        let (s, _) = DataSector::read_from_prefix(&e[2 * 4096..]).unwrap();
+        assert_eq!(s.signature.get(), DATA_SECTOR_SIGNATURE);
+        assert_eq!((s.sequence_high.get(), s.sequence_low.get()), (1, 2));
+    }
+
+    #[test]
+    fn descriptor_sectors_grow_with_the_page_count() {
+        // 126 descriptors fit in the first sector with the header; the 127th needs another.
+        let pages: Vec<(u64, Vec<u8>)> = (0..127).map(|i| (i * 4096, marked_page(0))).collect();
+        let e = build_entry(&params(1, 0), &pages[..126]).unwrap();
+        assert_eq!(e.len(), (1 + 126) * 4096);
+        let e = build_entry(&params(1, 0), &pages).unwrap();
+        assert_eq!(e.len(), (2 + 127) * 4096);
+        assert_eq!(max_pages_per_entry(MIB), 253);
+    }
+
+    #[test]
+    fn build_rejects_a_short_page() {
+        assert!(build_entry(&params(1, 0), &[(0, vec![0; 100])]).is_err());
+    }
+
+    #[test]
+    fn plan_replays_the_active_sequence_in_order() {
+        let first = build_entry(&params(7, 0), &[(4 * MIB, marked_page(1))]).unwrap();
+        let second = build_entry(&params(8, 0), &[(4 * MIB, marked_page(2))]).unwrap();
+        let log = log_of(&[first, second]);
+        let plan = plan_replay(&log, LOG_OFFSET, guid(), 2 * FILE_LEN).unwrap();
+        assert_eq!((plan.entries, plan.head_sequence), (2, 8));
+        assert_eq!(plan.summary[0].log_offset, 0);
+        assert_eq!(plan.summary[1].log_offset, 2 * 4096);
+        let data: Vec<(u64, u8)> = plan
+            .writes
+            .iter()
+            .map(|w| match w {
+                LogWrite::Data { offset, data } => (*offset, data[1]),
+                LogWrite::Zero { offset, .. } => (*offset, 0),
+            })
+            .collect();
+        assert_eq!(data, [(4 * MIB, 1), (4 * MIB, 2)]);
+        assert!(plan.beyond_file.is_empty());
+    }
+
+    #[test]
+    fn plan_rejects_other_guids_and_truncated_files() {
+        let e = build_entry(&params(7, 0), &[(4 * MIB, marked_page(1))]).unwrap();
+        let log = log_of(&[e]);
+        let other = Guid::from_uuid(uuid::uuid!("99999999-0000-4000-8000-000000000000"));
+        let err = plan_replay(&log, LOG_OFFSET, other, FILE_LEN).unwrap_err();
+        assert_eq!(corruption_of(&err), Some(&Corruption::NoActiveLogSequence));
+        let err = plan_replay(&log, LOG_OFFSET, guid(), FILE_LEN - MIB).unwrap_err();
+        assert!(matches!(
+            corruption_of(&err),
+            Some(Corruption::LogTruncatedFile { .. })
+        ));
+    }
+
+    #[test]
+    fn plan_refuses_writes_into_the_header_section() {
+        let e = build_entry(&params(7, 0), &[(64 * 1024, marked_page(1))]).unwrap();
+        assert!(plan_replay(&log_of(&[e]), LOG_OFFSET, guid(), FILE_LEN).is_err());
     }
 }

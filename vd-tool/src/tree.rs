@@ -150,6 +150,24 @@ fn leaf(v: impl ToString) -> Result<Node, TreeError> {
     Ok(Node::Leaf(v.to_string()))
 }
 
+/// The `serialize_*` methods of plain values (numbers, booleans, characters, strings): each
+/// value's text, passed through `$wrap`.
+macro_rules! plain_values {
+    ($ok:ty, $wrap:expr) => {
+        plain_values!($ok, $wrap; serialize_bool: bool, serialize_i8: i8, serialize_i16: i16,
+            serialize_i32: i32, serialize_i64: i64, serialize_u8: u8, serialize_u16: u16,
+            serialize_u32: u32, serialize_u64: u64, serialize_f32: f32, serialize_f64: f64,
+            serialize_char: char, serialize_str: &str);
+    };
+    ($ok:ty, $wrap:expr; $($method:ident: $ty:ty),*) => {
+        $(
+            fn $method(self, v: $ty) -> Result<$ok, TreeError> {
+                Ok($wrap(v.to_string()))
+            }
+        )*
+    };
+}
+
 impl ser::Serializer for NodeSerializer {
     type Ok = Node;
     type Error = TreeError;
@@ -161,45 +179,7 @@ impl ser::Serializer for NodeSerializer {
     type SerializeStruct = RecordBuilder;
     type SerializeStructVariant = RecordBuilder;
 
-    fn serialize_bool(self, v: bool) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_i8(self, v: i8) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_i16(self, v: i16) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_i32(self, v: i32) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_i64(self, v: i64) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_u8(self, v: u8) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_u16(self, v: u16) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_u32(self, v: u32) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_u64(self, v: u64) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_f32(self, v: f32) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_f64(self, v: f64) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_char(self, v: char) -> Result<Node, TreeError> {
-        leaf(v)
-    }
-    fn serialize_str(self, v: &str) -> Result<Node, TreeError> {
-        leaf(v)
-    }
+    plain_values!(Node, Node::Leaf);
     fn serialize_bytes(self, v: &[u8]) -> Result<Node, TreeError> {
         leaf(v.iter().map(|b| format!("{b:02x}")).collect::<String>())
     }
@@ -325,49 +305,30 @@ impl ListBuilder {
     }
 }
 
-impl ser::SerializeSeq for ListBuilder {
-    type Ok = Node;
-    type Error = TreeError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), TreeError> {
-        self.push(value)
-    }
-    fn end(self) -> Result<Node, TreeError> {
-        Ok(self.finish())
-    }
+/// `SerializeSeq` and its tuple kin for [`ListBuilder`]: each element is pushed.
+macro_rules! list_builder {
+    ($($trait:ident :: $method:ident),*) => {
+        $(
+            impl ser::$trait for ListBuilder {
+                type Ok = Node;
+                type Error = TreeError;
+                fn $method<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), TreeError> {
+                    self.push(value)
+                }
+                fn end(self) -> Result<Node, TreeError> {
+                    Ok(self.finish())
+                }
+            }
+        )*
+    };
 }
 
-impl ser::SerializeTuple for ListBuilder {
-    type Ok = Node;
-    type Error = TreeError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), TreeError> {
-        self.push(value)
-    }
-    fn end(self) -> Result<Node, TreeError> {
-        Ok(self.finish())
-    }
-}
-
-impl ser::SerializeTupleStruct for ListBuilder {
-    type Ok = Node;
-    type Error = TreeError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), TreeError> {
-        self.push(value)
-    }
-    fn end(self) -> Result<Node, TreeError> {
-        Ok(self.finish())
-    }
-}
-
-impl ser::SerializeTupleVariant for ListBuilder {
-    type Ok = Node;
-    type Error = TreeError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, value: &T) -> Result<(), TreeError> {
-        self.push(value)
-    }
-    fn end(self) -> Result<Node, TreeError> {
-        Ok(self.finish())
-    }
-}
+list_builder!(
+    SerializeSeq::serialize_element,
+    SerializeTuple::serialize_element,
+    SerializeTupleStruct::serialize_field,
+    SerializeTupleVariant::serialize_field
+);
 
 /// Builds a [`Node::Record`].
 struct RecordBuilder {
@@ -459,45 +420,7 @@ impl ser::Serializer for KeySerializer {
     type SerializeStruct = Impossible<String, TreeError>;
     type SerializeStructVariant = Impossible<String, TreeError>;
 
-    fn serialize_bool(self, v: bool) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_i8(self, v: i8) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_i16(self, v: i16) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_i32(self, v: i32) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_i64(self, v: i64) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_u8(self, v: u8) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_u16(self, v: u16) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_u32(self, v: u32) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_u64(self, v: u64) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_f32(self, v: f32) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_f64(self, v: f64) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_char(self, v: char) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
-    fn serialize_str(self, v: &str) -> Result<String, TreeError> {
-        Ok(v.to_string())
-    }
+    plain_values!(String, std::convert::identity);
     fn serialize_bytes(self, _v: &[u8]) -> Result<String, TreeError> {
         Err(not_a_key())
     }

@@ -333,6 +333,19 @@ fn info(img: &Path) -> serde_json::Value {
 /// Writes that cross block boundaries, are unaligned in offset and length, zero and discard
 /// parts of blocks and whole blocks (after data went there), and touch the last sector. Ops
 /// that do not fit in `size` are left out.
+/// `vd-tool create -f vhdx -o OPTS IMG SIZE`, which must succeed.
+fn vd_create(img: &Path, opts: &str, size: u64) {
+    vd_ok(&[
+        "create",
+        "-f",
+        "vhdx",
+        "-o",
+        opts,
+        s(img),
+        &size.to_string(),
+    ]);
+}
+
 fn ops_for(bs: u64, size: u64) -> Vec<Op> {
     let big = bs.min(4 * MIB) + 8 * KIB;
     let ops = [
@@ -401,15 +414,7 @@ fn created_images_written_by_us_pass_qemu_check_and_read_back() {
         let name = format!("{sub}-{}M{more}", bs / MIB);
         let img = dir.path().join(format!("{name}.vhdx"));
         let opts = format!("subformat={sub},block_size={}M{more}", bs / MIB);
-        vd_ok(&[
-            "create",
-            "-f",
-            "vhdx",
-            "-o",
-            &opts,
-            s(&img),
-            &size.to_string(),
-        ]);
+        vd_create(&img, &opts, size);
         let mut ops = ops_for(bs, size);
         if size > 4 * GIB {
             // Past 4 GiB, and across the 4 GiB line; also across a chunk boundary (block 4096
@@ -465,15 +470,7 @@ fn sector_size_options_read_back_in_libvhdi_and_ours() {
         let img = dir.path().join(format!("{name}.vhdx"));
         let opts =
             format!("block_size=1M,logical_sector_size={logical},physical_sector_size={physical}");
-        vd_ok(&[
-            "create",
-            "-f",
-            "vhdx",
-            "-o",
-            &opts,
-            s(&img),
-            &size.to_string(),
-        ]);
+        vd_create(&img, &opts, size);
         let ops = ops_for(MIB, size);
         let mut reference = Reference::new(dir.path().join(format!("{name}.raw")), size);
         reference.apply(&ops);
@@ -686,15 +683,7 @@ fn qemu_writes_into_our_images_read_back_in_ours() {
         let name = format!("{sub}-{}M", bs / MIB);
         let img = dir.path().join(format!("{name}.vhdx"));
         let opts = format!("subformat={sub},block_size={}M", bs / MIB);
-        vd_ok(&[
-            "create",
-            "-f",
-            "vhdx",
-            "-o",
-            &opts,
-            s(&img),
-            &size.to_string(),
-        ]);
+        vd_create(&img, &opts, size);
         // qemu's vhdx driver has no discard; its zero writes fall back to writing zeros.
         let mut ops: Vec<Op> = ops_for(bs, size)
             .into_iter()
@@ -788,15 +777,7 @@ fn check_chain(dir: &Path, by: ParentBy, logical: u64) {
     match by {
         ParentBy::Us => {
             let opts = format!("block_size=1M,logical_sector_size={logical}");
-            vd_ok(&[
-                "create",
-                "-f",
-                "vhdx",
-                "-o",
-                &opts,
-                s(&parent),
-                &size.to_string(),
-            ]);
+            vd_create(&parent, &opts, size);
             vd_write(&parent, &parent_ops);
         }
         ParentBy::Qemu => {
@@ -926,15 +907,7 @@ fn unaligned_zeroing_and_discard_in_a_child_succeed() {
         let parent = dir.path().join(format!("parent-{logical}.vhdx"));
         let child = dir.path().join(format!("child-{logical}.vhdx"));
         let opts = format!("block_size=1M,logical_sector_size={logical}");
-        vd_ok(&[
-            "create",
-            "-f",
-            "vhdx",
-            "-o",
-            &opts,
-            s(&parent),
-            &size.to_string(),
-        ]);
+        vd_create(&parent, &opts, size);
         vd_write(&parent, &[w(0, size, 0x61)]);
         vd_ok(&["create", "-f", "vhdx", "-b", s(&parent), s(&child)]);
         let mut reference = Reference::new(dir.path().join(format!("ref-{logical}.raw")), size);
@@ -1289,15 +1262,7 @@ fn bat_bytes(img: &Path) -> Vec<u8> {
 /// without, maps and qemu-io reads of the written ranges stand in for that.
 fn crash_and_repair(dir: &Path, plan: &Plan, kills: &[(usize, u64)], full_pass: bool) {
     let create = |img: &Path| {
-        vd_ok(&[
-            "create",
-            "-f",
-            "vhdx",
-            "-o",
-            "block_size=1M",
-            s(img),
-            &plan.size.to_string(),
-        ]);
+        vd_create(img, "block_size=1M", plan.size);
     };
     let mut killed_runs = 0;
     for (n, &(lines, ms)) in kills.iter().enumerate() {
@@ -1433,15 +1398,7 @@ fn killed_writer_leaves_an_image_both_repairs_agree_on() {
 
     // An uninterrupted run: every write durable.
     let full = dir.path().join("full.vhdx");
-    vd_ok(&[
-        "create",
-        "-f",
-        "vhdx",
-        "-o",
-        "block_size=1M",
-        s(&full),
-        &plan.size.to_string(),
-    ]);
+    vd_create(&full, "block_size=1M", plan.size);
     let (fates, _) = crash_run(&full, &plan, None);
     assert!(fates.iter().all(|&f| f == Fate::Durable));
     let raw = dir.path().join("full.raw");
