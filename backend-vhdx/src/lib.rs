@@ -30,7 +30,8 @@
 //! engine   check, dump, compact, resize, meta_edit
 //!          write, read         impl Engine blocks (see below)
 //!          engine              Engine: the open image's state, and the open
-//! format   create              writes a new file and returns
+//! format   report              typed facts: LogState, Details, Dump
+//!          create              writes a new file and returns
 //!          bat
 //!          metadata
 //!          header, log, region, locator, write_state
@@ -44,7 +45,9 @@
 //! writer), `meta_edit`, `resize`, `compact`, `check` and `dump` add `impl Engine` blocks that
 //! use its fields directly; none of them knows the image's path. `image` wraps an `Engine` with
 //! the path and storage provider as `VhdxImage`, whose `Image` methods each hand their work to
-//! the engine and attach the path to errors in one place.
+//! the engine and attach the path to errors in one place. `report` holds the typed facts the
+//! engine reports (the log's state, `details`, `dump`) as `Serialize` structs that front ends
+//! render; warnings and check findings are `vd_core::Warning` and `vd_core::Finding`.
 //! `create` writes a file with the format modules only; `lib` opens it afterwards. `metadata`
 //! builds the table it parses and lists the known system items once; `locator` parses and
 //! builds parent locators and lists where a parent may be; `write_state` holds a writable
