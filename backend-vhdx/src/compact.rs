@@ -21,13 +21,15 @@ enum Owner {
 impl Engine {
     pub(crate) fn compact(&self, progress: vd_core::Progress<'_>) -> Result<()> {
         self.check_writable("compacting")?;
-        let layout = self.layout();
         let storage = self.storage.clone();
         let mut ws = self.write_state.lock();
+        let layout = self.layout();
         // Everything is read and validated before the first write: `begin` checks the whole
         // BAT (refusing a truncated image) before it updates the header, and the block list
         // below reads every entry again (cached entries included).
         self.preflight(&mut ws)?;
+        // No read may see a block in a place it leaves, or past the truncated end.
+        let _moving = self.relocation.relocate();
         // Structures that never move.
         let regions = self.regions();
         let header = *self.header.read();

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock, RwLockReadGuard};
 use uuid::Uuid;
-use vd_core::{Error, ErrorKind, ImageFlags, OpenFlags, Result, Storage, Warning};
+use vd_core::{Error, ErrorKind, ImageFlags, OpenFlags, RelocationLock, Result, Storage, Warning};
 
 use crate::bat::{Bat, Forbidden, Layout};
 use crate::error::{Corruption, io_err};
@@ -30,29 +30,32 @@ use crate::write_state::WriteState;
 ///
 /// # Locks
 ///
-/// Reads take no lock across payload I/O. A read (or `map_file`) copies the [`Layout`] once
-/// per request (one shared lock) and then, per block, takes the BAT's page cache and
+/// Reads hold one lock across payload I/O: a shared hold of `relocation` for the whole
+/// request, so no block moves between mapping it and reading it (`Disk` holds it across its
+/// `map_file` and `read_file_at` calls through `Image::hold_layout`). A read copies the
+/// [`Layout`] once per request and then, per block, takes the BAT's page cache and
 /// forbidden-range locks briefly (shared, released before the next one is taken); the file is
-/// read after the mapping of each run is known, with no lock held.
+/// read after the mapping of each run is known.
 ///
 /// Lock order, outermost first; a lock further down is never held while one further up is
 /// taken:
-/// 1. `write_state` (the `WriteState` mutex): held for a whole change (write, discard,
-///    metadata edit, resize, compact, flush, close), so changes are serialised. Readers never
-///    take it.
-/// 2. `header`, then `meta`, then `regions`: each written only while `write_state` is held,
+/// 1. `write_state` (the `WriteState` mutex): held for a whole change (write, write-zeroes,
+///    discard, metadata edit, resize, compact, flush, close), so changes are serialised. The
+///    layout a change works with is read after it is taken. Readers never take it.
+/// 2. `relocation`: shared by reads (recursively, so a `Disk` hold and the engine's own nest),
+///    exclusive by compaction and resize, which take it after `write_state` and keep both to
+///    the end: no read sees a block, a bitmap or the BAT in a place it has left.
+/// 3. `header`, then `meta`, then `regions`: each written only while `write_state` is held,
 ///    and while no other lock of this list is held; shared guards nest only in this order
 ///    (`details` reads `meta` under `header`, `item_data` reads `regions` under `meta`).
-/// 3. The `Bat`'s own locks (`layout`, `forbidden`, the BAT page and sector-bitmap page
+/// 4. The `Bat`'s own locks (`layout`, `forbidden`, the BAT page and sector-bitmap page
 ///    caches): leaves, each held only inside one `Bat` method call, never while another lock is
 ///    taken.
 ///
 /// The write mutex stays held across payload writes: a write into a new block allocates the
 /// block, writes its data and only then publishes the BAT entry, and that sequence must not
-/// interleave with another writer allocating the same block; an overwrite of an existing block
-/// could run unlocked, but compaction and shrinking move or cut blocks under the same mutex,
-/// so an unlocked overwrite could land in a block's old place after it was moved (lost data).
-/// Releasing it would need a separate gate that compaction and resize take exclusively.
+/// interleave with another writer allocating the same block. An overwrite of an existing block
+/// could now run under a `relocation` hold instead; it does not yet (writes are serialised).
 pub(crate) struct Engine {
     /// What the image is read through: the file, or the file under a log replayed in memory.
     pub(crate) storage: Arc<dyn Storage>,
@@ -76,6 +79,9 @@ pub(crate) struct Engine {
     /// errors for `check`.
     pub(crate) truncated: Vec<Warning>,
     pub(crate) write_state: Mutex<WriteState>,
+    /// Held shared by every read request, exclusively by what moves or cuts data in the file
+    /// (compaction, resize).
+    pub(crate) relocation: RelocationLock,
 }
 
 impl Engine {
@@ -283,6 +289,7 @@ impl Engine {
             warnings,
             truncated,
             write_state: Mutex::new(write),
+            relocation: RelocationLock::new(),
         })
     }
 

@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use uuid::Uuid;
 use vd_core::{
-    CheckReport, Error, ErrorKind, Extent, Facts, Geometry, Image, ImageFlags, MappedExtent,
-    OpenFlags, OpenRequest, Result, StorageProvider, Warning,
+    CheckReport, Error, ErrorKind, Extent, Facts, Geometry, Image, ImageFlags, LayoutHold,
+    MappedExtent, OpenFlags, OpenRequest, Result, StorageProvider, Warning,
 };
 
 use crate::bat::Layout;
@@ -372,6 +372,11 @@ impl Image for VhdxImage {
 
     fn details(&self) -> Option<Facts> {
         Some(Facts::new(self.engine.details()))
+    }
+
+    /// Compaction and resize wait for the hold; see the lock order on the engine.
+    fn hold_layout(&self) -> LayoutHold<'_> {
+        self.engine.relocation.hold()
     }
 }
 

@@ -10,6 +10,7 @@ use crate::format::{LOG_SECTOR_SIZE, MetadataFlags};
 use crate::guid::{Guid, META_PARENT_LOCATOR, META_VIRTUAL_DISK_ID, USER_COMMENT};
 use crate::locator::parse_locator;
 use crate::metadata::{ItemData, build_metadata_region, read_metadata, set_item};
+use crate::write_state::WriteState;
 
 const MAX_COMMENT: usize = 64 * 1024;
 
@@ -86,11 +87,20 @@ impl Engine {
         edit: impl FnOnce(&mut Vec<ItemData>) -> Result<()>,
     ) -> Result<()> {
         self.check_writable("changing metadata")?;
+        let mut ws = self.write_state.lock();
+        self.edit_metadata_locked(&mut ws, edit)
+    }
+
+    /// [`edit_metadata`](Self::edit_metadata) for a change that holds the write state already.
+    pub(crate) fn edit_metadata_locked(
+        &self,
+        ws: &mut WriteState,
+        edit: impl FnOnce(&mut Vec<ItemData>) -> Result<()>,
+    ) -> Result<()> {
         let storage = self.storage.clone();
         let region = self.regions().metadata;
-        let mut ws = self.write_state.lock();
-        self.begin(&mut ws)?;
-        self.commit(&mut ws)?;
+        self.begin(ws)?;
+        self.commit(ws)?;
         let len = usize::try_from(region.length)
             .map_err(|_| Error::invalid_argument("metadata region too large"))?;
         let mut old = vec![0u8; len];
@@ -107,7 +117,7 @@ impl Engine {
                 ws.queue_page(region.offset + at, b.to_vec());
             }
         }
-        self.commit(&mut ws)?;
+        self.commit(ws)?;
         let mut warnings = Vec::new();
         let meta = read_metadata(storage.as_ref(), region, false, &mut warnings)?;
         *self.meta.write() = meta;

@@ -98,9 +98,16 @@ impl Engine {
     }
 
     /// Reads `buf` at `offset`: the request is resolved under one layout snapshot and each run
-    /// read as soon as it is known (no lock held during the read). Parent ranges read as
-    /// zeros.
+    /// read as soon as it is known, holding the layout (no block moves meanwhile) but no other
+    /// lock during the read. Parent ranges read as zeros.
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _hold = self.relocation.hold();
+        self.read_held(offset, buf)
+    }
+
+    /// [`read`](Self::read) for a caller that keeps blocks in place itself (one holding the
+    /// relocation lock exclusively, like a shrinking resize).
+    pub(crate) fn read_held(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let layout = self.bat.layout();
         check_range(offset, buf.len() as u64, layout.virtual_size)?;
         self.resolve(&layout, offset, buf.len() as u64, |off, n, src| {
@@ -140,6 +147,7 @@ impl Engine {
     /// Where each run of `[offset, offset + len)` lives: data at its file offset (none while a
     /// log replayed in memory lies over the file), zeros, or unallocated (the parent's).
     pub(crate) fn map_file(&self, offset: u64, len: u64) -> Result<Vec<MappedExtent>> {
+        let _hold = self.relocation.hold();
         let layout = self.bat.layout();
         check_range(offset, len, layout.virtual_size)?;
         let mut out: Vec<MappedExtent> = Vec::new();
@@ -166,6 +174,7 @@ impl Engine {
 
     /// A plain read of the image file (never through a log replayed in memory).
     pub(crate) fn read_file_at(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
+        let _hold = self.relocation.hold();
         self.file
             .read_exact_at(file_offset, buf)
             .map_err(|e| io_err("read failed", e).with_offset(file_offset))

@@ -19,10 +19,12 @@ use crate::format::{
 use crate::guid::META_VIRTUAL_DISK_SIZE;
 use crate::region::build_region_table;
 use crate::write::copy_range;
+use crate::write_state::WriteState;
 
 impl Engine {
     pub(crate) fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable("resizing")?;
+        let mut ws = self.write_state.lock();
         let old = self.layout();
         let ss = old.sector_size;
         if new_size == 0 || new_size > MAX_VIRTUAL_SIZE || !new_size.is_multiple_of(ss) {
@@ -43,10 +45,11 @@ impl Engine {
             ));
         }
         let storage = self.storage.clone();
-        let mut ws = self.write_state.lock();
         // Every check comes before the first write (the header update of `begin_visible`):
         // the whole BAT first, then the part of the disk a shrink cuts off.
         self.preflight(&mut ws)?;
+        // No read may see the BAT or a block in a place it leaves, or past a cut end.
+        let _moving = self.relocation.relocate();
         if new_size < old.virtual_size {
             // Nothing past the new end may hold data.
             let first_cut = new_size / old.block_size;
@@ -56,7 +59,7 @@ impl Engine {
                 let end = ((b + 1) * old.block_size).min(old.virtual_size);
                 if matches!(state, BlockState::Full(_) | BlockState::Partial(_)) {
                     let mut buf = vec![0u8; fit::<usize, _>(end - start, "block tail")?];
-                    self.read(start, &mut buf)?;
+                    self.read_held(start, &mut buf)?;
                     if buf.iter().any(|&x| x != 0) {
                         return Err(Error::invalid_argument(format!(
                             "the part of the disk beyond {new_size} bytes holds data (block {b}); discard it first"
@@ -67,9 +70,7 @@ impl Engine {
         }
         self.begin_visible(&mut ws)?;
         if new.entries * 8 > self.regions().bat.length {
-            drop(ws);
-            self.move_bat((new.entries * 8).div_ceil(MIB) * MIB)?;
-            ws = self.write_state.lock();
+            self.move_bat(&mut ws, (new.entries * 8).div_ceil(MIB) * MIB)?;
         }
         {
             if new_size < old.virtual_size {
@@ -99,8 +100,7 @@ impl Engine {
                 }
             }
         }
-        drop(ws);
-        self.edit_metadata(|items| {
+        self.edit_metadata_locked(&mut ws, |items| {
             crate::metadata::replace_item(
                 items,
                 META_VIRTUAL_DISK_SIZE,
@@ -117,14 +117,13 @@ impl Engine {
     ///
     /// Only the FileWriteGuid changes for the move itself: where the BAT lives is not what the
     /// disk reads.
-    fn move_bat(&self, new_len: u64) -> Result<()> {
+    fn move_bat(&self, ws: &mut WriteState, new_len: u64) -> Result<()> {
         let storage = self.storage.clone();
-        let mut ws = self.write_state.lock();
-        self.begin(&mut ws)?;
-        self.commit(&mut ws)?;
+        self.begin(ws)?;
+        self.commit(ws)?;
         let mut table = self.regions();
         let old = table.bat;
-        let new_off = self.allocate(&mut ws, new_len)?;
+        let new_off = self.allocate(ws, new_len)?;
         let copy = old.length.min(new_len);
         copy_range(
             storage.as_ref(),
@@ -148,7 +147,7 @@ impl Engine {
             }
         }
         // The copy is flushed by the commit before the entry that switches to it.
-        self.commit(&mut ws)?;
+        self.commit(ws)?;
         let mut forbidden: Vec<Forbidden> = self
             .bat
             .forbidden()

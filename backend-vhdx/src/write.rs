@@ -209,14 +209,20 @@ impl Engine {
     /// Writes `buf` at `offset`.
     pub(crate) fn write(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.check_writable("writing")?;
-        check_range(offset, buf.len() as u64, self.layout().virtual_size)?;
+        let mut ws = self.write_state.lock();
+        self.write_locked(&mut ws, offset, buf)
+    }
+
+    /// [`write`](Self::write) for a change that holds the write state: the layout is read
+    /// under it, so a concurrent resize cannot change it halfway.
+    fn write_locked(&self, ws: &mut WriteState, offset: u64, buf: &[u8]) -> Result<()> {
+        let layout = self.layout();
+        check_range(offset, buf.len() as u64, layout.virtual_size)?;
         if buf.is_empty() {
             return Ok(());
         }
-        let layout = self.layout();
-        let mut ws = self.write_state.lock();
         self.check_diff_alignment(&layout, offset, buf.len() as u64)?;
-        self.begin_visible(&mut ws)?;
+        self.begin_visible(ws)?;
         let storage = self.storage.clone();
         let ss = layout.sector_size;
         let mut done = 0usize;
@@ -246,7 +252,7 @@ impl Engine {
                         )));
                     }
                     write(file)?;
-                    self.mark_present(&mut ws, block, within / ss, n / ss)?;
+                    self.mark_present(ws, block, within / ss, n / ss)?;
                 }
                 BlockState::NotPresent if layout.has_parent && !whole => {
                     if !aligned {
@@ -254,12 +260,12 @@ impl Engine {
                             "a write into a differencing image must be {ss}-byte aligned"
                         )));
                     }
-                    let file = self.allocate(&mut ws, layout.block_size)?;
+                    let file = self.allocate(ws, layout.block_size)?;
                     write(file)?;
-                    self.mark_present(&mut ws, block, within / ss, n / ss)?;
+                    self.mark_present(ws, block, within / ss, n / ss)?;
                     let index = layout.payload_index(block);
                     self.set_entry(
-                        &mut ws,
+                        ws,
                         index,
                         BatEntry::payload(PayloadState::PartiallyPresent, file),
                     )?;
@@ -267,11 +273,11 @@ impl Engine {
                 // Not present in a base image, zero, unmapped, or a whole block: a new block
                 // whose unwritten rest reads as zeros.
                 BlockState::NotPresent | BlockState::Zero => {
-                    let file = self.allocate(&mut ws, layout.block_size)?;
+                    let file = self.allocate(ws, layout.block_size)?;
                     write(file)?;
                     let index = layout.payload_index(block);
                     self.set_entry(
-                        &mut ws,
+                        ws,
                         index,
                         BatEntry::payload(PayloadState::FullyPresent, file),
                     )?;
@@ -280,16 +286,21 @@ impl Engine {
             done += n_usize;
         }
         if ws.dirty_bat.len() + ws.dirty_bitmaps.len() > MAX_DIRTY_PAGES {
-            self.commit(&mut ws)?;
+            self.commit(ws)?;
         }
         Ok(())
     }
 
     /// Sets whole blocks to `state` (ZERO or UNMAPPED), and writes zeros over partial ones.
+    ///
+    /// The whole range is one change under the write state: the layout and each block's state
+    /// are read under it, so a block cannot be allocated, moved or cut between the look and the
+    /// change.
     pub(crate) fn zero(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
         self.check_writable(if discard { "discard" } else { "writing zeros" })?;
-        check_range(offset, len, self.layout().virtual_size)?;
+        let mut ws = self.write_state.lock();
         let layout = self.layout();
+        check_range(offset, len, layout.virtual_size)?;
         let end = offset + len;
         let mut pos = offset;
         let zeros = vec![0u8; fit::<usize, _>(layout.block_size.min(len), "zero length")?];
@@ -304,7 +315,6 @@ impl Engine {
                 // hole in the file, so it costs no space) rather than ZERO: ZERO must read as
                 // zeros, but some readers (libvhdi 20260901) wrongly send it to the parent.
                 if state != BlockState::Zero {
-                    let mut ws = self.write_state.lock();
                     self.begin_visible(&mut ws)?;
                     let index = layout.payload_index(block);
                     if let BlockState::Full(off) = state {
@@ -322,7 +332,6 @@ impl Engine {
                 }
             } else if whole && !self.metadata().leave_block_allocated {
                 if state != BlockState::Zero {
-                    let mut ws = self.write_state.lock();
                     self.begin_visible(&mut ws)?;
                     // ZERO, not UNMAPPED, so the range reads as zeros in every reader. The old
                     // block stays in the file until `compact`.
@@ -335,7 +344,7 @@ impl Engine {
                 let part = zeros
                     .get(..fit::<usize, _>(n, "zero length")?)
                     .ok_or_else(|| Error::invalid_argument("zero range"))?;
-                self.write(pos, part)?;
+                self.write_locked(&mut ws, pos, part)?;
             }
             pos += n;
         }

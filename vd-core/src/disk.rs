@@ -256,6 +256,8 @@ impl Disk {
             return Ok(());
         }
         let inside_len = inside.len();
+        // The layer's data stays where the map says until every part is read.
+        let _hold = layer.hold_layout();
         // Extents must tile the request exactly; a gap would leave stale bytes in the buffer.
         let mut expect = offset;
         for e in layer.map_file(offset, inside_len as u64)? {

@@ -9,6 +9,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::flags::{ImageFlags, OpenFlags};
 use crate::geometry::Geometry;
 use crate::mapping::{MappedExtent, Mapping, merge_extents};
+use crate::relocation::LayoutHold;
 use crate::report::{CheckReport, Facts, Warning};
 
 /// What a range of an image holds, as far as this one image knows.
@@ -416,6 +417,14 @@ pub trait Image: Send + Sync {
     /// Format-specific facts for `info` (like qemu-img's "format specific information").
     fn details(&self) -> Option<Facts> {
         None
+    }
+
+    /// Holds the image's data in place for one read request: while the hold lives, the image
+    /// moves or cuts no data in its file, so offsets from [`map_file`](Image::map_file) stay
+    /// valid for [`read_file_at`](Image::read_file_at). [`Disk`](crate::Disk) takes it per
+    /// layer for each read. Images that never move data return [`LayoutHold::none`].
+    fn hold_layout(&self) -> LayoutHold<'_> {
+        LayoutHold::none()
     }
 }
 

@@ -39,6 +39,7 @@ mod image;
 mod lock;
 mod mapping;
 mod registry;
+mod relocation;
 mod report;
 mod storage;
 
@@ -55,6 +56,7 @@ pub use image::{Extent, ExtentKind, Image, Progress, check_parent_identity, chec
 pub use lock::LockConflict;
 pub use mapping::{MappedExtent, Mapping, merge_extents, push_extent};
 pub use registry::{BACKENDS, ProbeMatch, Registry, StagedImage};
+pub use relocation::{LayoutHold, RelocationLock};
 pub use report::{ByteSize, CheckReport, Facts, Finding, Offset, Severity, Warning};
 pub use storage::{
     FileStorage, FileSystem, MemFileSystem, MemStorage, OpenMode, Storage, StorageProvider,
