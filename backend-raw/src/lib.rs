@@ -16,6 +16,7 @@
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
 use std::io;
 use std::path::{Path, PathBuf};

@@ -98,6 +98,12 @@ fn bad_chain(msg: String) -> Error {
     Error::new(ErrorKind::BadChain, msg)
 }
 
+/// `value` as a length in memory, or `InvalidArgument` naming `what`: never a fallback value
+/// that would make a write shorter or longer than asked.
+fn to_usize(value: u64, what: &str) -> Result<usize> {
+    usize::try_from(value).map_err(|_| Error::invalid_argument(format!("{what} too large")))
+}
+
 impl Disk {
     /// Opens the image at `path` and, for a differencing image, its ancestors: each parent is
     /// looked up at the candidates the child names (or taken from `opts.parents`), must exist,
@@ -330,18 +336,22 @@ impl Disk {
             usize::try_from(stop - start)
                 .map_err(|_| Error::invalid_argument("write too large"))?
         ];
-        let head = usize::try_from(offset - start).unwrap_or(0);
-        let tail_start = usize::try_from(end - start).unwrap_or(0);
+        let head = to_usize(offset - start, "write head")?;
+        let tail_start = to_usize(end - start, "write tail")?;
+        let sector = to_usize(ss, "write granularity")?;
         if head > 0 {
-            self.read_at(
-                start,
-                wide.get_mut(..usize::try_from(ss).unwrap_or(0))
-                    .unwrap_or_default(),
-            )?;
+            let first = wide
+                .get_mut(..sector)
+                .ok_or_else(|| Error::invalid_argument("write shorter than a sector"))?;
+            self.read_at(start, first)?;
         }
         if stop > end {
-            let last = wide.len() - usize::try_from(ss).unwrap_or(0);
-            self.read_at(stop - ss, wide.get_mut(last..).unwrap_or_default())?;
+            let last = wide
+                .len()
+                .checked_sub(sector)
+                .and_then(|l| wide.get_mut(l..))
+                .ok_or_else(|| Error::invalid_argument("write shorter than a sector"))?;
+            self.read_at(stop - ss, last)?;
         }
         if let Some(dst) = wide.get_mut(head..tail_start) {
             dst.copy_from_slice(buf);
@@ -381,8 +391,8 @@ impl Disk {
             ];
             return self.write_at(offset, &zeros);
         }
-        let head = vec![0u8; usize::try_from(mid_start - offset).unwrap_or(0)];
-        let tail = vec![0u8; usize::try_from(end - mid_end).unwrap_or(0)];
+        let head = vec![0u8; to_usize(mid_start - offset, "zero head")?];
+        let tail = vec![0u8; to_usize(end - mid_end, "zero tail")?];
         if !head.is_empty() {
             self.write_at(offset, &head)?;
         }
@@ -532,7 +542,9 @@ impl Read for Disk {
         if n == 0 {
             return Ok(0);
         }
-        let part = buf.get_mut(..n).unwrap_or_default();
+        let part = buf
+            .get_mut(..n)
+            .ok_or_else(|| io::Error::other("read length"))?;
         self.read_at(self.pos, part).map_err(to_io)?;
         self.pos += n as u64;
         Ok(n)
@@ -553,8 +565,10 @@ impl Write for Disk {
                 "end of the virtual disk",
             ));
         }
-        self.write_at(self.pos, buf.get(..n).unwrap_or_default())
-            .map_err(to_io)?;
+        let part = buf
+            .get(..n)
+            .ok_or_else(|| io::Error::other("write length"))?;
+        self.write_at(self.pos, part).map_err(to_io)?;
         self.pos += n as u64;
         Ok(n)
     }

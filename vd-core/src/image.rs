@@ -362,13 +362,17 @@ pub trait Image: Send + Sync {
     /// As [`write_at`](Image::write_at).
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
-        let zeros = vec![0u8; usize::try_from(CHUNK.min(len)).unwrap_or(0)];
+        // At most CHUNK bytes, which fits in memory on every platform vd builds for.
+        let zeros = vec![0u8; 1 << 20];
         let mut done = 0;
         while done < len {
-            let n = usize::try_from((len - done).min(CHUNK))
-                .map_err(|_| Error::invalid_argument("length overflows"))?;
-            self.write_at(offset + done, zeros.get(..n).unwrap_or_default())?;
-            done += n as u64;
+            let n = (len - done).min(CHUNK);
+            let part = usize::try_from(n)
+                .ok()
+                .and_then(|n| zeros.get(..n))
+                .ok_or_else(|| Error::invalid_argument("length overflows"))?;
+            self.write_at(offset + done, part)?;
+            done += n;
         }
         Ok(())
     }

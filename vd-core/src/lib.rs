@@ -29,6 +29,9 @@
 // `deny`, not `forbid`: the `lock` module needs fcntl(2), and allows it there alone.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
+// Library code reports errors; an `expect` states its invariant. The test doubles of
+// `testing` may panic (they are test code), and are exempt below.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
 mod backend;
 mod disk;
@@ -45,6 +48,7 @@ mod storage;
 
 // Also built for vd-core's own unit tests, which use its test backends.
 #[cfg(any(test, feature = "test-util"))]
+#[allow(clippy::unwrap_used, clippy::panic)]
 pub mod testing;
 
 pub use backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest};

@@ -47,7 +47,7 @@ pub trait Storage: Send + Sync + Debug {
     /// Writes zeros over `[offset, offset + len)`.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 256 * 1024;
-        let zeros = vec![0u8; usize::try_from(CHUNK.min(len)).unwrap_or(0)];
+        let zeros = vec![0u8; usize::try_from(CHUNK.min(len)).map_err(io::Error::other)?];
         let mut done = 0;
         while done < len {
             let n = (len - done).min(CHUNK);
