@@ -821,7 +821,10 @@ mod tests {
         let len = bytes.len() as u64;
         let storage = Arc::new(vd_core::MemStorage::from_bytes(bytes));
         let layout = Layout::from_parts(entries * MIB, 1 << 20, 512, false);
-        (Bat::new(storage.clone(), layout, 0, len, Vec::new()), storage)
+        (
+            Bat::new(storage.clone(), layout, 0, len, Vec::new()),
+            storage,
+        )
     }
 
     #[test]
@@ -858,9 +861,18 @@ mod tests {
     #[test]
     fn the_bitmap_page_cache_holds_at_most_its_cap_of_unchanged_pages() {
         let pages = MAX_CACHED_BITMAP_PAGES + 1;
-        let storage = Arc::new(vd_core::MemStorage::from_bytes(vec![0; pages * SB_PAGE_BYTES]));
+        let storage = Arc::new(vd_core::MemStorage::from_bytes(vec![
+            0;
+            pages * SB_PAGE_BYTES
+        ]));
         let layout = Layout::from_parts(MIB, 1 << 20, 512, true);
-        let bat = Bat::new(storage, layout, 0, (pages * SB_PAGE_BYTES) as u64, Vec::new());
+        let bat = Bat::new(
+            storage,
+            layout,
+            0,
+            (pages * SB_PAGE_BYTES) as u64,
+            Vec::new(),
+        );
         let changed = bat.set_bits(0, 3, 1).unwrap();
         assert_eq!(changed, vec![0]);
         for p in 1..pages as u64 {
