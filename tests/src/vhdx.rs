@@ -5,7 +5,14 @@
 //! Offsets come from the image bytes; like any test helper these index directly and panic on a
 //! malformed image, which fails the test that made it.
 
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use uuid::{Uuid, uuid};
+use vd_core::{MemStorage, OpenMode, Storage, StorageProvider, StorageRun};
 
 /// 1 KiB.
 pub const KIB: usize = 1024;
@@ -354,6 +361,132 @@ pub fn reseal_headers_and_regions(b: &mut [u8]) {
     }
     for at in REGION_TABLES {
         fix_crc(b, at, REGION_TABLE_SIZE);
+    }
+}
+
+/// A test file that may only be read: writes, resizes and discards fail and are counted.
+#[derive(Debug)]
+pub struct Trap {
+    inner: Arc<MemStorage>,
+    writes: Arc<AtomicU64>,
+}
+
+impl Trap {
+    fn refuse(&self) -> io::Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a read-only test file was written",
+        ))
+    }
+}
+
+impl Storage for Trap {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact_at(offset, buf)
+    }
+    fn write_all_at(&self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
+        self.refuse()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        self.refuse()
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn zero_range(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.refuse()
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.refuse()
+    }
+    fn run_at(&self, offset: u64, max_len: u64) -> io::Result<StorageRun> {
+        self.inner.run_at(offset, max_len)
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+}
+
+/// Files served only as [`Trap`]s; any attempt to open for writing, create, delete or rename is
+/// counted as a write and refused.
+#[derive(Debug, Default)]
+pub struct TrapFs {
+    root: PathBuf,
+    files: Mutex<HashMap<PathBuf, Arc<MemStorage>>>,
+    writes: Arc<AtomicU64>,
+}
+
+impl TrapFs {
+    /// An empty file system whose files all lie under `root`.
+    pub fn new(root: &str) -> Self {
+        Self {
+            root: root.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Write attempts so far (writes, resizes, discards, opens for writing, creates, deletes,
+    /// renames).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Places a file holding `bytes` at `path`.
+    pub fn insert(&self, path: &str, bytes: Vec<u8>) {
+        self.files
+            .lock()
+            .expect("file table")
+            .insert(path.into(), Arc::new(MemStorage::from_bytes(bytes)));
+    }
+    /// The bytes of the file at `path`.
+    ///
+    /// # Panics
+    ///
+    /// When there is no such file.
+    pub fn bytes(&self, path: &str) -> Vec<u8> {
+        self.files.lock().expect("file table")[Path::new(path)].to_vec()
+    }
+    fn refuse<T>(&self) -> io::Result<T> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "only read-only opens are allowed here",
+        ))
+    }
+}
+
+impl StorageProvider for TrapFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
+        if mode == OpenMode::ReadWrite {
+            return self.refuse();
+        }
+        let inner = self
+            .files
+            .lock()
+            .expect("file table")
+            .get(path)
+            .cloned()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        Ok(Arc::new(Trap {
+            inner,
+            writes: self.writes.clone(),
+        }))
+    }
+    fn create(&self, _path: &Path, _overwrite: bool) -> io::Result<Arc<dyn Storage>> {
+        self.refuse()
+    }
+    fn delete(&self, _path: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+    fn rename(&self, _from: &Path, _to: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.starts_with(&self.root) && self.files.lock().expect("file table").contains_key(path)
     }
 }
 

@@ -20,12 +20,9 @@
 //! - never write to a file opened read-only: every file is served by [`Trap`], whose writes,
 //!   resizes and discards fail loudly and are counted, and the bytes are compared afterwards.
 
-use std::collections::HashMap;
-use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, mpsc};
+use std::path::Path;
+use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 
 use backend_raw as _;
@@ -34,8 +31,7 @@ use peak_alloc::PeakAlloc;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use vd_core::{
-    CreateParams, Disk, DiskOptions, Image, ImageFlags, MemFileSystem, MemStorage, OpenFlags,
-    OpenMode, Registry, Storage, StorageProvider, StorageRun,
+    CreateParams, Disk, DiskOptions, Image, ImageFlags, MemFileSystem, OpenFlags, Registry,
 };
 use vd_tests::vhdx::*;
 
@@ -510,115 +506,6 @@ fn mutations() -> impl Strategy<Value = (usize, Vec<Mutation>, bool)> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The file system whose files may not be written
-// ---------------------------------------------------------------------------------------------
-
-/// A file that is only read: writes, resizes and discards fail and are counted.
-#[derive(Debug)]
-struct Trap {
-    inner: Arc<MemStorage>,
-    writes: Arc<AtomicU64>,
-}
-
-impl Trap {
-    fn refuse(&self) -> io::Result<()> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "mutation test: a read-only file was written",
-        ))
-    }
-}
-
-impl Storage for Trap {
-    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.inner.read_exact_at(offset, buf)
-    }
-    fn write_all_at(&self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
-        self.refuse()
-    }
-    fn len(&self) -> io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, _len: u64) -> io::Result<()> {
-        self.refuse()
-    }
-    fn flush(&self) -> io::Result<()> {
-        Ok(())
-    }
-    fn zero_range(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        self.refuse()
-    }
-    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
-        self.refuse()
-    }
-    fn run_at(&self, offset: u64, max_len: u64) -> io::Result<StorageRun> {
-        self.inner.run_at(offset, max_len)
-    }
-    fn is_read_only(&self) -> bool {
-        true
-    }
-}
-
-/// Files served only as [`Trap`]s; any attempt to open for writing, create, delete or rename is
-/// counted as a write and refused.
-#[derive(Debug, Default)]
-struct TrapFs {
-    files: Mutex<HashMap<PathBuf, Arc<MemStorage>>>,
-    writes: Arc<AtomicU64>,
-}
-
-impl TrapFs {
-    fn insert(&self, path: &str, bytes: Vec<u8>) {
-        self.files
-            .lock()
-            .expect("file table")
-            .insert(path.into(), Arc::new(MemStorage::from_bytes(bytes)));
-    }
-    fn bytes(&self, path: &str) -> Vec<u8> {
-        self.files.lock().expect("file table")[Path::new(path)].to_vec()
-    }
-    fn refuse<T>(&self) -> io::Result<T> {
-        self.writes.fetch_add(1, Ordering::SeqCst);
-        Err(io::Error::new(
-            io::ErrorKind::PermissionDenied,
-            "mutation test: only read-only opens are allowed",
-        ))
-    }
-}
-
-impl StorageProvider for TrapFs {
-    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
-        if mode == OpenMode::ReadWrite {
-            return self.refuse();
-        }
-        let inner = self
-            .files
-            .lock()
-            .expect("file table")
-            .get(path)
-            .cloned()
-            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
-        Ok(Arc::new(Trap {
-            inner,
-            writes: self.writes.clone(),
-        }))
-    }
-    fn create(&self, _path: &Path, _overwrite: bool) -> io::Result<Arc<dyn Storage>> {
-        self.refuse()
-    }
-    fn delete(&self, _path: &Path) -> io::Result<()> {
-        self.refuse()
-    }
-    fn rename(&self, _from: &Path, _to: &Path) -> io::Result<()> {
-        self.refuse()
-    }
-    fn exists(&self, path: &Path) -> bool {
-        path.starts_with(DIR) && self.files.lock().expect("file table").contains_key(path)
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
 // One case
 // ---------------------------------------------------------------------------------------------
 
@@ -666,7 +553,7 @@ fn exercise_disk(disk: &Disk) {
 
 /// Runs one damaged image through every read-only operation; returns the write attempts.
 fn run_case(bytes: Vec<u8>, parent: Option<Vec<u8>>) -> (u64, bool) {
-    let fs = Arc::new(TrapFs::default());
+    let fs = Arc::new(TrapFs::new(DIR));
     fs.insert(IMG, bytes.clone());
     if let Some(p) = &parent {
         fs.insert(PARENT, p.clone());
@@ -690,7 +577,7 @@ fn run_case(bytes: Vec<u8>, parent: Option<Vec<u8>>) -> (u64, bool) {
         }
     }
     let unchanged = fs.bytes(IMG) == bytes && parent.is_none_or(|p| fs.bytes(PARENT) == p);
-    (fs.writes.load(Ordering::SeqCst), unchanged)
+    (fs.writes(), unchanged)
 }
 
 /// Runs `case` on its own thread under the watchdog and the allocation bound; returns why it
