@@ -476,11 +476,11 @@ fn bat_entry_beyond_the_file_is_a_typed_error_on_read() {
     let read = o.read.as_ref().expect("the chain opened");
     assert!(
         matches!(
-            corruption(&read),
+            corruption(read),
             Some(Corruption::BatBeyondFile { index: 0, .. })
         ),
         "{:?}",
-        corruption(&read)
+        corruption(read)
     );
     assert_eq!(findings_with(&o, "BAT entry 0"), 1);
 }
@@ -494,11 +494,11 @@ fn bat_entry_in_the_header_area_is_a_typed_error_on_read() {
     let read = o.read.as_ref().expect("the chain opened");
     assert!(
         matches!(
-            corruption(&read),
+            corruption(read),
             Some(Corruption::BatOverlap { index: 0, offset: 0, what }) if *what == "header section"
         ),
         "{:?}",
-        corruption(&read)
+        corruption(read)
     );
     assert_eq!(findings_with(&o, "BAT entry 0"), 1);
 }
@@ -589,9 +589,9 @@ fn a_huge_bat_region_is_refused_or_confined() {
     );
     let read = o.read.as_ref().expect("the chain opened");
     assert!(
-        matches!(corruption(&read), Some(Corruption::BatOverlap { index: 0, what, .. }) if *what == "BAT region"),
+        matches!(corruption(read), Some(Corruption::BatOverlap { index: 0, what, .. }) if *what == "BAT region"),
         "{:?}",
-        corruption(&read)
+        corruption(read)
     );
 }
 

@@ -479,8 +479,8 @@ fn damage(base: &[u8], layout: &Layout, muts: &[Mutation], reseal: bool) -> Vec<
             Value::FileLen => len,
             Value::BeyondFile => len + mib,
             Value::Mib(n) => u64::from(n) * mib,
-            Value::BatState(s) => old & !7 | u64::from(s),
-            Value::BatOffsetMib(n) => old & (mib - 1) | u64::from(n) * mib,
+            Value::BatState(s) => (old & !7) | u64::from(s),
+            Value::BatOffsetMib(n) => (old & (mib - 1)) | (u64::from(n) * mib),
             Value::Random(r) => r,
         };
         set(&mut b, at, w, new);
