@@ -21,6 +21,69 @@ const SB_PAGE_BYTES: usize = 4096;
 /// Bytes per BAT page.
 const PAGE_BYTES: usize = 4096;
 
+/// Most unchanged BAT pages kept in memory: 4096 pages of 4 KiB are 16 MiB and describe 2M
+/// blocks (2 TiB at 1 MiB blocks), enough for any working set a caller re-reads, while a scan of
+/// a 64 TiB disk (a 512 MiB BAT) cannot pin the whole table. Past the cap the unchanged pages are
+/// dropped and re-read when needed; pages changed in this session stay until they are written
+/// back, so they are bounded by what the session writes, not by the file.
+pub const MAX_CACHED_BAT_PAGES: usize = 4096;
+
+/// Most unchanged 4 KiB sector-bitmap pages kept in memory (4 MiB, the bits of 4 chunks' worth
+/// of sectors), for the same reason and with the same eviction as [`MAX_CACHED_BAT_PAGES`].
+pub const MAX_CACHED_BITMAP_PAGES: usize = 1024;
+
+/// A page cache bounded in its unchanged pages: pages changed in this session (which may hold
+/// changes not yet written back) are never dropped; when more than `cap` unchanged pages would
+/// be held, every unchanged page is dropped at once (reads then load them again).
+#[derive(Debug)]
+struct PageCache<T> {
+    map: HashMap<u64, (Arc<[T]>, bool)>,
+    clean: usize,
+    cap: usize,
+}
+
+impl<T> PageCache<T> {
+    fn new(cap: usize) -> Self {
+        Self {
+            map: HashMap::new(),
+            clean: 0,
+            cap,
+        }
+    }
+
+    fn get(&self, key: u64) -> Option<Arc<[T]>> {
+        self.map.get(&key).map(|(p, _)| p.clone())
+    }
+
+    /// Caches `page` as read from the file, unless the key is cached already; returns the cached
+    /// page.
+    fn insert_clean(&mut self, key: u64, page: Arc<[T]>) -> Arc<[T]> {
+        if let Some((p, _)) = self.map.get(&key) {
+            return p.clone();
+        }
+        if self.clean >= self.cap {
+            self.map.retain(|_, (_, changed)| *changed);
+            self.clean = 0;
+        }
+        self.clean += 1;
+        self.map.insert(key, (page.clone(), false));
+        page
+    }
+
+    /// Caches a changed page; it stays for the session.
+    fn insert_changed(&mut self, key: u64, page: Arc<[T]>) {
+        if let Some((_, false)) = self.map.insert(key, (page, true)) {
+            self.clean -= 1;
+        }
+    }
+
+    /// Pages held, changed or not.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
 /// The arithmetic of 2.5: blocks, chunks, and where their entries live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
@@ -129,8 +192,8 @@ pub struct Bat {
     region_offset: AtomicU64,
     file_len: AtomicU64,
     forbidden: RwLock<Vec<Forbidden>>,
-    pages: RwLock<HashMap<u64, Arc<[u64]>>>,
-    bitmap_pages: RwLock<HashMap<u64, Arc<[u8]>>>,
+    pages: RwLock<PageCache<u64>>,
+    bitmap_pages: RwLock<PageCache<u8>>,
 }
 
 /// Counts of payload block states, for `info` and `dump`.
@@ -163,8 +226,8 @@ impl Bat {
             region_offset: AtomicU64::new(region_offset),
             file_len: AtomicU64::new(file_len),
             forbidden: RwLock::new(forbidden),
-            pages: RwLock::new(HashMap::new()),
-            bitmap_pages: RwLock::new(HashMap::new()),
+            pages: RwLock::new(PageCache::new(MAX_CACHED_BAT_PAGES)),
+            bitmap_pages: RwLock::new(PageCache::new(MAX_CACHED_BITMAP_PAGES)),
         }
     }
 
@@ -234,11 +297,11 @@ impl Bat {
     }
 
     fn page(&self, page: u64) -> Result<Arc<[u64]>> {
-        if let Some(p) = self.pages.read().get(&page) {
-            return Ok(p.clone());
+        if let Some(p) = self.pages.read().get(page) {
+            return Ok(p);
         }
         let entries = self.load_page(page)?;
-        Ok(self.pages.write().entry(page).or_insert(entries).clone())
+        Ok(self.pages.write().insert_clean(page, entries))
     }
 
     /// Sets the raw entry at `index` in the cache and returns the index of its 4 KiB page,
@@ -257,7 +320,7 @@ impl Bat {
                 format!("BAT entry {index} is outside its cached page"),
             )
         })? = entry.raw();
-        self.pages.write().insert(page, copy.into());
+        self.pages.write().insert_changed(page, copy.into());
         Ok(page)
     }
 
@@ -294,7 +357,9 @@ impl Bat {
                     )
                 })? |= 1 << (b % 8);
             }
-            self.bitmap_pages.write().insert(page_off, copy.into());
+            self.bitmap_pages
+                .write()
+                .insert_changed(page_off, copy.into());
             changed.push(page_off);
             bit = stop;
         }
@@ -497,22 +562,17 @@ impl Bat {
     }
 
     fn bitmap_page(&self, file_offset: u64) -> Result<Arc<[u8]>> {
-        if let Some(p) = self.bitmap_pages.read().get(&file_offset) {
-            return Ok(p.clone());
+        if let Some(p) = self.bitmap_pages.read().get(file_offset) {
+            return Ok(p);
         }
         let mut buf = vec![0u8; SB_PAGE_BYTES];
         self.storage
             .read_exact_at(file_offset, &mut buf)
             .map_err(|e| io_at("sector bitmap", file_offset, e))?;
         let page: Arc<[u8]> = buf.into();
-        // Cached pages may hold changes not yet written back, so they are never evicted; the
-        // cache is bounded by the bitmap blocks the session touches.
-        Ok(self
-            .bitmap_pages
-            .write()
-            .entry(file_offset)
-            .or_insert(page)
-            .clone())
+        // Changed pages may hold changes not yet written back, so only unchanged ones are
+        // dropped (MAX_CACHED_BITMAP_PAGES).
+        Ok(self.bitmap_pages.write().insert_clean(file_offset, page))
     }
 
     /// Calls `f(first_sector, count, present)` for the runs of sectors `[first, first + count)`
@@ -601,7 +661,7 @@ impl Bat {
             while index < first + n {
                 let page_no = index / ENTRIES_PER_PAGE;
                 let page_end = ((page_no + 1) * ENTRIES_PER_PAGE).min(first + n);
-                let cached = self.pages.read().get(&page_no).cloned();
+                let cached = self.pages.read().get(page_no);
                 for i in index..page_end {
                     let entry = if let Some(p) = &cached {
                         let slot = fit::<usize, _>(i % ENTRIES_PER_PAGE, "BAT entry slot")?;
@@ -752,6 +812,74 @@ mod tests {
         assert_eq!(block / l.chunk_ratio, 1);
         assert_eq!(l.payload_index(block), 130);
         assert_eq!(l.bitmap_index(block / l.chunk_ratio), 2 * 129 - 1);
+    }
+
+    /// A BAT over `entries` entries of a 1 MiB-block base disk whose region is at offset 0 of
+    /// an in-memory file holding `fill` in every entry.
+    fn bat_of(entries: u64, fill: u64) -> (Bat, Arc<vd_core::MemStorage>) {
+        let bytes: Vec<u8> = (0..entries).flat_map(|_| fill.to_le_bytes()).collect();
+        let len = bytes.len() as u64;
+        let storage = Arc::new(vd_core::MemStorage::from_bytes(bytes));
+        let layout = Layout::from_parts(entries * MIB, 1 << 20, 512, false);
+        (
+            Bat::new(storage.clone(), layout, 0, len, Vec::new()),
+            storage,
+        )
+    }
+
+    #[test]
+    fn the_bat_page_cache_holds_at_most_its_cap_of_unchanged_pages() {
+        // Just over the cap: reading one entry of every page never holds more than the cap.
+        let pages = MAX_CACHED_BAT_PAGES as u64 + 1;
+        let (bat, _) = bat_of(pages * ENTRIES_PER_PAGE, 0);
+        for p in 0..pages {
+            assert_eq!(bat.entry(p * ENTRIES_PER_PAGE).unwrap(), BatEntry::EMPTY);
+            assert!(bat.pages.read().len() <= MAX_CACHED_BAT_PAGES, "page {p}");
+        }
+        // At the cap every page stays cached.
+        let (bat, _) = bat_of(MAX_CACHED_BAT_PAGES as u64 * ENTRIES_PER_PAGE, 0);
+        for p in 0..MAX_CACHED_BAT_PAGES as u64 {
+            bat.entry(p * ENTRIES_PER_PAGE).unwrap();
+        }
+        assert_eq!(bat.pages.read().len(), MAX_CACHED_BAT_PAGES);
+    }
+
+    #[test]
+    fn a_changed_bat_page_survives_the_eviction_of_unchanged_ones() {
+        let pages = 2 * MAX_CACHED_BAT_PAGES as u64 + 1;
+        let (bat, _) = bat_of(pages * ENTRIES_PER_PAGE, 0);
+        let zero = BatEntry::payload(PayloadState::Zero, 0);
+        bat.set_entry(5, zero).unwrap();
+        for p in 1..pages {
+            bat.entry(p * ENTRIES_PER_PAGE).unwrap();
+        }
+        // The file still holds 0 there: only the cache has the change.
+        assert_eq!(bat.entry(5).unwrap(), zero);
+        assert!(bat.pages.read().len() <= MAX_CACHED_BAT_PAGES + 1);
+    }
+
+    #[test]
+    fn the_bitmap_page_cache_holds_at_most_its_cap_of_unchanged_pages() {
+        let pages = MAX_CACHED_BITMAP_PAGES + 1;
+        let storage = Arc::new(vd_core::MemStorage::from_bytes(vec![
+            0;
+            pages * SB_PAGE_BYTES
+        ]));
+        let layout = Layout::from_parts(MIB, 1 << 20, 512, true);
+        let bat = Bat::new(
+            storage,
+            layout,
+            0,
+            (pages * SB_PAGE_BYTES) as u64,
+            Vec::new(),
+        );
+        let changed = bat.set_bits(0, 3, 1).unwrap();
+        assert_eq!(changed, vec![0]);
+        for p in 1..pages as u64 {
+            bat.bitmap_page(p * SB_PAGE).unwrap();
+            assert!(bat.bitmap_pages.read().len() <= MAX_CACHED_BITMAP_PAGES + 1);
+        }
+        assert_eq!(bat.bitmap_page_bytes(0).unwrap()[0], 1 << 3);
     }
 
     #[test]

@@ -46,23 +46,33 @@ pub const ZERO_DESC_SIGNATURE: u32 = u32::from_le_bytes(*b"zero");
 /// `data`.
 pub const DATA_SECTOR_SIGNATURE: u32 = u32::from_le_bytes(*b"data");
 
-/// Most entries a region table may hold (2.2.3).
+/// Most entries a region table may hold (2.2.3): the spec's own cap, and what fits in the
+/// 64 KiB table after its 16-byte header. A larger count is `Corrupt` (`RegionEntryCount`).
 pub const MAX_REGION_ENTRIES: u32 = 2047;
-/// Most entries a metadata table may hold (2.6.1).
+/// Most entries a metadata table may hold (2.6.1): the spec's cap, and what fits in the 64 KiB
+/// table after its 32-byte header. A larger count is `Corrupt` (`MetadataEntryCount`).
 pub const MAX_METADATA_ENTRIES: u16 = 2047;
-/// Largest metadata item (2.6.1.2).
+/// Largest metadata item (2.6.1.2): the spec's cap; it bounds the one allocation an item read
+/// makes (the parent locator is the only variable-length system item).
 pub const MAX_METADATA_ITEM: u32 = 1024 * 1024;
-/// Largest virtual disk (64 TiB).
+/// Largest virtual disk (64 TiB, 2.6.2.2): the spec's cap; with it the BAT arithmetic cannot
+/// overflow and the BAT stays under [`MAX_BAT_SIZE`].
 pub const MAX_VIRTUAL_SIZE: u64 = 64 * 1024 * 1024 * MIB;
-/// Smallest and largest block size.
+/// Smallest block size (2.6.2.1): the spec's range is 1 MiB to 256 MiB, powers of two.
 pub const MIN_BLOCK_SIZE: u32 = 1024 * 1024;
-/// Largest block size.
+/// Largest block size (2.6.2.1): the spec's cap; it bounds one payload block's extent.
 pub const MAX_BLOCK_SIZE: u32 = 256 * 1024 * 1024;
-/// Most key/value pairs accepted in a parent locator.
+/// Most key/value pairs accepted in a parent locator: no writer needs more than a handful
+/// (Hyper-V writes five), and the cap bounds the pairs' allocation independently of the 1 MiB
+/// item cap.
 pub const MAX_LOCATOR_ENTRIES: u16 = 256;
-/// Largest log accepted (openvmm's cap).
+/// Largest log accepted (openvmm's cap): a replay reads the whole log, so this bounds the work
+/// and the memory of a replay; the spec allows up to 4 GiB - 1 MiB, no writer uses more than a
+/// few MiB.
 pub const MAX_LOG_SIZE: u64 = 1024 * MIB;
-/// Largest BAT accepted: 64 TiB at 1 MiB blocks with 512-byte sectors needs about 513 MiB.
+/// Largest BAT accepted: 64 TiB at 1 MiB blocks with 512-byte sectors needs about 513 MiB. The
+/// BAT is read lazily, page by page, so this bounds the region an open accepts, not memory; a
+/// BAT that needs more than this (or than its region's length) is `Corrupt`.
 pub const MAX_BAT_SIZE: u64 = 520 * MIB;
 
 /// File type identifier (2.2.1): signature and a UTF-16LE creator, never rewritten.

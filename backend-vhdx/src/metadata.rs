@@ -828,4 +828,69 @@ mod tests {
             .collect();
         assert!(build_metadata_region(&many, LEN).is_err());
     }
+
+    /// The metadata region of the system items plus `extra` one-byte user items.
+    fn with_user_items(extra: usize) -> Vec<ItemData> {
+        let mut items = system_items(&disk(None));
+        for i in 0..extra {
+            let n = u128::try_from(i).unwrap() + 1;
+            items.push(ItemData::new(
+                Uuid::from_u128(0xaaaa_0000_0000_4000_8000_0000_0000_0000 | n),
+                MetadataFlags::IS_USER,
+                vec![1],
+            ));
+        }
+        items
+    }
+
+    fn reparse(bytes: Vec<u8>) -> Result<Metadata> {
+        let mut file = vec![0u8; usize::try_from(AT).unwrap()];
+        file.extend_from_slice(&bytes);
+        read_metadata(
+            &MemStorage::from_bytes(file),
+            region(),
+            true,
+            &mut Vec::new(),
+        )
+    }
+
+    #[test]
+    fn metadata_entry_count_limit() {
+        // At the limit (the table is full): parsed, every entry kept.
+        let system = system_items(&disk(None)).len();
+        let items = with_user_items(usize::from(MAX_METADATA_ENTRIES) - system);
+        let (m, mut bytes, _) = parse(&items);
+        assert_eq!(m.unwrap().items.len(), usize::from(MAX_METADATA_ENTRIES));
+        // Just over: a typed error naming the count and the table.
+        bytes[10..12].copy_from_slice(&(MAX_METADATA_ENTRIES + 1).to_le_bytes());
+        let err = reparse(bytes).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt);
+        assert_eq!(
+            crate::error::corruption_of(&err),
+            Some(&Corruption::MetadataEntryCount { count: 2048 })
+        );
+        assert_eq!(err.context().field.as_deref(), Some("metadata table"));
+    }
+
+    #[test]
+    fn metadata_item_length_limit() {
+        let (m, mut bytes, _) = parse(&with_user_items(1));
+        assert!(m.is_ok());
+        // The user item's entry (after the five system items) says one byte more than 1 MiB.
+        let e = 32 + 32 * 5;
+        bytes[e + 20..e + 24].copy_from_slice(&(MAX_METADATA_ITEM + 1).to_le_bytes());
+        let err = reparse(bytes).unwrap_err();
+        assert!(
+            matches!(
+                crate::error::corruption_of(&err),
+                Some(Corruption::MetadataItemRange { reason, length, .. })
+                    if *reason == "longer than 1 MiB" && *length == MAX_METADATA_ITEM + 1
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            err.context().field.as_deref(),
+            Some("metadata table entry 5")
+        );
+    }
 }

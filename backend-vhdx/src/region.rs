@@ -371,4 +371,31 @@ mod tests {
         t.others[0].length = 1 << 32;
         assert!(build_region_table(&t).is_err());
     }
+
+    /// A sealed region table whose count says `count`, with `count` entries (distinct GUIDs)
+    /// after the BAT and metadata entries of [`table`].
+    fn table_with(count: u32) -> Vec<u8> {
+        let mut bytes = build_region_table(&table()).unwrap();
+        bytes[8..12].copy_from_slice(&count.to_le_bytes());
+        for i in 3..usize::try_from(count).unwrap().min(2047) {
+            let e = 16 + 32 * i;
+            bytes[e..e + 4].copy_from_slice(&u32::try_from(i).unwrap().to_le_bytes());
+            bytes[e + 16..e + 24].copy_from_slice(&(8 * MIB).to_le_bytes());
+        }
+        bytes[4..8].fill(0);
+        let sum = crc32c_with_zero_field(&bytes, 4);
+        bytes[4..8].copy_from_slice(&sum.to_le_bytes());
+        bytes
+    }
+
+    #[test]
+    fn region_entry_count_limit() {
+        // At the limit (the table is full): parsed.
+        assert_eq!(parse(&table_with(MAX_REGION_ENTRIES)).unwrap().len(), 2047);
+        // Just over: a typed error naming the count.
+        assert!(matches!(
+            parse(&table_with(MAX_REGION_ENTRIES + 1)),
+            Err(Corruption::RegionEntryCount { count: 2048 })
+        ));
+    }
 }

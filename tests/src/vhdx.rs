@@ -5,7 +5,14 @@
 //! Offsets come from the image bytes; like any test helper these index directly and panic on a
 //! malformed image, which fails the test that made it.
 
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
 use uuid::{Uuid, uuid};
+use vd_core::{MemStorage, OpenMode, Storage, StorageProvider, StorageRun};
 
 /// 1 KiB.
 pub const KIB: usize = 1024;
@@ -22,17 +29,71 @@ pub const REGION_TABLE_SIZE: usize = 64 * KIB;
 
 /// Header field: SequenceNumber.
 pub const H_SEQUENCE: usize = 8;
+/// Header field: FileWriteGuid.
+pub const H_FILE_WRITE_GUID: usize = 16;
+/// Header field: DataWriteGuid.
+pub const H_DATA_WRITE_GUID: usize = 32;
 /// Header field: LogGuid.
 pub const H_LOG_GUID: usize = 48;
+/// Header field: LogVersion (`u16`).
+pub const H_LOG_VERSION: usize = 64;
+/// Header field: Version (`u16`).
+pub const H_VERSION: usize = 66;
 /// Header field: LogLength.
 pub const H_LOG_LENGTH: usize = 68;
 /// Header field: LogOffset.
 pub const H_LOG_OFFSET: usize = 72;
 
+/// Region table entry field: FileOffset (`u64`).
+pub const R_OFFSET: usize = 16;
+/// Region table entry field: Length (`u32`).
+pub const R_LENGTH: usize = 24;
+/// Region table entry field: Required (`u32`).
+pub const R_REQUIRED: usize = 28;
+/// Region table header field: EntryCount (`u32`).
+pub const R_COUNT: usize = 8;
+
+/// Metadata table header field: EntryCount (`u16`).
+pub const M_COUNT: usize = 10;
+/// Metadata table entry field: Offset (`u32`, from the start of the region).
+pub const M_OFFSET: usize = 16;
+/// Metadata table entry field: Length (`u32`).
+pub const M_LENGTH: usize = 20;
+/// Metadata table entry field: flags (`u32`: IsUser 1, IsVirtualDisk 2, IsRequired 4).
+pub const M_FLAGS: usize = 24;
+
+/// Log entry header field: EntryLength (`u32`).
+pub const L_LENGTH: usize = 8;
+/// Log entry header field: Tail (`u32`).
+pub const L_TAIL: usize = 12;
+/// Log entry header field: SequenceNumber (`u64`).
+pub const L_SEQUENCE: usize = 16;
+/// Log entry header field: DescriptorCount (`u32`).
+pub const L_DESCRIPTORS: usize = 24;
+/// Log entry header field: LogGuid.
+pub const L_LOG_GUID: usize = 32;
+/// Log entry header field: FlushedFileOffset (`u64`).
+pub const L_FLUSHED: usize = 48;
+/// Log entry header field: LastFileOffset (`u64`).
+pub const L_LAST: usize = 56;
+/// Log descriptor field (from the descriptor's start): FileOffset (`u64`).
+pub const D_FILE_OFFSET: usize = 16;
+/// Log descriptor field: SequenceNumber (`u64`).
+pub const D_SEQUENCE: usize = 24;
+
 /// Region: the BAT.
 pub const REGION_BAT: Uuid = uuid!("2DC27766-F623-4200-9D64-115E9BFD4A08");
 /// Region: the metadata.
 pub const REGION_METADATA: Uuid = uuid!("8B7CA206-4790-4B9A-B8FE-575F050F886E");
+
+/// Metadata item: file parameters.
+pub const META_FILE_PARAMETERS: Uuid = uuid!("CAA16737-FA36-4D43-B3B6-33F0AA44E76B");
+/// Metadata item: virtual disk size.
+pub const META_VIRTUAL_DISK_SIZE: Uuid = uuid!("2FA54224-CD1B-4876-B211-5DBED83BF4B8");
+/// Metadata item: logical sector size.
+pub const META_LOGICAL_SECTOR_SIZE: Uuid = uuid!("8141BF1D-A96F-4709-BA47-F233A8FAAB5F");
+/// Metadata item: the parent locator.
+pub const META_PARENT_LOCATOR: Uuid = uuid!("A8D35F2D-B30B-454D-ABF7-D3D84834AB0C");
 
 /// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), table-driven.
 const CRC_TABLE: [u32; 256] = {
@@ -230,6 +291,203 @@ pub fn set_flushed_offset(b: &mut [u8], flushed: u64) {
     let len = usize_of(u64::from(u32_at(b, log + 8)));
     put_u64(b, log + 48, flushed);
     fix_crc(b, log, len);
+}
+
+/// File offsets of the entries of region table copy `copy` (0 or 1), as many as its count says
+/// (at most the 2047 the table has room for).
+pub fn region_entries(b: &[u8], copy: usize) -> Vec<usize> {
+    let t = REGION_TABLES[copy];
+    let n = usize_of(u64::from(u32_at(b, t + R_COUNT))).min(2047);
+    (0..n).map(|i| t + 16 + 32 * i).collect()
+}
+
+/// The metadata table's entries: (entry offset, item offset, item length), each as the file
+/// says (at most 2047; items may lie anywhere, even outside the file).
+pub fn meta_entries(b: &[u8]) -> Vec<(usize, u64, u64)> {
+    let m = metadata_offset(b);
+    let n = usize::from(u16_at(b, m + M_COUNT)).min(2047);
+    (0..n)
+        .map(|i| {
+            let e = m + 32 + 32 * i;
+            (
+                e,
+                m as u64 + u64::from(u32_at(b, e + M_OFFSET)),
+                u64::from(u32_at(b, e + M_LENGTH)),
+            )
+        })
+        .collect()
+}
+
+/// Number of BAT entries the region holds (its length / 8).
+pub fn bat_len(b: &[u8]) -> usize {
+    region(b, REGION_BAT).1 / 8
+}
+
+/// File offsets of the log entries found by walking the log from its start: each starts with
+/// `loge` and has a plausible length (a non-zero multiple of 4 KiB inside the log).
+pub fn log_entries(b: &[u8]) -> Vec<usize> {
+    let (off, len) = log_region(b);
+    let mut found = Vec::new();
+    let mut at = 0;
+    while at + 4096 <= len && off + at + 64 <= b.len() {
+        let e = off + at;
+        let n = usize_of(u64::from(u32_at(b, e + L_LENGTH)));
+        if u32_at(b, e) != u32::from_le_bytes(*b"loge")
+            || n == 0
+            || !n.is_multiple_of(4096)
+            || at + n > len
+        {
+            break;
+        }
+        found.push(e);
+        at += n;
+    }
+    found
+}
+
+/// Re-seals the CRC-32C of the log entry at file offset `at`, its length as it says (clamped to
+/// the file).
+pub fn reseal_log_entry(b: &mut [u8], at: usize) {
+    let n = usize_of(u64::from(u32_at(b, at + L_LENGTH)));
+    if n >= 64 && at + n <= b.len() {
+        fix_crc(b, at, n);
+    }
+}
+
+/// Re-seals both headers and both region tables.
+pub fn reseal_headers_and_regions(b: &mut [u8]) {
+    for at in HEADERS {
+        fix_crc(b, at, HEADER_SIZE);
+    }
+    for at in REGION_TABLES {
+        fix_crc(b, at, REGION_TABLE_SIZE);
+    }
+}
+
+/// A test file that may only be read: writes, resizes and discards fail and are counted.
+#[derive(Debug)]
+pub struct Trap {
+    inner: Arc<MemStorage>,
+    writes: Arc<AtomicU64>,
+}
+
+impl Trap {
+    fn refuse(&self) -> io::Result<()> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "a read-only test file was written",
+        ))
+    }
+}
+
+impl Storage for Trap {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.inner.read_exact_at(offset, buf)
+    }
+    fn write_all_at(&self, _offset: u64, _buf: &[u8]) -> io::Result<()> {
+        self.refuse()
+    }
+    fn len(&self) -> io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, _len: u64) -> io::Result<()> {
+        self.refuse()
+    }
+    fn flush(&self) -> io::Result<()> {
+        Ok(())
+    }
+    fn zero_range(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.refuse()
+    }
+    fn discard(&self, _offset: u64, _len: u64) -> io::Result<()> {
+        self.refuse()
+    }
+    fn run_at(&self, offset: u64, max_len: u64) -> io::Result<StorageRun> {
+        self.inner.run_at(offset, max_len)
+    }
+    fn is_read_only(&self) -> bool {
+        true
+    }
+}
+
+/// Files served only as [`Trap`]s; any attempt to open for writing, create, delete or rename is
+/// counted as a write and refused.
+#[derive(Debug, Default)]
+pub struct TrapFs {
+    root: PathBuf,
+    files: Mutex<HashMap<PathBuf, Arc<MemStorage>>>,
+    writes: Arc<AtomicU64>,
+}
+
+impl TrapFs {
+    /// An empty file system whose files all lie under `root`.
+    pub fn new(root: &str) -> Self {
+        Self {
+            root: root.into(),
+            ..Self::default()
+        }
+    }
+
+    /// Write attempts so far (writes, resizes, discards, opens for writing, creates, deletes,
+    /// renames).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// Places a file holding `bytes` at `path`.
+    pub fn insert(&self, path: &str, bytes: Vec<u8>) {
+        self.files
+            .lock()
+            .expect("file table")
+            .insert(path.into(), Arc::new(MemStorage::from_bytes(bytes)));
+    }
+    /// The bytes of the file at `path`.
+    ///
+    /// # Panics
+    ///
+    /// When there is no such file.
+    pub fn bytes(&self, path: &str) -> Vec<u8> {
+        self.files.lock().expect("file table")[Path::new(path)].to_vec()
+    }
+    fn refuse<T>(&self) -> io::Result<T> {
+        self.writes.fetch_add(1, Ordering::SeqCst);
+        Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            "only read-only opens are allowed here",
+        ))
+    }
+}
+
+impl StorageProvider for TrapFs {
+    fn open(&self, path: &Path, mode: OpenMode) -> io::Result<Arc<dyn Storage>> {
+        if mode == OpenMode::ReadWrite {
+            return self.refuse();
+        }
+        let inner = self
+            .files
+            .lock()
+            .expect("file table")
+            .get(path)
+            .cloned()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotFound))?;
+        Ok(Arc::new(Trap {
+            inner,
+            writes: self.writes.clone(),
+        }))
+    }
+    fn create(&self, _path: &Path, _overwrite: bool) -> io::Result<Arc<dyn Storage>> {
+        self.refuse()
+    }
+    fn delete(&self, _path: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+    fn rename(&self, _from: &Path, _to: &Path) -> io::Result<()> {
+        self.refuse()
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.starts_with(&self.root) && self.files.lock().expect("file table").contains_key(path)
+    }
 }
 
 /// Where a truncation test cuts an image file (images with blocks of 1 MiB or more).
