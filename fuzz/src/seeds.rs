@@ -1,0 +1,17 @@
+//! Writes the seed corpus of every fuzz target (`vd_tests::fuzzing::seeds`) under the folder
+//! given as the only argument (default `corpus`), one folder per target:
+//! `cargo run --release --bin seeds -- corpus` from `fuzz/`.
+
+use std::path::PathBuf;
+
+fn main() {
+    let root = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "corpus".into()));
+    for target in vd_tests::fuzzing::TARGETS {
+        let dir = root.join(target);
+        std::fs::create_dir_all(&dir).expect("create the corpus folder");
+        for (name, bytes) in vd_tests::fuzzing::seeds(target) {
+            std::fs::write(dir.join(format!("seed-{name}")), &bytes).expect("write a seed");
+        }
+        println!("{}: {} seeds", dir.display(), vd_tests::fuzzing::seeds(target).len());
+    }
+}
