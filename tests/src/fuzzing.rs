@@ -72,11 +72,61 @@ pub fn run(name: &str, data: &[u8]) {
     }
 }
 
-/// A registry of every built-in backend over an in-memory file system holding `bytes` at `path`,
-/// and the storage object (to compare its bytes afterwards).
-fn with_file(path: &str, bytes: &[u8]) -> (Arc<MemFileSystem>, Registry, Arc<MemStorage>) {
+/// The most bytes a file under test may grow to ([`Capped`]).
+pub const CAPACITY: u64 = 64 << 20;
+
+/// In-memory storage on a disk of [`CAPACITY`] bytes: a write or `set_len` past it fails with
+/// `StorageFull`, as a real disk that is full would, instead of allocating what a hostile
+/// image asks for (a log replay extends the file to the LastFileOffset of its head entry,
+/// which MS-VHDX lets be up to 65 TiB; on a real file system that is a sparse file).
+#[derive(Debug)]
+pub struct Capped(MemStorage);
+
+impl Capped {
+    fn check(end: Option<u64>) -> std::io::Result<()> {
+        match end {
+            Some(end) if end <= CAPACITY => Ok(()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                "the fuzzing disk is full",
+            )),
+        }
+    }
+}
+
+impl Storage for Capped {
+    fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.0.read_exact_at(offset, buf)
+    }
+    fn write_all_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        Self::check(offset.checked_add(buf.len() as u64))?;
+        self.0.write_all_at(offset, buf)
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        Self::check(Some(len))?;
+        self.0.set_len(len)
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+    fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        Self::check(offset.checked_add(len))?;
+        self.0.zero_range(offset, len)
+    }
+    fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
+        Self::check(offset.checked_add(len))?;
+        self.0.discard(offset, len)
+    }
+}
+
+/// A registry of every built-in backend over an in-memory file system holding `bytes` at `path`
+/// (on a disk of [`CAPACITY`] bytes), and the storage object (to compare its bytes afterwards).
+fn with_file(path: &str, bytes: &[u8]) -> (Arc<MemFileSystem>, Registry, Arc<Capped>) {
     let fs = Arc::new(MemFileSystem::new());
-    let storage = Arc::new(MemStorage::from_bytes(bytes.to_vec()));
+    let storage = Arc::new(Capped(MemStorage::from_bytes(bytes.to_vec())));
     fs.insert(path, storage.clone());
     let registry = Registry::builtin_with_provider(fs.clone());
     (fs, registry, storage)
@@ -178,11 +228,11 @@ pub fn open(data: &[u8]) {
             let _ = img.close(false);
         }
     }
-    assert_unchanged(&storage, &data, "a read-only open");
+    assert_unchanged(storage.as_ref(), &data, "a read-only open");
 }
 
 /// Asserts that `storage` still holds `data`, comparing in chunks (no copy of the file).
-fn assert_unchanged(storage: &MemStorage, data: &[u8], what: &str) {
+fn assert_unchanged(storage: &dyn Storage, data: &[u8], what: &str) {
     let len = storage.len().expect("length");
     assert_eq!(len, data.len() as u64, "{what} changed the file's length");
     let mut buf = vec![0u8; 64 * 1024];
@@ -251,7 +301,7 @@ pub fn open_read_all(data: &[u8]) {
             let _ = img.close(false);
         }
     }
-    assert_unchanged(&storage, &data, "a read-only open and its reads");
+    assert_unchanged(storage.as_ref(), &data, "a read-only open and its reads");
 }
 
 /// A small dynamic image with a dirty log whose entries are not yet applied in place: the
@@ -347,7 +397,7 @@ pub fn log_replay(data: &[u8]) {
         exercise(img.as_ref());
         let _ = img.close(false);
     }
-    assert_unchanged(&storage, &bytes, "a read-only open of a dirty image");
+    assert_unchanged(storage.as_ref(), &bytes, "a read-only open of a dirty image");
     if let Ok(img) = registry.open(Path::new(IMAGE), strict) {
         exercise(img.as_ref());
         let _ = img.write_at(0, &[0x5a; 4096]);
