@@ -6,13 +6,18 @@
 use std::path::PathBuf;
 
 fn main() {
-    let root = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "fuzz/corpus".into()));
+    let root = PathBuf::from(
+        std::env::args()
+            .nth(1)
+            .unwrap_or_else(|| "fuzz/corpus".into()),
+    );
     for target in vd_tests::fuzzing::TARGETS {
         let dir = root.join(target);
         std::fs::create_dir_all(&dir).expect("create the corpus folder");
-        for (name, bytes) in vd_tests::fuzzing::seeds(target) {
-            std::fs::write(dir.join(format!("seed-{name}")), &bytes).expect("write a seed");
+        let seeds = vd_tests::fuzzing::seeds(target);
+        for (name, bytes) in &seeds {
+            std::fs::write(dir.join(format!("seed-{name}")), bytes).expect("write a seed");
         }
-        println!("{}: {} seeds", dir.display(), vd_tests::fuzzing::seeds(target).len());
+        println!("{}: {} seeds", dir.display(), seeds.len());
     }
 }

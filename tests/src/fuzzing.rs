@@ -241,7 +241,11 @@ fn assert_unchanged(storage: &dyn Storage, data: &[u8], what: &str) {
         storage
             .read_exact_at((i * 64 * 1024) as u64, got)
             .expect("read back");
-        assert!(got == chunk, "{what} changed the file near {:#x}", i * 64 * 1024);
+        assert!(
+            got == chunk,
+            "{what} changed the file near {:#x}",
+            i * 64 * 1024
+        );
     }
 }
 
@@ -354,7 +358,7 @@ fn reseal_log(log: &mut [u8]) {
     while at + 64 <= log.len() {
         if &log[at..at + 4] == b"loge" {
             let len = vhdx::u32_at(log, at + 8) as usize;
-            if len >= 4096 && len % 4096 == 0 && at + len <= log.len() {
+            if len >= 4096 && len.is_multiple_of(4096) && at + len <= log.len() {
                 vhdx::fix_crc(log, at, len);
                 at += len;
                 continue;
@@ -397,7 +401,11 @@ pub fn log_replay(data: &[u8]) {
         exercise(img.as_ref());
         let _ = img.close(false);
     }
-    assert_unchanged(storage.as_ref(), &bytes, "a read-only open of a dirty image");
+    assert_unchanged(
+        storage.as_ref(),
+        &bytes,
+        "a read-only open of a dirty image",
+    );
     if let Ok(img) = registry.open(Path::new(IMAGE), strict) {
         exercise(img.as_ref());
         let _ = img.write_at(0, &[0x5a; 4096]);
@@ -787,7 +795,10 @@ pub fn seeds(name: &str) -> Vec<(String, Vec<u8>)> {
                 let name = crate::corpus::image_name(&file).to_string();
                 out.push((name, sparse(&bytes, CORPUS_SEED_LEN)));
             }
-            out.push(("dirty-log.vhdx".into(), sparse(dirty_image(), MAX_SPARSE_FILE)));
+            out.push((
+                "dirty-log.vhdx".into(),
+                sparse(dirty_image(), MAX_SPARSE_FILE),
+            ));
             out
         }
         "log_replay" => vec![
@@ -871,7 +882,10 @@ fn created_images() -> Vec<(String, Vec<u8>)> {
         fill_pattern(&mut buf, 0, 0x11);
         img.write_at(0, &buf).expect("write a seed");
         img.close(false).expect("close a seed");
-        out.push((name.to_string(), sparse(&file_bytes(&fs, &path), MAX_SPARSE_FILE)));
+        out.push((
+            name.to_string(),
+            sparse(&file_bytes(&fs, &path), MAX_SPARSE_FILE),
+        ));
     }
     out.push((
         "differencing.vhdx".into(),
