@@ -288,7 +288,9 @@ fn exercise(img: &dyn Image) {
     );
 }
 
-/// Opens the file of `data` ([`file_of`]) read-only (tolerant and strict) and exercises it (see [`exercise`]).
+/// Opens the file of `data` ([`file_of`]) read-only (tolerant and strict) and does what a
+/// reader does: bounded reads, `map`, `map_file`, a check (`repair(true)`), `dump`, `details`,
+/// geometry, comment and parent queries.
 ///
 /// # Panics
 ///
