@@ -7,6 +7,7 @@
 //! installs it ([`peers`]); tests never skip.
 
 pub mod corpus;
+pub mod fuzzing;
 pub mod hash;
 pub mod peers;
 pub mod process;
