@@ -13,9 +13,10 @@ use std::process::Output;
 use std::sync::Arc;
 
 use backend_vhdx::{Corruption, corruption_of};
+use vd_core::testing::{FaultyStorage, LossMode};
 use vd_core::{CreateParams, Image, MemFileSystem, MemStorage, OpenFlags, Registry, Severity};
 use vd_tests::peers::{Peer, require};
-use vd_tests::process::{output, show};
+use vd_tests::process::{output, show, stderr};
 use vd_tests::vhdx::{H_LOG_GUID, current_header, log_is_dirty, log_region, patch_header};
 use vd_tests::{qemu, s};
 
@@ -76,6 +77,72 @@ fn log_guid(b: &[u8]) -> [u8; 16] {
     b[h + H_LOG_GUID..h + H_LOG_GUID + 16]
         .try_into()
         .expect("16 bytes")
+}
+
+#[test]
+fn a_log_filled_in_one_session_and_cut_before_close_does_not_hang_qemu() {
+    require(&[Peer::QemuImg, Peer::QemuIo]);
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let file = dir.path().join("crash.vhdx");
+    // Comments of these lengths make log entries of different sizes, so the log's end is met
+    // at different places.
+    for len in [1usize, 2100, 4500] {
+        let fs = Arc::new(MemFileSystem::new());
+        let faulty = Arc::new(FaultyStorage::new());
+        fs.insert(IMG, faulty.clone());
+        let reg = Registry::builtin_with_provider(fs);
+        let params = CreateParams {
+            size: SIZE,
+            options: [("block_size".to_string(), "1M".to_string())].into(),
+            ..CreateParams::default()
+        };
+        let img = reg
+            .create("vhdx", Path::new(IMG), &params, None, true)
+            .unwrap();
+        img.write_at(0, &vec![DATA; 1 << 20]).unwrap();
+        img.flush().unwrap();
+        let mut logs = std::collections::BTreeSet::new();
+        let mut commits = 0;
+        // Until three different logs were started (the first one filled up twice).
+        while logs.len() < 3 {
+            commits += 1;
+            assert!(commits < 1000, "len {len}: the log never filled up");
+            let c: String =
+                std::iter::repeat_n(char::from(b'a' + (commits % 26) as u8), len).collect();
+            img.set_comment(Some(&c)).unwrap();
+            // The power is lost now, with every write kept: the LogGuid of this session is
+            // set and the log holds what was written so far.
+            let bytes = faulty.after_power_loss(LossMode::KeepAll);
+            assert!(
+                log_is_dirty(&bytes),
+                "len {len} commit {commits}: the log is in use"
+            );
+            logs.insert(log_guid(&bytes));
+            std::fs::write(&file, &bytes).unwrap();
+            let o = finishes("qemu-img", &["info", "-f", "vhdx", s(&file)]);
+            assert!(
+                o.status.success() || stderr(&o).contains("needs to be replayed"),
+                "len {len} commit {commits}: {}",
+                show(&o)
+            );
+        }
+        faulty.cut_power_now();
+        drop(img);
+        let bytes = faulty.after_power_loss(LossMode::KeepAll);
+        assert_expected(&vd_read(&bytes), "vd, log replayed in memory");
+        std::fs::write(&file, &bytes).unwrap();
+        finishes("qemu-img", &["check", "-f", "vhdx", s(&file)]);
+        // QEMU replays the log only read-write: check -r all, then check and read.
+        let o = finishes("qemu-img", &["check", "-r", "all", "-f", "vhdx", s(&file)]);
+        assert!(o.status.success(), "len {len}: {}", show(&o));
+        let o = finishes("qemu-img", &["check", "-f", "vhdx", s(&file)]);
+        assert!(o.status.success(), "len {len}: {}", show(&o));
+        qemu::assert_reads(&file, &[(DATA, 0, 1 << 20), (0, 1 << 20, SIZE - (1 << 20))]);
+        assert_expected(
+            &vd_read(&std::fs::read(&file).unwrap()),
+            "vd after QEMU's replay",
+        );
+    }
 }
 
 /// A LogGuid set in both headers (checksums re-sealed) of `b`, as QEMU leaves it when power is
