@@ -108,6 +108,7 @@ impl Engine {
         let mut truncation: Vec<Error> = Vec::new();
         let mut storage = file.clone();
         let mut plan = None;
+        let mut clear_log_guid = false;
         if log.dirty {
             if flags.contains(OpenFlags::REFUSE_DIRTY_LOG) {
                 let at = crate::format::HEADER_OFFSETS
@@ -122,25 +123,52 @@ impl Engine {
             let bytes = read_log(file.as_ref(), header.log_offset(), header.log_length())?;
             let p: ReplayPlan =
                 plan_replay(&bytes, header.log_offset(), header.log_guid(), file_len)?;
-            log.entries = p.entries;
-            log.head_sequence = p.head_sequence;
-            log.sequence = p.summary.clone();
-            // Allowed by 2.3.3 (the file is at least FlushedFileOffset long, checked above):
-            // a warning, or an error in strict mode. Blocks past the end stay missing: the BAT
-            // checks them against the file's own length, not the replayed one.
-            for (c, at) in &p.beyond_file {
+            if p.is_empty() {
+                // No intact entry carries the LogGuid: QEMU's crash window between setting the
+                // LogGuid and writing the first entry. Nothing to replay, as QEMU reads it; a
+                // strict open holds to the letter of [MS-VHDX] 2.3 (a set LogGuid asks for a
+                // replay) and refuses.
                 if strict {
-                    return Err(c.clone().at("log entry", *at));
+                    return Err(Corruption::NoActiveLogSequence.at("log", header.log_offset()));
                 }
-                warnings.push(Warning::from_error(&c.clone().at("log entry", *at)));
+                warnings.push(Warning {
+                    kind: ErrorKind::Corrupt,
+                    field: Some("header log guid".into()),
+                    offset: Some(header.log_offset()),
+                    message: format!(
+                        "the header's LogGuid {} is carried by no valid log entry: nothing to \
+                         replay (a crash before the first entry landed); {}",
+                        header.log_guid(),
+                        if read_only {
+                            "left as it is (read-only)"
+                        } else {
+                            "cleared"
+                        }
+                    ),
+                });
+                log.dirty = false;
+                clear_log_guid = !read_only;
+            } else {
+                log.entries = p.entries;
+                log.head_sequence = p.head_sequence;
+                log.sequence = p.summary.clone();
+                // Allowed by 2.3.3 (the file is at least FlushedFileOffset long, checked above):
+                // a warning, or an error in strict mode. Blocks past the end stay missing: the BAT
+                // checks them against the file's own length, not the replayed one.
+                for (c, at) in &p.beyond_file {
+                    if strict {
+                        return Err(c.clone().at("log entry", *at));
+                    }
+                    warnings.push(Warning::from_error(&c.clone().at("log entry", *at)));
+                }
+                // Read through the replayed log in memory until the image is known to be sound.
+                storage = Arc::new(
+                    OverlayStorage::new(file.clone(), &p)
+                        .map_err(|e| io_err("cannot replay the log in memory", e))?,
+                );
+                log.replay = LogReplay::Memory;
+                plan = Some(p);
             }
-            // Read through the replayed log in memory until the image is known to be sound.
-            storage = Arc::new(
-                OverlayStorage::new(file.clone(), &p)
-                    .map_err(|e| io_err("cannot replay the log in memory", e))?,
-            );
-            log.replay = LogReplay::Memory;
-            plan = Some(p);
         }
         let regions = read_region_table(
             storage.as_ref(),
@@ -266,6 +294,17 @@ impl Engine {
                     forbidden,
                 );
             }
+        }
+        if clear_log_guid {
+            // Not a replay: only the header changes (a new FileWriteGuid with it).
+            header = update_headers(
+                &file,
+                &header,
+                HeaderUpdate {
+                    log_guid: Some(Guid::ZERO),
+                    ..HeaderUpdate::new_file_write_guid()
+                },
+            )?;
         }
         for w in warnings.iter().chain(&truncated) {
             log::warn!("{}: {w}", path.display());

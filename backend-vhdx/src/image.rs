@@ -80,6 +80,13 @@ impl VhdxImage {
     /// `Bat::verify_all`, so the replay cannot be applied to an image with missing blocks)
     /// replays it into the file.
     ///
+    /// A LogGuid that no intact log entry carries is an empty log, as QEMU reads it (QEMU sets
+    /// the LogGuid before it writes its first entry, so a crash in between leaves exactly
+    /// this): the open succeeds with a warning, and a read-write open clears the LogGuid. A
+    /// strict open refuses it ([`Corruption::NoActiveLogSequence`]: to the letter of the spec a
+    /// set LogGuid asks for a replay). Intact entries that form no complete sequence are refused
+    /// in every mode.
+    ///
     /// A file that ends before a structure (the log, the BAT or metadata region, another
     /// region, or bytes the log writes or needs) is truncated. Such an image is refused in
     /// strict mode and by read-write opens (nothing can be written safely); a tolerant
@@ -93,6 +100,7 @@ impl VhdxImage {
     /// Typed errors for every rule the image breaks; I/O errors. Each names the image's path.
     ///
     /// [`Corruption::BatBeyondFile`]: crate::error::Corruption::BatBeyondFile
+    /// [`Corruption::NoActiveLogSequence`]: crate::error::Corruption::NoActiveLogSequence
     pub fn open(req: OpenRequest<'_>) -> Result<Self> {
         let engine = on(req.path, Engine::open(req.storage, req.flags, req.path))?;
         Ok(Self {

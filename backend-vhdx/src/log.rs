@@ -92,6 +92,13 @@ pub struct ReplayPlan {
     pub beyond_file: Vec<(Corruption, u64)>,
 }
 
+impl ReplayPlan {
+    /// Whether there is nothing to replay: no intact entry carries the LogGuid.
+    pub fn is_empty(&self) -> bool {
+        self.entries == 0
+    }
+}
+
 struct Log<'a> {
     bytes: &'a [u8],
     offset: u64,
@@ -250,8 +257,13 @@ impl Log<'_> {
 /// returns what replaying it writes. Every target is checked against the header section and
 /// the log itself.
 ///
+/// A log in which no intact entry carries `log_guid` is empty: the plan has no entries (see
+/// [`ReplayPlan::is_empty`]). QEMU sets the LogGuid before it writes the first entry, so a
+/// crash in between leaves exactly that, and QEMU reads it as an empty log.
+///
 /// # Errors
-/// `Corrupt`: no complete sequence, a malformed entry, a protected target, a truncated file.
+/// `Corrupt`: intact entries of `log_guid` that form no complete sequence, a malformed entry,
+/// a protected target, a truncated file.
 pub fn plan_replay(
     log_bytes: &[u8],
     log_offset: u64,
@@ -324,7 +336,14 @@ pub fn plan_replay(
         }
     }
     let Some(active) = best else {
-        return Err(Corruption::NoActiveLogSequence.at("log", log.offset));
+        // No entry carries the LogGuid at all (none intact: torn, stale, another log's): the
+        // header was set before the first entry landed, as QEMU does, and a crash came between.
+        // Like QEMU, that is an empty log. Intact entries that form no complete sequence are
+        // another matter: something asked for a replay that cannot be done.
+        if cache.values().any(Option::is_some) {
+            return Err(Corruption::NoActiveLogSequence.at("log", log.offset));
+        }
+        return Ok(ReplayPlan::default());
     };
     let Some(head) = active.last() else {
         return Err(Corruption::NoActiveLogSequence.at("log", log.offset));
@@ -764,8 +783,28 @@ mod tests {
     }
 
     #[test]
-    fn an_empty_log_has_no_active_sequence() {
-        assert_eq!(corruption(plan(&log())), Corruption::NoActiveLogSequence);
+    fn an_empty_log_is_nothing_to_replay() {
+        let p = plan(&log()).expect("an empty log");
+        assert!(p.is_empty() && p.writes.is_empty() && p.summary.is_empty());
+    }
+
+    #[test]
+    fn a_torn_only_entry_is_nothing_to_replay() {
+        // QEMU's crash window: the LogGuid is set, the first entry did not land whole.
+        let mut e = entry(1, 0, &[(TARGET, 1)]);
+        e[S as usize + 7] ^= 0x40;
+        let mut l = log();
+        put(&mut l, 0, &e);
+        assert!(plan(&l).expect("a torn entry is no entry").is_empty());
+    }
+
+    #[test]
+    fn intact_entries_without_a_complete_sequence_are_refused() {
+        // The head's tail names an entry that is not there: an intact entry asks for a replay
+        // that cannot be done.
+        let mut l = log();
+        put(&mut l, 4 * S, &entry(9, 8 * S, &[(TARGET, 1)]));
+        assert_eq!(corruption(plan(&l)), Corruption::NoActiveLogSequence);
     }
 
     #[test]
@@ -919,11 +958,11 @@ mod tests {
             0,
             &build_entry(&other, &[(TARGET, page(1))]).unwrap(),
         );
-        assert_eq!(corruption(plan(&l)), Corruption::NoActiveLogSequence);
+        assert!(plan(&l).expect("another log's entry").is_empty());
 
         let mut l = log();
         put(&mut l, 0, &entry(0, 0, &[(TARGET, 1)]));
-        assert_eq!(corruption(plan(&l)), Corruption::NoActiveLogSequence);
+        assert!(plan(&l).expect("sequence 0 is no entry").is_empty());
     }
 
     #[test]
@@ -1286,12 +1325,12 @@ mod tests {
     }
 
     #[test]
-    fn plan_rejects_other_guids_and_truncated_files() {
+    fn plan_ignores_other_guids_and_rejects_truncated_files() {
         let e = build_entry(&params(7, 0), &[(4 * MIB, marked_page(1))]).unwrap();
         let log = log_of(&[e]);
         let other = Guid::from_uuid(uuid::uuid!("99999999-0000-4000-8000-000000000000"));
-        let err = plan_replay(&log, LOG_OFFSET, other, FILE_LEN).unwrap_err();
-        assert_eq!(corruption_of(&err), Some(&Corruption::NoActiveLogSequence));
+        let p = plan_replay(&log, LOG_OFFSET, other, FILE_LEN).unwrap();
+        assert!(p.is_empty(), "another LogGuid's entry is not replayed");
         let err = plan_replay(&log, LOG_OFFSET, guid(), FILE_LEN - MIB).unwrap_err();
         assert!(matches!(
             corruption_of(&err),

@@ -11,6 +11,8 @@
 //!    (once), write the pages to their final places, flush. Every entry's tail is itself, since
 //!    all earlier entries have been applied.
 //! 4. `close` does the same and then clears the LogGuid.
+//! 5. When the next entry would not end two sectors before the end of the log, the log is
+//!    closed as in 4 and a new one (new LogGuid) starts at its beginning: a log never wraps.
 //!
 //! A crash at any point leaves either the old metadata (the data of an unflushed allocation is
 //! unreferenced) or a log whose replay produces the new metadata.
@@ -21,11 +23,20 @@ use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
 use crate::bat::{BlockState, Layout};
 use crate::engine::Engine;
 use crate::error::{fit, io_err};
-use crate::format::{BatEntry, BitmapState, MIB, PayloadState};
+use crate::format::{BatEntry, BitmapState, LOG_SECTOR_SIZE, MIB, PayloadState};
 use crate::guid::Guid;
 use crate::header::{HeaderUpdate, update_headers};
 use crate::log::{EntryParams, build_entry, max_pages_per_entry};
 use crate::write_state::WriteState;
+
+/// Room every log entry leaves between its end and the end of the log: two sectors.
+///
+/// QEMU (10) searches the log from offset 0 and stops once its read position wraps to below the
+/// place its current scan started. A sequence that ends exactly one sector before the end of
+/// the log sends the next (failed) step to offset 0, where the search began: it starts over
+/// and never ends. Ending each entry at least two sectors early, and starting a new log rather
+/// than wrapping, keeps every log we leave readable to it.
+const LOG_END_GAP: u64 = 2 * LOG_SECTOR_SIZE;
 
 /// Dirty metadata pages that trigger a commit before the next `flush`.
 const MAX_DIRTY_PAGES: usize = 256;
@@ -389,18 +400,38 @@ impl Engine {
                 "the image has no log to write metadata through",
             ));
         }
-        let guid = *ws
+        let mut guid = *ws
             .log_guid
             .get_or_insert_with(|| Guid::from_uuid(Uuid::new_v4()));
-        let per_entry = fit::<usize, _>(max_pages_per_entry(log_len).max(1), "log entry pages")?;
+        // Entries end at least two sectors before the end of the log (see `LOG_END_GAP`).
+        let per_entry = fit::<usize, _>(
+            max_pages_per_entry(log_len.saturating_sub(LOG_END_GAP - LOG_SECTOR_SIZE)).max(1),
+            "log entry pages",
+        )?;
         let file_len = storage
             .len()
             .map_err(|e| io_err("cannot read the file size", e))?;
         for batch in pages.chunks(per_entry) {
             let n = fit::<u64, _>(batch.len(), "log entry pages")?;
             let entry_len = ((n + 2).div_ceil(128) + n) * 4096;
-            if ws.log_pos + entry_len > log_len {
+            if entry_len + LOG_END_GAP > log_len {
+                return Err(Error::new(
+                    ErrorKind::NotSupported,
+                    format!(
+                        "the log ({log_len:#x} bytes) is too small for a {entry_len:#x}-byte entry"
+                    ),
+                ));
+            }
+            if ws.log_pos + entry_len + LOG_END_GAP > log_len {
+                // The log would wrap: every entry so far is applied and flushed, so the log is
+                // closed (LogGuid cleared) and a new one with a new LogGuid starts at offset 0.
+                // No sequence ever crosses the end of the log, and entries of the old LogGuid
+                // left behind are not part of the new log.
+                self.end_log(ws)?;
                 ws.log_pos = 0;
+                guid = *ws
+                    .log_guid
+                    .get_or_insert_with(|| Guid::from_uuid(Uuid::new_v4()));
             }
             let entry = build_entry(
                 &EntryParams {

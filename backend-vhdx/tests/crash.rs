@@ -1,23 +1,29 @@
-//! Crash tests: a scripted workload (allocating writes, overwrites, differencing writes,
-//! discards, write-zeroes, flushes) runs on a fault-injecting storage that loses power after
-//! every possible number of mutating operations. Each cut restarts with the unflushed writes
-//! dropped, kept, or a seeded random subset kept; the image must then open (replaying its log),
-//! pass our check, and read every write that a completed flush covered. A crash during create
-//! must never leave a file that opens as a healthy disk with wrong contents.
+//! Crash tests: scripted workloads (allocating writes, overwrites, differencing writes with
+//! sector bitmaps, discards, write-zeroes, metadata edits, resizes that move the BAT, compaction,
+//! the log writer filling and restarting its log, flushes) run on a fault-injecting storage that
+//! loses power after every possible number of mutating operations (or a seeded sample of them).
+//! Each cut restarts with the unflushed writes dropped, kept, a seeded random subset kept,
+//! reordered (old-over-new), or torn at 512- or 4096-byte sectors; the image must then open
+//! (replaying its log), pass our check, read every write that a completed flush covered, and read
+//! every other 512-byte sector as its flushed contents or as one of the contents written to it
+//! since. A crash during create must never leave a file that opens as a healthy disk with wrong
+//! contents. Committing a child into its parent is cut the same way on the parent.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use backend_vhdx as _;
-use vd_core::testing::{FaultyStorage, LossMode, fill_pattern};
+use vd_core::testing::{FaultyStorage, LossMode, SplitMix64, fill_pattern};
 use vd_core::{
-    CreateParams, Disk, DiskOptions, ImageFlags, MemFileSystem, MemStorage, OpenFlags, Registry,
-    Severity,
+    CreateParams, Disk, DiskOptions, ExtentKind, ImageFlags, MemFileSystem, MemStorage, OpenFlags,
+    Registry, Severity,
 };
 
 const CHILD: &str = "/crash/child.vhdx";
 const PARENT: &str = "/crash/parent.vhdx";
 const SIZE: u64 = 6 << 20;
+const SECTOR: usize = 512;
 
 #[derive(Clone, Copy, Debug)]
 enum Step {
@@ -25,6 +31,15 @@ enum Step {
     Discard(u64, u64),
     Zero(u64, u64),
     Flush,
+    /// A comment of this many bytes of this letter (each edit is one log commit).
+    Comment(usize, u8),
+    /// A new virtual-disk id.
+    Uuid,
+    /// Grows the disk (past what the BAT region holds: the BAT moves).
+    Resize(u64),
+    Compact,
+    /// A new parent file name (differencing images).
+    ParentName,
 }
 
 /// Allocations, overwrites, partial and whole blocks, sector-bitmap updates, a discard, zeroes.
@@ -43,6 +58,41 @@ const SCRIPT: &[Step] = &[
     Step::Write(4 << 20, 1 << 20, 7),
     Step::Write(100 * 512, 512, 8),
 ];
+
+/// Metadata edits, a resize past the BAT region (the BAT moves), compaction after a discard, and
+/// data written around them.
+const EDITS: &[Step] = &[
+    Step::Write(0, 8192, 1),
+    Step::Write(2 << 20, 1 << 20, 2),
+    Step::Flush,
+    Step::Comment(300, b'a'),
+    Step::Uuid,
+    Step::ParentName,
+    Step::Write(4096, 4096, 3),
+    Step::Discard(2 << 20, 1 << 20),
+    Step::Flush,
+    Step::Compact,
+    Step::Write(1 << 20, 4096, 4),
+    Step::Resize(200 << 30),
+    Step::Write(5 << 20, 4096, 5),
+    Step::Flush,
+    Step::Comment(20, b'b'),
+    Step::Write(512, 512, 6),
+];
+
+/// The log writer: comments of 40 KiB (ten or more metadata pages an entry) until the 1 MiB log
+/// has been filled and started anew, with data writes between them.
+fn log_script() -> Vec<Step> {
+    let mut v = vec![Step::Write(0, 4096, 1), Step::Flush];
+    for i in 0..30u8 {
+        v.push(Step::Comment(40 << 10, b'a' + i % 26));
+        if i % 7 == 3 {
+            v.push(Step::Write(u64::from(i) * 8192, 4096, i));
+        }
+    }
+    v.push(Step::Write(1 << 20, 4096, 9));
+    v
+}
 
 fn options() -> CreateParams {
     CreateParams {
@@ -65,12 +115,90 @@ fn make_parent(fs: &Arc<MemFileSystem>) -> Vec<u8> {
     data
 }
 
-/// Runs the script on a fresh image, cutting the power after `cut` mutations (None: never).
-/// Returns the storage, the durable model and the bytes changed since the last flush.
+/// What the disk may read after a crash: every sector's flushed contents, and the contents each
+/// sector had after every write since the last completed flush.
+struct Model {
+    now: Vec<u8>,
+    durable: Vec<u8>,
+    since_flush: BTreeMap<usize, Vec<Vec<u8>>>,
+    /// Disk sizes a crash may leave (the flushed one, and any set since).
+    sizes: Vec<u64>,
+}
+
+impl Model {
+    fn new(initial: Vec<u8>) -> Self {
+        let size = initial.len() as u64;
+        Self {
+            durable: initial.clone(),
+            now: initial,
+            since_flush: BTreeMap::new(),
+            sizes: vec![size],
+        }
+    }
+
+    /// Records that `[off, off + data.len())` now holds `data`.
+    fn wrote(&mut self, off: u64, data: &[u8]) {
+        let off = off as usize;
+        self.now[off..off + data.len()].copy_from_slice(data);
+        for s in off / SECTOR..(off + data.len()).div_ceil(SECTOR) {
+            let now = self.now[s * SECTOR..(s + 1) * SECTOR].to_vec();
+            self.since_flush.entry(s).or_default().push(now);
+        }
+    }
+
+    /// Records a new disk size. The model keeps the first `SIZE` bytes only: beyond them a
+    /// grown disk holds nothing.
+    fn resized(&mut self, size: u64) {
+        self.sizes.push(size);
+    }
+
+    fn flushed(&mut self) {
+        self.durable.clone_from(&self.now);
+        self.since_flush.clear();
+        let size = self.sizes.last().copied().unwrap_or(SIZE);
+        self.sizes = vec![size];
+    }
+
+    /// Fails unless a disk of `size` bytes whose first bytes are `buf` is a state the model
+    /// allows.
+    fn check(&self, size: u64, buf: &[u8], ctx: &str) {
+        assert!(
+            self.sizes.contains(&size),
+            "{ctx}: size {size} is none of {:?}",
+            self.sizes
+        );
+        for (s, got) in buf.chunks(SECTOR).enumerate() {
+            let at = s * SECTOR;
+            let old = self
+                .durable
+                .get(at..at + SECTOR)
+                .unwrap_or(&[0u8; SECTOR][..]);
+            if got == old {
+                continue;
+            }
+            let new = self.since_flush.get(&s);
+            assert!(
+                new.is_some_and(|v| v.iter().any(|n| n.as_slice() == got)),
+                "{ctx}: sector {s} (byte {at:#x}) is neither its flushed contents{} ({} \
+                 candidates)",
+                if new.is_some() {
+                    " nor any written since"
+                } else {
+                    " (flushed, unchanged since)"
+                },
+                new.map_or(0, Vec::len)
+            );
+        }
+    }
+}
+
+/// Runs `script` on a fresh image, cutting the power after `cut` mutations (None: never).
+/// Returns the file system (for the parent), the storage and the model.
 fn run(
+    script: &[Step],
     differencing: bool,
     cut: Option<u64>,
-) -> (Arc<MemFileSystem>, Arc<FaultyStorage>, Vec<u8>, Vec<bool>) {
+) -> (Arc<MemFileSystem>, Arc<FaultyStorage>, Model) {
     let fs = Arc::new(MemFileSystem::new());
     let initial = if differencing {
         make_parent(&fs)
@@ -115,21 +243,18 @@ fn run(
     if let Some(n) = cut {
         faulty.cut_power_after(n);
     }
-    let mut model = initial.clone();
-    let mut durable = initial;
-    let mut dirty = vec![false; SIZE as usize];
-    for step in SCRIPT {
+    let mut model = Model::new(initial);
+    for step in script {
+        let top = img.top();
         let r = match *step {
             Step::Write(off, len, seed) => {
                 let mut buf = vec![0u8; len as usize];
                 fill_pattern(&mut buf, off, seed);
-                model[off as usize..(off + len) as usize].copy_from_slice(&buf);
-                dirty[off as usize..(off + len) as usize].fill(true);
+                model.wrote(off, &buf);
                 img.write_at(off, &buf)
             }
             Step::Discard(off, len) | Step::Zero(off, len) => {
-                model[off as usize..(off + len) as usize].fill(0);
-                dirty[off as usize..(off + len) as usize].fill(true);
+                model.wrote(off, &vec![0u8; len as usize]);
                 if matches!(step, Step::Discard(..)) {
                     img.discard(off, len)
                 } else {
@@ -139,11 +264,21 @@ fn run(
             Step::Flush => {
                 let r = img.flush();
                 if r.is_ok() {
-                    durable.copy_from_slice(&model);
-                    dirty.fill(false);
+                    model.flushed();
                 }
                 r
             }
+            Step::Comment(len, letter) => {
+                top.set_comment(Some(&String::from(char::from(letter)).repeat(len)))
+            }
+            Step::Uuid => top.set_uuid(uuid::Uuid::new_v4()),
+            Step::ParentName if differencing => top.set_parent_filename("parent.vhdx"),
+            Step::ParentName => Ok(()),
+            Step::Resize(size) => {
+                model.resized(size);
+                top.resize(size, &mut |_, _| {})
+            }
+            Step::Compact => top.compact(&mut |_, _| {}),
         };
         if r.is_err() {
             assert!(
@@ -159,11 +294,11 @@ fn run(
         faulty.cut_power_now();
         drop(img);
     }
-    (fs, faulty, durable, dirty)
+    (fs, faulty, model)
 }
 
-fn verify(differencing: bool, cut: u64, mode: LossMode) {
-    let (fs, faulty, durable, dirty) = run(differencing, Some(cut));
+fn verify(script: &[Step], differencing: bool, cut: u64, mode: LossMode) {
+    let (fs, faulty, model) = run(script, differencing, Some(cut));
     let fs2 = Arc::new(MemFileSystem::new());
     fs2.insert(CHILD, Arc::new(faulty.restart(mode)));
     if differencing {
@@ -191,47 +326,203 @@ fn verify(differencing: bool, cut: u64, mode: LossMode) {
         .filter(|f| f.severity == Severity::Error && !f.repaired)
         .collect();
     assert!(errors.is_empty(), "{ctx}: check: {errors:?}");
-    let mut buf = vec![0u8; SIZE as usize];
+    let size = disk.size();
+    let mut buf = vec![0u8; SIZE.min(size) as usize];
     disk.read_at(0, &mut buf).unwrap();
-    for i in 0..buf.len() {
-        if !dirty[i] && buf[i] != durable[i] {
-            panic!(
-                "{ctx}: flushed byte {i:#x} is {:#04x}, expected {:#04x}",
-                buf[i], durable[i]
-            );
-        }
+    model.check(size, &buf, &ctx);
+    if size > SIZE {
+        // A grown disk holds nothing past the old end: its last MiB reads as zeros.
+        let mut tail = vec![1u8; 1 << 20];
+        disk.read_at(size - (1 << 20), &mut tail).unwrap();
+        assert!(tail.iter().all(|&b| b == 0), "{ctx}: the grown end");
     }
     disk.close().unwrap_or_else(|e| panic!("{ctx}: close: {e}"));
 }
 
-fn mutations(differencing: bool) -> u64 {
-    let (_, faulty, _, _) = run(differencing, None);
+fn mutations(script: &[Step], differencing: bool) -> u64 {
+    let (_, faulty, _) = run(script, differencing, None);
     faulty.mutation_count()
 }
 
-fn cut_everywhere(differencing: bool) {
-    let n = mutations(differencing);
+/// The loss modes tried at cut `cut`: the whole-write ones, reordering, and tearing at both
+/// sector sizes.
+fn modes(cut: u64) -> [LossMode; 7] {
+    [
+        LossMode::DropAll,
+        LossMode::KeepAll,
+        LossMode::Random(cut * 7919 + 1),
+        LossMode::Random(cut + 17),
+        LossMode::Reorder(cut * 31 + 5),
+        LossMode::Torn {
+            seed: cut * 131 + 3,
+            sector: 512,
+        },
+        LossMode::TornReordered {
+            seed: cut * 977 + 11,
+            sector: 4096,
+        },
+    ]
+}
+
+/// Cuts at every mutation of `script`, or at `sample` seeded ones when there are more.
+fn cut_everywhere(script: &[Step], differencing: bool, sample: Option<u64>) {
+    let n = mutations(script, differencing);
     assert!(n > 20, "the script makes {n} mutations");
-    for cut in 0..=n {
-        for mode in [
-            LossMode::DropAll,
-            LossMode::KeepAll,
-            LossMode::Random(cut * 7919 + 1),
-            LossMode::Random(cut + 17),
-        ] {
-            verify(differencing, cut, mode);
+    let cuts: Vec<u64> = match sample {
+        Some(k) if k < n => {
+            let mut r = SplitMix64::new(n);
+            (0..k).map(|_| r.next_u64() % (n + 1)).collect()
+        }
+        _ => (0..=n).collect(),
+    };
+    for cut in cuts {
+        for mode in modes(cut) {
+            verify(script, differencing, cut, mode);
         }
     }
 }
 
 #[test]
 fn dynamic_survives_a_crash_at_every_write() {
-    cut_everywhere(false);
+    cut_everywhere(SCRIPT, false, None);
 }
 
 #[test]
 fn differencing_survives_a_crash_at_every_write() {
-    cut_everywhere(true);
+    cut_everywhere(SCRIPT, true, None);
+}
+
+#[test]
+fn metadata_edits_resize_and_compact_survive_a_crash_at_sampled_writes() {
+    cut_everywhere(EDITS, false, Some(36));
+    cut_everywhere(EDITS, true, Some(36));
+}
+
+#[test]
+fn the_log_writer_survives_a_crash_while_filling_and_restarting_its_log() {
+    cut_everywhere(&log_script(), false, Some(60));
+}
+
+/// Commit (a child merged into its parent) as vd-tool does it: the child's data and zero
+/// extents are written into the parent through the chain, then the parent is flushed. The
+/// power is cut on the parent.
+#[test]
+fn committing_into_the_parent_survives_a_crash_at_every_write() {
+    let commit = |cut: Option<u64>| {
+        let fs = Arc::new(MemFileSystem::new());
+        let before = make_parent(&fs);
+        let reg = Registry::builtin_with_provider(fs.clone());
+        // The child: data over the parent's pattern and past it, and a zeroed block.
+        {
+            let parent = reg.open(Path::new(PARENT), OpenFlags::READ_ONLY).unwrap();
+            let params = CreateParams {
+                image_flags: ImageFlags::DIFF,
+                ..options()
+            };
+            let c = reg
+                .create(
+                    "vhdx",
+                    Path::new(CHILD),
+                    &params,
+                    Some((Path::new(PARENT), parent.as_ref())),
+                    true,
+                )
+                .unwrap();
+            let mut buf = vec![0u8; 3 << 19];
+            fill_pattern(&mut buf, 1 << 19, 0x31);
+            c.write_at(1 << 19, &buf).unwrap();
+            let mut buf = vec![0u8; 8192];
+            fill_pattern(&mut buf, 5 << 20, 0x32);
+            c.write_at(5 << 20, &buf).unwrap();
+            c.write_zeroes(2 << 20, 1 << 20).unwrap();
+            c.close(false).unwrap();
+        }
+        // The parent on fault-injecting storage, holding what it holds now.
+        let p = fs.get(Path::new(PARENT)).unwrap();
+        let mut bytes = vec![0u8; p.len().unwrap() as usize];
+        p.read_exact_at(0, &mut bytes).unwrap();
+        let faulty = Arc::new(FaultyStorage::from_bytes(bytes));
+        fs.insert(PARENT, faulty.clone());
+        let chain = Disk::open(
+            &reg,
+            Path::new(CHILD),
+            &DiskOptions {
+                writable_parent: true,
+                ..DiskOptions::default()
+            },
+        )
+        .unwrap();
+        let mut expected = vec![0u8; SIZE as usize];
+        chain.read_at(0, &mut expected).unwrap();
+        let mut model = Model::new(before);
+        if let Some(n) = cut {
+            faulty.cut_power_after(n);
+        }
+        let [child, parent, ..] = chain.layers() else {
+            panic!("a chain of two")
+        };
+        let result = (|| -> vd_core::Result<()> {
+            for e in child.map(0, SIZE)? {
+                let (off, len) = (e.offset, e.length);
+                let data = &expected[off as usize..(off + len) as usize];
+                match e.kind {
+                    ExtentKind::Data => {
+                        model.wrote(off, data);
+                        parent.write_at(off, data)?;
+                    }
+                    ExtentKind::Zero => {
+                        model.wrote(off, data);
+                        parent.write_zeroes(off, len)?;
+                    }
+                    ExtentKind::Unallocated => {}
+                }
+            }
+            parent.flush()?;
+            model.flushed();
+            Ok(())
+        })();
+        match cut {
+            None => {
+                result.unwrap();
+                chain.close().unwrap();
+            }
+            Some(_) => {
+                assert!(result.is_ok() || faulty.is_powered_off(), "{result:?}");
+                faulty.cut_power_now();
+                drop(chain);
+            }
+        }
+        (faulty, model, expected)
+    };
+    let (faulty, _, expected) = commit(None);
+    let n = faulty.mutation_count();
+    assert!(n > 5, "commit makes {n} mutations");
+    for cut in 0..=n {
+        let (faulty, model, _) = commit(Some(cut));
+        for mode in modes(cut) {
+            let ctx = format!("commit cut={cut} {mode:?}");
+            let fs = Arc::new(MemFileSystem::new());
+            fs.insert(PARENT, Arc::new(faulty.restart(mode)));
+            let reg = Registry::builtin_with_provider(fs);
+            let p = reg
+                .open_as("vhdx", Path::new(PARENT), OpenFlags::empty())
+                .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+            let report = p.repair(true).unwrap();
+            let errors: Vec<_> = report
+                .findings
+                .iter()
+                .filter(|f| f.severity == Severity::Error && !f.repaired)
+                .collect();
+            assert!(errors.is_empty(), "{ctx}: check: {errors:?}");
+            let mut buf = vec![0u8; SIZE as usize];
+            p.read_at(0, &mut buf).unwrap();
+            model.check(SIZE, &buf, &ctx);
+            if model.since_flush.is_empty() && model.durable == expected {
+                assert_eq!(buf, expected, "{ctx}: a completed commit");
+            }
+            p.close(false).unwrap();
+        }
+    }
 }
 
 #[test]
@@ -250,7 +541,7 @@ fn a_crash_while_creating_never_yields_a_healthy_looking_disk() {
         n
     };
     for cut in 0..count {
-        for mode in [LossMode::DropAll, LossMode::KeepAll, LossMode::Random(cut)] {
+        for mode in modes(cut) {
             let fs = Arc::new(MemFileSystem::new());
             let faulty = Arc::new(FaultyStorage::new());
             fs.insert(CHILD, faulty.clone());

@@ -5,7 +5,22 @@ use parking_lot::Mutex;
 use super::SplitMix64;
 use crate::storage::{MemStorage, Storage};
 
-/// Which unflushed writes survive a simulated power loss.
+/// Which unflushed writes survive a simulated power loss, and how they land.
+///
+/// Whatever the mode, every write that a completed flush covered survives. The modes model what
+/// real media do with the writes still in their cache:
+///
+/// - whole writes survive or not, in the order they were issued ([`DropAll`](Self::DropAll),
+///   [`KeepAll`](Self::KeepAll), [`Random`](Self::Random));
+/// - the surviving writes land in any order, so of two overlapping writes the older one can land
+///   last ([`Reorder`](Self::Reorder));
+/// - a write is torn at sector granularity: each of its `sector`-byte sectors (aligned to the
+///   file, as a disk's are) lands or not on its own ([`Torn`](Self::Torn)), and
+///   [`TornReordered`](Self::TornReordered) also lands the surviving sectors in any order.
+///
+/// A `set_len` is file-system metadata rather than a cached sector: it survives or not like a
+/// whole write, and writes are never reordered across it (each stretch of writes between two
+/// `set_len` calls is shuffled on its own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LossMode {
     /// Every write since the last completed flush is lost.
@@ -14,6 +29,47 @@ pub enum LossMode {
     KeepAll,
     /// Each unflushed write independently survives or not, decided by the seed.
     Random(u64),
+    /// Each unflushed write independently survives or not, and the survivors land in a seeded
+    /// random order (overlapping writes can land old-over-new).
+    Reorder(u64),
+    /// Each `sector`-byte sector of each unflushed write independently lands or not, in the
+    /// order the writes were issued.
+    Torn {
+        /// Seeds the decisions.
+        seed: u64,
+        /// The medium's sector size: 512, or 4096 for 4K-sector media. Zero is taken as 512.
+        sector: u64,
+    },
+    /// [`Torn`](Self::Torn), and the surviving sectors land in a seeded random order.
+    TornReordered {
+        /// Seeds the decisions.
+        seed: u64,
+        /// The medium's sector size: 512, or 4096 for 4K-sector media. Zero is taken as 512.
+        sector: u64,
+    },
+}
+
+impl LossMode {
+    fn seed(self) -> Option<u64> {
+        match self {
+            Self::DropAll | Self::KeepAll => None,
+            Self::Random(seed) | Self::Reorder(seed) => Some(seed),
+            Self::Torn { seed, .. } | Self::TornReordered { seed, .. } => Some(seed),
+        }
+    }
+
+    fn sector(self) -> Option<u64> {
+        match self {
+            Self::Torn { sector, .. } | Self::TornReordered { sector, .. } => {
+                Some(if sector == 0 { 512 } else { sector })
+            }
+            _ => None,
+        }
+    }
+
+    fn reorders(self) -> bool {
+        matches!(self, Self::Reorder(_) | Self::TornReordered { .. })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -113,24 +169,66 @@ impl FaultyStorage {
         self.state.lock().current.clone()
     }
 
-    /// The contents as they would be found after a power loss now.
+    /// The contents as they would be found after a power loss now (see [`LossMode`]).
     pub fn after_power_loss(&self, mode: LossMode) -> Vec<u8> {
         let s = self.state.lock();
         let mut data = s.durable.clone();
-        let mut rng = match mode {
-            LossMode::Random(seed) => Some(SplitMix64::new(seed)),
-            _ => None,
+        let mut rng = mode.seed().map(SplitMix64::new);
+        let mut coin = || rng.as_mut().is_some_and(|r| r.next_u64() & 1 == 1);
+        // The writes that land, in the order they land; flushed out at each `set_len`.
+        let mut stretch: Vec<Pending> = Vec::new();
+        let mut order = mode
+            .seed()
+            .map(|s| SplitMix64::new(s ^ 0x9E37_79B9_7F4A_7C15));
+        let mut land = |data: &mut Vec<u8>, stretch: &mut Vec<Pending>| {
+            if let (true, Some(r)) = (mode.reorders(), order.as_mut()) {
+                // Fisher-Yates with the seeded generator.
+                for i in (1..stretch.len()).rev() {
+                    let j = usize::try_from(r.next_u64() % (i as u64 + 1)).unwrap_or(0);
+                    stretch.swap(i, j);
+                }
+            }
+            for p in stretch.drain(..) {
+                apply(data, &p);
+            }
         };
         for p in &s.pending {
-            let keep = match mode {
-                LossMode::DropAll => false,
-                LossMode::KeepAll => true,
-                LossMode::Random(_) => rng.as_mut().is_some_and(|r| r.next_u64() & 1 == 1),
-            };
-            if keep {
-                apply(&mut data, p);
+            match (mode, p) {
+                (LossMode::DropAll, _) => {}
+                (LossMode::KeepAll, _) => apply(&mut data, p),
+                (_, Pending::SetLen(_)) => {
+                    land(&mut data, &mut stretch);
+                    if coin() {
+                        apply(&mut data, p);
+                    }
+                }
+                (_, Pending::Write(off, bytes)) => match mode.sector() {
+                    None => {
+                        if coin() {
+                            stretch.push(p.clone());
+                        }
+                    }
+                    Some(sector) => {
+                        // Split at the medium's sector boundaries, each piece on its own.
+                        let mut pos = 0usize;
+                        while pos < bytes.len() {
+                            let at = off + pos as u64;
+                            let room = sector - at % sector;
+                            let n = usize::try_from(room)
+                                .unwrap_or(usize::MAX)
+                                .min(bytes.len() - pos);
+                            if coin()
+                                && let Some(piece) = bytes.get(pos..pos + n)
+                            {
+                                stretch.push(Pending::Write(at, piece.to_vec()));
+                            }
+                            pos += n;
+                        }
+                    }
+                },
             }
         }
+        land(&mut data, &mut stretch);
         data
     }
 
@@ -230,6 +328,135 @@ mod tests {
             vec![1, 1, 2, 2, 2, 2]
         );
         assert_eq!(f.contents(), vec![1, 1, 2, 2, 2, 2]);
+    }
+
+    /// Every seeded mode, for seeds `0..n`, at 512 and 4096-byte sectors.
+    fn seeded_modes(n: u64) -> Vec<LossMode> {
+        let mut modes = Vec::new();
+        for seed in 0..n {
+            modes.push(LossMode::Random(seed));
+            modes.push(LossMode::Reorder(seed));
+            for sector in [512, 4096] {
+                modes.push(LossMode::Torn { seed, sector });
+                modes.push(LossMode::TornReordered { seed, sector });
+            }
+        }
+        modes
+    }
+
+    #[test]
+    fn flushed_data_is_never_lost() {
+        let f = FaultyStorage::new();
+        f.write_all_at(0, &[1; 8192]).unwrap();
+        f.set_len(16384).unwrap();
+        f.flush().unwrap();
+        let durable = f.contents();
+        // Unflushed: overlapping writes, a shrink and a grow.
+        f.write_all_at(100, &[2; 5000]).unwrap();
+        f.write_all_at(0, &[3; 600]).unwrap();
+        f.set_len(12288).unwrap();
+        f.write_all_at(4096, &[4; 4096]).unwrap();
+        f.set_len(20480).unwrap();
+        for mode in seeded_modes(64)
+            .into_iter()
+            .chain([LossMode::DropAll, LossMode::KeepAll])
+        {
+            let after = f.after_power_loss(mode);
+            // Every byte is its flushed value or one of the values written over it since.
+            for (i, &b) in after.iter().enumerate() {
+                let old = durable.get(i).copied().unwrap_or(0);
+                let ok = b == old
+                    || (100..5100).contains(&i) && b == 2
+                    || i < 600 && b == 3
+                    || (4096..8192).contains(&i) && b == 4;
+                assert!(ok, "{mode:?}: byte {i} is {b}");
+            }
+            assert!(after.len() >= 8192, "{mode:?}: flushed length lost");
+        }
+        assert_eq!(f.after_power_loss(LossMode::DropAll), durable);
+    }
+
+    #[test]
+    fn a_torn_write_lands_some_sectors_new_and_some_old() {
+        for sector in [512u64, 4096] {
+            let f = FaultyStorage::from_bytes(vec![0; 8 * 4096]);
+            f.write_all_at(0, &[9; 8 * 4096]).unwrap();
+            let mut torn = 0;
+            for seed in 0..32 {
+                let after = f.after_power_loss(LossMode::Torn { seed, sector });
+                let s = usize::try_from(sector).unwrap();
+                let new: Vec<bool> = after.chunks(s).map(|c| c[0] == 9).collect();
+                for (i, c) in after.chunks(s).enumerate() {
+                    // Whole sectors: never a sector half old, half new.
+                    assert!(c.iter().all(|&b| b == c[0]), "sector {i} torn inside");
+                }
+                if new.contains(&true) && new.contains(&false) {
+                    torn += 1;
+                }
+            }
+            assert!(
+                torn > 16,
+                "{sector}: only {torn} of 32 seeds tore the write"
+            );
+        }
+        // An unaligned write tears at the medium's sector boundaries, not its own.
+        let f = FaultyStorage::from_bytes(vec![0; 2048]);
+        f.write_all_at(256, &[5; 1024]).unwrap();
+        for seed in 0..16 {
+            let after = f.after_power_loss(LossMode::Torn { seed, sector: 512 });
+            for range in [256..512, 512..1024, 1024..1280] {
+                let piece = &after[range.clone()];
+                assert!(piece.iter().all(|&b| b == piece[0]), "{range:?} split");
+            }
+        }
+    }
+
+    #[test]
+    fn reordered_overlapping_writes_can_land_old_over_new() {
+        let f = FaultyStorage::from_bytes(vec![0; 512]);
+        f.write_all_at(0, &[1; 512]).unwrap();
+        f.write_all_at(0, &[2; 512]).unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        for seed in 0..64 {
+            seen.insert(f.after_power_loss(LossMode::Reorder(seed))[0]);
+            seen.insert(f.after_power_loss(LossMode::TornReordered { seed, sector: 512 })[0]);
+        }
+        assert_eq!(
+            seen,
+            [0, 1, 2].into(),
+            "nothing, new-over-old, and old-over-new all occur"
+        );
+        // In order, the older write never lands over the newer one when both land.
+        for seed in 0..64 {
+            let f = FaultyStorage::from_bytes(vec![0; 512]);
+            f.write_all_at(0, &[1; 512]).unwrap();
+            f.write_all_at(0, &[2; 512]).unwrap();
+            let b = f.after_power_loss(LossMode::Random(seed))[0];
+            assert!(b == 0 || b == 1 || b == 2);
+        }
+        assert_eq!(f.after_power_loss(LossMode::KeepAll), vec![2; 512]);
+    }
+
+    #[test]
+    fn writes_are_not_reordered_across_set_len() {
+        // A one-byte write, then a two-byte write over it: landing the first after the second
+        // shows as [1, 2].
+        let old_over_new = |barrier: bool| {
+            (0..64).any(|seed| {
+                let f = FaultyStorage::from_bytes(vec![0; 4]);
+                f.write_all_at(0, &[1]).unwrap();
+                if barrier {
+                    f.set_len(8).unwrap();
+                }
+                f.write_all_at(0, &[2, 2]).unwrap();
+                f.after_power_loss(LossMode::Reorder(seed))[..2] == [1, 2]
+            })
+        };
+        assert!(old_over_new(false), "writes in one stretch are reordered");
+        assert!(
+            !old_over_new(true),
+            "a set_len between them keeps their order"
+        );
     }
 
     #[test]
