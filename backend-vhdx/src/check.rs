@@ -6,6 +6,7 @@ use vd_core::{CheckReport, ErrorKind, Finding, Result, Severity};
 
 use crate::bat::BlockState;
 use crate::engine::Engine;
+use crate::error::warning;
 use crate::report::LogReplay;
 
 impl Engine {
@@ -28,18 +29,15 @@ impl Engine {
                 .push(Finding::from_warning(Severity::Error, t));
         }
         if self.log.dirty {
-            let mut f = Finding::new(
-                Severity::Error,
-                ErrorKind::Corrupt,
-                format!(
-                    "the log holds {} entries that had not been replayed",
-                    self.log.entries
-                ),
-            )
-            .repaired(self.log.replay == LogReplay::File);
-            f.field = Some("log".into());
-            f.offset = Some(self.log.offset.0);
-            report.findings.push(f);
+            let message = format!(
+                "the log holds {} entries that had not been replayed",
+                self.log.entries
+            );
+            let w = warning(ErrorKind::Corrupt, "log", self.log.offset.0, message);
+            report.findings.push(
+                Finding::from_warning(Severity::Error, &w)
+                    .repaired(self.log.replay == LogReplay::File),
+            );
         }
         let layout = self.bat.layout();
         let mut used: Vec<(u64, u64, String)> = Vec::new();
@@ -71,14 +69,16 @@ impl Engine {
                 .is_ok_and(|e| e != crate::format::BatEntry::EMPTY)
                 && layout.bitmap_index(c) < layout.entries
             {
-                let mut f = Finding::new(
-                    Severity::Warning,
+                let index = layout.bitmap_index(c);
+                let w = warning(
                     ErrorKind::Corrupt,
+                    format!("BAT entry {index}"),
+                    self.regions.read().bat.offset + 8 * index,
                     format!("sector bitmap entry of chunk {c} is set in an image without a parent"),
                 );
-                f.field = Some(format!("BAT entry {}", layout.bitmap_index(c)));
-                f.offset = Some(self.regions.read().bat.offset + 8 * layout.bitmap_index(c));
-                report.findings.push(f);
+                report
+                    .findings
+                    .push(Finding::from_warning(Severity::Warning, &w));
             }
         }
         used.sort_by_key(|u| u.0);
@@ -86,14 +86,15 @@ impl Engine {
             if let [a, b] = w
                 && a.0 + a.1 > b.0
             {
-                let mut f = Finding::new(
-                    Severity::Error,
+                let w = warning(
                     ErrorKind::Corrupt,
+                    b.2.clone(),
+                    b.0,
                     format!("{} at {:#x} overlaps {} at {:#x}", a.2, a.0, b.2, b.0),
                 );
-                f.field = Some(b.2.clone());
-                f.offset = Some(b.0);
-                report.findings.push(f);
+                report
+                    .findings
+                    .push(Finding::from_warning(Severity::Error, &w));
             }
         }
         Ok(report)

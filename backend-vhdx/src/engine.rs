@@ -15,7 +15,7 @@ use uuid::Uuid;
 use vd_core::{Error, ErrorKind, ImageFlags, OpenFlags, RelocationLock, Result, Storage, Warning};
 
 use crate::bat::{Bat, Forbidden, Layout};
-use crate::error::{Corruption, io_err};
+use crate::error::{Corruption, io_err, warning};
 use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
 use crate::guid::Guid;
 use crate::header::{ActiveHeader, HeaderUpdate, read_headers, read_identifier, update_headers};
@@ -131,11 +131,11 @@ impl Engine {
                 if strict {
                     return Err(Corruption::NoActiveLogSequence.at("log", header.log_offset()));
                 }
-                warnings.push(Warning {
-                    kind: ErrorKind::Corrupt,
-                    field: Some("header log guid".into()),
-                    offset: Some(header.log_offset()),
-                    message: format!(
+                warnings.push(warning(
+                    ErrorKind::Corrupt,
+                    "header log guid",
+                    header.log_offset(),
+                    format!(
                         "the header's LogGuid {} is carried by no valid log entry: nothing to \
                          replay (a crash before the first entry landed); {}",
                         header.log_guid(),
@@ -145,7 +145,7 @@ impl Engine {
                             "cleared"
                         }
                     ),
-                });
+                ));
                 log.dirty = false;
                 clear_log_guid = !read_only;
             } else {
@@ -262,16 +262,16 @@ impl Engine {
         let mut write_len = file_len;
         if let Some(plan) = plan {
             if read_only {
-                warnings.push(Warning {
-                    kind: ErrorKind::ReadOnly,
-                    field: Some("log".into()),
-                    offset: Some(header.log_offset()),
-                    message: format!(
+                warnings.push(warning(
+                    ErrorKind::ReadOnly,
+                    "log",
+                    header.log_offset(),
+                    format!(
                         "the log holds {} entries to replay; replayed in memory (the file is \
                          read-only)",
                         plan.entries
                     ),
-                });
+                ));
             } else {
                 // Replaying is the first change: the image must be whole before it.
                 bat.verify_all(Err)?;

@@ -14,12 +14,13 @@ use std::path::Path;
 use std::sync::Arc;
 
 use backend_vhdx as _;
+use support::{assert_checks_clean, create_child, open_rw};
 use vd_core::testing::{FaultyStorage, LossMode, SplitMix64, fill_pattern};
 use vd_core::{
-    CreateParams, Disk, DiskOptions, ExtentKind, ImageFlags, MemFileSystem, MemStorage, OpenFlags,
-    Registry, Severity,
+    CreateParams, Disk, DiskOptions, ExtentKind, MemFileSystem, MemStorage, OpenFlags, Registry,
 };
 
+mod support;
 const CHILD: &str = "/crash/child.vhdx";
 const PARENT: &str = "/crash/parent.vhdx";
 const SIZE: u64 = 6 << 20;
@@ -209,30 +210,10 @@ fn run(
     let faulty = Arc::new(FaultyStorage::new());
     fs.insert(CHILD, faulty.clone());
     let img = if differencing {
-        let parent = reg.open(Path::new(PARENT), OpenFlags::READ_ONLY).unwrap();
-        let params = CreateParams {
-            image_flags: ImageFlags::DIFF,
-            ..options()
-        };
-        let c = reg
-            .create(
-                "vhdx",
-                Path::new(CHILD),
-                &params,
-                Some((Path::new(PARENT), parent.as_ref())),
-                true,
-            )
+        create_child(&reg, CHILD, PARENT, &options())
+            .close(false)
             .unwrap();
-        c.close(false).unwrap();
-        Disk::open(
-            &reg,
-            Path::new(CHILD),
-            &DiskOptions {
-                flags: OpenFlags::empty(),
-                ..DiskOptions::default()
-            },
-        )
-        .unwrap()
+        open_rw(&reg, CHILD).unwrap()
     } else {
         let c = reg
             .create("vhdx", Path::new(CHILD), &options(), None, true)
@@ -310,22 +291,8 @@ fn verify(script: &[Step], differencing: bool, cut: u64, mode: LossMode) {
     let reg = Registry::builtin_with_provider(fs2);
     let ctx = format!("differencing={differencing} cut={cut} {mode:?}");
     // A read-write open replays the log; the check then finds nothing wrong.
-    let disk = Disk::open(
-        &reg,
-        Path::new(CHILD),
-        &DiskOptions {
-            flags: OpenFlags::empty(),
-            ..DiskOptions::default()
-        },
-    )
-    .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
-    let report = disk.top().repair(true).unwrap();
-    let errors: Vec<_> = report
-        .findings
-        .iter()
-        .filter(|f| f.severity == Severity::Error && !f.repaired)
-        .collect();
-    assert!(errors.is_empty(), "{ctx}: check: {errors:?}");
+    let disk = open_rw(&reg, CHILD).unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+    assert_checks_clean(disk.top(), &ctx);
     let size = disk.size();
     let mut buf = vec![0u8; SIZE.min(size) as usize];
     disk.read_at(0, &mut buf).unwrap();
@@ -414,20 +381,7 @@ fn committing_into_the_parent_survives_a_crash_at_every_write() {
         let reg = Registry::builtin_with_provider(fs.clone());
         // The child: data over the parent's pattern and past it, and a zeroed block.
         {
-            let parent = reg.open(Path::new(PARENT), OpenFlags::READ_ONLY).unwrap();
-            let params = CreateParams {
-                image_flags: ImageFlags::DIFF,
-                ..options()
-            };
-            let c = reg
-                .create(
-                    "vhdx",
-                    Path::new(CHILD),
-                    &params,
-                    Some((Path::new(PARENT), parent.as_ref())),
-                    true,
-                )
-                .unwrap();
+            let c = create_child(&reg, CHILD, PARENT, &options());
             let mut buf = vec![0u8; 3 << 19];
             fill_pattern(&mut buf, 1 << 19, 0x31);
             c.write_at(1 << 19, &buf).unwrap();
@@ -507,13 +461,7 @@ fn committing_into_the_parent_survives_a_crash_at_every_write() {
             let p = reg
                 .open_as("vhdx", Path::new(PARENT), OpenFlags::empty())
                 .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
-            let report = p.repair(true).unwrap();
-            let errors: Vec<_> = report
-                .findings
-                .iter()
-                .filter(|f| f.severity == Severity::Error && !f.repaired)
-                .collect();
-            assert!(errors.is_empty(), "{ctx}: check: {errors:?}");
+            assert_checks_clean(p.as_ref(), &ctx);
             let mut buf = vec![0u8; SIZE as usize];
             p.read_at(0, &mut buf).unwrap();
             model.check(SIZE, &buf, &ctx);

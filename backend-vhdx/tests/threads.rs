@@ -23,12 +23,13 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::thread;
 
 use backend_vhdx::VhdxImage;
+use support::{assert_checks_clean, open_rw};
 use vd_core::testing::{FaultyStorage, LossMode, SplitMix64, fill_pattern};
 use vd_core::{
-    CreateParams, Disk, DiskOptions, Image, ImageFlags, MemFileSystem, MemStorage, OpenFlags,
-    Registry, Severity, Storage,
+    CreateParams, Disk, Image, ImageFlags, MemFileSystem, MemStorage, OpenFlags, Registry, Storage,
 };
 
+mod support;
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 8 * MIB;
 const OWNED_END: u64 = 6 * MIB;
@@ -107,15 +108,7 @@ fn make(kind: Kind, storage: Arc<dyn Storage>) -> (Arc<MemFileSystem>, Disk, Vec
         .expect("create the image");
     child.close(false).expect("close the new image");
     drop(parent);
-    let disk = Disk::open(
-        &reg,
-        Path::new(CHILD),
-        &DiskOptions {
-            flags: OpenFlags::empty(),
-            ..DiskOptions::default()
-        },
-    )
-    .expect("open the disk");
+    let disk = open_rw(&reg, CHILD).expect("open the disk");
     (fs, disk, initial)
 }
 
@@ -346,25 +339,7 @@ fn read_all(disk: &Disk) -> Vec<u8> {
 /// Reopens the child in `fs` (with its parent) as a read-write disk.
 fn reopen(fs: &Arc<MemFileSystem>) -> Disk {
     let reg = Registry::builtin_with_provider(fs.clone());
-    Disk::open(
-        &reg,
-        Path::new(CHILD),
-        &DiskOptions {
-            flags: OpenFlags::empty(),
-            ..DiskOptions::default()
-        },
-    )
-    .expect("reopen")
-}
-
-fn assert_checks_clean(disk: &Disk, ctx: &str) {
-    let report = disk.top().repair(true).expect("check");
-    let errors: Vec<_> = report
-        .findings
-        .iter()
-        .filter(|f| f.severity == Severity::Error && !f.repaired)
-        .collect();
-    assert!(errors.is_empty(), "{ctx}: check: {errors:?}");
+    open_rw(&reg, CHILD).expect("reopen")
 }
 
 fn stress(kind: Kind) {
@@ -373,7 +348,7 @@ fn stress(kind: Kind) {
     let shared = SharedTags::default();
     let owned = run_threads(&disk, &initial, &shared, false, kind);
     check_disk(&read_all(&disk), &owned, &initial, &shared, &ctx);
-    assert_checks_clean(&disk, &ctx);
+    assert_checks_clean(disk.top(), &ctx);
     let before = read_all(&disk);
     disk.close().expect("close");
     let again = reopen(&fs);
@@ -381,7 +356,7 @@ fn stress(kind: Kind) {
         read_all(&again) == before,
         "{ctx}: the reopened disk differs"
     );
-    assert_checks_clean(&again, &ctx);
+    assert_checks_clean(again.top(), &ctx);
 }
 
 #[test]
@@ -421,7 +396,7 @@ fn power_loss(kind: Kind, cut: u64, mode: LossMode) {
         restarted.insert(PARENT, p);
     }
     let disk = reopen(&restarted);
-    assert_checks_clean(&disk, &ctx);
+    assert_checks_clean(disk.top(), &ctx);
     let buf = read_all(&disk);
     for (t, own) in owned.iter().enumerate() {
         for s in 0..OWNED_END / SECTOR {

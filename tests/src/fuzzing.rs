@@ -219,15 +219,9 @@ pub fn probe(data: &[u8]) {
 pub fn open(data: &[u8]) {
     let data = file_of(data);
     let (_fs, registry, storage) = with_file(IMAGE, &data);
-    for flags in [
-        OpenFlags::READ_ONLY,
-        OpenFlags::READ_ONLY | OpenFlags::STRICT,
-    ] {
-        if let Ok(img) = registry.open(Path::new(IMAGE), flags) {
-            let _ = (img.size(), img.uuid(), img.parent_uuid(), img.warnings());
-            let _ = img.close(false);
-        }
-    }
+    each_read_only_open(&registry, |img| {
+        let _ = (img.size(), img.uuid(), img.parent_uuid(), img.warnings());
+    });
     assert_unchanged(storage.as_ref(), &data, "a read-only open");
 }
 
@@ -298,16 +292,21 @@ fn exercise(img: &dyn Image) {
 pub fn open_read_all(data: &[u8]) {
     let data = file_of(data);
     let (_fs, registry, storage) = with_file(IMAGE, &data);
+    each_read_only_open(&registry, exercise);
+    assert_unchanged(storage.as_ref(), &data, "a read-only open and its reads");
+}
+
+/// Opens [`IMAGE`] read-only, tolerant then strict, and runs `f` on each open that succeeds.
+fn each_read_only_open(registry: &Registry, mut f: impl FnMut(&dyn Image)) {
     for flags in [
         OpenFlags::READ_ONLY,
         OpenFlags::READ_ONLY | OpenFlags::STRICT,
     ] {
         if let Ok(img) = registry.open(Path::new(IMAGE), flags) {
-            exercise(img.as_ref());
+            f(img.as_ref());
             let _ = img.close(false);
         }
     }
-    assert_unchanged(storage.as_ref(), &data, "a read-only open and its reads");
 }
 
 /// A small dynamic image with a dirty log whose entries are not yet applied in place: the

@@ -14,7 +14,9 @@ use std::sync::Arc;
 
 use backend_vhdx::{Corruption, corruption_of};
 use vd_core::testing::{FaultyStorage, LossMode};
-use vd_core::{CreateParams, Image, MemFileSystem, MemStorage, OpenFlags, Registry, Severity};
+use vd_core::{
+    CreateParams, Image, MemFileSystem, MemStorage, OpenFlags, Registry, Severity, Storage,
+};
 use vd_tests::peers::{Peer, require};
 use vd_tests::process::{output, show, stderr};
 use vd_tests::vhdx::{H_LOG_GUID, current_header, log_is_dirty, log_region, patch_header};
@@ -23,6 +25,24 @@ use vd_tests::{qemu, s};
 const IMG: &str = "/powerloss/image.vhdx";
 const SIZE: u64 = 8 << 20;
 const DATA: u8 = 0x5a;
+
+/// A new dynamic image of `SIZE` with 1 MiB blocks on `storage`, its first MiB written with
+/// `DATA`.
+fn new_image(storage: Arc<dyn Storage>) -> Box<dyn Image> {
+    let fs = Arc::new(MemFileSystem::new());
+    fs.insert(IMG, storage);
+    let reg = Registry::builtin_with_provider(fs);
+    let params = CreateParams {
+        size: SIZE,
+        options: [("block_size".to_string(), "1M".to_string())].into(),
+        ..CreateParams::default()
+    };
+    let img = reg
+        .create("vhdx", Path::new(IMG), &params, None, true)
+        .unwrap();
+    img.write_at(0, &vec![DATA; 1 << 20]).unwrap();
+    img
+}
 
 /// Runs `program args` under `timeout 20` and fails the test if it did not finish.
 #[track_caller]
@@ -87,19 +107,8 @@ fn a_log_filled_in_one_session_and_cut_before_close_does_not_hang_qemu() {
     // Comments of these lengths make log entries of different sizes, so the log's end is met
     // at different places.
     for len in [1usize, 2100, 4500] {
-        let fs = Arc::new(MemFileSystem::new());
         let faulty = Arc::new(FaultyStorage::new());
-        fs.insert(IMG, faulty.clone());
-        let reg = Registry::builtin_with_provider(fs);
-        let params = CreateParams {
-            size: SIZE,
-            options: [("block_size".to_string(), "1M".to_string())].into(),
-            ..CreateParams::default()
-        };
-        let img = reg
-            .create("vhdx", Path::new(IMG), &params, None, true)
-            .unwrap();
-        img.write_at(0, &vec![DATA; 1 << 20]).unwrap();
+        let img = new_image(faulty.clone());
         img.flush().unwrap();
         let mut logs = std::collections::BTreeSet::new();
         let mut commits = 0;
@@ -246,19 +255,8 @@ fn a_log_guid_that_no_entry_carries_is_an_empty_log_in_qemu_and_vd() {
 
     // Our own image, whose log still holds an entry of an earlier LogGuid, and then a torn
     // entry of the current one (its checksum fails): neither is a sequence to replay.
-    let fs = Arc::new(MemFileSystem::new());
     let storage = Arc::new(MemStorage::new());
-    fs.insert(IMG, storage.clone());
-    let reg = Registry::builtin_with_provider(fs);
-    let params = CreateParams {
-        size: SIZE,
-        options: [("block_size".to_string(), "1M".to_string())].into(),
-        ..CreateParams::default()
-    };
-    let img = reg
-        .create("vhdx", Path::new(IMG), &params, None, true)
-        .unwrap();
-    img.write_at(0, &vec![DATA; 1 << 20]).unwrap();
+    let img = new_image(storage.clone());
     img.close(false).unwrap();
     let mut b = storage.to_vec();
     let (log, _) = log_region(&b);
