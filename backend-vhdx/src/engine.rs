@@ -110,15 +110,16 @@ impl Engine {
         let mut plan = None;
         let mut clear_log_guid = false;
         if log.dirty {
+            // Where the current header's LogGuid field is.
+            let log_guid_at = crate::format::HEADER_OFFSETS
+                .get(header.slot)
+                .copied()
+                .ok_or_else(|| {
+                    Error::new(ErrorKind::OutOfRange, "the current header has no slot")
+                })?
+                + 48;
             if flags.contains(OpenFlags::REFUSE_DIRTY_LOG) {
-                let at = crate::format::HEADER_OFFSETS
-                    .get(header.slot)
-                    .copied()
-                    .ok_or_else(|| {
-                        Error::new(ErrorKind::OutOfRange, "the current header has no slot")
-                    })?
-                    + 48;
-                return Err(Corruption::DirtyLogRefused.at("header log guid", at));
+                return Err(Corruption::DirtyLogRefused.at("header log guid", log_guid_at));
             }
             let bytes = read_log(file.as_ref(), header.log_offset(), header.log_length())?;
             let p: ReplayPlan =
@@ -134,7 +135,7 @@ impl Engine {
                 warnings.push(warning(
                     ErrorKind::Corrupt,
                     "header log guid",
-                    header.log_offset(),
+                    log_guid_at,
                     format!(
                         "the header's LogGuid {} is carried by no valid log entry: nothing to \
                          replay (a crash before the first entry landed); {}",
