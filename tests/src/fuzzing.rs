@@ -75,17 +75,34 @@ pub fn run(name: &str, data: &[u8]) {
 /// The most bytes a file under test may grow to ([`Capped`]).
 pub const CAPACITY: u64 = 64 << 20;
 
-/// In-memory storage on a disk of [`CAPACITY`] bytes: a write or `set_len` past it fails with
-/// `StorageFull`, as a real disk that is full would, instead of allocating what a hostile
-/// image asks for (a log replay extends the file to the LastFileOffset of its head entry,
-/// which MS-VHDX lets be up to 65 TiB; on a real file system that is a sparse file).
+/// In-memory storage on a small disk (the fuzz targets' is [`CAPACITY`] bytes): a write or
+/// `set_len` past it fails with `StorageFull`, as a real disk that is full would, instead of
+/// allocating what a hostile image asks for (a log replay extends the file to the
+/// LastFileOffset of its head entry, which MS-VHDX lets be up to 65 TiB; on a real file system
+/// that is a sparse file).
 #[derive(Debug)]
-pub struct Capped(MemStorage);
+pub struct Capped {
+    inner: MemStorage,
+    capacity: u64,
+}
 
 impl Capped {
-    fn check(end: Option<u64>) -> std::io::Result<()> {
+    /// A file holding `bytes` on a disk of `capacity` bytes.
+    pub fn new(bytes: Vec<u8>, capacity: u64) -> Self {
+        Self {
+            inner: MemStorage::from_bytes(bytes),
+            capacity,
+        }
+    }
+
+    /// The file's bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.inner.to_vec()
+    }
+
+    fn check(&self, end: Option<u64>) -> std::io::Result<()> {
         match end {
-            Some(end) if end <= CAPACITY => Ok(()),
+            Some(end) if end <= self.capacity => Ok(()),
             _ => Err(std::io::Error::new(
                 std::io::ErrorKind::StorageFull,
                 "the fuzzing disk is full",
@@ -96,29 +113,29 @@ impl Capped {
 
 impl Storage for Capped {
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        self.0.read_exact_at(offset, buf)
+        self.inner.read_exact_at(offset, buf)
     }
     fn write_all_at(&self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
-        Self::check(offset.checked_add(buf.len() as u64))?;
-        self.0.write_all_at(offset, buf)
+        self.check(offset.checked_add(buf.len() as u64))?;
+        self.inner.write_all_at(offset, buf)
     }
     fn len(&self) -> std::io::Result<u64> {
-        self.0.len()
+        self.inner.len()
     }
     fn set_len(&self, len: u64) -> std::io::Result<()> {
-        Self::check(Some(len))?;
-        self.0.set_len(len)
+        self.check(Some(len))?;
+        self.inner.set_len(len)
     }
     fn flush(&self) -> std::io::Result<()> {
-        self.0.flush()
+        self.inner.flush()
     }
     fn zero_range(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        Self::check(offset.checked_add(len))?;
-        self.0.zero_range(offset, len)
+        self.check(offset.checked_add(len))?;
+        self.inner.zero_range(offset, len)
     }
     fn discard(&self, offset: u64, len: u64) -> std::io::Result<()> {
-        Self::check(offset.checked_add(len))?;
-        self.0.discard(offset, len)
+        self.check(offset.checked_add(len))?;
+        self.inner.discard(offset, len)
     }
 }
 
@@ -126,7 +143,7 @@ impl Storage for Capped {
 /// (on a disk of [`CAPACITY`] bytes), and the storage object (to compare its bytes afterwards).
 fn with_file(path: &str, bytes: &[u8]) -> (Arc<MemFileSystem>, Registry, Arc<Capped>) {
     let fs = Arc::new(MemFileSystem::new());
-    let storage = Arc::new(Capped(MemStorage::from_bytes(bytes.to_vec())));
+    let storage = Arc::new(Capped::new(bytes.to_vec(), CAPACITY));
     fs.insert(path, storage.clone());
     let registry = Registry::builtin_with_provider(fs.clone());
     (fs, registry, storage)
@@ -354,7 +371,7 @@ pub fn dirty_image() -> &'static [u8] {
 
 /// Re-seals the checksum of every log entry found at a 4 KiB boundary of `log` whose
 /// `EntryLength` fits (so the parser gets past the checksum to what the entry says).
-fn reseal_log(log: &mut [u8]) {
+pub fn reseal_log(log: &mut [u8]) {
     let mut at = 0;
     while at + 64 <= log.len() {
         if &log[at..at + 4] == b"loge" {

@@ -372,6 +372,24 @@ pub struct Trap {
 }
 
 impl Trap {
+    /// A file holding `bytes` that may only be read.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self {
+            inner: Arc::new(MemStorage::from_bytes(bytes)),
+            writes: Arc::default(),
+        }
+    }
+
+    /// Write attempts so far (writes, resizes, zeroing, discards).
+    pub fn writes(&self) -> u64 {
+        self.writes.load(Ordering::SeqCst)
+    }
+
+    /// The file's bytes.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.inner.to_vec()
+    }
+
     fn refuse(&self) -> io::Result<()> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         Err(io::Error::new(

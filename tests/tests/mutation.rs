@@ -11,17 +11,23 @@
 //! so it reaches the parsers behind the checksums.
 //!
 //! For every case, open (tolerant and strict, read-only), a full read, `map` and `repair(true)`
-//! (a check) of the image alone, and the same through a [`Disk`] chain:
+//! (a check) of the image alone, and the same through a [`Disk`] chain; then a read-write open
+//! of a copy (the log replayed into it, writes that must read back at once, a flush, a discard,
+//! a repair, a close and a second open), its parent read-only:
 //! - never panic (a panic is caught and reported with the mutation that caused it),
 //! - never hang: each case runs on its own thread and must finish within [`CASE_TIMEOUT`],
 //! - never allocate more than [`ALLOC_BOUND`] live bytes at once beyond what the case held when
 //!   it started (a counting global allocator, [`PeakAlloc`], measures the peak; the test is the
 //!   only one in this binary, so nothing else allocates meanwhile),
 //! - never write to a file opened read-only: every file is served by [`Trap`], whose writes,
-//!   resizes and discards fail loudly and are counted, and the bytes are compared afterwards.
+//!   resizes and discards fail loudly and are counted, and the bytes are compared afterwards
+//!   (in the read-write part, the parent is such a file),
+//! - read back every write that succeeded, and never grow the file past [`RW_CAPACITY`] (its
+//!   storage, [`Capped`], refuses that as a full disk would).
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, mpsc};
 use std::time::Duration;
 
@@ -33,6 +39,7 @@ use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
 use vd_core::{
     CreateParams, Disk, DiskOptions, Image, ImageFlags, MemFileSystem, OpenFlags, Registry,
 };
+use vd_tests::fuzzing::Capped;
 use vd_tests::vhdx::*;
 
 #[global_allocator]
@@ -49,13 +56,23 @@ const ALLOC_BOUND: usize = 64 * MIB;
 /// How long one case may run before it counts as a hang. A case takes milliseconds.
 const CASE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Cases per run: about 6 s on two cores in the test profile (8000 cases took 45 s and found
-/// nothing more).
+/// Cases per run: about 6 s on two cores in the test profile, read-write part included (10,000
+/// cases took 60 s and found nothing more).
 const CASES: u32 = 1024;
 
 /// Largest prefix of a (damaged) virtual disk that is read and mapped in full; beyond it only
 /// the last MiB is, so a damaged size of terabytes does not turn the case into a long read.
 const READ_CAP: u64 = 32 * MIB as u64;
+
+/// The disk a read-write case's image lives on: room for the largest base image to grow by a
+/// few blocks, and small enough that a damaged LastFileOffset or a runaway allocation fails as
+/// a full disk long before it reaches [`ALLOC_BOUND`].
+const RW_CAPACITY: u64 = 24 * MIB as u64;
+
+/// Read-write opens that succeeded and writes that read back, over the whole run: the
+/// read-write part must have done real work on most cases, not failed at the open.
+static RW_OPENS: AtomicU64 = AtomicU64::new(0);
+static RW_WRITES: AtomicU64 = AtomicU64::new(0);
 
 const DIR: &str = "/m";
 const IMG: &str = "/m/img.vhdx";
@@ -576,8 +593,61 @@ fn run_case(bytes: Vec<u8>, parent: Option<Vec<u8>>) -> (u64, bool) {
             let _ = disk.close();
         }
     }
-    let unchanged = fs.bytes(IMG) == bytes && parent.is_none_or(|p| fs.bytes(PARENT) == p);
-    (fs.writes(), unchanged)
+    let unchanged =
+        fs.bytes(IMG) == bytes && parent.as_ref().is_none_or(|p| fs.bytes(PARENT) == *p);
+    let writes = fs.writes();
+    // The read-only files go before the read-write copy comes, so the peak holds one of them.
+    drop(reg);
+    drop(fs);
+    (writes + run_read_write(bytes, parent), unchanged)
+}
+
+/// Opens the damaged image read-write (its parent, if any, read-only behind a [`Trap`]) on a
+/// disk of [`RW_CAPACITY`] bytes: the log is replayed into the file, each of a few writes must
+/// read back at once, then a flush, a check with repair, a close and a second open follow.
+/// Errors are fine; panics, a write that does not read back, and writes to the parent are not.
+/// Returns the parent's write attempts.
+fn run_read_write(bytes: Vec<u8>, parent: Option<Vec<u8>>) -> u64 {
+    let fs = Arc::new(MemFileSystem::new());
+    fs.insert(IMG, Arc::new(Capped::new(bytes, RW_CAPACITY)));
+    let trap = parent.map(|p| Arc::new(Trap::new(p)));
+    if let Some(t) = &trap {
+        fs.insert(PARENT, t.clone());
+    }
+    let reg = Registry::builtin_with_provider(fs);
+    let opts = DiskOptions {
+        flags: OpenFlags::empty(),
+        ..DiskOptions::default()
+    };
+    if let Ok(disk) = Disk::open(&reg, Path::new(IMG), &opts) {
+        RW_OPENS.fetch_add(1, Ordering::Relaxed);
+        let size = disk.size();
+        let data: Vec<u8> = (0..64 * KIB).map(|i| (i % 251) as u8 ^ 0x5a).collect();
+        let mut back = vec![0u8; data.len()];
+        for at in [0, size / 2, size.saturating_sub(data.len() as u64)] {
+            let at = at - at % 4096;
+            let Some(n) = size.checked_sub(at).map(|left| left.min(data.len() as u64)) else {
+                continue;
+            };
+            let n = usize_of(n);
+            if disk.write_at(at, &data[..n]).is_ok() && disk.read_at(at, &mut back[..n]).is_ok() {
+                assert!(
+                    back[..n] == data[..n],
+                    "a write at {at:#x} did not read back"
+                );
+                RW_WRITES.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let _ = disk.flush();
+        let _ = disk.discard(0, (MIB as u64).min(size));
+        let _ = disk.top().repair(false);
+        let _ = disk.close();
+    }
+    if let Ok(img) = reg.open(Path::new(IMG), OpenFlags::empty()) {
+        exercise_image(img.as_ref());
+        let _ = img.close(false);
+    }
+    trap.map_or(0, |t| t.writes())
 }
 
 /// Runs `case` on its own thread under the watchdog and the allocation bound; returns why it
@@ -653,4 +723,13 @@ fn damaged_images_never_panic_hang_overallocate_or_write() {
     if let Err(e) = result {
         panic!("{e}");
     }
+    let (opens, writes) = (
+        RW_OPENS.load(Ordering::Relaxed),
+        RW_WRITES.load(Ordering::Relaxed),
+    );
+    eprintln!("read-write: {opens} opens, {writes} writes read back");
+    assert!(
+        opens > u64::from(CASES) / 2 && writes > u64::from(CASES),
+        "the read-write part did little: {opens} opens and {writes} writes in {CASES} cases"
+    );
 }
