@@ -163,6 +163,20 @@ pub use error::{BlockRef, Corruption, corruption_of};
 pub use guid::{USER_COMMENT, USER_LCHS, USER_PCHS};
 pub use image::VhdxImage;
 pub use log::EntrySummary;
+/// The resource limits an image is held to: every count, length and size read from a file is
+/// checked against one of these before it is used to allocate, loop or seek, and a value over
+/// its limit is a typed error (`Corrupt`, naming the field), never an allocation. Each
+/// constant's documentation gives its reason; `tests/tests/limits.rs` opens an image at and
+/// just over each. The chain depth is vd-core's [`vd_core::MAX_CHAIN_DEPTH`].
+pub mod limits {
+    pub use crate::bat::{MAX_CACHED_BAT_PAGES, MAX_CACHED_BITMAP_PAGES};
+    pub use crate::format::{
+        MAX_BAT_SIZE, MAX_BLOCK_SIZE, MAX_LOCATOR_ENTRIES, MAX_LOG_SIZE, MAX_METADATA_ENTRIES,
+        MAX_METADATA_ITEM, MAX_REGION_ENTRIES, MAX_VIRTUAL_SIZE, MIN_BLOCK_SIZE,
+    };
+    pub use crate::log::{MAX_LAST_FILE_OFFSET, MAX_REPLAY_SECTORS};
+    pub use crate::meta_edit::MAX_COMMENT;
+}
 pub use report::{
     BatFacts, Details, Dump, HeaderFacts, IdentifierFacts, ImageType, ItemFacts, LogReplay,
     LogState, RegionFacts, RegionTableFacts,

@@ -17,10 +17,15 @@ use crate::format::{
 };
 use crate::guid::Guid;
 
-/// Largest file size a log may ask for (64 TiB of data plus room for metadata).
-const MAX_LAST_FILE_OFFSET: u64 = 65 << 40;
-/// Most 4 KiB sectors one replay may touch (4 GiB).
-const MAX_REPLAY_SECTORS: u64 = 1 << 20;
+/// Largest file a log may ask for or write into (its LastFileOffset, a descriptor's end): the
+/// largest valid image (64 TiB of payload) plus 1 TiB for its structures. Further is `Corrupt`.
+/// Up to it, a read-write replay extends the file as MS-VHDX 2.3.3 asks (a sparse file on a real
+/// file system; QEMU does the same), a read-only replay only in memory.
+pub const MAX_LAST_FILE_OFFSET: u64 = 65 << 40;
+/// Most 4 KiB sectors one replay may write (4 GiB), zero descriptors included: it bounds the
+/// work of a replay and the memory of an in-memory one, whatever lengths the descriptors claim
+/// (no writer logs more than a few MiB between flushes). More is `Corrupt`.
+pub const MAX_REPLAY_SECTORS: u64 = 1 << 20;
 
 /// One write the log asks for.
 #[derive(Debug, Clone)]

@@ -12,7 +12,9 @@ use crate::locator::parse_locator;
 use crate::metadata::{ItemData, build_metadata_region, read_metadata, set_item};
 use crate::write_state::WriteState;
 
-const MAX_COMMENT: usize = 64 * 1024;
+/// Longest comment (vd's own user metadata item), in bytes: a comment is a note, and the cap keeps
+/// it far under the 1 MiB item cap.
+pub const MAX_COMMENT: usize = 64 * 1024;
 
 fn geometry_bytes(g: Geometry) -> Vec<u8> {
     [g.cylinders, g.heads, g.sectors]
