@@ -16,7 +16,15 @@
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -268,8 +276,11 @@ impl Image for RawImage {
         let mut out: Vec<Extent> = Vec::new();
         for e in self.map_file(offset, len)? {
             let e = e.extent();
+            // The runs tile [offset, offset + len), so their sum is at most len.
             match out.last_mut() {
-                Some(last) if last.kind == e.kind => last.length += e.length,
+                Some(last) if last.kind == e.kind => {
+                    last.length = last.length.saturating_add(e.length);
+                }
                 _ => out.push(e),
             }
         }
@@ -283,13 +294,12 @@ impl Image for RawImage {
         let s = self.storage();
         let mut out: Vec<MappedExtent> = Vec::new();
         let mut pos = offset;
-        let end = offset + len;
-        while pos < end {
-            let run = s
-                .run_at(pos, end - pos)
-                .map_err(|e| self.err("cannot map", e))?;
+        // Within the disk: checked above.
+        let end = offset.saturating_add(len);
+        while let Some(left) = end.checked_sub(pos).filter(|&l| l > 0) {
+            let run = s.run_at(pos, left).map_err(|e| self.err("cannot map", e))?;
             // Guard against a storage that reports empty runs: never loop forever.
-            let n = run.len.clamp(1, end - pos);
+            let n = run.len.clamp(1, left);
             let mapping = if run.data {
                 Mapping::Data {
                     file_offset: Some(pos),
@@ -305,7 +315,8 @@ impl Image for RawImage {
                     mapping,
                 },
             );
-            pos += n;
+            // n <= end - pos.
+            pos = pos.saturating_add(n);
         }
         Ok(out)
     }

@@ -108,6 +108,25 @@ fn to_usize(value: u64, what: &str) -> Result<usize> {
     usize::try_from(value).map_err(|_| Error::invalid_argument(format!("{what} too large")))
 }
 
+/// `offset + len`, after checking that the range lies within `size`.
+fn range_end(offset: u64, len: u64, size: u64) -> Result<u64> {
+    check_range(offset, len, size)?;
+    offset
+        .checked_add(len)
+        .ok_or_else(|| Error::out_of_range(offset, len, size))
+}
+
+/// `[offset, end)` widened to multiples of `g`: the start rounded down, the end up.
+fn widen(offset: u64, end: u64, g: u64) -> Result<(u64, u64)> {
+    let start = offset.checked_rem(g).and_then(|r| offset.checked_sub(r));
+    match (start, end.checked_next_multiple_of(g)) {
+        (Some(start), Some(stop)) => Ok((start, stop)),
+        _ => Err(Error::invalid_argument(format!(
+            "{offset:#x}..{end:#x} cannot be widened to multiples of {g}"
+        ))),
+    }
+}
+
 impl Disk {
     /// Opens the image at `path` and, for a differencing image, its ancestors: each parent is
     /// looked up at the candidates the child names (or taken from `opts.parents`), must exist,
@@ -141,7 +160,7 @@ impl Disk {
             } else {
                 parent_flags
             };
-            if layers.len() + 2 > max_depth {
+            if layers.len().saturating_add(2) > max_depth {
                 return Err(
                     bad_chain(format!("the disk chain is deeper than {max_depth} images"))
                         .with_path(path),
@@ -215,6 +234,10 @@ impl Disk {
     }
 
     /// The top image, where writes go.
+    #[allow(
+        clippy::expect_used,
+        reason = "`open` builds a disk with its top image first and nothing removes layers"
+    )]
     pub fn top(&self) -> &dyn Image {
         self.layers
             .first()
@@ -307,10 +330,13 @@ impl Disk {
                 } => layer.read_file_at(file, part)?,
                 Mapping::Data { file_offset: None } => layer.read_at(e.offset, part)?,
                 Mapping::Zero => part.fill(0),
-                Mapping::Unallocated => self.read_layer(index + 1, None, e.offset, part)?,
+                Mapping::Unallocated => {
+                    self.read_layer(index.saturating_add(1), None, e.offset, part)?;
+                }
             }
         }
-        if expect != offset + inside_len as u64 {
+        // `offset + inside_len` is at most the layer's size (`avail` above).
+        if Some(expect) != offset.checked_add(inside_len as u64) {
             return Err(Error::new(
                 ErrorKind::Corrupt,
                 format!("map stopped at {expect:#x}, short of the request"),
@@ -325,23 +351,17 @@ impl Disk {
     /// # Errors
     /// `OutOfRange`; errors of the top image.
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
-        check_range(offset, buf.len() as u64, self.size())?;
+        let end = range_end(offset, buf.len() as u64, self.size())?;
         let ss = u64::from(self.top().write_granularity().max(1));
-        let end = offset + buf.len() as u64;
         if self.layers.len() == 1 || (offset.is_multiple_of(ss) && end.is_multiple_of(ss)) {
             return self.top().write_at(offset, buf);
         }
         // A differencing image tracks whole sectors: widen the write to sector boundaries,
         // filling the edges with what the chain reads there now.
-        let start = offset / ss * ss;
-        let stop = end.div_ceil(ss) * ss;
-        let mut wide = vec![
-            0u8;
-            usize::try_from(stop - start)
-                .map_err(|_| Error::invalid_argument("write too large"))?
-        ];
-        let head = to_usize(offset - start, "write head")?;
-        let tail_start = to_usize(end - start, "write tail")?;
+        let (start, stop) = widen(offset, end, ss)?;
+        let mut wide = vec![0u8; to_usize(stop.abs_diff(start), "write")?];
+        let head = to_usize(offset.abs_diff(start), "write head")?;
+        let tail_start = to_usize(end.abs_diff(start), "write tail")?;
         let sector = to_usize(ss, "write granularity")?;
         if head > 0 {
             let first = wide
@@ -355,7 +375,8 @@ impl Disk {
                 .checked_sub(sector)
                 .and_then(|l| wide.get_mut(l..))
                 .ok_or_else(|| Error::invalid_argument("write shorter than a sector"))?;
-            self.read_at(stop - ss, last)?;
+            // stop is a multiple of ss above end, so at least ss.
+            self.read_at(stop.saturating_sub(ss), last)?;
         }
         if let Some(dst) = wide.get_mut(head..tail_start) {
             dst.copy_from_slice(buf);
@@ -381,26 +402,23 @@ impl Disk {
         op: impl Fn(u64, u64) -> Result<()>,
     ) -> Result<()> {
         let g = u64::from(self.top().write_granularity().max(1));
-        let end = offset + len;
+        let end = range_end(offset, len, self.size())?;
         if g == 1 || self.layers.len() == 1 || (offset.is_multiple_of(g) && end.is_multiple_of(g)) {
             return op(offset, len);
         }
-        let mid_start = offset.div_ceil(g) * g;
-        let mid_end = end / g * g;
+        // The aligned middle: the start rounded up, the end down (both within [offset, end]).
+        let mid_start = offset.checked_next_multiple_of(g).unwrap_or(end).min(end);
+        let mid_end = end.checked_rem(g).map_or(offset, |r| end.saturating_sub(r));
         if mid_start >= mid_end {
-            let zeros = vec![
-                0u8;
-                usize::try_from(len)
-                    .map_err(|_| Error::invalid_argument("range too large"))?
-            ];
+            let zeros = vec![0u8; to_usize(len, "range")?];
             return self.write_at(offset, &zeros);
         }
-        let head = vec![0u8; to_usize(mid_start - offset, "zero head")?];
-        let tail = vec![0u8; to_usize(end - mid_end, "zero tail")?];
+        let head = vec![0u8; to_usize(mid_start.abs_diff(offset), "zero head")?];
+        let tail = vec![0u8; to_usize(end.abs_diff(mid_end), "zero tail")?];
         if !head.is_empty() {
             self.write_at(offset, &head)?;
         }
-        op(mid_start, mid_end - mid_start)?;
+        op(mid_start, mid_end.abs_diff(mid_start))?;
         if !tail.is_empty() {
             self.write_at(mid_end, &tail)?;
         }
@@ -450,9 +468,10 @@ impl Disk {
             if let Some(last) = out.last_mut()
                 && last.kind == e.kind
                 && last.layer == e.layer
-                && last.offset + last.length == e.offset
+                && last.offset.checked_add(last.length) == Some(e.offset)
+                && let Some(length) = last.length.checked_add(e.length)
             {
-                last.length += e.length;
+                last.length = length;
                 return;
             }
             out.push(e);
@@ -473,8 +492,8 @@ impl Disk {
         if avail > 0 {
             for e in layer.map(offset, avail)? {
                 match e.kind {
-                    ExtentKind::Unallocated if index + 1 < self.layers.len() => {
-                        self.map_layer(index + 1, e.offset, e.length, out)?;
+                    ExtentKind::Unallocated if index.saturating_add(1) < self.layers.len() => {
+                        self.map_layer(index.saturating_add(1), e.offset, e.length, out)?;
                     }
                     ExtentKind::Unallocated | ExtentKind::Zero => push(
                         out,
@@ -501,8 +520,9 @@ impl Disk {
             push(
                 out,
                 DiskExtent {
-                    offset: offset + avail,
-                    length: len - avail,
+                    // avail < len, and offset + len is within the disk (checked by `map`).
+                    offset: offset.saturating_add(avail),
+                    length: len.abs_diff(avail),
                     kind: ExtentKind::Zero,
                     layer: None,
                 },
@@ -550,7 +570,8 @@ impl Read for Disk {
             .get_mut(..n)
             .ok_or_else(|| io::Error::other("read length"))?;
         self.read_at(self.pos, part).map_err(to_io)?;
-        self.pos += n as u64;
+        // The read succeeded, so pos + n is within the disk.
+        self.pos = self.pos.saturating_add(n as u64);
         Ok(n)
     }
 }
@@ -573,7 +594,8 @@ impl Write for Disk {
             .get(..n)
             .ok_or_else(|| io::Error::other("write length"))?;
         self.write_at(self.pos, part).map_err(to_io)?;
-        self.pos += n as u64;
+        // The write succeeded, so pos + n is within the disk.
+        self.pos = self.pos.saturating_add(n as u64);
         Ok(n)
     }
 
@@ -609,6 +631,31 @@ mod tests {
     use super::*;
     use crate::flags::ImageFlags;
     use crate::image::Extent;
+
+    #[test]
+    fn widen_rounds_outwards_and_refuses_what_does_not_fit() {
+        assert_eq!(widen(513, 1025, 512).unwrap(), (512, 1536));
+        assert_eq!(widen(512, 1024, 512).unwrap(), (512, 1024));
+        assert_eq!(widen(0, 1, 4096).unwrap(), (0, 4096));
+        assert!(
+            widen(0, u64::MAX, 4096).is_err(),
+            "the end rounds up past 2^64"
+        );
+        assert!(widen(0, 1, 0).is_err(), "no granularity");
+    }
+
+    #[test]
+    fn range_end_is_the_end_of_a_range_inside_the_disk() {
+        assert_eq!(range_end(10, 20, 30).unwrap(), 30);
+        assert_eq!(
+            range_end(10, 21, 30).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            range_end(u64::MAX, 2, u64::MAX).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+    }
     use crate::mapping::{MappedExtent, merge_extents};
     use crate::storage::{MemStorage, Storage};
 

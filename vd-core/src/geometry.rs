@@ -17,58 +17,69 @@ pub struct Geometry {
 impl Geometry {
     /// The physical geometry the VHD specification (and ATA) assigns to a disk of `size` bytes:
     /// the classic rule with 17, 31, 63 and 255 sectors per track, at most 65535 cylinders.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "divisions only: by the constants 17, 31, 63 and 255 and by heads, at least 4"
+    )]
     pub fn synthesize_pchs(size: u64) -> Self {
-        let max = 65535u64 * 16 * 255;
-        let total = (size / 512).min(max);
-        let (sectors, heads, cyl_times_heads);
-        if total >= 65535 * 16 * 63 {
-            sectors = 255;
-            heads = 16;
-            cyl_times_heads = total / sectors;
+        const MAX_SECTORS: u32 = 65535 * 16 * 255;
+        let total = u32::try_from(size / 512).map_or(MAX_SECTORS, |t| t.min(MAX_SECTORS));
+        let (sectors, heads, cyl_times_heads) = if total >= 65535 * 16 * 63 {
+            (255, 16, total / 255)
         } else {
-            let mut s = 17u64;
+            let mut s = 17;
             let mut cth = total / s;
             let mut h = cth.div_ceil(1024).max(4);
-            if cth >= h * 1024 || h > 16 {
+            if cth >= h.saturating_mul(1024) || h > 16 {
                 s = 31;
                 h = 16;
                 cth = total / s;
             }
-            if cth >= h * 1024 {
+            if cth >= h.saturating_mul(1024) {
                 s = 63;
                 h = 16;
                 cth = total / s;
             }
-            sectors = s;
-            heads = h;
-            cyl_times_heads = cth;
-        }
+            (s, h, cth)
+        };
         Self {
-            cylinders: u32::try_from(cyl_times_heads / heads).unwrap_or(u32::MAX),
-            heads: u32::try_from(heads).unwrap_or(16),
-            sectors: u32::try_from(sectors).unwrap_or(255),
+            cylinders: cyl_times_heads / heads,
+            heads,
+            sectors,
         }
     }
 
     /// The logical (BIOS) geometry for a disk of `size` bytes: 63 sectors per track, the fewest
     /// heads from 16, 32, 64, 128, 255 that keep the cylinders at or under 1024.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "heads is one of five constants of at most 255, so heads * 63 neither \
+                  overflows nor is zero"
+    )]
     pub fn synthesize_lchs(size: u64) -> Self {
         let total = size / 512;
-        let heads = [16u64, 32, 64, 128, 255]
+        let heads: u32 = [16, 32, 64, 128, 255]
             .into_iter()
-            .find(|h| total / (h * 63) <= 1024)
+            .find(|&h| total / (u64::from(h) * 63) <= 1024)
             .unwrap_or(255);
-        let cylinders = (total / (heads * 63)).clamp(1, 1024);
+        // Saturating: more cylinders than a u32 holds is more than 1024.
+        let cylinders = u32::try_from(total / (u64::from(heads) * 63))
+            .unwrap_or(u32::MAX)
+            .clamp(1, 1024);
         Self {
-            cylinders: u32::try_from(cylinders).unwrap_or(1024),
-            heads: u32::try_from(heads).unwrap_or(255),
+            cylinders,
+            heads,
             sectors: 63,
         }
     }
 
-    /// Capacity covered by the geometry, in bytes (512-byte sectors).
+    /// Capacity covered by the geometry, in bytes (512-byte sectors); `u64::MAX` when a geometry
+    /// read from a file claims more than that.
     pub fn capacity(&self) -> u64 {
-        u64::from(self.cylinders) * u64::from(self.heads) * u64::from(self.sectors) * 512
+        u64::from(self.cylinders)
+            .saturating_mul(u64::from(self.heads))
+            .saturating_mul(u64::from(self.sectors))
+            .saturating_mul(512)
     }
 }
 
@@ -76,12 +87,18 @@ impl Geometry {
 /// Returns `None` for anything else or an overflow.
 pub fn parse_size(s: &str) -> Option<u64> {
     let t = s.trim();
-    let (num, shift) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
-        Some('K') => (t.get(..t.len() - 1)?, 10),
-        Some('M') => (t.get(..t.len() - 1)?, 20),
-        Some('G') => (t.get(..t.len() - 1)?, 30),
-        Some('T') => (t.get(..t.len() - 1)?, 40),
-        Some('B') => (t.get(..t.len() - 1)?, 0),
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                'B' => 0,
+                _ => return None,
+            };
+            (t.get(..i)?, shift)
+        }
         _ => (t, 0),
     };
     num.parse::<u64>().ok()?.checked_mul(1u64 << shift)
@@ -226,7 +243,8 @@ mod tests {
             chs(u32::MAX, 1, 1).capacity(),
             max * 512,
             "computed in u64, not u32"
-        );
+        ); // A geometry read from a file may claim more than 2^64 bytes: saturated, not wrapped.
+        assert_eq!(chs(u32::MAX, u32::MAX, u32::MAX).capacity(), u64::MAX);
     }
 
     #[test]

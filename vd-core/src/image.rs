@@ -360,19 +360,26 @@ pub trait Image: Send + Sync {
     ///
     /// # Errors
     /// As [`write_at`](Image::write_at).
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "pos < end, and end = offset + len is checked not to overflow"
+    )]
     fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
         const CHUNK: u64 = 1 << 20;
+        let end = offset
+            .checked_add(len)
+            .ok_or_else(|| Error::new(ErrorKind::OutOfRange, "the range ends past 2^64"))?;
         // At most CHUNK bytes, which fits in memory on every platform vd builds for.
         let zeros = vec![0u8; 1 << 20];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
+        let mut pos = offset;
+        while pos < end {
+            let n = (end - pos).min(CHUNK);
             let part = usize::try_from(n)
                 .ok()
                 .and_then(|n| zeros.get(..n))
                 .ok_or_else(|| Error::invalid_argument("length overflows"))?;
-            self.write_at(offset + done, part)?;
-            done += n;
+            self.write_at(pos, part)?;
+            pos += n;
         }
         Ok(())
     }

@@ -31,7 +31,15 @@
 #![deny(missing_docs)]
 // Library code reports errors; an `expect` states its invariant. The test doubles of
 // `testing` may panic (they are test code), and are exempt below.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 mod backend;
 mod disk;
@@ -48,7 +56,12 @@ mod storage;
 
 // Also built for vd-core's own unit tests, which use its test backends.
 #[cfg(any(test, feature = "test-util"))]
-#[allow(clippy::unwrap_used, clippy::panic)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::arithmetic_side_effects
+)]
 pub mod testing;
 
 pub use backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest};

@@ -134,8 +134,16 @@ fn held_by_other(file: &File, byte: i64) -> io::Result<bool> {
     Ok(fcntl_lock(file, libc::F_OFD_GETLK, libc::F_WRLCK, byte)? != libc::F_UNLCK)
 }
 
-fn bits() -> impl Iterator<Item = (i64, u32)> {
-    (0i64..4).map(|n| (n, 1u32 << n))
+/// QEMU's four permissions: each one's permission byte, its not-shared byte and its bit.
+const PERMISSIONS: [(i64, i64, u32); 4] = [
+    (PERM_BASE, SHARED_BASE, 1),
+    (PERM_BASE + 1, SHARED_BASE + 1, 2),
+    (PERM_BASE + 2, SHARED_BASE + 2, 4),
+    (PERM_BASE + 3, SHARED_BASE + 3, 8),
+];
+
+fn bits() -> impl Iterator<Item = (i64, i64, u32)> {
+    PERMISSIONS.into_iter()
 }
 
 /// Locks `file` for an opener in `mode` (`None`: releases every lock), then checks the locks
@@ -146,20 +154,19 @@ fn bits() -> impl Iterator<Item = (i64, u32)> {
 /// conflicts; the errors of `fcntl` (a file system without OFD lock support, say).
 pub(crate) fn apply(file: &File, mode: Option<OpenMode>) -> io::Result<()> {
     let (perm, shared) = mode.map_or((0, PERM_ALL), permissions);
-    for (n, bit) in bits() {
-        set_byte(file, PERM_BASE + n, perm & bit != 0).map_err(|e| lock_error(e, bit, true))?;
-        set_byte(file, SHARED_BASE + n, shared & bit == 0)
-            .map_err(|e| lock_error(e, bit, false))?;
+    for (perm_byte, shared_byte, bit) in bits() {
+        set_byte(file, perm_byte, perm & bit != 0).map_err(|e| lock_error(e, bit, true))?;
+        set_byte(file, shared_byte, shared & bit == 0).map_err(|e| lock_error(e, bit, false))?;
     }
-    for (n, bit) in bits() {
-        if perm & bit != 0 && held_by_other(file, SHARED_BASE + n)? {
+    for (perm_byte, shared_byte, bit) in bits() {
+        if perm & bit != 0 && held_by_other(file, shared_byte)? {
             return Err(LockConflict {
                 permission: perm_name(bit),
                 held_by_other: false,
             }
             .into_io());
         }
-        if shared & bit == 0 && held_by_other(file, PERM_BASE + n)? {
+        if shared & bit == 0 && held_by_other(file, perm_byte)? {
             return Err(LockConflict {
                 permission: perm_name(bit),
                 held_by_other: true,
@@ -321,7 +328,7 @@ mod tests {
         );
         assert_eq!(permissions(OpenMode::ReadOnly), (0b0001, 0b0101));
         assert_eq!(permissions(OpenMode::ReadOnlyShared), (0b0001, PERM_ALL));
-        let names: Vec<_> = bits().map(|(_, b)| perm_name(b)).collect();
+        let names: Vec<_> = bits().map(|(_, _, b)| perm_name(b)).collect();
         assert_eq!(
             names,
             vec!["consistent read", "write", "write unchanged", "resize"]

@@ -85,8 +85,9 @@ pub fn push_extent(out: &mut Vec<MappedExtent>, e: MappedExtent) {
     }
     if let Some(last) = out.last_mut()
         && last.joins(&e)
+        && let Some(length) = last.length.checked_add(e.length)
     {
-        last.length += e.length;
+        last.length = length;
         return;
     }
     out.push(e);

@@ -415,6 +415,10 @@ impl std::fmt::Debug for StagedImage {
 
 impl StagedImage {
     /// The new image, open for writing.
+    #[allow(
+        clippy::expect_used,
+        reason = "`image` is Some from staging until `commit`, which consumes self"
+    )]
     pub fn image(&self) -> &dyn Image {
         self.image
             .as_deref()
@@ -431,6 +435,10 @@ impl StagedImage {
     /// # Errors
     /// Errors of the flush, the close or the rename; the destination is then unchanged and
     /// the new file is deleted.
+    #[allow(
+        clippy::expect_used,
+        reason = "`image` is Some from staging until here; only this takes it"
+    )]
     pub fn commit(mut self) -> Result<()> {
         let img = self
             .image

@@ -47,16 +47,20 @@ pub trait Storage: Send + Sync + Debug {
     /// Writes zeros over `[offset, offset + len)`.
     fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
         const CHUNK: u64 = 256 * 1024;
+        let end = offset.checked_add(len).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, "the range ends past 2^64")
+        })?;
         let zeros = vec![0u8; usize::try_from(CHUNK.min(len)).map_err(io::Error::other)?];
-        let mut done = 0;
-        while done < len {
-            let n = (len - done).min(CHUNK);
+        let mut pos = offset;
+        // `end - pos` and `pos + n`: pos < end, and pos + n <= end.
+        while let Some(left) = end.checked_sub(pos).filter(|&l| l > 0) {
+            let n = left.min(CHUNK);
             let n_usize = usize::try_from(n).map_err(io::Error::other)?;
             let chunk = zeros
                 .get(..n_usize)
                 .ok_or_else(|| io::Error::other("zero chunk"))?;
-            self.write_all_at(offset + done, chunk)?;
-            done += n;
+            self.write_all_at(pos, chunk)?;
+            pos = pos.saturating_add(n);
         }
         Ok(())
     }
@@ -383,10 +387,10 @@ impl Storage for FileStorage {
                 });
             }
         };
-        if data_start > offset {
+        if let Some(gap) = data_start.checked_sub(offset).filter(|&g| g > 0) {
             return Ok(StorageRun {
                 data: false,
-                len: (data_start - offset).min(max_len),
+                len: gap.min(max_len),
             });
         }
         let hole_start = match seek(&self.file, SeekFrom::Hole(offset)) {
@@ -952,6 +956,13 @@ mod tests {
         assert!(v[599 * 1024..].iter().all(|&b| b == 0));
         assert_eq!(v[599 * 1024 - 1], 0xFF);
         s.zero_range(10, 0).unwrap();
+        assert_eq!(s.to_vec(), v);
+        let e = s.zero_range(u64::MAX - 1, 4).unwrap_err();
+        assert_eq!(
+            e.kind(),
+            io::ErrorKind::InvalidInput,
+            "a range past 2^64: {e}"
+        );
         assert_eq!(s.to_vec(), v);
         assert_eq!(
             s.run_at(5, 77).unwrap(),
