@@ -9,8 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use parking_lot::RwLock;
 use vd_core::{Error, ErrorKind, Result, Storage};
 
-use crate::error::{BlockRef, Corruption, fit, io_at};
-use crate::format::{BatEntry, BitmapState, InvalidState, MIB, PayloadState};
+use crate::error::{BlockRef, Corruption, fit, io_at, overflow};
+use crate::format::{
+    BatEntry, BitmapState, InvalidState, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIB, MIN_BLOCK_SIZE,
+    PayloadState,
+};
 use crate::metadata::Metadata;
 
 /// Entries per 4 KiB BAT page.
@@ -20,6 +23,10 @@ const SB_PAGE: u64 = 4096;
 const SB_PAGE_BYTES: usize = 4096;
 /// Bytes per BAT page.
 const PAGE_BYTES: usize = 4096;
+/// Bytes per BAT page, as a file offset.
+const PAGE_BYTES_U64: u64 = ENTRIES_PER_PAGE * 8;
+/// Bits in a chunk's sector bitmap (1 MiB).
+const SB_BITS: u64 = 8 * MIB;
 
 /// Most unchanged BAT pages kept in memory: 4096 pages of 4 KiB are 16 MiB and describe 2M
 /// blocks (2 TiB at 1 MiB blocks), enough for any working set a caller re-reads, while a scan of
@@ -65,7 +72,9 @@ impl<T> PageCache<T> {
             self.map.retain(|_, (_, changed)| *changed);
             self.clean = 0;
         }
-        self.clean += 1;
+        // `clean` counts unchanged pages held, at most `cap` (a few thousand): it never
+        // saturates.
+        self.clean = self.clean.saturating_add(1);
         self.map.insert(key, (page.clone(), false));
         page
     }
@@ -73,7 +82,8 @@ impl<T> PageCache<T> {
     /// Caches a changed page; it stays for the session.
     fn insert_changed(&mut self, key: u64, page: Arc<[T]>) {
         if let Some((_, false)) = self.map.insert(key, (page, true)) {
-            self.clean -= 1;
+            // An unchanged page was held, so `clean` counted it and is at least 1.
+            self.clean = self.clean.saturating_sub(1);
         }
     }
 
@@ -85,6 +95,12 @@ impl<T> PageCache<T> {
 }
 
 /// The arithmetic of 2.5: blocks, chunks, and where their entries live.
+///
+/// Built by [`Layout::from_parts`], which checks the caps every derived value relies on:
+/// block size a power of two from 1 MiB to 256 MiB, logical sector size 512 or 4096, virtual
+/// size at most `MAX_VIRTUAL_SIZE` (64 TiB). So `chunk_ratio` is 16..=32768, `data_blocks`
+/// at most 2^26 and `entries` below 2^27: products of an entry index by 8 and of a block
+/// number below `data_blocks` by the block size stay far below `u64::MAX`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     /// Virtual disk size.
@@ -105,7 +121,11 @@ pub struct Layout {
 
 impl Layout {
     /// The layout of the disk `meta` describes.
-    pub fn new(meta: &Metadata) -> Self {
+    ///
+    /// # Errors
+    /// As [`from_parts`](Layout::from_parts) (never for parsed metadata, which is validated
+    /// against the same caps).
+    pub fn new(meta: &Metadata) -> Result<Self> {
         Self::from_parts(
             meta.virtual_size,
             meta.block_size,
@@ -118,22 +138,52 @@ impl Layout {
     /// sector sizes: chunk ratio = 2^23 × sector size / block size (2.5), at least 1; a
     /// differencing disk's BAT holds whole chunks, each followed by its sector-bitmap entry,
     /// and any other disk's BAT ends with the last payload entry.
+    ///
+    /// # Errors
+    /// `OutOfRange` when the block size is not a power of two from 1 MiB to 256 MiB, the sector
+    /// size is not 512 or 4096, or the virtual size exceeds `MAX_VIRTUAL_SIZE`: the caps the
+    /// layout's arithmetic relies on (metadata parsing, `create` and `resize` check them first).
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "checked just above: block_size is 2^20..=2^28, sector_size 512 or 4096 and \
+                  virtual_size at most 2^46, so chunk_ratio = 2^23 * sector_size / block_size is \
+                  16..=32768, data_blocks at most 2^26 and entries below 2^27"
+    )]
     pub fn from_parts(
         virtual_size: u64,
         block_size: u32,
         logical_sector_size: u32,
         has_parent: bool,
-    ) -> Self {
-        let block_size = u64::from(block_size).max(1);
+    ) -> Result<Self> {
+        if !block_size.is_power_of_two() || !(MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size)
+        {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("block size {block_size:#x} is not a power of two from 1 MiB to 256 MiB"),
+            ));
+        }
+        if !matches!(logical_sector_size, 512 | 4096) {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("logical sector size {logical_sector_size} is not 512 or 4096"),
+            ));
+        }
+        if virtual_size > MAX_VIRTUAL_SIZE {
+            return Err(Error::new(
+                ErrorKind::OutOfRange,
+                format!("virtual size {virtual_size:#x} exceeds 64 TiB"),
+            ));
+        }
+        let block_size = u64::from(block_size);
         let sector_size = u64::from(logical_sector_size);
-        let chunk_ratio = ((1u64 << 23) * sector_size / block_size).max(1);
+        let chunk_ratio = (1u64 << 23) * sector_size / block_size;
         let data_blocks = virtual_size.div_ceil(block_size);
         let entries = if has_parent {
             data_blocks.div_ceil(chunk_ratio) * (chunk_ratio + 1)
         } else {
             data_blocks + data_blocks.saturating_sub(1) / chunk_ratio
         };
-        Self {
+        Ok(Self {
             virtual_size,
             block_size,
             sector_size,
@@ -141,22 +191,85 @@ impl Layout {
             data_blocks,
             entries,
             has_parent,
-        }
+        })
     }
 
     /// BAT index of payload block `block`.
-    pub fn payload_index(&self, block: u64) -> u64 {
-        block + block / self.chunk_ratio
+    ///
+    /// # Errors
+    /// `OutOfRange` when the index overflows (a block number no disk has).
+    pub fn payload_index(&self, block: u64) -> Result<u64> {
+        block
+            .checked_add(self.chunk_of(block))
+            .ok_or_else(|| overflow("BAT index of a payload block"))
     }
 
     /// BAT index of the sector-bitmap entry of chunk `chunk`.
-    pub fn bitmap_index(&self, chunk: u64) -> u64 {
-        chunk * (self.chunk_ratio + 1) + self.chunk_ratio
+    ///
+    /// # Errors
+    /// `OutOfRange` when the index overflows (a chunk number no disk has).
+    pub fn bitmap_index(&self, chunk: u64) -> Result<u64> {
+        chunk
+            .checked_mul(self.group())
+            .and_then(|i| i.checked_add(self.chunk_ratio))
+            .ok_or_else(|| overflow("BAT index of a sector bitmap"))
+    }
+
+    /// Entries per chunk: its payload entries and its sector-bitmap entry.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "chunk_ratio is at most 32768 (from_parts)"
+    )]
+    pub fn group(&self) -> u64 {
+        self.chunk_ratio + 1
+    }
+
+    /// The chunk payload block `block` belongs to.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "chunk_ratio is at least 16 (from_parts), never zero"
+    )]
+    pub fn chunk_of(&self, block: u64) -> u64 {
+        block / self.chunk_ratio
+    }
+
+    /// The position of payload block `block` inside its chunk (less than `chunk_ratio`).
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "chunk_ratio is at least 16 (from_parts), never zero"
+    )]
+    pub fn slot_in_chunk(&self, block: u64) -> u64 {
+        block % self.chunk_ratio
     }
 
     /// Sectors per payload block.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "sector_size is 512 or 4096 (from_parts), never zero"
+    )]
     pub fn sectors_per_block(&self) -> u64 {
         self.block_size / self.sector_size
+    }
+
+    /// The first sector-bitmap bit of payload block `block` in its chunk's bitmap: its slot in
+    /// the chunk times the sectors per block, below 2^23 (a chunk's bitmap is 1 MiB, 2^23 bits).
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "slot_in_chunk < chunk_ratio, and chunk_ratio * sectors_per_block = 2^23 \
+                  (from_parts)"
+    )]
+    pub fn bitmap_base(&self, block: u64) -> u64 {
+        self.slot_in_chunk(block) * self.sectors_per_block()
+    }
+
+    /// The virtual disk offset of payload block `block`.
+    ///
+    /// # Errors
+    /// `OutOfRange` when it overflows (a block number no disk has).
+    pub fn disk_offset(&self, block: u64) -> Result<u64> {
+        block
+            .checked_mul(self.block_size)
+            .ok_or_else(|| overflow("disk offset of a payload block"))
     }
 }
 
@@ -276,7 +389,7 @@ impl Bat {
     /// zeros). The region is a multiple of 1 MiB and holds every entry, so every page of an
     /// entry lies inside it.
     fn load_page(&self, page: u64) -> Result<Arc<[u64]>> {
-        let off = self.region_offset() + page * ENTRIES_PER_PAGE * 8;
+        let off = self.page_offset(page)?;
         let mut buf = vec![0u8; PAGE_BYTES];
         // More than a page past `off` (or more than `usize` holds) is a whole page.
         let avail = usize::try_from(self.file_len().saturating_sub(off))
@@ -294,6 +407,16 @@ impl Bat {
             .iter()
             .map(|c| u64::from_le_bytes(*c))
             .collect())
+    }
+
+    /// The file offset of BAT page `page`.
+    ///
+    /// # Errors
+    /// `OutOfRange` when it overflows (a page past any BAT region).
+    fn page_offset(&self, page: u64) -> Result<u64> {
+        page.checked_mul(PAGE_BYTES_U64)
+            .and_then(|o| o.checked_add(self.region_offset()))
+            .ok_or_else(|| overflow("BAT page offset"))
     }
 
     fn page(&self, page: u64) -> Result<Arc<[u64]>> {
@@ -331,18 +454,31 @@ impl Bat {
     pub fn page_bytes(&self, page: u64) -> Result<(u64, Vec<u8>)> {
         let entries = self.page(page)?;
         let bytes = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-        Ok((self.region_offset() + page * ENTRIES_PER_PAGE * 8, bytes))
+        Ok((self.page_offset(page)?, bytes))
     }
 
     /// Sets the sector-bitmap bits `[first_bit, first_bit + count)` of the bitmap block at
-    /// `sb_offset` in the cache; returns the file offsets of the 4 KiB pages changed.
+    /// `sb_offset` (a validated block: it and its 1 MiB lie inside the file) in the cache;
+    /// returns the file offsets of the 4 KiB pages changed.
     ///
     /// # Errors
-    /// I/O errors loading a page.
+    /// `OutOfRange` when the bits are not inside the 1 MiB bitmap block or the block's end
+    /// overflows; I/O errors loading a page.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "checked at the top: bit < end <= 2^23 (SB_BITS) and sb_offset + 1 MiB does \
+                  not overflow, so every page offset and page end bit is at most sb_offset + 1 MiB"
+    )]
     pub fn set_bits(&self, sb_offset: u64, first_bit: u64, count: u64) -> Result<Vec<u64>> {
+        let end = first_bit
+            .checked_add(count)
+            .filter(|&e| e <= SB_BITS)
+            .ok_or_else(|| overflow("sector bitmap bit range"))?;
+        sb_offset
+            .checked_add(MIB)
+            .ok_or_else(|| overflow("sector bitmap block end"))?;
         let mut changed = Vec::new();
         let mut bit = first_bit;
-        let end = first_bit + count;
         while bit < end {
             let page_off = sb_offset + bit / 8 / SB_PAGE * SB_PAGE;
             let page_end_bit = (bit / 8 / SB_PAGE + 1) * SB_PAGE * 8;
@@ -406,8 +542,12 @@ impl Bat {
             })
     }
 
-    fn entry_at(&self, index: u64) -> u64 {
-        self.region_offset() + index * 8
+    /// The file offset of entry `index`, for messages and the truncation check. It saturates
+    /// at `u64::MAX`, past the end of any file, only for an index past every BAT region: the
+    /// region holds every entry the layout uses (the open checks it) and its end does not
+    /// overflow (`read_region_table` checks it).
+    pub fn entry_at(&self, index: u64) -> u64 {
+        self.region_offset().saturating_add(index.saturating_mul(8))
     }
 
     /// `Truncated` unless entry `index` lies inside the file.
@@ -427,8 +567,11 @@ impl Bat {
     }
 
     fn check_block(&self, index: u64, block: BlockRef, offset: u64, needed: u64) -> Result<()> {
+        // A block whose end overflows (FileOffsetMB near 2^44) ends past every structure and
+        // past the end of any file: the saturated end says so, and BatBeyondFile reports it.
+        let end = offset.saturating_add(needed);
         for f in self.forbidden.read().iter() {
-            if offset < f.end && offset + needed > f.start {
+            if offset < f.end && end > f.start {
                 return Err(Corruption::BatOverlap {
                     index,
                     offset,
@@ -437,7 +580,6 @@ impl Bat {
                 .at(format!("BAT entry {index}"), self.entry_at(index)));
             }
         }
-        let end = offset.saturating_add(needed);
         if end > self.file_len() {
             return Err(Corruption::BatBeyondFile {
                 index,
@@ -465,7 +607,7 @@ impl Bat {
     /// # Errors
     /// As [`block`](Bat::block).
     pub fn block_in(&self, layout: &Layout, block: u64) -> Result<BlockState> {
-        let index = layout.payload_index(block);
+        let index = layout.payload_index(block)?;
         let entry = self.entry_in(layout, index)?;
         self.payload_state(layout, block, index, entry)
     }
@@ -495,8 +637,13 @@ impl Bat {
         let state = entry.payload_state().map_err(bad_state)?;
         let offset = entry.file_offset();
         // The last block may be partial; only the part inside the virtual disk must exist.
-        let disk_offset = block * layout.block_size;
-        let needed = (layout.virtual_size - disk_offset).min(layout.block_size);
+        // A block past the end of the disk (its entry is past the BAT, so NOT_PRESENT) needs
+        // no bytes.
+        let disk_offset = layout.disk_offset(block)?;
+        let needed = layout
+            .virtual_size
+            .saturating_sub(disk_offset)
+            .min(layout.block_size);
         let block_ref = BlockRef::Payload { block, disk_offset };
         Ok(match state {
             PayloadState::NotPresent => BlockState::NotPresent,
@@ -532,7 +679,7 @@ impl Bat {
     /// # Errors
     /// As [`bitmap`](Bat::bitmap).
     pub fn bitmap_in(&self, layout: &Layout, chunk: u64) -> Result<Option<u64>> {
-        let index = layout.bitmap_index(chunk);
+        let index = layout.bitmap_index(chunk)?;
         let entry = self.entry_in(layout, index)?;
         self.bitmap_state(chunk, index, entry)
     }
@@ -580,7 +727,15 @@ impl Bat {
     /// took once for its whole request.
     ///
     /// # Errors
-    /// `Corrupt` when the bitmap is missing; I/O errors.
+    /// `Corrupt` when the bitmap is missing; `OutOfRange` when the sectors are not inside the
+    /// block; I/O errors.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "checked at the top: first + count <= sectors_per_block, so s < first + count, \
+                  bit = base + s < 2^23 (bitmap_base) and byte < 1 MiB; sb + 1 MiB lies inside \
+                  the file (bitmap_in checked the block), so page_off cannot overflow; \
+                  s - run_start and first + count - run_start are >= 0 as run_start <= s"
+    )]
     pub fn bitmap_runs(
         &self,
         layout: &Layout,
@@ -589,13 +744,19 @@ impl Bat {
         count: u64,
         mut f: impl FnMut(u64, u64, bool),
     ) -> Result<()> {
-        let chunk = block / layout.chunk_ratio;
+        if first
+            .checked_add(count)
+            .is_none_or(|end| end > layout.sectors_per_block())
+        {
+            return Err(overflow("sector range of a payload block"));
+        }
+        let chunk = layout.chunk_of(block);
         let Some(sb) = self.bitmap_in(layout, chunk)? else {
-            let index = layout.payload_index(block);
+            let index = layout.payload_index(block)?;
             return Err(Corruption::SectorBitmapMissing { index }
                 .at(format!("BAT entry {index}"), self.entry_at(index)));
         };
-        let base = (block % layout.chunk_ratio) * layout.sectors_per_block();
+        let base = layout.bitmap_base(block);
         let mut run_start = first;
         let mut run_value = None;
         let mut page_cache: Option<(u64, Arc<[u8]>)> = None;
@@ -637,12 +798,20 @@ impl Bat {
     ///
     /// # Errors
     /// What `f` returns; I/O errors reading the BAT.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "first <= index <= i < first + n <= layout.entries < 2^27 (Layout::from_parts), \
+                  so products by 8 are below 2^30 and page_no + 1 below 2^18; region + first * 8 \
+                  is inside the BAT region, whose end does not overflow (read_region_table) and \
+                  which holds every entry (the open's BatTooSmall check); group >= 17, never \
+                  zero; chunk * chunk_ratio + slot is a block number below 2^27"
+    )]
     pub fn verify_all(&self, mut f: impl FnMut(Error) -> Result<()>) -> Result<()> {
         const PIECE_ENTRIES: u64 = 128 * 1024;
         let layout = self.layout();
         let region = self.region_offset();
         let file_len = self.file_len();
-        let group = layout.chunk_ratio + 1;
+        let group = layout.group();
         let mut buf = vec![0u8; fit::<usize, _>(PIECE_ENTRIES * 8, "BAT piece")?];
         let mut first = 0;
         while first < layout.entries {
@@ -721,6 +890,10 @@ impl Bat {
     ///
     /// # Errors
     /// As [`block`](Bat::block).
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "each count is at most data_blocks <= 2^26 (Layout::from_parts)"
+    )]
     pub fn summary(&self) -> Result<BatSummary> {
         let layout = self.layout();
         let mut s = BatSummary::default();
@@ -757,7 +930,7 @@ mod tests {
             (4096, MIB, 32768),
             (4096, 256 * MIB, 128),
         ] {
-            let l = Layout::from_parts(GIB, u32::try_from(block).unwrap(), sector, false);
+            let l = Layout::from_parts(GIB, u32::try_from(block).unwrap(), sector, false).unwrap();
             assert_eq!(l.chunk_ratio, ratio, "sector {sector}, block {block}");
             assert_eq!(l.sectors_per_block(), block / u64::from(sector));
         }
@@ -768,15 +941,15 @@ mod tests {
     #[test]
     fn entries_interleave_bitmaps_after_each_chunk() {
         // 512-byte sectors, 256 MiB blocks: 16 payload entries, then a bitmap entry.
-        let l = Layout::from_parts(64 * GIB, 256 << 20, 512, true);
+        let l = Layout::from_parts(64 * GIB, 256 << 20, 512, true).unwrap();
         assert_eq!(l.chunk_ratio, 16);
         assert_eq!(l.data_blocks, 256);
-        assert_eq!(l.payload_index(0), 0);
-        assert_eq!(l.payload_index(15), 15);
-        assert_eq!(l.bitmap_index(0), 16);
-        assert_eq!(l.payload_index(16), 17);
-        assert_eq!(l.bitmap_index(15), 15 * 17 + 16);
-        assert_eq!(l.payload_index(255), 255 + 15);
+        assert_eq!(l.payload_index(0).unwrap(), 0);
+        assert_eq!(l.payload_index(15).unwrap(), 15);
+        assert_eq!(l.bitmap_index(0).unwrap(), 16);
+        assert_eq!(l.payload_index(16).unwrap(), 17);
+        assert_eq!(l.bitmap_index(15).unwrap(), 15 * 17 + 16);
+        assert_eq!(l.payload_index(255).unwrap(), 255 + 15);
         // 16 whole chunks, each with its bitmap entry.
         assert_eq!(l.entries, 16 * 17);
     }
@@ -785,33 +958,33 @@ mod tests {
     fn last_partial_block_and_chunk() {
         // 33 blocks of 256 MiB and a bit: 34 payload blocks, the last one partial.
         let size = 33 * 256 * MIB + 512;
-        let diff = Layout::from_parts(size, 256 << 20, 512, true);
+        let diff = Layout::from_parts(size, 256 << 20, 512, true).unwrap();
         assert_eq!(diff.data_blocks, 34);
         // A differencing BAT holds whole chunks: 3 chunks × 17 entries.
         assert_eq!(diff.entries, 3 * 17);
-        assert_eq!(diff.bitmap_index(2), 2 * 17 + 16);
-        assert!(diff.bitmap_index(2) < diff.entries);
+        assert_eq!(diff.bitmap_index(2).unwrap(), 2 * 17 + 16);
+        assert!(diff.bitmap_index(2).unwrap() < diff.entries);
         // Any other BAT ends with the last payload entry, bitmaps interleaved before it.
-        let base = Layout::from_parts(size, 256 << 20, 512, false);
+        let base = Layout::from_parts(size, 256 << 20, 512, false).unwrap();
         assert_eq!(base.entries, 34 + 33 / 16);
-        assert_eq!(base.payload_index(33), base.entries - 1);
+        assert_eq!(base.payload_index(33).unwrap(), base.entries - 1);
         // Exactly one chunk: no bitmap entry after it in a base image.
-        let one = Layout::from_parts(16 * 256 * MIB, 256 << 20, 512, false);
+        let one = Layout::from_parts(16 * 256 * MIB, 256 << 20, 512, false).unwrap();
         assert_eq!(one.entries, 16);
-        assert_eq!(one.payload_index(15), 15);
+        assert_eq!(one.payload_index(15).unwrap(), 15);
     }
 
     #[test]
     fn sector_bitmap_block_of_a_sector() {
         // Each sector-bitmap block covers one chunk: chunk_ratio × block bytes, 2^23 sectors.
-        let l = Layout::from_parts(64 * GIB, 32 << 20, 512, true);
+        let l = Layout::from_parts(64 * GIB, 32 << 20, 512, true).unwrap();
         let sectors_per_chunk = l.chunk_ratio * l.sectors_per_block();
         assert_eq!(sectors_per_chunk, 1 << 23);
         assert_eq!(sectors_per_chunk / 8, MIB);
         let block = 129; // chunk 1, second block
         assert_eq!(block / l.chunk_ratio, 1);
-        assert_eq!(l.payload_index(block), 130);
-        assert_eq!(l.bitmap_index(block / l.chunk_ratio), 2 * 129 - 1);
+        assert_eq!(l.payload_index(block).unwrap(), 130);
+        assert_eq!(l.bitmap_index(block / l.chunk_ratio).unwrap(), 2 * 129 - 1);
     }
 
     /// A BAT over `entries` entries of a 1 MiB-block base disk whose region is at offset 0 of
@@ -820,7 +993,7 @@ mod tests {
         let bytes: Vec<u8> = (0..entries).flat_map(|_| fill.to_le_bytes()).collect();
         let len = bytes.len() as u64;
         let storage = Arc::new(vd_core::MemStorage::from_bytes(bytes));
-        let layout = Layout::from_parts(entries * MIB, 1 << 20, 512, false);
+        let layout = Layout::from_parts(entries * MIB, 1 << 20, 512, false).unwrap();
         (
             Bat::new(storage.clone(), layout, 0, len, Vec::new()),
             storage,
@@ -865,7 +1038,7 @@ mod tests {
             0;
             pages * SB_PAGE_BYTES
         ]));
-        let layout = Layout::from_parts(MIB, 1 << 20, 512, true);
+        let layout = Layout::from_parts(MIB, 1 << 20, 512, true).unwrap();
         let bat = Bat::new(
             storage,
             layout,
@@ -884,9 +1057,74 @@ mod tests {
 
     #[test]
     fn smallest_disk() {
-        let l = Layout::from_parts(512, 1 << 20, 512, false);
+        let l = Layout::from_parts(512, 1 << 20, 512, false).unwrap();
         assert_eq!((l.data_blocks, l.entries), (1, 1));
-        let d = Layout::from_parts(512, 1 << 20, 512, true);
+        let d = Layout::from_parts(512, 1 << 20, 512, true).unwrap();
         assert_eq!((d.data_blocks, d.entries), (1, 4097));
+    }
+
+    #[test]
+    fn a_bat_entry_at_the_largest_file_offset_is_beyond_the_file_not_a_wrap() {
+        // FileOffsetMB = 2^44 - 1 (the largest the field holds), FULLY_PRESENT: the block's end
+        // overflows u64; it must be reported as beyond the end of the file, saturated.
+        let raw = (((1u64 << 44) - 1) << 20) | u64::from(PayloadState::FullyPresent.bits());
+        let (bat, _) = bat_of(16, raw);
+        let e = bat.block(0).unwrap_err();
+        match crate::error::corruption_of(&e) {
+            Some(Corruption::BatBeyondFile {
+                index, offset, end, ..
+            }) => {
+                assert_eq!((*index, *offset, *end), (0, u64::MAX - (MIB - 1), u64::MAX));
+            }
+            other => panic!("{other:?}: {e}"),
+        }
+    }
+
+    #[test]
+    fn layout_rejects_values_past_its_caps_and_indexes_that_overflow() {
+        let out = |r: Result<Layout>| r.unwrap_err().kind();
+        assert_eq!(
+            out(Layout::from_parts(MIB, 3 << 20, 512, false)),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            out(Layout::from_parts(MIB, 1 << 20, 0, true)),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            out(Layout::from_parts(MIB, 1 << 20, 520, true)),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            out(Layout::from_parts(
+                MAX_VIRTUAL_SIZE + 512,
+                1 << 20,
+                512,
+                false
+            )),
+            ErrorKind::OutOfRange
+        );
+        let l = Layout::from_parts(MIB, 1 << 20, 512, true).unwrap();
+        assert_eq!(
+            l.payload_index(u64::MAX).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            l.bitmap_index(u64::MAX).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+        assert_eq!(
+            l.disk_offset(u64::MAX).unwrap_err().kind(),
+            ErrorKind::OutOfRange
+        );
+    }
+
+    #[test]
+    fn sector_bitmap_bits_outside_the_bitmap_block_are_refused() {
+        let (bat, _) = bat_of(16, 0);
+        let e = bat.set_bits(MIB, SB_BITS - 8, 9).unwrap_err();
+        assert!(e.to_string().contains("sector bitmap bit range"), "{e}");
+        assert!(bat.set_bits(MIB, u64::MAX, 1).is_err());
+        assert!(bat.set_bits(u64::MAX - 4096, 0, 1).is_err());
     }
 }

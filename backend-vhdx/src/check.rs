@@ -63,17 +63,17 @@ impl Engine {
                         .findings
                         .push(Finding::from_error(Severity::Error, &e)),
                 }
-            } else if self
-                .bat
-                .entry(layout.bitmap_index(c))
-                .is_ok_and(|e| e != crate::format::BatEntry::EMPTY)
-                && layout.bitmap_index(c) < layout.entries
+            } else if let Ok(index) = layout.bitmap_index(c)
+                && index < layout.entries
+                && self
+                    .bat
+                    .entry(index)
+                    .is_ok_and(|e| e != crate::format::BatEntry::EMPTY)
             {
-                let index = layout.bitmap_index(c);
                 let w = warning(
                     ErrorKind::Corrupt,
                     format!("BAT entry {index}"),
-                    self.regions.read().bat.offset + 8 * index,
+                    self.bat.entry_at(index),
                     format!("sector bitmap entry of chunk {c} is set in an image without a parent"),
                 );
                 report
@@ -84,7 +84,8 @@ impl Engine {
         used.sort_by_key(|u| u.0);
         for w in used.windows(2) {
             if let [a, b] = w
-                && a.0 + a.1 > b.0
+                // Validated blocks lie inside the file; a saturated end still overlaps.
+                && a.0.saturating_add(a.1) > b.0
             {
                 let w = warning(
                     ErrorKind::Corrupt,
@@ -173,7 +174,7 @@ mod tests {
             (img.engine.regions().bat.offset, img.layout())
         };
         assert_eq!(layout.chunk_ratio, 16);
-        let index = layout.bitmap_index(0);
+        let index = layout.bitmap_index(0).unwrap();
         assert!(index < layout.entries, "{layout:?}");
         let stray = BatEntry::bitmap(BitmapState::Present, 0);
         let f = &only_finding(&storage, bat + 8 * index, stray);

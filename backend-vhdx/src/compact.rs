@@ -9,6 +9,7 @@ use vd_core::{Error, Result};
 
 use crate::bat::BlockState;
 use crate::engine::Engine;
+use crate::error::overflow;
 use crate::format::{BatEntry, BitmapState, HEADER_SECTION_SIZE, MIB, PayloadState};
 use crate::write::copy_range;
 
@@ -35,24 +36,13 @@ impl Engine {
         let header = *self.header.read();
         let mut fixed: Vec<(u64, u64)> = vec![
             (0, HEADER_SECTION_SIZE),
-            (regions.bat.offset, regions.bat.offset + regions.bat.length),
-            (
-                regions.metadata.offset,
-                regions.metadata.offset + regions.metadata.length,
-            ),
+            (regions.bat.offset, regions.bat.end()),
+            (regions.metadata.offset, regions.metadata.end()),
         ];
         if header.log_length() > 0 {
-            fixed.push((
-                header.log_offset(),
-                header.log_offset() + header.log_length(),
-            ));
+            fixed.push((header.log_offset(), header.log_end()));
         }
-        fixed.extend(
-            regions
-                .others
-                .iter()
-                .map(|r| (r.offset, r.offset + r.length)),
-        );
+        fixed.extend(regions.others.iter().map(|r| (r.offset, r.end())));
         let mut blocks: Vec<(u64, u64, Owner)> = Vec::new();
         for b in 0..layout.data_blocks {
             match self.bat.block(b)? {
@@ -85,32 +75,39 @@ impl Engine {
         let overlaps_fixed = |start: u64, len: u64| {
             fixed
                 .iter()
-                .find(|f| start < f.1 && start + len > f.0)
+                // A saturated end lies past every structure, so it still overlaps.
+                .find(|f| start < f.1 && start.saturating_add(len) > f.0)
                 .copied()
         };
         let mut target = MIB;
-        for (n, (off, len, owner)) in blocks.into_iter().enumerate() {
+        for (done, (off, len, owner)) in (1u64..).zip(blocks) {
             // The lowest free, 1 MiB-aligned place at or after `target`.
             while let Some(f) = overlaps_fixed(target, len) {
-                target = f.1.div_ceil(MIB) * MIB;
+                target =
+                    f.1.checked_next_multiple_of(MIB)
+                        .ok_or_else(|| overflow("compaction target"))?;
             }
+            let block_end = off.checked_add(len).ok_or_else(|| overflow("block end"))?;
             if target < off {
                 copy_range(storage.as_ref(), off, target, len, "cannot move a block")?;
                 let (index, entry) = match owner {
-                    Owner::Payload(b, s) => (layout.payload_index(b), BatEntry::payload(s, target)),
+                    Owner::Payload(b, s) => {
+                        (layout.payload_index(b)?, BatEntry::payload(s, target))
+                    }
                     Owner::Bitmap(c) => (
-                        layout.bitmap_index(c),
+                        layout.bitmap_index(c)?,
                         BatEntry::bitmap(BitmapState::Present, target),
                     ),
                 };
                 self.set_entry(&mut ws, index, entry)?;
                 // Data is flushed before the entry that points at it (commit flushes first).
                 self.commit(&mut ws)?;
-                target += len;
+                // Below `off + len`, which did not overflow.
+                target = target.saturating_add(len);
             } else {
-                target = target.max(off + len);
+                target = target.max(block_end);
             }
-            progress(n as u64 + 1, total);
+            progress(done, total);
         }
         let end = fixed.iter().map(|f| f.1).fold(target, u64::max);
         if end < ws.file_end() {
@@ -123,7 +120,7 @@ impl Engine {
                 .set_len(end)
                 .and_then(|()| storage.flush())
                 .map_err(|e| Error::io("cannot truncate the file", e))?;
-            ws.set_file_end(end);
+            ws.set_file_end(end)?;
             self.bat.reset_file_len(end);
         }
         Ok(())

@@ -19,8 +19,8 @@ use zerocopy::IntoBytes;
 
 use crate::bat::Layout;
 use crate::format::{
-    BatEntry, FILE_SIGNATURE, HEADER_OFFSETS, MAX_BLOCK_SIZE, MAX_VIRTUAL_SIZE, MIB,
-    MIN_BLOCK_SIZE, PayloadState, REGION_TABLE_OFFSETS,
+    BatEntry, FILE_SIGNATURE, HEADER_OFFSETS, MAX_BAT_SIZE, MAX_BLOCK_SIZE, MAX_LOG_SIZE,
+    MAX_VIRTUAL_SIZE, MIB, MIN_BLOCK_SIZE, PayloadState, REGION_TABLE_OFFSETS,
 };
 use crate::guid::{Guid, REGION_BAT, REGION_METADATA};
 use crate::header::ActiveHeader;
@@ -159,6 +159,70 @@ impl CreateOptions {
     }
 }
 
+/// Where a new file's metadata region, BAT and first block go.
+struct FilePlan {
+    meta_offset: u64,
+    bat_offset: u64,
+    bat_len: u64,
+    data_offset: u64,
+}
+
+impl FilePlan {
+    /// The log at 1 MiB, then the metadata region (1 MiB), the BAT (whole MiBs), the blocks.
+    ///
+    /// # Errors
+    /// `InvalidArgument` when the BAT would exceed [`MAX_BAT_SIZE`] (never for a layout of at
+    /// most 64 TiB).
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "log_size is at most 1 GiB (from_request checks it), entries * 8 below 2^30 \
+                  (Layout::from_parts) and bat_len at most MAX_BAT_SIZE (checked here), so every \
+                  offset is below 2 GiB + 520 MiB"
+    )]
+    fn new(o: &CreateOptions, layout: &Layout) -> Result<Self> {
+        let bat_len = (layout.entries * 8).div_ceil(MIB) * MIB;
+        if bat_len > MAX_BAT_SIZE || o.log_size > MAX_LOG_SIZE {
+            return Err(Error::invalid_argument("disk too large"));
+        }
+        let meta_offset = MIB + o.log_size;
+        let bat_offset = meta_offset + MIB;
+        Ok(Self {
+            meta_offset,
+            bat_offset,
+            bat_len,
+            data_offset: bat_offset + bat_len,
+        })
+    }
+}
+
+/// A fixed image's BAT, every block FULLY_PRESENT from `data_offset` on in order, and the end
+/// of the file after the last block.
+///
+/// # Errors
+/// `InvalidArgument` when the BAT does not fit in memory.
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "b < data_blocks <= 2^26 and block_size <= 2^28, so b * block_size <= 2^46 (the \
+              virtual size cap, Layout::from_parts); data_offset is below 2^32 (FilePlan), and \
+              payload indexes are below entries < 2^27, so index * 8 is below 2^30"
+)]
+fn fixed_bat(layout: &Layout, data_offset: u64) -> Result<(Vec<u8>, u64)> {
+    let too_large = || Error::invalid_argument("disk too large");
+    let mut bat = vec![0u8; usize::try_from(layout.entries * 8).map_err(|_| too_large())?];
+    for b in 0..layout.data_blocks {
+        let at = usize::try_from(layout.payload_index(b)? * 8).map_err(|_| too_large())?;
+        let entry = BatEntry::payload(
+            PayloadState::FullyPresent,
+            data_offset + b * layout.block_size,
+        );
+        bat.get_mut(at..)
+            .and_then(|rest| rest.get_mut(..8))
+            .ok_or_else(too_large)?
+            .copy_from_slice(&entry.raw().to_le_bytes());
+    }
+    Ok((bat, data_offset + layout.data_blocks * layout.block_size))
+}
+
 /// `target` relative to the folder of `from`, Windows-style (`.\\name`, `..\\dir\\name`).
 fn relative_windows_path(from: &Path, target: &Path) -> Option<String> {
     let base: Vec<Component<'_>> = from.parent()?.components().collect();
@@ -216,13 +280,13 @@ pub fn create(req: &CreateRequest<'_>) -> Result<()> {
     let s = req.storage.clone();
     let io = |e: std::io::Error| Error::io("cannot create the image", e);
     let log_offset = MIB;
-    let meta_offset = log_offset + o.log_size;
-    let layout = Layout::from_parts(o.size, o.block_size, o.logical_sector_size, has_parent);
-    let bs = layout.block_size;
-    let (data_blocks, entries) = (layout.data_blocks, layout.entries);
-    let bat_offset = meta_offset + MIB;
-    let bat_len = (entries * 8).div_ceil(MIB) * MIB;
-    let data_offset = bat_offset + bat_len;
+    let layout = Layout::from_parts(o.size, o.block_size, o.logical_sector_size, has_parent)?;
+    let FilePlan {
+        meta_offset,
+        bat_offset,
+        bat_len,
+        data_offset,
+    } = FilePlan::new(&o, &layout)?;
 
     s.set_len(0).map_err(io)?;
     // File identifier.
@@ -247,19 +311,11 @@ pub fn create(req: &CreateRequest<'_>) -> Result<()> {
     // BAT.
     let mut end = data_offset;
     if o.fixed {
-        let too_large = || Error::invalid_argument("disk too large");
-        let mut bat = vec![0u8; usize::try_from(entries * 8).map_err(|_| too_large())?];
-        for b in 0..data_blocks {
-            let at = usize::try_from(layout.payload_index(b) * 8).map_err(|_| too_large())?;
-            let entry = BatEntry::payload(PayloadState::FullyPresent, data_offset + b * bs);
-            bat.get_mut(at..at + 8)
-                .ok_or_else(too_large)?
-                .copy_from_slice(&entry.raw().to_le_bytes());
-        }
+        let bat;
+        (bat, end) = fixed_bat(&layout, data_offset)?;
         s.write_all_at(bat_offset, &bat).map_err(io)?;
-        end = data_offset + data_blocks * bs;
     }
-    s.set_len(end.max(bat_offset + bat_len)).map_err(io)?;
+    s.set_len(end).map_err(io)?;
     // Region tables and headers.
     let region = |guid, offset, length| Region {
         guid,
@@ -350,7 +406,7 @@ mod tests {
         assert_eq!((m.block_size, m.virtual_size), (1 << 20, 5 * MIB + 512));
         // No incomplete-file marker left: exactly the five system items.
         assert_eq!(m.items.len(), 5);
-        let layout = Layout::new(&m);
+        let layout = Layout::new(&m).unwrap();
         assert_eq!(layout.data_blocks, 6);
         let bat = Bat::new(s.clone(), layout, r.bat.offset, len, Vec::new());
         let data = r.bat.offset + r.bat.length;

@@ -26,6 +26,9 @@ use crate::region::{RegionTable, read_region_table};
 use crate::report::{LogReplay, LogState};
 use crate::write_state::WriteState;
 
+/// Where a header's LogGuid field is, from the header's start.
+const LOG_GUID_FIELD: u64 = std::mem::offset_of!(crate::format::Header, log_guid) as u64;
+
 /// The state of an open image, which the change, check and dump modules work on.
 ///
 /// # Locks
@@ -113,11 +116,10 @@ impl Engine {
             // Where the current header's LogGuid field is.
             let log_guid_at = crate::format::HEADER_OFFSETS
                 .get(header.slot)
-                .copied()
+                .and_then(|h| h.checked_add(LOG_GUID_FIELD))
                 .ok_or_else(|| {
                     Error::new(ErrorKind::OutOfRange, "the current header has no slot")
-                })?
-                + 48;
+                })?;
             if flags.contains(OpenFlags::REFUSE_DIRTY_LOG) {
                 return Err(Corruption::DirtyLogRefused.at("header log guid", log_guid_at));
             }
@@ -178,8 +180,9 @@ impl Engine {
             &mut warnings,
         )?;
         let meta = read_metadata(storage.as_ref(), regions.metadata, strict, &mut warnings)?;
-        let layout = Layout::new(&meta);
-        let needed = layout.entries * 8;
+        let layout = Layout::new(&meta)?;
+        // Below 2^30: Layout::from_parts caps the entries below 2^27.
+        let needed = layout.entries.saturating_mul(8);
         if needed > regions.bat.length || needed > MAX_BAT_SIZE {
             return Err(Corruption::BatTooSmall {
                 needed,
@@ -229,26 +232,26 @@ impl Engine {
             },
             Forbidden {
                 start: regions.bat.offset,
-                end: regions.bat.offset + regions.bat.length,
+                end: regions.bat.end(),
                 what: "BAT region",
             },
             Forbidden {
                 start: regions.metadata.offset,
-                end: regions.metadata.offset + regions.metadata.length,
+                end: regions.metadata.end(),
                 what: "metadata region",
             },
         ];
         if header.log_length() > 0 {
             forbidden.push(Forbidden {
                 start: header.log_offset(),
-                end: header.log_offset() + header.log_length(),
+                end: header.log_end(),
                 what: "log",
             });
         }
         for r in &regions.others {
             forbidden.push(Forbidden {
                 start: r.offset,
-                end: r.offset + r.length,
+                end: r.end(),
                 what: "unknown region",
             });
         }
@@ -310,7 +313,7 @@ impl Engine {
         for w in warnings.iter().chain(&truncated) {
             log::warn!("{}: {w}", path.display());
         }
-        let mut write = WriteState::new(write_len);
+        let mut write = WriteState::new(write_len)?;
         if verified {
             write.set_verified();
         }

@@ -466,6 +466,17 @@ where
     })
 }
 
+/// An `OutOfRange` error naming `field`: computing it from the image's values overflows `u64`.
+/// Used by `checked_*` arithmetic on values an image supplies (or derives from them), instead
+/// of a wrapped or saturated number that could be read from or written to the wrong place.
+pub(crate) fn overflow(field: &str) -> Error {
+    Error::new(
+        ErrorKind::OutOfRange,
+        format!("{field} overflows (the image's values are out of range)"),
+    )
+    .with_field(field.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -481,5 +492,12 @@ mod tests {
                 .contains("region length 0x100000000 does not fit in u32"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn overflow_names_the_field() {
+        let e = overflow("BAT page offset");
+        assert_eq!(e.kind(), ErrorKind::OutOfRange);
+        assert!(e.to_string().contains("BAT page offset overflows"), "{e}");
     }
 }

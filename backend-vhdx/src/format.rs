@@ -502,10 +502,10 @@ impl BatEntry {
         self.0 & BAT_RESERVED_MASK
     }
 
-    /// The file offset in bytes (FileOffsetMB × 1 MiB; at most 2^64 − 1 MiB, so it cannot
-    /// overflow).
+    /// The file offset in bytes (FileOffsetMB × 1 MiB, at most 2^64 − 1 MiB): the entry with
+    /// its low 20 bits (state and reserved bits) cleared, so it cannot overflow.
     pub const fn file_offset(self) -> u64 {
-        (self.0 >> 20) * MIB
+        self.0 & !(MIB - 1)
     }
 }
 

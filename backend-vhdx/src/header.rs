@@ -123,6 +123,11 @@ impl ActiveHeader {
     pub fn log_length(&self) -> u64 {
         u64::from(self.log_length)
     }
+    /// The end of the log in the file. A parsed header's log ends inside the file (checked
+    /// there), and an empty log ends at its offset, so it never saturates.
+    pub fn log_end(&self) -> u64 {
+        self.log_offset.saturating_add(self.log_length())
+    }
 }
 
 /// The fields a header update (2.2.2.1) may change; `None` keeps the current value. The
@@ -225,6 +230,9 @@ fn validate(buf: &[u8], file_len: u64) -> std::result::Result<Header, Corruption
     Ok(h)
 }
 
+/// The file offset of header 1's SequenceNumber field.
+const HEADER1_SEQUENCE_AT: u64 = HEADER_OFFSETS[0] + 8;
+
 /// The result of reading both headers.
 #[derive(Debug)]
 pub struct Headers {
@@ -269,12 +277,12 @@ pub fn read_headers(storage: &dyn Storage, file_len: u64, strict: bool) -> Resul
                 0
             } else if strict {
                 return Err(Corruption::HeaderSequenceTie { sequence: sa }
-                    .at("header sequence number", HEADER_OFFSETS[0] + 8));
+                    .at("header sequence number", HEADER1_SEQUENCE_AT));
             } else {
                 warnings.push(warning(
                     ErrorKind::Corrupt,
                     "header sequence number",
-                    HEADER_OFFSETS[0] + 8,
+                    HEADER1_SEQUENCE_AT,
                     format!("both headers have sequence number {sa} but differ; using header 1"),
                 ));
                 0

@@ -150,8 +150,11 @@ impl ParentLocator {
                     self.entries.len()
                 ))
             })?;
-        let header_len =
-            size_of::<ParentLocatorHeader>() + size_of::<ParentLocatorEntry>() * usize::from(count);
+        // count <= MAX_LOCATOR_ENTRIES (256), so this is at most 20 + 12 * 256 bytes.
+        let header_len = size_of::<ParentLocatorEntry>()
+            .checked_mul(usize::from(count))
+            .and_then(|n| n.checked_add(size_of::<ParentLocatorHeader>()))
+            .ok_or_else(|| Error::invalid_argument("parent locator too large"))?;
         let mut strings = Vec::new();
         let mut entries = Vec::new();
         let too_long = |what: &str, k: &str| {

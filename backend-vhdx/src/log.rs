@@ -10,7 +10,7 @@ use vd_core::{Result, Storage};
 use zerocopy::FromBytes;
 
 use crate::checksum::crc32c_with_zero_field;
-use crate::error::{Corruption, fit, io_at};
+use crate::error::{Corruption, fit, io_at, overflow};
 use crate::format::{
     DATA_DESC_SIGNATURE, DATA_SECTOR_SIGNATURE, DataSector, Descriptor, LOG_ENTRY_SIGNATURE,
     LOG_SECTOR_SIZE, LogEntryHeader, REGION_TABLE_OFFSETS, ZERO_DESC_SIGNATURE,
@@ -116,6 +116,11 @@ impl Log<'_> {
     }
 
     /// `len` bytes at `pos`, wrapping around the end of the log.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "checked at the top: pos < n and len <= n, so first <= n - pos, \
+                  pos + first <= n and len - first >= 0"
+    )]
     fn wrapped(&self, pos: u64, len: u64) -> Option<Vec<u8>> {
         let n = self.len();
         if len > n || pos >= n {
@@ -133,6 +138,13 @@ impl Log<'_> {
     }
 
     /// Parses and validates the entry at `pos` (steps 1-5 of the validity rules).
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "count is a u32 field, so count + 2 < 2^33 and desc_sectors * 4096 < 2^38; \
+                  the desc_sectors check bounds count by 32 * length / 4096 and length by the \
+                  log's length (a slice in memory), so 64 + 32 * i < length; data_index is at \
+                  most desc_sectors + count < 2^34, so data_index * 4096 < 2^46"
+    )]
     fn entry(&self, pos: u64) -> std::result::Result<Option<Entry>, Corruption> {
         let Some(first) = self.wrapped(pos, LOG_SECTOR_SIZE) else {
             return Ok(None);
@@ -178,7 +190,8 @@ impl Log<'_> {
         for i in 0..n_desc {
             let at = 64 + 32 * i;
             let d = bytes
-                .get(at..at + 32)
+                .get(at..)
+                .and_then(|b| b.get(..32))
                 .and_then(|b| Descriptor::read_from_bytes(b).ok())
                 .ok_or_else(|| bad(format!("descriptor {i} is outside the entry")))?;
             if d.sequence_number.get() != sequence {
@@ -207,7 +220,8 @@ impl Log<'_> {
                     let at = usize::try_from(data_index * LOG_SECTOR_SIZE)
                         .map_err(|_| bad("entry too large".into()))?;
                     let s = bytes
-                        .get(at..at + 4096)
+                        .get(at..)
+                        .and_then(|b| b.get(..4096))
                         .and_then(|b| DataSector::read_from_bytes(b).ok())
                         .ok_or_else(|| {
                             bad(format!(
@@ -268,7 +282,16 @@ impl Log<'_> {
 ///
 /// # Errors
 /// `Corrupt`: intact entries of `log_guid` that form no complete sequence, a malformed entry,
-/// a protected target, a truncated file.
+/// a protected target, a truncated file; `OutOfRange` when the log's end overflows.
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "log positions: start < sectors = log length / 4096, an entry's position is below \
+              the log length and its length at most the log length (Log::entry), so positions \
+              and sector numbers stay below twice the log length (a slice in memory); the \
+              modulo divisors are the log's length and sector count, non-zero inside the loop \
+              over its sectors; at(pos) adds a position inside the log to its offset, and the \
+              log's end is checked not to overflow at the top"
+)]
 pub fn plan_replay(
     log_bytes: &[u8],
     log_offset: u64,
@@ -280,6 +303,9 @@ pub fn plan_replay(
         offset: log_offset,
         guid: log_guid,
     };
+    let log_end = log_offset
+        .checked_add(log.len())
+        .ok_or_else(|| overflow("log end"))?;
     let at = |pos: u64| log.offset + pos;
     let sectors = log.len() / LOG_SECTOR_SIZE;
     let mut cache: BTreeMap<u64, Option<Entry>> = BTreeMap::new();
@@ -392,7 +418,7 @@ pub fn plan_replay(
             at(head.position),
         ));
     }
-    let log_range = (log.offset, log.offset + log.len());
+    let log_range = (log.offset, log_end);
     let mut total_sectors = 0u64;
     for e in &active {
         for w in &e.writes {
@@ -428,7 +454,8 @@ pub fn plan_replay(
                     at(e.position),
                 ));
             }
-            total_sectors += length / LOG_SECTOR_SIZE;
+            // At most MAX_REPLAY_SECTORS before, so a saturated sum is past the cap too.
+            total_sectors = total_sectors.saturating_add(length / LOG_SECTOR_SIZE);
             if total_sectors > MAX_REPLAY_SECTORS {
                 return Err(Corruption::LogEntry {
                     log_offset: e.position,
@@ -489,24 +516,35 @@ impl OverlayStorage {
     /// `base` as it reads after `plan` is applied.
     ///
     /// # Errors
-    /// I/O errors reading the base length.
+    /// I/O errors reading the base length; `InvalidData` for a write whose end overflows
+    /// (`plan_replay` refuses those, as writes past any valid file).
     pub fn new(base: Arc<dyn Storage>, plan: &ReplayPlan) -> io::Result<Self> {
         let mut sectors = BTreeMap::new();
         let mut len = base.len()?;
         for w in &plan.writes {
+            let (offset, length) = match w {
+                LogWrite::Data { offset, .. } => (*offset, LOG_SECTOR_SIZE),
+                LogWrite::Zero { offset, length } => (*offset, *length),
+            };
+            let end = offset.checked_add(length).ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("log write of {length:#x} bytes at {offset:#x} overflows"),
+                )
+            })?;
+            // Sectors `offset / 4096 ..= (end - 1) / 4096`; `end` did not overflow.
+            let (first, stop) = (offset / LOG_SECTOR_SIZE, end / LOG_SECTOR_SIZE);
             match w {
-                LogWrite::Data { offset, data } => {
-                    sectors.insert(offset / LOG_SECTOR_SIZE, Sector::Data(data.clone()));
-                    len = len.max(offset + LOG_SECTOR_SIZE);
+                LogWrite::Data { data, .. } => {
+                    sectors.insert(first, Sector::Data(data.clone()));
                 }
-                LogWrite::Zero { offset, length } => {
-                    let first = offset / LOG_SECTOR_SIZE;
-                    for s in first..first + length / LOG_SECTOR_SIZE {
+                LogWrite::Zero { .. } => {
+                    for s in first..stop {
                         sectors.insert(s, Sector::Zero);
                     }
-                    len = len.max(offset + length);
                 }
             }
+            len = len.max(end);
         }
         Ok(Self {
             base,
@@ -530,6 +568,13 @@ impl OverlayStorage {
 }
 
 impl Storage for OverlayStorage {
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "end = offset + buf.len() is checked; every position used lies in \
+                  offset..=end, so at - offset fits the buffer; a sector key s comes from a \
+                  write whose end new() checked, so (s + 1) * 4096 does not overflow; \
+                  s_start >= s * 4096 and from + dst.len() <= 4096"
+    )]
     fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         let end = offset
             .checked_add(buf.len() as u64)
@@ -596,6 +641,11 @@ impl Storage for OverlayStorage {
 }
 
 /// Data sectors one entry can carry in a log of `log_len` bytes, keeping one sector free.
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "n <= sectors - 2 = log_len / 4096 - 2 < 2^52, so n + 2 and the sum cannot \
+              overflow; n > 0 before n -= 1"
+)]
 pub fn max_pages_per_entry(log_len: u64) -> u64 {
     let sectors = log_len / LOG_SECTOR_SIZE;
     let mut n = sectors.saturating_sub(2);
@@ -603,6 +653,20 @@ pub fn max_pages_per_entry(log_len: u64) -> u64 {
         n -= 1;
     }
     n
+}
+
+/// The length of a log entry carrying `pages` data sectors: its descriptor sectors (the
+/// 64-byte header and 32 bytes per descriptor) and one sector per page.
+///
+/// # Errors
+/// `OutOfRange` when it overflows.
+pub fn entry_length(pages: u64) -> Result<u64> {
+    pages
+        .checked_add(2)
+        .map(|d| d.div_ceil(128))
+        .and_then(|desc| desc.checked_add(pages))
+        .and_then(|sectors| sectors.checked_mul(LOG_SECTOR_SIZE))
+        .ok_or_else(|| overflow("log entry length"))
 }
 
 /// Fields of a log entry header a writer chooses.
@@ -626,12 +690,18 @@ pub struct EntryParams {
 /// # Errors
 /// `InvalidArgument` for a page that is not 4 KiB long; `OutOfRange` when the entry's length,
 /// the tail or the descriptor count do not fit their 32-bit fields.
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "entry_length checks that (desc_sectors + n) * 4096 does not overflow, and \
+              i < n, so 64 + 32 * i and (desc_sectors + i) * 4096 are below the entry's \
+              length, which fits in usize (fit)"
+)]
 pub fn build_entry(params: &EntryParams, pages: &[(u64, Vec<u8>)]) -> Result<Vec<u8>> {
     use zerocopy::IntoBytes;
     use zerocopy::little_endian::{U32, U64};
     let n = fit::<u64, _>(pages.len(), "log descriptor count")?;
-    let desc_sectors = (n + 2).div_ceil(128);
-    let length = (desc_sectors + n) * LOG_SECTOR_SIZE;
+    let length = entry_length(n)?;
+    let desc_sectors = length / LOG_SECTOR_SIZE - n;
     let mut entry = vec![0u8; fit::<usize, _>(length, "log entry length")?];
     let header = LogEntryHeader {
         signature: U32::new(LOG_ENTRY_SIGNATURE),
@@ -1347,5 +1417,26 @@ mod tests {
     fn plan_refuses_writes_into_the_header_section() {
         let e = build_entry(&params(7, 0), &[(64 * 1024, marked_page(1))]).unwrap();
         assert!(plan_replay(&log_of(&[e]), LOG_OFFSET, guid(), FILE_LEN).is_err());
+    }
+
+    #[test]
+    fn overflowing_log_values_are_errors() {
+        // A log whose end overflows the file offset space.
+        let e = plan_replay(&[0u8; 4096], u64::MAX - 100, Guid::ZERO, 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("log end overflows"), "{e}");
+        // An entry length whose sector count overflows.
+        assert!(entry_length(u64::MAX).is_err());
+        assert_eq!(entry_length(1).unwrap(), 2 * LOG_SECTOR_SIZE);
+        // A zero write whose end overflows (plan_replay refuses it; the overlay too).
+        let base: Arc<dyn Storage> = Arc::new(MemStorage::from_bytes(vec![0; 4096]));
+        let plan = ReplayPlan {
+            writes: vec![LogWrite::Zero {
+                offset: u64::MAX - 4095,
+                length: 8192,
+            }],
+            ..ReplayPlan::default()
+        };
+        let e = OverlayStorage::new(base, &plan).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
     }
 }

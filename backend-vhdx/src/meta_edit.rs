@@ -5,7 +5,7 @@ use uuid::Uuid;
 use vd_core::{Error, Geometry, Result};
 
 use crate::engine::Engine;
-use crate::error::fit;
+use crate::error::{fit, overflow};
 use crate::format::{LOG_SECTOR_SIZE, MetadataFlags};
 use crate::guid::{Guid, META_PARENT_LOCATOR, META_VIRTUAL_DISK_ID, USER_COMMENT};
 use crate::locator::parse_locator;
@@ -40,7 +40,13 @@ impl Engine {
         };
         let mut buf = vec![0u8; fit::<usize, _>(item.length, "metadata item length")?];
         self.storage
-            .read_exact_at(region.offset + u64::from(item.offset), &mut buf)
+            .read_exact_at(
+                region
+                    .offset
+                    .checked_add(u64::from(item.offset))
+                    .ok_or_else(|| overflow("metadata item offset"))?,
+                &mut buf,
+            )
             .map_err(|e| Error::io("cannot read a metadata item", e))?;
         Ok(Some(buf))
     }
@@ -115,8 +121,12 @@ impl Engine {
         let page = fit::<usize, _>(LOG_SECTOR_SIZE, "log sector size")?;
         for (k, (a, b)) in old.chunks(page).zip(new.chunks(page)).enumerate() {
             if a != b {
-                let at = fit::<u64, _>(k * page, "metadata page offset")?;
-                ws.queue_page(region.offset + at, b.to_vec());
+                let at = k
+                    .checked_mul(page)
+                    .and_then(|at| u64::try_from(at).ok())
+                    .and_then(|at| at.checked_add(region.offset))
+                    .ok_or_else(|| overflow("metadata page offset"))?;
+                ws.queue_page(at, b.to_vec());
             }
         }
         self.commit(ws)?;

@@ -8,7 +8,7 @@ use vd_core::{Error, ErrorKind, Result, Storage, Warning};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, IntoBytes};
 
-use crate::error::{Corruption, fit, io_at, warning};
+use crate::error::{Corruption, fit, io_at, overflow, warning};
 use crate::format::{
     FileParameterFlags, FileParameters, MAX_BLOCK_SIZE, MAX_METADATA_ENTRIES, MAX_METADATA_ITEM,
     MAX_VIRTUAL_SIZE, METADATA_SIGNATURE, METADATA_TABLE_SIZE, MIN_BLOCK_SIZE, MetadataFlags,
@@ -332,8 +332,14 @@ pub(crate) fn build_metadata_region(items: &[ItemData], len: usize) -> Result<Ve
     let entry_size = size_of::<MetadataTableEntry>();
     let mut data_off = METADATA_TABLE_SIZE;
     for (n, i) in items.iter().enumerate() {
-        let at = entry_size * (n + 1);
-        if at + entry_size > METADATA_TABLE_SIZE {
+        let at = n
+            .checked_add(1)
+            .and_then(|k| k.checked_mul(entry_size))
+            .ok_or_else(full)?;
+        if at
+            .checked_add(entry_size)
+            .is_none_or(|end| end > METADATA_TABLE_SIZE)
+        {
             return Err(full());
         }
         let offset = if i.data.is_empty() {
@@ -351,10 +357,27 @@ pub(crate) fn build_metadata_region(items: &[ItemData], len: usize) -> Result<Ve
         put(&mut new, at, entry.as_bytes())?;
         put(&mut new, data_off, &i.data)?;
         data_off = data_off
-            .checked_add(i.data.len().div_ceil(8) * 8)
+            .checked_add(i.data.len().checked_next_multiple_of(8).ok_or_else(full)?)
             .ok_or_else(full)?;
     }
     Ok(new)
+}
+
+/// The file offset of entry `i` of the metadata table at `table_off`.
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "i < 2047 (MAX_METADATA_ENTRIES, checked before the entries are read) and \
+              table_off is the metadata region's offset, whose end (at least 64 KiB further, \
+              the table) does not overflow (read_region_table)"
+)]
+fn entry_offset(table_off: u64, i: usize) -> u64 {
+    table_off + 32 + 32 * i as u64
+}
+
+/// The end of an item at `offset` with `length` inside the region: two 32-bit fields, so the
+/// sum is below 2^33.
+fn item_end(offset: u32, length: u32) -> u64 {
+    u64::from(offset).saturating_add(u64::from(length))
 }
 
 struct Reader<'a> {
@@ -364,7 +387,11 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn read(&self, item: &MetadataItem) -> Result<Vec<u8>> {
-        let off = self.region.offset + u64::from(item.offset);
+        let off = self
+            .region
+            .offset
+            .checked_add(u64::from(item.offset))
+            .ok_or_else(|| overflow("metadata item offset"))?;
         let mut buf = vec![0u8; fit::<usize, _>(item.length, "metadata item length")?];
         self.storage
             .read_exact_at(off, &mut buf)
@@ -449,7 +476,7 @@ pub fn read_metadata(
     let mut items: Vec<MetadataItem> = Vec::with_capacity(entries.len());
     let mut ranges = Vec::new();
     for (i, e) in entries.iter().enumerate() {
-        let entry_off = table_off + 32 + 32 * i as u64;
+        let entry_off = entry_offset(table_off, i);
         let flags = MetadataFlags::from_bits_retain(e.flags.get());
         let item = MetadataItem {
             guid: e.item_id.to_uuid(),
@@ -475,7 +502,7 @@ pub fn read_metadata(
             if u64::from(item.offset) < METADATA_TABLE_SIZE as u64 {
                 return Err(bad("inside the metadata table"));
             }
-            if u64::from(item.offset) + u64::from(item.length) > region.length {
+            if item_end(item.offset, item.length) > region.length {
                 return Err(bad("beyond the end of the metadata region"));
             }
             ranges.push((item.offset, item.length, item.guid));
@@ -494,7 +521,7 @@ pub fn read_metadata(
     ranges.sort_by_key(|r| r.0);
     for w in ranges.windows(2) {
         if let [a, b] = w
-            && u64::from(a.0) + u64::from(a.1) > u64::from(b.0)
+            && item_end(a.0, a.1) > u64::from(b.0)
         {
             return Err(Corruption::MetadataOverlap {
                 first: a.2,
@@ -510,7 +537,7 @@ pub fn read_metadata(
         if item.is_user || known.contains(&item.guid) {
             continue;
         }
-        let entry_off = table_off + 32 + 32 * i as u64;
+        let entry_off = entry_offset(table_off, i);
         if item.guid == META_INCOMPLETE_FILE {
             return Err(Corruption::IncompleteFile.at("metadata table", entry_off));
         }
@@ -532,7 +559,8 @@ pub fn read_metadata(
             .copied()
             .ok_or_else(|| Corruption::MissingMetadata { name }.at("metadata table", table_off))
     };
-    let at = |item: &MetadataItem| region.offset + u64::from(item.offset);
+    // Every item lies inside the region (checked above), whose end does not overflow.
+    let at = |item: &MetadataItem| region.offset.saturating_add(u64::from(item.offset));
 
     // Finds a system item and checks its length and flags.
     let system = |k: &KnownItem, warnings: &mut Vec<Warning>| -> Result<MetadataItem> {
@@ -597,7 +625,7 @@ pub fn read_metadata(
     if virtual_size > MAX_VIRTUAL_SIZE {
         return Err(vs_bad("larger than 64 TiB"));
     }
-    if virtual_size % u64::from(logical_sector_size) != 0 {
+    if !virtual_size.is_multiple_of(u64::from(logical_sector_size)) {
         return Err(vs_bad("not a multiple of the logical sector size"));
     }
 

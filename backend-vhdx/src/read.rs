@@ -17,6 +17,21 @@ enum Source {
 }
 
 impl Engine {
+    /// Calls `f(disk_offset, length, source)` for the runs of `[offset, offset + len)`,
+    /// neighbouring runs of one source merged.
+    ///
+    /// # Errors
+    /// `OutOfRange` for a range outside the disk; what the BAT and `f` return.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "check_range at the top: offset <= pos < end = offset + len <= virtual_size \
+                  <= 2^46, so disk offsets and run lengths cannot overflow; block_size (>= 1 MiB) \
+                  and sector_size (512 or 4096) are never zero (Layout::from_parts); within < \
+                  block_size and n <= block_size - within; a present block's file offset plus \
+                  the part of it inside the disk is at most the file length (check_block), so \
+                  file + within + n and merged file runs cannot overflow; bitmap_runs gives \
+                  s + c <= last <= sectors_per_block"
+    )]
     fn resolve(
         &self,
         layout: &Layout,
@@ -24,6 +39,7 @@ impl Engine {
         len: u64,
         mut f: impl FnMut(u64, u64, Source) -> Result<()>,
     ) -> Result<()> {
+        check_range(offset, len, layout.virtual_size)?;
         let mut pending: Option<(u64, u64, Source)> = None;
         let mut emit = |off: u64,
                         n: u64,
@@ -111,9 +127,12 @@ impl Engine {
         let layout = self.bat.layout();
         check_range(offset, buf.len() as u64, layout.virtual_size)?;
         self.resolve(&layout, offset, buf.len() as u64, |off, n, src| {
-            let a = usize::try_from(off - offset).unwrap_or(usize::MAX);
-            let b = a.saturating_add(usize::try_from(n).unwrap_or(usize::MAX));
-            let Some(part) = buf.get_mut(a..b) else {
+            let range = off
+                .checked_sub(offset)
+                .and_then(|a| usize::try_from(a).ok())
+                .zip(usize::try_from(n).ok())
+                .and_then(|(a, n)| Some(a..a.checked_add(n)?));
+            let Some(part) = range.and_then(|r| buf.get_mut(r)) else {
                 return Err(Error::new(ErrorKind::Corrupt, "internal mapping error"));
             };
             match src {
@@ -130,6 +149,11 @@ impl Engine {
     }
 
     /// `map_file` without file offsets, neighbouring runs of one kind merged.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "map_file's extents lie inside [offset, offset + len), which check_range bounds \
+                  by the virtual size (at most 2^46)"
+    )]
     pub(crate) fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         let mut out: Vec<Extent> = Vec::new();
         for e in self.map_file(offset, len)? {

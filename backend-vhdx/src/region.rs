@@ -26,6 +26,15 @@ pub struct Region {
     pub required: bool,
 }
 
+impl Region {
+    /// The end of the region in the file. `read_region_table` rejects a region whose end
+    /// overflows and regions built here lie inside the file, so it never saturates; a
+    /// saturated end would still lie past the end of any file and overlap what follows.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.length)
+    }
+}
+
 /// The validated region table.
 #[derive(Debug, Clone)]
 pub struct RegionTable {
@@ -70,6 +79,16 @@ fn parse(buf: &[u8]) -> std::result::Result<Vec<Region>, Corruption> {
             required: RegionFlags::from_bits_retain(e.flags.get()).contains(RegionFlags::REQUIRED),
         })
         .collect())
+}
+
+/// The file offset of entry `i` of the region table at `table_off`.
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "table_off is one of REGION_TABLE_OFFSETS (at most 256 KiB) and i < 2047 \
+              (MAX_REGION_ENTRIES, checked by parse), so the offset is below 320 KiB"
+)]
+fn entry_offset(table_off: u64, i: usize) -> u64 {
+    table_off + 16 + 32 * i as u64
 }
 
 /// Ranges that must not overlap, checked by sorting and sweeping.
@@ -162,7 +181,8 @@ pub fn read_region_table(
     }
     for (i, r) in regions.iter().enumerate() {
         let field = format!("region table entry {i}");
-        let entry_off = table_off + 16 + 32 * i as u64;
+        // At most 2047 entries (parse), so the entry offset is below 192 KiB + 64 KiB.
+        let entry_off = entry_offset(table_off, i);
         let bad = |reason| {
             Corruption::RegionRange {
                 guid: r.guid,
@@ -218,7 +238,7 @@ pub fn read_region_table(
     let metadata = metadata.ok_or_else(|| {
         Corruption::MissingRegion { name: "metadata" }.at("region table", table_off)
     })?;
-    if metadata.offset + metadata.length > file_len {
+    if metadata.end() > file_len {
         return Err(Corruption::RegionRange {
             guid: metadata.guid,
             offset: metadata.offset,

@@ -290,7 +290,8 @@ impl Dump {
                 creator: creator.to_string(),
             },
             header: HeaderFacts {
-                slot: header.slot + 1,
+                // slot and copy are 0 or 1: shown as 1 or 2.
+                slot: header.slot.saturating_add(1),
                 sequence: header.sequence(),
                 file_write_guid: header.file_write_guid().to_uuid(),
                 data_write_guid: header.data_write_guid().to_uuid(),
@@ -299,7 +300,7 @@ impl Dump {
                 log_length: ByteSize(header.log_length()),
             },
             region_table: RegionTableFacts {
-                copy: regions.copy + 1,
+                copy: regions.copy.saturating_add(1),
                 regions: [&regions.bat, &regions.metadata]
                     .into_iter()
                     .chain(&regions.others)

@@ -12,7 +12,7 @@ use vd_core::{Error, ErrorKind, Result};
 
 use crate::bat::{BlockState, Forbidden, Layout};
 use crate::engine::Engine;
-use crate::error::fit;
+use crate::error::{fit, overflow};
 use crate::format::{
     BatEntry, MAX_BAT_SIZE, MAX_VIRTUAL_SIZE, MIB, PayloadState, REGION_TABLE_OFFSETS,
 };
@@ -22,6 +22,15 @@ use crate::write::copy_range;
 use crate::write_state::WriteState;
 
 impl Engine {
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "both layouts come from Layout::from_parts (virtual sizes at most 2^46, block \
+                  sizes 2^20..=2^28, entries below 2^27, so entries * 8 < 2^30); b < \
+                  old.data_blocks <= 2^26, so (b + 1) * block_size <= 2^46 + 2^28; start < end \
+                  because b >= new_size / block_size and b * block_size < old.virtual_size; \
+                  old.data_blocks >= 1 (the virtual size is non-zero); within < block_size and \
+                  off + within is inside the file (check_block)"
+    )]
     pub(crate) fn resize(&self, new_size: u64) -> Result<()> {
         self.check_writable("resizing")?;
         let mut ws = self.write_state.lock();
@@ -37,7 +46,7 @@ impl Engine {
         }
         let mut meta = self.metadata().clone();
         meta.virtual_size = new_size;
-        let new = Layout::new(&meta);
+        let new = Layout::new(&meta)?;
         if new.entries * 8 > MAX_BAT_SIZE {
             return Err(Error::new(
                 ErrorKind::OutOfRange,
@@ -75,7 +84,7 @@ impl Engine {
         {
             if new_size < old.virtual_size {
                 for b in new.data_blocks..old.data_blocks {
-                    self.set_entry(&mut ws, old.payload_index(b), BatEntry::EMPTY)?;
+                    self.set_entry(&mut ws, old.payload_index(b)?, BatEntry::EMPTY)?;
                 }
             } else {
                 // The tail of a partial last block must read as zeros once it is inside the disk.
@@ -93,7 +102,7 @@ impl Engine {
                         let off = self.allocate(&mut ws, old.block_size)?;
                         self.set_entry(
                             &mut ws,
-                            new.payload_index(b),
+                            new.payload_index(b)?,
                             BatEntry::payload(PayloadState::FullyPresent, off),
                         )?;
                     }
@@ -142,7 +151,11 @@ impl Engine {
                 .map_err(|e| Error::io("cannot read the region table", e))?;
             for (k, (a, b)) in current.chunks(4096).zip(bytes.chunks(4096)).enumerate() {
                 if a != b {
-                    ws.queue_page(copy_off + 4096 * k as u64, b.to_vec());
+                    let at = (k as u64)
+                        .checked_mul(4096)
+                        .and_then(|o| o.checked_add(copy_off))
+                        .ok_or_else(|| overflow("region table page offset"))?;
+                    ws.queue_page(at, b.to_vec());
                 }
             }
         }
@@ -156,7 +169,9 @@ impl Engine {
             .collect();
         forbidden.push(Forbidden {
             start: new_off,
-            end: new_off + new_len,
+            end: new_off
+                .checked_add(new_len)
+                .ok_or_else(|| overflow("BAT region end"))?,
             what: "BAT region",
         });
         self.bat.relocate(new_off, forbidden);

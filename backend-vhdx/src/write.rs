@@ -22,11 +22,11 @@ use vd_core::{Error, ErrorKind, OpenFlags, Result, check_range};
 
 use crate::bat::{BlockState, Layout};
 use crate::engine::Engine;
-use crate::error::{fit, io_err};
+use crate::error::{fit, io_err, overflow};
 use crate::format::{BatEntry, BitmapState, LOG_SECTOR_SIZE, MIB, PayloadState};
 use crate::guid::Guid;
 use crate::header::{HeaderUpdate, update_headers};
-use crate::log::{EntryParams, build_entry, max_pages_per_entry};
+use crate::log::{EntryParams, build_entry, entry_length, max_pages_per_entry};
 use crate::write_state::WriteState;
 
 /// Room every log entry leaves between its end and the end of the log: two sectors.
@@ -42,6 +42,15 @@ const LOG_END_GAP: u64 = 2 * LOG_SECTOR_SIZE;
 const MAX_DIRTY_PAGES: usize = 256;
 
 /// Copies `len` bytes of the file from `from` to `to` in 1 MiB pieces.
+///
+/// # Errors
+/// `OutOfRange` when either range's end overflows; I/O errors.
+#[allow(
+    clippy::arithmetic_side_effects,
+    reason = "checked at the top: from + len and to + len do not overflow, and done < len in \
+              the loop (done grows by at most len - done), so from + done, to + done and \
+              len - done cannot overflow"
+)]
 pub(crate) fn copy_range(
     storage: &dyn vd_core::Storage,
     from: u64,
@@ -49,6 +58,9 @@ pub(crate) fn copy_range(
     len: u64,
     what: &str,
 ) -> Result<()> {
+    for (start, field) in [(from, "copy source end"), (to, "copy target end")] {
+        start.checked_add(len).ok_or_else(|| overflow(field))?;
+    }
     let mut buf = vec![0u8; fit::<usize, _>(MIB.min(len), "copy length")?];
     let mut done = 0;
     while done < len {
@@ -163,21 +175,24 @@ impl Engine {
     /// chunk's sector bitmap when needed.
     fn mark_present(&self, ws: &mut WriteState, block: u64, first: u64, count: u64) -> Result<()> {
         let layout = self.layout();
-        let chunk = block / layout.chunk_ratio;
+        let chunk = layout.chunk_of(block);
         let sb = match self.bat.bitmap(chunk)? {
             Some(off) => off,
             None => {
                 let off = self.allocate(ws, MIB)?;
                 self.set_entry(
                     ws,
-                    layout.bitmap_index(chunk),
+                    layout.bitmap_index(chunk)?,
                     BatEntry::bitmap(BitmapState::Present, off),
                 )?;
                 off
             }
         };
-        let base = (block % layout.chunk_ratio) * layout.sectors_per_block();
-        for page in self.bat.set_bits(sb, base + first, count)? {
+        let first_bit = layout
+            .bitmap_base(block)
+            .checked_add(first)
+            .ok_or_else(|| overflow("sector bitmap bit"))?;
+        for page in self.bat.set_bits(sb, first_bit, count)? {
             ws.dirty_bitmaps.insert(page);
         }
         Ok(())
@@ -188,9 +203,17 @@ impl Engine {
     /// written whole): checked for the whole request before anything is written, so a refused
     /// write changes no byte (not even the DataWriteGuid). Only the first and the last block of
     /// a request can be partly covered.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "check_range at the top: 0 < len and offset + len <= virtual_size <= 2^46, so \
+                  end - 1 >= 0 and (block + 1) * block_size <= 2^46 + 2^28; block_size is \
+                  never zero (Layout::from_parts); start <= stop as start < end and \
+                  start < (block + 1) * block_size"
+    )]
     fn check_diff_alignment(&self, layout: &Layout, offset: u64, len: u64) -> Result<()> {
         let ss = layout.sector_size;
-        if !layout.has_parent || (offset.is_multiple_of(ss) && len.is_multiple_of(ss)) {
+        check_range(offset, len, layout.virtual_size)?;
+        if len == 0 || !layout.has_parent || (offset.is_multiple_of(ss) && len.is_multiple_of(ss)) {
             return Ok(());
         }
         let end = offset + len;
@@ -226,6 +249,15 @@ impl Engine {
 
     /// [`write`](Self::write) for a change that holds the write state: the layout is read
     /// under it, so a concurrent resize cannot change it halfway.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "check_range at the top: offset + buf.len() <= virtual_size <= 2^46 and \
+                  done < buf.len(), so pos, pos + n and done + n_usize cannot overflow; \
+                  block_size (>= 1 MiB) and sector_size (512 or 4096) are never zero \
+                  (Layout::from_parts); within < block_size; a present block's file offset plus \
+                  the part of it inside the disk is at most the file length (check_block), so \
+                  file_off + within cannot overflow"
+    )]
     fn write_locked(&self, ws: &mut WriteState, offset: u64, buf: &[u8]) -> Result<()> {
         let layout = self.layout();
         check_range(offset, buf.len() as u64, layout.virtual_size)?;
@@ -274,7 +306,7 @@ impl Engine {
                     let file = self.allocate(ws, layout.block_size)?;
                     write(file)?;
                     self.mark_present(ws, block, within / ss, n / ss)?;
-                    let index = layout.payload_index(block);
+                    let index = layout.payload_index(block)?;
                     self.set_entry(
                         ws,
                         index,
@@ -286,7 +318,7 @@ impl Engine {
                 BlockState::NotPresent | BlockState::Zero => {
                     let file = self.allocate(ws, layout.block_size)?;
                     write(file)?;
-                    let index = layout.payload_index(block);
+                    let index = layout.payload_index(block)?;
                     self.set_entry(
                         ws,
                         index,
@@ -296,7 +328,7 @@ impl Engine {
             }
             done += n_usize;
         }
-        if ws.dirty_bat.len() + ws.dirty_bitmaps.len() > MAX_DIRTY_PAGES {
+        if ws.dirty_bat.len().saturating_add(ws.dirty_bitmaps.len()) > MAX_DIRTY_PAGES {
             self.commit(ws)?;
         }
         Ok(())
@@ -307,6 +339,11 @@ impl Engine {
     /// The whole range is one change under the write state: the layout and each block's state
     /// are read under it, so a block cannot be allocated, moved or cut between the look and the
     /// change.
+    #[allow(
+        clippy::arithmetic_side_effects,
+        reason = "check_range at the top: pos < end = offset + len <= virtual_size <= 2^46; \
+                  block_size is never zero (Layout::from_parts) and within < block_size"
+    )]
     pub(crate) fn zero(&self, offset: u64, len: u64, discard: bool) -> Result<()> {
         self.check_writable(if discard { "discard" } else { "writing zeros" })?;
         let mut ws = self.write_state.lock();
@@ -327,7 +364,7 @@ impl Engine {
                 // zeros, but some readers (libvhdi 20260901) wrongly send it to the parent.
                 if state != BlockState::Zero {
                     self.begin_visible(&mut ws)?;
-                    let index = layout.payload_index(block);
+                    let index = layout.payload_index(block)?;
                     if let BlockState::Full(off) = state {
                         self.storage
                             .discard(off, layout.block_size)
@@ -346,7 +383,7 @@ impl Engine {
                     self.begin_visible(&mut ws)?;
                     // ZERO, not UNMAPPED, so the range reads as zeros in every reader. The old
                     // block stays in the file until `compact`.
-                    let index = layout.payload_index(block);
+                    let index = layout.payload_index(block)?;
                     self.set_entry(&mut ws, index, BatEntry::payload(PayloadState::Zero, 0))?;
                 }
             } else if state != BlockState::Zero
@@ -380,7 +417,8 @@ impl Engine {
         let storage = self.storage.clone();
         // The data of new blocks is durable before any entry points at it.
         storage.flush().map_err(|e| io_err("flush failed", e))?;
-        let mut pages = Vec::with_capacity(ws.dirty_bat.len() + ws.dirty_bitmaps.len());
+        let mut pages =
+            Vec::with_capacity(ws.dirty_bat.len().saturating_add(ws.dirty_bitmaps.len()));
         for &p in &ws.dirty_bat {
             pages.push(self.bat.page_bytes(p)?);
         }
@@ -413,8 +451,8 @@ impl Engine {
             .map_err(|e| io_err("cannot read the file size", e))?;
         for batch in pages.chunks(per_entry) {
             let n = fit::<u64, _>(batch.len(), "log entry pages")?;
-            let entry_len = ((n + 2).div_ceil(128) + n) * 4096;
-            if entry_len + LOG_END_GAP > log_len {
+            let entry_len = entry_length(n)?;
+            if entry_len.saturating_add(LOG_END_GAP) > log_len {
                 return Err(Error::new(
                     ErrorKind::NotSupported,
                     format!(
@@ -422,7 +460,13 @@ impl Engine {
                     ),
                 ));
             }
-            if ws.log_pos + entry_len + LOG_END_GAP > log_len {
+            // log_pos is at most the log length (below 4 GiB): entries stop LOG_END_GAP short.
+            if ws
+                .log_pos
+                .saturating_add(entry_len)
+                .saturating_add(LOG_END_GAP)
+                > log_len
+            {
                 // The log would wrap: every entry so far is applied and flushed, so the log is
                 // closed (LogGuid cleared) and a new one with a new LogGuid starts at offset 0.
                 // No sequence ever crosses the end of the log, and entries of the old LogGuid
@@ -444,7 +488,12 @@ impl Engine {
                 batch,
             )?;
             storage
-                .write_all_at(log_offset + ws.log_pos, &entry)
+                .write_all_at(
+                    log_offset
+                        .checked_add(ws.log_pos)
+                        .ok_or_else(|| overflow("log entry offset"))?,
+                    &entry,
+                )
                 .and_then(|()| storage.flush())
                 .map_err(|e| io_err("cannot write the log", e))?;
             if !ws.header_has_guid {
@@ -458,8 +507,14 @@ impl Engine {
                     .map_err(|e| io_err("cannot write metadata", e).with_offset(*off))?;
             }
             storage.flush().map_err(|e| io_err("flush failed", e))?;
-            ws.log_pos += entry_len;
-            ws.sequence += 1;
+            ws.log_pos = ws
+                .log_pos
+                .checked_add(entry_len)
+                .ok_or_else(|| overflow("log position"))?;
+            ws.sequence = ws
+                .sequence
+                .checked_add(1)
+                .ok_or_else(|| overflow("log sequence number"))?;
         }
         ws.dirty_bat.clear();
         ws.dirty_bitmaps.clear();
@@ -541,5 +596,14 @@ mod tests {
         assert!(again.log_state().dirty);
         assert_eq!(again.log_state().replay, LogReplay::Memory);
         assert!(read(&again, 0, 4096).iter().all(|&b| b == 1));
+    }
+
+    #[test]
+    fn a_copy_whose_range_overflows_is_refused_before_any_io() {
+        let s = vd_core::MemStorage::from_bytes(vec![7; 4096]);
+        let e = super::copy_range(&s, u64::MAX - 10, 0, 4096, "copy").unwrap_err();
+        assert!(e.to_string().contains("copy source end overflows"), "{e}");
+        let e = super::copy_range(&s, 0, u64::MAX, 1, "copy").unwrap_err();
+        assert!(e.to_string().contains("copy target end overflows"), "{e}");
     }
 }

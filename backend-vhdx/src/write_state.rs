@@ -4,6 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use vd_core::Result;
+
+use crate::error::overflow;
 use crate::format::MIB;
 use crate::guid::Guid;
 
@@ -30,8 +33,12 @@ impl WriteState {
     }
 
     /// Sets the end of the file after truncation.
-    pub fn set_file_end(&mut self, end: u64) {
-        self.file_end = end.div_ceil(MIB) * MIB;
+    ///
+    /// # Errors
+    /// `OutOfRange` when the 1 MiB-aligned end overflows.
+    pub fn set_file_end(&mut self, end: u64) -> Result<()> {
+        self.file_end = aligned_end(end)?;
+        Ok(())
     }
 
     /// Records that the whole BAT was checked (by an open that replayed the log).
@@ -45,13 +52,23 @@ impl WriteState {
     }
 
     /// A session over a file of `file_len` bytes.
-    pub fn new(file_len: u64) -> Self {
-        Self {
-            file_end: file_len.div_ceil(MIB) * MIB,
+    ///
+    /// # Errors
+    /// `OutOfRange` when the 1 MiB-aligned end of the file overflows (a file within 1 MiB of
+    /// 2^64 bytes): new blocks could not be placed after it.
+    pub fn new(file_len: u64) -> Result<Self> {
+        Ok(Self {
+            file_end: aligned_end(file_len)?,
             sequence: 1,
             ..Self::default()
-        }
+        })
     }
+}
+
+/// `len` rounded up to a whole MiB, where the next block goes.
+fn aligned_end(len: u64) -> Result<u64> {
+    len.checked_next_multiple_of(MIB)
+        .ok_or_else(|| overflow("1 MiB-aligned end of the file"))
 }
 
 #[cfg(test)]
@@ -60,12 +77,12 @@ mod tests {
 
     #[test]
     fn the_file_end_is_rounded_up_to_a_mib() {
-        let mut ws = WriteState::new(MIB + 1);
+        let mut ws = WriteState::new(MIB + 1).unwrap();
         assert_eq!(ws.file_end(), 2 * MIB);
         assert_eq!(ws.sequence, 1);
-        ws.set_file_end(3 * MIB);
+        ws.set_file_end(3 * MIB).unwrap();
         assert_eq!(ws.file_end(), 3 * MIB);
-        ws.set_file_end(0);
+        ws.set_file_end(0).unwrap();
         assert_eq!(ws.file_end(), 0);
         ws.queue_page(4096, vec![1; 4096]);
         ws.queue_page(4096, vec![2; 4096]);
@@ -74,5 +91,17 @@ mod tests {
         assert!(!ws.verified);
         ws.set_verified();
         assert!(ws.verified);
+    }
+
+    #[test]
+    fn a_file_end_that_cannot_be_rounded_to_a_mib_is_an_error_not_zero() {
+        // Rounding u64::MAX - 5 up to a MiB wraps to 0 without the check: new blocks would be
+        // placed over the header section.
+        let e = WriteState::new(u64::MAX - 5).unwrap_err();
+        assert_eq!(e.kind(), vd_core::ErrorKind::OutOfRange);
+        assert!(e.to_string().contains("aligned end of the file"), "{e}");
+        let mut ws = WriteState::new(0).unwrap();
+        assert!(ws.set_file_end(u64::MAX).is_err());
+        assert_eq!(ws.file_end(), 0);
     }
 }
