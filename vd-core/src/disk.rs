@@ -266,6 +266,13 @@ impl Disk {
     /// ranges the layer does not hold go one layer down. Below the base, and beyond a layer
     /// smaller than the disk, the disk reads as zeros.
     ///
+    /// The last layer (the base, or the only image) has nothing below it, so what it does not
+    /// hold reads as zeros, which is exactly what its own [`Image::read_at`] returns: it is
+    /// read with that one call, which maps and reads in one pass inside the backend (under the
+    /// backend's own layout hold and checks), without the extent list, the second and third
+    /// lock round trips of map-then-read, or (for raw files) the `SEEK_DATA`/`SEEK_HOLE` calls
+    /// of mapping a file that is read in full anyway.
+    ///
     /// `size` is the layer's size when the caller already asked for it.
     fn read_layer(
         &self,
@@ -287,6 +294,9 @@ impl Disk {
         beyond.fill(0);
         if inside.is_empty() {
             return Ok(());
+        }
+        if index.saturating_add(1) == self.layers.len() {
+            return layer.read_at(offset, inside);
         }
         let inside_len = inside.len();
         // The layer's data stays where the map says until every part is read.
@@ -682,6 +692,8 @@ mod tests {
         map_file: usize,
         mapped_bytes: u64,
         read_at: usize,
+        /// Bytes asked of `read_at`.
+        read_bytes: u64,
         read_file_at: usize,
     }
 
@@ -759,9 +771,14 @@ mod tests {
             &self.path
         }
 
-        /// This layer alone (zeros where unallocated): only for data without file offsets.
+        /// This layer alone (zeros where unallocated): for data without file offsets, and for
+        /// the last layer of a disk.
         fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-            self.model.calls.lock().unwrap().read_at += 1;
+            {
+                let mut c = self.model.calls.lock().unwrap();
+                c.read_at += 1;
+                c.read_bytes += buf.len() as u64;
+            }
             check_range(offset, buf.len() as u64, self.model.size)?;
             for (i, b) in buf.iter_mut().enumerate() {
                 *b = self.model.byte(offset + i as u64).unwrap_or(0);
@@ -942,6 +959,21 @@ mod tests {
                     let (c, b) = (m.calls(), &before[d]);
                     // Never the kind-only map: one lookup per range, which says where to read.
                     assert_eq!(c.map, b.map, "seed {seed} layer {d}");
+                    if d + 1 == models.len() {
+                        // The last layer has nothing below: its own read_at (zeros where it
+                        // holds nothing) reads each range that reaches it, once, unmapped.
+                        assert_eq!(c.map_file, b.map_file, "seed {seed} layer {d}: not mapped");
+                        assert_eq!(c.read_file_at, b.read_file_at, "seed {seed} layer {d}");
+                        assert_eq!(
+                            c.read_bytes - b.read_bytes,
+                            reaching(&models, d, offset, len),
+                            "seed {seed} layer {d}: only ranges left unallocated above go down"
+                        );
+                        if d == 0 {
+                            assert_eq!(c.read_at - b.read_at, 1, "seed {seed}: one read");
+                        }
+                        continue;
+                    }
                     assert_eq!(
                         c.mapped_bytes - b.mapped_bytes,
                         reaching(&models, d, offset, len),
@@ -1030,7 +1062,21 @@ mod tests {
             ],
             Vec::new(),
         );
-        let disk = disk_of(&[gap]);
+        // The gap is in the top layer (a map is only asked of layers with one below them).
+        let base = || {
+            fixed_model(
+                16,
+                vec![MappedExtent {
+                    offset: 0,
+                    length: 16,
+                    mapping: Mapping::Data {
+                        file_offset: Some(0),
+                    },
+                }],
+                vec![9; 16],
+            )
+        };
+        let disk = disk_of(&[gap, base()]);
         let mut buf = [1u8; 16];
         let err = disk.read_at(0, &mut buf).unwrap_err();
         assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
@@ -1045,7 +1091,7 @@ mod tests {
             }],
             Vec::new(),
         );
-        let disk = disk_of(&[short]);
+        let disk = disk_of(&[short, base()]);
         let err = disk.read_at(0, &mut buf).unwrap_err();
         assert!(err.to_string().contains("short of the request"), "{err}");
     }

@@ -54,7 +54,8 @@ pub trait Image: Send + Sync {
     /// Reads `buf.len()` bytes at `offset` (`pfnRead`). Ranges this image does not hold read as
     /// zeros; [`Disk`](crate::Disk) uses [`map_file`](Image::map_file) to send them to the parent
     /// instead, and reads data with a known file offset through
-    /// [`read_file_at`](Image::read_file_at).
+    /// [`read_file_at`](Image::read_file_at). The last image of a chain (nothing below it) is
+    /// read through this method alone.
     ///
     /// # Errors
     /// `OutOfRange` beyond the virtual size; I/O errors.

@@ -100,6 +100,14 @@ pub enum Command {
 
 /// Arguments of `bench`.
 #[derive(Debug, Args)]
+#[command(
+    after_help = "Requests go out in qemu-img bench's order: the first at OFFSET, each next \
+    one STEP further, back to OFFSET when the next would pass the end of the disk. vd's I/O is \
+    synchronous, so the requests in flight are the worker threads: -t N runs N threads sharing \
+    one opened disk, each taking the next request when its last one is done; -d N (qemu's queue \
+    depth) without -t runs N threads, and with -t it changes nothing. Note that qemu-img's -t \
+    is its cache mode (vd always goes through the page cache, like qemu's -t writeback)."
+)]
 pub struct BenchArgs {
     /// The image.
     #[command(flatten)]
@@ -116,18 +124,48 @@ pub struct BenchArgs {
     /// Offset of the first request.
     #[arg(short = 'o', long, default_value = "0")]
     pub offset: String,
+    /// Worker threads sharing the opened disk, one request in flight each [default: 1, or
+    /// DEPTH].
+    #[arg(short = 't', long, value_name = "THREADS",
+          value_parser = clap::value_parser!(u16).range(1..=MAX_BENCH_THREADS))]
+    pub threads: Option<u16>,
+    /// Requests in flight (qemu-img's queue depth): the number of threads when -t is not
+    /// given.
+    #[arg(short = 'd', long, value_name = "DEPTH",
+          value_parser = clap::value_parser!(u16).range(1..=MAX_BENCH_THREADS))]
+    pub depth: Option<u16>,
     /// Write instead of read.
     #[arg(short = 'w', long)]
     pub write: bool,
-    /// Write this byte (default 0xa5).
-    #[arg(long, default_value = "165")]
+    /// Write this byte, in decimal or 0x hex.
+    #[arg(long, default_value = "0xa5", value_parser = parse_pattern)]
     pub pattern: u8,
-    /// With -w: flush after this many requests (0: only at the end).
+    /// With -w: flush after every this many requests, counted over all threads (0: only at
+    /// the end).
     #[arg(long, default_value_t = 0)]
     pub flush_interval: u64,
     /// Lock sharing.
     #[command(flatten)]
     pub share: ShareArgs,
+}
+
+/// The most worker threads `bench` runs.
+pub const MAX_BENCH_THREADS: i64 = 1024;
+
+impl BenchArgs {
+    /// Worker threads: `-t`, else `-d`, else 1.
+    pub fn thread_count(&self) -> u16 {
+        self.threads.or(self.depth).unwrap_or(1)
+    }
+}
+
+/// A byte in decimal (`165`) or hexadecimal with a `0x` prefix (`0xa5`).
+fn parse_pattern(s: &str) -> Result<u8, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u8::from_str_radix(hex, 16),
+        None => s.parse::<u8>(),
+    };
+    parsed.map_err(|_| format!("{s:?} is not a byte (0 to 255, or 0x00 to 0xff)"))
 }
 
 /// `-U`: read an image another process is writing.
@@ -428,5 +466,40 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn patterns_are_decimal_or_hex_bytes() {
+        for (text, byte) in [
+            ("0", 0),
+            ("165", 0xa5),
+            ("0xa5", 0xa5),
+            ("0X5A", 0x5a),
+            ("0xff", 255),
+        ] {
+            assert_eq!(parse_pattern(text), Ok(byte), "{text}");
+        }
+        for bad in ["256", "0x100", "-1", "0x", "a5", "", " 1"] {
+            assert!(parse_pattern(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bench_threads_come_from_t_then_d() {
+        let threads = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from(["vd-tool", "bench"].iter().chain(args).chain(&["x"])).unwrap();
+            let Command::Bench(b) = cli.command else {
+                unreachable!()
+            };
+            b.thread_count()
+        };
+        assert_eq!(threads(&[]), 1);
+        assert_eq!(threads(&["-d", "2"]), 2);
+        assert_eq!(threads(&["-t", "3", "-d", "8"]), 3);
+        assert_eq!(threads(&["--threads", "4"]), 4);
+        for bad in [["-t", "0"], ["-d", "0"], ["-t", "1025"]] {
+            assert!(Cli::try_parse_from(["vd-tool", "bench", bad[0], bad[1], "x"]).is_err());
+        }
     }
 }

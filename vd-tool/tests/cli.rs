@@ -430,3 +430,112 @@ fn bench_reads_and_writes() {
     assert!(st.success());
     assert_error(&vd(&["bench", "-s", "0", s(&img)]), "request size");
 }
+
+#[test]
+fn bench_threads_read_and_write_one_shared_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = qemu_vhdx(dir.path());
+    // Four threads share the requests: every one is made, and the run says how many threads.
+    let v = json(&vd(&[
+        "bench",
+        "--output",
+        "json",
+        "-t",
+        "4",
+        "-c",
+        "64",
+        "-s",
+        "64K",
+        s(&img),
+    ]));
+    assert_eq!(v["mode"], "read");
+    assert_eq!(v["count"], 64);
+    assert_eq!(v["bytes"], 64 * 65536);
+    assert_eq!(v["threads"], 4);
+    // qemu's queue depth, without -t, is the number of threads; -t wins over it.
+    let v = json(&vd(&[
+        "bench",
+        "--output",
+        "json",
+        "-d",
+        "2",
+        "-c",
+        "16",
+        s(&img),
+    ]));
+    assert_eq!(v["threads"], 2);
+    let v = json(&vd(&[
+        "bench",
+        "--output",
+        "json",
+        "-t",
+        "3",
+        "-d",
+        "8",
+        "-c",
+        "16",
+        s(&img),
+    ]));
+    assert_eq!(v["threads"], 3);
+    // The human output keeps qemu-img bench's lines and names the threads.
+    let human = stdout(&vd_ok(&["bench", "-t", "2", "-c", "8", s(&img)]));
+    assert!(
+        human.starts_with(
+            "Sending 8 read requests, 4096 bytes each, from offset 0, step size 4096\n"
+        ),
+        "{human}"
+    );
+    assert!(human.contains("2 threads"), "{human}");
+    // Three writers from offset 8M, 1 MiB each, 40 requests: 8M..48M holds the pattern (given
+    // in hex), the rest of the disk what it held before (0xab at 1M..3M, zeros elsewhere:
+    // 40M's 0xcd is overwritten). Flushes every 5 requests, counted over all threads.
+    let v = json(&vd(&[
+        "bench",
+        "--output",
+        "json",
+        "-w",
+        "-t",
+        "3",
+        "--pattern",
+        "0x5a",
+        "-o",
+        "8M",
+        "-c",
+        "40",
+        "-s",
+        "1M",
+        "--flush-interval",
+        "5",
+        s(&img),
+    ]));
+    assert_eq!(
+        (v["mode"].as_str(), v["threads"].as_u64()),
+        (Some("write"), Some(3))
+    );
+    let st = Command::new(qemu_img())
+        .args(["check", "-q", s(&img)])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let bytes = qemu::raw(&img);
+    const M: usize = 1 << 20;
+    assert_eq!(bytes.len(), 64 * M);
+    for (range, want) in [
+        (0..M, 0),
+        (M..3 * M, 0xab),
+        (3 * M..8 * M, 0),
+        (8 * M..48 * M, 0x5a),
+        (48 * M..64 * M, 0),
+    ] {
+        let (start, end) = (range.start, range.end);
+        assert!(
+            bytes[range].iter().all(|&b| b == want),
+            "{start:#x}..{end:#x} should be all {want:#x}"
+        );
+    }
+    // Requests that cannot fit, and patterns that are not bytes, are refused.
+    assert_error(&vd(&["bench", "-o", "64M", s(&img)]), "does not fit");
+    let o = vd(&["bench", "-w", "--pattern", "0x100", s(&img)]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("not a byte"), "{}", stderr(&o));
+}
