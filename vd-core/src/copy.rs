@@ -1056,3 +1056,243 @@ pub fn copy(
         file_copied: shared.file_copied.into_inner(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::disk::DiskOptions;
+    use crate::registry::Registry;
+    use crate::storage::{MemFileSystem, MemStorage};
+    use crate::testing::SplitMix64 as Rng;
+    use crate::testing::backends::{LayerBackend, LayerSpec};
+
+    /// A chain of `depth` layers of `size` bytes with random ranges in each (some all zeros),
+    /// opened as a disk, and the bytes it reads as.
+    fn random_chain(seed: u64, size: u64, depth: usize) -> (Disk, Vec<u8>) {
+        let fs = Arc::new(MemFileSystem::new());
+        let mut reg = Registry::empty(fs.clone());
+        reg.register(Arc::new(LayerBackend::default())).unwrap();
+        let mut rng = Rng::new(seed);
+        for i in 0..depth {
+            let mut spec = if i + 1 == depth {
+                LayerSpec::base(size)
+            } else {
+                LayerSpec::child(size, &format!("/l{}.layer", i + 1))
+            };
+            for _ in 0..6 {
+                let off = rng.next_u64() % size;
+                let len = (rng.next_u64() % (size / 4)).min(size - off).max(1);
+                if rng.next_u64() % 4 == 0 {
+                    spec.data.push((off, vec![0; len as usize]));
+                } else {
+                    spec = spec.data(off, len, (rng.next_u64() % 250) as u8 + 1);
+                }
+            }
+            spec.put(&fs, &format!("/l{i}.layer"));
+        }
+        let disk = Disk::open(&reg, Path::new("/l0.layer"), &DiskOptions::default()).unwrap();
+        let mut want = vec![0u8; size as usize];
+        disk.read_at(0, &mut want).unwrap();
+        (disk, want)
+    }
+
+    fn opts(request_size: usize, workers: usize) -> CopyOptions {
+        CopyOptions {
+            request_size,
+            workers,
+            writeback_every: 8192,
+            copy_file_range: true,
+        }
+    }
+
+    #[test]
+    fn chains_copy_byte_for_byte_to_every_destination_kind() {
+        for seed in 0..12u64 {
+            // Unaligned sizes, requests from one page to more than the disk.
+            let size = 3 * 4096 + 1 + seed * 7919 % 200_000;
+            let (disk, want) = random_chain(seed, size, 1 + (seed as usize % 4));
+            let src = Source::new(&disk);
+            for (req, workers) in [(4096, 1), (8192, 3), (65536, 4), (1 << 20, 2)] {
+                let o = opts(req, workers);
+                let done = AtomicU64::new(0);
+                let progress = |n: u64| {
+                    done.fetch_add(n, Ordering::Relaxed);
+                };
+                // A new sparse file.
+                let fresh = MemStorage::from_bytes(vec![0; size as usize]);
+                let dst = Destination::Raw {
+                    storage: &fresh,
+                    reads_as_zeros: true,
+                };
+                let st = copy(&src, dst, &o, &progress).unwrap();
+                assert_eq!(fresh.to_vec(), want, "seed {seed} req {req}");
+                assert_eq!(st.written + st.skipped, size);
+                assert_eq!(st.file_copied, 0, "memory has no descriptors");
+                assert_eq!(done.swap(0, Ordering::Relaxed), size);
+                // Only granules holding a non-zero byte are written.
+                let nonzero = want
+                    .chunks(ZERO_GRANULE as usize)
+                    .filter(|c| c.iter().any(|&b| b != 0))
+                    .map(|c| c.len() as u64)
+                    .sum::<u64>();
+                let nonzero_bytes = want.iter().filter(|&&b| b != 0).count() as u64;
+                assert!(
+                    (nonzero_bytes..=nonzero).contains(&st.written),
+                    "seed {seed} req {req}: {} written",
+                    st.written
+                );
+                // A device full of old bytes: zeros are written too.
+                let dev = MemStorage::from_bytes(vec![0xEE; size as usize]);
+                let dst = Destination::Raw {
+                    storage: &dev,
+                    reads_as_zeros: false,
+                };
+                let st = copy(&src, dst, &o, &progress).unwrap();
+                assert_eq!(dev.to_vec(), want);
+                assert_eq!((st.written, st.skipped), (size, 0));
+                // A stream, in order.
+                let mut out = Vec::new();
+                let st = copy(&src, Destination::Stream(&mut out), &o, &progress).unwrap();
+                assert_eq!(out, want, "seed {seed} req {req} workers {workers}");
+                assert_eq!(st.written, size);
+            }
+        }
+    }
+
+    #[test]
+    fn the_planner_coalesces_data_and_cuts_at_request_multiples() {
+        let (disk, _) = random_chain(99, 1 << 20, 3);
+        for req in [4096u64, 12288, 1 << 16] {
+            let src = Source::new(&disk);
+            let mut p = Planner::new(&src, req, false, true);
+            let mut pos = 0;
+            let mut seq = 0;
+            let mut last_zero = false;
+            while let Some(j) = p.next_job().unwrap() {
+                assert_eq!((j.offset, j.seq), (pos, seq), "jobs tile the disk in order");
+                assert!(j.len > 0);
+                if j.work == Work::Zero {
+                    assert!(!last_zero, "adjacent zero runs are one request");
+                } else {
+                    assert!(j.len <= req);
+                    let end = j.offset + j.len;
+                    assert!(
+                        end % req == 0
+                            || end == 1 << 20
+                            || p.pieces.front().is_some_and(|n| n.from == Origin::Zero),
+                        "a data request ends at a multiple, the end, or zeros"
+                    );
+                }
+                last_zero = j.work == Work::Zero;
+                pos += j.len;
+                seq += 1;
+            }
+            assert_eq!(pos, 1 << 20);
+        }
+    }
+
+    #[test]
+    fn a_failed_read_stops_the_copy_with_its_offset() {
+        use crate::testing::FaultyStorage;
+        let fs = Arc::new(MemFileSystem::new());
+        let mut reg = Registry::empty(fs.clone());
+        reg.register(Arc::new(LayerBackend::default())).unwrap();
+        let spec = LayerSpec::base(1 << 20).data(0, 1 << 20, 7);
+        let faulty = Arc::new(FaultyStorage::from_bytes(spec.bytes()));
+        fs.insert("/f.layer", faulty.clone());
+        let disk = Disk::open(&reg, Path::new("/f.layer"), &DiskOptions::default()).unwrap();
+        let src = Source::new(&disk);
+        for workers in [1, 4] {
+            faulty.fail_nth(5);
+            let out = MemStorage::new();
+            let e = copy(
+                &src,
+                Destination::Raw {
+                    storage: &out,
+                    reads_as_zeros: true,
+                },
+                &opts(4096, workers),
+                &|_| {},
+            )
+            .unwrap_err();
+            assert!(
+                e.to_string().contains("reading the source at disk offset"),
+                "{e}"
+            );
+            assert!(e.context().offset.is_some());
+            // A stream waiting for its turn is woken and stops too.
+            faulty.fail_nth(3);
+            let mut sink = Vec::new();
+            copy(
+                &src,
+                Destination::Stream(&mut sink),
+                &opts(4096, workers),
+                &|_| {},
+            )
+            .unwrap_err();
+        }
+    }
+
+    #[test]
+    fn peak_buffer_memory_is_workers_times_request() {
+        let o = CopyOptions::default();
+        assert_eq!(o.peak_buffer_bytes(), 4 * ((4 << 20) + 4096));
+        let huge = CopyOptions {
+            request_size: usize::MAX,
+            workers: usize::MAX,
+            ..CopyOptions::default()
+        };
+        assert_eq!(
+            huge.peak_buffer_bytes(),
+            (MAX_WORKERS * (MAX_REQUEST_SIZE + 4096)) as u64
+        );
+        let tiny = CopyOptions {
+            request_size: 1,
+            workers: 0,
+            ..CopyOptions::default()
+        };
+        assert_eq!(tiny.clamped(), (4096, 1));
+    }
+
+    #[test]
+    fn a_destination_image_smaller_than_the_disk_is_refused() {
+        let (disk, _) = random_chain(1, 64 << 10, 1);
+        let (small, _) = random_chain(2, 32 << 10, 1);
+        let e = copy(
+            &Source::new(&disk),
+            Destination::Image {
+                image: small.top(),
+                reads_as_zeros: false,
+                file: None,
+            },
+            &CopyOptions::default(),
+            &|_| {},
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    }
+
+    #[test]
+    fn tracking_provider_finds_the_one_live_storage_of_a_path() {
+        let fs = Arc::new(MemFileSystem::new());
+        let t = TrackingProvider::new(fs.clone());
+        let a = t.create(Path::new("/a"), false).unwrap();
+        assert!(Arc::ptr_eq(&t.storage(Path::new("/a")).unwrap(), &a));
+        assert!(t.storage(Path::new("/b")).is_none());
+        t.rename(Path::new("/a"), Path::new("/b")).unwrap();
+        assert!(t.storage(Path::new("/a")).is_none());
+        assert!(Arc::ptr_eq(&t.storage(Path::new("/b")).unwrap(), &a));
+        drop(a);
+        let (p, s) = t.create_beside(Path::new("/d/x")).unwrap();
+        assert!(Arc::ptr_eq(&t.storage(&p).unwrap(), &s));
+        let again = t.open(&p, OpenMode::ReadOnly).unwrap();
+        assert!(
+            t.storage(&p).is_none(),
+            "two live storages for one path: ambiguous"
+        );
+        drop(again);
+        assert!(t.storage(&p).is_some());
+        assert!(t.exists(&p));
+        t.delete(&p).unwrap();
+    }
+}
