@@ -343,10 +343,11 @@ fn a_differencing_chain_is_flattened_to_raw_vhdx_and_a_stream() {
             );
         }
         // The parent's zero extent is a hole; the zeros the child holds as data are skipped
-        // by the read path only (copy_file_range copies ranges verbatim).
+        // by the read path only (copy_file_range copies ranges verbatim). The slack is the
+        // file system's own blocks (the partial last block, extent-tree blocks).
         let holes = if cfr { 2 * MIB } else { 3 * MIB };
         assert!(
-            allocated(&out) <= size - holes + 4096,
+            allocated(&out) <= size - holes + 64 * 1024,
             "cfr {cfr}: {} bytes allocated",
             allocated(&out)
         );

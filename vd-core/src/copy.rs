@@ -13,8 +13,10 @@
 //!   [`CopyOptions::request_size`] bytes (4 MiB by default), cut at multiples of that size so
 //!   requests line up with the destination's blocks; the last one may be short (unaligned disk
 //!   sizes are copied to the byte).
-//! - **Skips zeros on both sides.** A request that reads as all zeros is not written to a
-//!   destination that already reads as zeros there, so holes stay holes.
+//! - **Skips zeros on both sides.** Within a request, runs of [`ZERO_GRANULE`] bytes (4 KiB, on
+//!   multiples of it) that read as all zeros are not written to a destination that already
+//!   reads as zeros there, so holes stay holes; the non-zero runs between them are written
+//!   with one call each.
 //! - **Overlaps reads and writes.** [`CopyOptions::workers`] threads each take the next request
 //!   from a shared planner, read it into a buffer of their own, and write it: while one thread
 //!   waits for a read, another writes. A stream destination is written in order: each thread
@@ -1082,7 +1084,7 @@ mod tests {
             for _ in 0..6 {
                 let off = rng.next_u64() % size;
                 let len = (rng.next_u64() % (size / 4)).min(size - off).max(1);
-                if rng.next_u64() % 4 == 0 {
+                if rng.next_u64().is_multiple_of(4) {
                     spec.data.push((off, vec![0; len as usize]));
                 } else {
                     spec = spec.data(off, len, (rng.next_u64() % 250) as u8 + 1);
