@@ -42,6 +42,7 @@
 )]
 
 mod backend;
+pub mod copy;
 mod disk;
 mod error;
 mod flags;

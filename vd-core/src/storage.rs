@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::fmt::Debug;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -77,6 +78,28 @@ pub trait Storage: Send + Sync + Debug {
             data: true,
             len: max_len,
         })
+    }
+    /// The host file descriptor behind this storage, for system calls that work on files
+    /// rather than buffers (`copy_file_range`, see [`crate::copy`]). `None` (the default) for
+    /// storage that is not one host file, or that must see every byte itself (a fault
+    /// injector, an encrypting layer): callers then fall back to
+    /// [`read_exact_at`](Storage::read_exact_at) and [`write_all_at`](Storage::write_all_at).
+    ///
+    /// The descriptor is opened for what the storage was opened for (a read-only storage
+    /// hands out a read-only descriptor); writes through it land at the same offsets as
+    /// [`write_all_at`](Storage::write_all_at).
+    fn host_fd(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+    /// Starts writing back the completed writes in `[offset, offset + len)` (`len` 0: to the
+    /// end) without waiting for them, so that a later [`flush`](Storage::flush) finds less
+    /// to do. A hint only: it makes nothing durable, and the default does nothing.
+    ///
+    /// # Errors
+    /// I/O errors starting the writeback; callers may ignore them (the flush still follows).
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        let _ = (offset, len);
+        Ok(())
     }
     /// Whether writes fail because the storage is read-only.
     fn is_read_only(&self) -> bool {
@@ -401,6 +424,40 @@ impl Storage for FileStorage {
             data: true,
             len: hole_start.saturating_sub(offset).min(max_len),
         })
+    }
+
+    fn host_fd(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.file.as_fd())
+    }
+
+    /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: queues the dirty pages of the range for
+    /// writing and returns; a read-only storage has nothing to write back.
+    fn start_writeback(&self, offset: u64, len: u64) -> io::Result<()> {
+        if self.read_only {
+            return Ok(());
+        }
+        let offset = libc::off64_t::try_from(offset).map_err(io::Error::other)?;
+        let len = libc::off64_t::try_from(len).map_err(io::Error::other)?;
+        #[allow(
+            unsafe_code,
+            reason = "sync_file_range(2) has no safe wrapper in rustix or std"
+        )]
+        // SAFETY: `sync_file_range` takes a descriptor and three integers; the descriptor is
+        // borrowed from `self.file`, which stays open for the whole call, and no memory is
+        // passed to the kernel.
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                offset,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
     }
 
     fn is_read_only(&self) -> bool {
