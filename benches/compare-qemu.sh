@@ -49,8 +49,9 @@ fixture "$tmp/flat1g.vhdx" "$vd" convert -O vhdx -o block_size=32M "$tmp/child.v
 fixture "$tmp/empty64t.vhdx" qemu-img create -q -f vhdx -o block_size=1M "$tmp/empty64t.vhdx" 64T
 if [ "$big" = 1 ]; then
     # 4 GiB of random data as a dynamic VHDX (32 MiB blocks).
-    fixture "$tmp/full4g.vhdx" sh -c "head -c 4G /dev/urandom |
-        qemu-img convert -f raw -O vhdx -o block_size=32M /dev/stdin '$tmp/full4g.vhdx'"
+    fixture "$tmp/full4g.vhdx" sh -c "head -c 4G /dev/urandom > '$tmp/rand4g.raw' &&
+        qemu-img convert -f raw -O vhdx -o block_size=32M '$tmp/rand4g.raw' '$tmp/full4g.vhdx' &&
+        rm '$tmp/rand4g.raw'"
     # 8 GiB dynamic VHDX with 64 MiB of data in each GiB (peak memory only).
     fixture "$tmp/spread8g.vhdx" sh -c "
         qemu-img create -q -f vhdx -o block_size=32M '$tmp/spread8g.vhdx' 8G
