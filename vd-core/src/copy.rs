@@ -719,6 +719,15 @@ fn write_err(offset: u64, e: Error) -> Error {
     .with_source(e)
 }
 
+/// A part of a request's buffer that is not there: a bug in the copy's own bookkeeping, never
+/// a reason to write less than was read.
+fn slice_err(offset: u64) -> Error {
+    Error::new(
+        ErrorKind::Io,
+        format!("copy: a part of the request at disk offset {offset:#x} is outside its buffer"),
+    )
+}
+
 fn read_err(offset: u64, e: Error) -> Error {
     Error::new(
         e.kind(),
@@ -822,7 +831,7 @@ impl Shared<'_, '_, '_> {
             let end = at
                 .saturating_add(usize::try_from(to_boundary).unwrap_or(usize::MAX))
                 .min(data.len());
-            let granule = data.get(at..end).unwrap_or_default();
+            let granule = data.get(at..end).ok_or_else(|| slice_err(job.offset))?;
             if is_zero(granule) {
                 if let Some((s, e)) = run.take() {
                     written = written.saturating_add(self.write_part(job, data, s, e)?);
@@ -841,7 +850,7 @@ impl Shared<'_, '_, '_> {
 
     /// Writes `data[s..e]` of `job`'s buffer; returns the bytes written.
     fn write_part(&self, job: &Job, data: &[u8], s: usize, e: usize) -> Result<u64> {
-        let part = data.get(s..e).unwrap_or_default();
+        let part = data.get(s..e).ok_or_else(|| slice_err(job.offset))?;
         self.write(job.offset.saturating_add(s as u64), part, job)?;
         Ok(part.len() as u64)
     }

@@ -9,6 +9,13 @@ use vd_tests::{qemu, s, vd_tool_fns};
 
 vd_tool_fns!();
 
+/// `vd-tool bench --output json ARGS`, its document.
+fn bench_json(args: &[&str]) -> serde_json::Value {
+    let mut a = vec!["bench", "--output", "json"];
+    a.extend_from_slice(args);
+    json(&vd(&a))
+}
+
 fn json(o: &Output) -> serde_json::Value {
     assert!(o.status.success(), "vd-tool failed: {}", stderr(o));
     serde_json::from_slice(&o.stdout).expect("stdout is one JSON document")
@@ -391,24 +398,12 @@ fn dump_and_info_describe_vhdx_structures() {
 fn bench_reads_and_writes() {
     let dir = tempfile::tempdir().unwrap();
     let img = qemu_vhdx(dir.path());
-    let v = json(&vd(&[
-        "bench",
-        "--output",
-        "json",
-        "-c",
-        "100",
-        "-s",
-        "64K",
-        s(&img),
-    ]));
+    let v = bench_json(&["-c", "100", "-s", "64K", s(&img)]);
     assert_eq!(v["mode"], "read");
     assert_eq!(v["bytes"], 100 * 65536);
     assert!(v["seconds"].as_f64().unwrap() > 0.0);
     // Writes wrap around at the end of the disk and leave the pattern behind.
-    let v = json(&vd(&[
-        "bench",
-        "--output",
-        "json",
+    let v = bench_json(&[
         "-w",
         "--pattern",
         "66",
@@ -419,7 +414,7 @@ fn bench_reads_and_writes() {
         "--flush-interval",
         "7",
         s(&img),
-    ]));
+    ]);
     assert_eq!(v["mode"], "write");
     let o = vd(&["io", "-r", "-c", "read -P 66 0 64M", s(&img)]);
     assert!(o.status.success(), "{}{}", stdout(&o), stderr(&o));
@@ -436,46 +431,15 @@ fn bench_threads_read_and_write_one_shared_disk() {
     let dir = tempfile::tempdir().unwrap();
     let img = qemu_vhdx(dir.path());
     // Four threads share the requests: every one is made, and the run says how many threads.
-    let v = json(&vd(&[
-        "bench",
-        "--output",
-        "json",
-        "-t",
-        "4",
-        "-c",
-        "64",
-        "-s",
-        "64K",
-        s(&img),
-    ]));
+    let v = bench_json(&["-t", "4", "-c", "64", "-s", "64K", s(&img)]);
     assert_eq!(v["mode"], "read");
     assert_eq!(v["count"], 64);
     assert_eq!(v["bytes"], 64 * 65536);
     assert_eq!(v["threads"], 4);
     // qemu's queue depth, without -t, is the number of threads; -t wins over it.
-    let v = json(&vd(&[
-        "bench",
-        "--output",
-        "json",
-        "-d",
-        "2",
-        "-c",
-        "16",
-        s(&img),
-    ]));
+    let v = bench_json(&["-d", "2", "-c", "16", s(&img)]);
     assert_eq!(v["threads"], 2);
-    let v = json(&vd(&[
-        "bench",
-        "--output",
-        "json",
-        "-t",
-        "3",
-        "-d",
-        "8",
-        "-c",
-        "16",
-        s(&img),
-    ]));
+    let v = bench_json(&["-t", "3", "-d", "8", "-c", "16", s(&img)]);
     assert_eq!(v["threads"], 3);
     // The human output keeps qemu-img bench's lines and names the threads.
     let human = stdout(&vd_ok(&["bench", "-t", "2", "-c", "8", s(&img)]));
@@ -489,10 +453,7 @@ fn bench_threads_read_and_write_one_shared_disk() {
     // Three writers from offset 8M, 1 MiB each, 40 requests: 8M..48M holds the pattern (given
     // in hex), the rest of the disk what it held before (0xab at 1M..3M, zeros elsewhere:
     // 40M's 0xcd is overwritten). Flushes every 5 requests, counted over all threads.
-    let v = json(&vd(&[
-        "bench",
-        "--output",
-        "json",
+    let v = bench_json(&[
         "-w",
         "-t",
         "3",
@@ -507,7 +468,7 @@ fn bench_threads_read_and_write_one_shared_disk() {
         "--flush-interval",
         "5",
         s(&img),
-    ]));
+    ]);
     assert_eq!(
         (v["mode"].as_str(), v["threads"].as_u64()),
         (Some("write"), Some(3))
