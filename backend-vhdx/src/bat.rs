@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 use vd_core::{Error, ErrorKind, Result, Storage};
@@ -15,6 +14,7 @@ use crate::format::{
     PayloadState,
 };
 use crate::metadata::Metadata;
+use crate::shard::Sharded;
 
 /// Entries per 4 KiB BAT page.
 const ENTRIES_PER_PAGE: u64 = 512;
@@ -32,7 +32,9 @@ const SB_BITS: u64 = 8 * MIB;
 /// blocks (2 TiB at 1 MiB blocks), enough for any working set a caller re-reads, while a scan of
 /// a 64 TiB disk (a 512 MiB BAT) cannot pin the whole table. Past the cap the unchanged pages are
 /// dropped and re-read when needed; pages changed in this session stay until they are written
-/// back, so they are bounded by what the session writes, not by the file.
+/// back, so they are bounded by what the session writes, not by the file. The pages are shared
+/// by the per-thread shards of the cache (see `Bat`); each shard adds only its index of them,
+/// about 32 bytes a page.
 pub const MAX_CACHED_BAT_PAGES: usize = 4096;
 
 /// Most unchanged 4 KiB sector-bitmap pages kept in memory (4 MiB, the bits of 4 chunks' worth
@@ -42,7 +44,7 @@ pub const MAX_CACHED_BITMAP_PAGES: usize = 1024;
 /// A page cache bounded in its unchanged pages: pages changed in this session (which may hold
 /// changes not yet written back) are never dropped; when more than `cap` unchanged pages would
 /// be held, every unchanged page is dropped at once (reads then load them again).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PageCache<T> {
     map: HashMap<u64, (Arc<[T]>, bool)>,
     clean: usize,
@@ -60,6 +62,11 @@ impl<T> PageCache<T> {
 
     fn get(&self, key: u64) -> Option<Arc<[T]>> {
         self.map.get(&key).map(|(p, _)| p.clone())
+    }
+
+    /// The cached page, borrowed (no reference count is touched).
+    fn get_ref(&self, key: u64) -> Option<&[T]> {
+        self.map.get(&key).map(|(p, _)| &**p)
     }
 
     /// Caches `page` as read from the file, unless the key is cached already; returns the cached
@@ -92,6 +99,23 @@ impl<T> PageCache<T> {
     fn len(&self) -> usize {
         self.map.len()
     }
+}
+
+/// Entry `index`, at `slot` of its cached `page`.
+///
+/// # Errors
+/// `OutOfRange` when the slot is outside the page (never: a page holds 512 entries and the
+/// slot is an index modulo 512).
+fn entry_of(page: &[u64], index: u64, slot: usize) -> Result<BatEntry> {
+    page.get(slot)
+        .copied()
+        .map(BatEntry::from_raw)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::OutOfRange,
+                format!("BAT entry {index} is outside its cached page"),
+            )
+        })
 }
 
 /// The arithmetic of 2.5: blocks, chunks, and where their entries live.
@@ -298,15 +322,34 @@ pub struct Forbidden {
 }
 
 /// The BAT of one image.
+///
+/// What a read looks up (the layout, where the BAT and the file end, the ranges blocks may
+/// not overlap, and the cached BAT pages) is kept in a [`Sharded`] [`View`]: a read takes the
+/// shard lock of its own thread, whose cache line no other core writes, and looks the entry up
+/// and validates it while holding that guard, without touching the page's reference count.
+/// Changes (a page loaded on a miss, an entry set, a file grown or cut, a resize or a BAT move)
+/// lock every shard and change every copy.
 #[derive(Debug)]
 pub struct Bat {
     storage: Arc<dyn Storage>,
-    layout: RwLock<Layout>,
-    region_offset: AtomicU64,
-    file_len: AtomicU64,
-    forbidden: RwLock<Vec<Forbidden>>,
-    pages: RwLock<PageCache<u64>>,
+    view: Sharded<View>,
     bitmap_pages: RwLock<PageCache<u8>>,
+}
+
+/// One shard's copy of what BAT lookups read.
+#[derive(Debug, Clone)]
+struct View {
+    layout: Layout,
+    bounds: Bounds,
+    pages: PageCache<u64>,
+}
+
+/// Where the BAT lives and what its entries are checked against.
+#[derive(Debug, Clone)]
+struct Bounds {
+    region_offset: u64,
+    file_len: u64,
+    forbidden: Vec<Forbidden>,
 }
 
 /// Counts of payload block states, for `info` and `dump`.
@@ -335,65 +378,75 @@ impl Bat {
     ) -> Self {
         Self {
             storage,
-            layout: RwLock::new(layout),
-            region_offset: AtomicU64::new(region_offset),
-            file_len: AtomicU64::new(file_len),
-            forbidden: RwLock::new(forbidden),
-            pages: RwLock::new(PageCache::new(MAX_CACHED_BAT_PAGES)),
+            view: Sharded::new(View {
+                layout,
+                bounds: Bounds {
+                    region_offset,
+                    file_len,
+                    forbidden,
+                },
+                pages: PageCache::new(MAX_CACHED_BAT_PAGES),
+            }),
             bitmap_pages: RwLock::new(PageCache::new(MAX_CACHED_BITMAP_PAGES)),
         }
     }
 
     /// The BAT's file offset.
     pub fn region_offset(&self) -> u64 {
-        self.region_offset.load(Ordering::Acquire)
+        self.view.read().bounds.region_offset
     }
 
     /// Points the BAT at its new region (after its contents were copied there) and replaces the
     /// ranges blocks may not overlap.
     pub fn relocate(&self, offset: u64, forbidden: Vec<Forbidden>) {
-        *self.forbidden.write() = forbidden;
-        self.region_offset.store(offset, Ordering::Release);
+        self.view.update(|v| {
+            v.bounds.forbidden.clone_from(&forbidden);
+            v.bounds.region_offset = offset;
+        });
     }
 
     /// The ranges blocks may not overlap.
     pub fn forbidden(&self) -> Vec<Forbidden> {
-        self.forbidden.read().clone()
+        self.view.read().bounds.forbidden.clone()
     }
 
     /// Sets the file length after truncation.
     pub fn reset_file_len(&self, len: u64) {
-        self.file_len.store(len, Ordering::Release);
+        self.view.update(|v| v.bounds.file_len = len);
     }
 
     /// The current layout (it changes on resize).
     pub fn layout(&self) -> Layout {
-        *self.layout.read()
+        self.view.read().layout
     }
 
     /// Replaces the layout after a resize.
     pub fn set_layout(&self, layout: Layout) {
-        *self.layout.write() = layout;
+        self.view.update(|v| v.layout = layout);
     }
 
     fn file_len(&self) -> u64 {
-        self.file_len.load(Ordering::Acquire)
+        self.view.read().bounds.file_len
     }
 
     /// Records that the file grew (a block was allocated).
     pub fn set_file_len(&self, len: u64) {
-        self.file_len.fetch_max(len, Ordering::AcqRel);
+        self.view
+            .update(|v| v.bounds.file_len = v.bounds.file_len.max(len));
     }
 
     /// Reads a whole 4 KiB page of the region (the part past the end of the file reads as
     /// zeros). The region is a multiple of 1 MiB and holds every entry, so every page of an
     /// entry lies inside it.
     fn load_page(&self, page: u64) -> Result<Arc<[u64]>> {
-        let off = self.page_offset(page)?;
+        let (off, file_len) = {
+            let v = self.view.read();
+            (v.bounds.page_offset(page)?, v.bounds.file_len)
+        };
         let mut buf = vec![0u8; PAGE_BYTES];
         // More than a page past `off` (or more than `usize` holds) is a whole page.
-        let avail = usize::try_from(self.file_len().saturating_sub(off))
-            .map_or(PAGE_BYTES, |n| n.min(PAGE_BYTES));
+        let avail =
+            usize::try_from(file_len.saturating_sub(off)).map_or(PAGE_BYTES, |n| n.min(PAGE_BYTES));
         if let Some(part) = buf.get_mut(..avail)
             && !part.is_empty()
         {
@@ -409,22 +462,51 @@ impl Bat {
             .collect())
     }
 
-    /// The file offset of BAT page `page`.
-    ///
-    /// # Errors
-    /// `OutOfRange` when it overflows (a page past any BAT region).
-    fn page_offset(&self, page: u64) -> Result<u64> {
-        page.checked_mul(PAGE_BYTES_U64)
-            .and_then(|o| o.checked_add(self.region_offset()))
-            .ok_or_else(|| overflow("BAT page offset"))
-    }
-
+    /// BAT page `page`, loaded (and cached) on a miss: for writers and scans, which keep the
+    /// page. Lookups use [`with_entry`](Self::with_entry), which touches no reference count.
     fn page(&self, page: u64) -> Result<Arc<[u64]>> {
-        if let Some(p) = self.pages.read().get(page) {
+        if let Some(p) = self.view.read().pages.get(page) {
             return Ok(p);
         }
         let entries = self.load_page(page)?;
-        Ok(self.pages.write().insert_clean(page, entries))
+        Ok(self
+            .view
+            .update(|v| v.pages.insert_clean(page, entries.clone())))
+    }
+
+    /// Calls `f` with the calling thread's [`Bounds`] and entry `index` (an entry the layout
+    /// uses) under one guard of the thread's shard, after checking that the entry lies inside
+    /// the file; a page not cached is read first (with no lock held) and cached. `f` runs
+    /// under the guard, so it must take no lock of this `Bat`.
+    ///
+    /// # Errors
+    /// `Truncated` when the entry lies past the end of the file; I/O errors loading its page;
+    /// what `f` returns.
+    fn with_entry<R>(
+        &self,
+        index: u64,
+        f: impl FnOnce(&Bounds, BatEntry) -> Result<R>,
+    ) -> Result<R> {
+        let page_no = index / ENTRIES_PER_PAGE;
+        let slot = fit::<usize, _>(index % ENTRIES_PER_PAGE, "BAT entry slot")?;
+        {
+            let v = self.view.read();
+            // An entry past the end of a truncated file is unknown, never NOT_PRESENT. Writable
+            // sessions never fail here: their open refuses a BAT region past the end of the
+            // file.
+            v.bounds.entry_in_file(index)?;
+            if let Some(page) = v.pages.get_ref(page_no) {
+                return f(&v.bounds, entry_of(page, index, slot)?);
+            }
+        }
+        let loaded = self.load_page(page_no)?;
+        // What another thread cached meanwhile wins (it may be a page changed since).
+        let page = self
+            .view
+            .update(|v| v.pages.insert_clean(page_no, loaded.clone()));
+        let v = self.view.read();
+        v.bounds.entry_in_file(index)?;
+        f(&v.bounds, entry_of(&page, index, slot)?)
     }
 
     /// Sets the raw entry at `index` in the cache and returns the index of its 4 KiB page,
@@ -443,7 +525,9 @@ impl Bat {
                 format!("BAT entry {index} is outside its cached page"),
             )
         })? = entry.raw();
-        self.pages.write().insert_changed(page, copy.into());
+        let copy: Arc<[u64]> = copy.into();
+        self.view
+            .update(|v| v.pages.insert_changed(page, copy.clone()));
         Ok(page)
     }
 
@@ -454,7 +538,7 @@ impl Bat {
     pub fn page_bytes(&self, page: u64) -> Result<(u64, Vec<u8>)> {
         let entries = self.page(page)?;
         let bytes = entries.iter().flat_map(|e| e.to_le_bytes()).collect();
-        Ok((self.page_offset(page)?, bytes))
+        Ok((self.view.read().bounds.page_offset(page)?, bytes))
     }
 
     /// Sets the sector-bitmap bits `[first_bit, first_bit + count)` of the bitmap block at
@@ -526,71 +610,13 @@ impl Bat {
         if index >= layout.entries {
             return Ok(BatEntry::EMPTY);
         }
-        // An entry past the end of a truncated file is unknown, never NOT_PRESENT. Writable
-        // sessions never get here: their open refuses a BAT region past the end of the file.
-        self.entry_in_file(index)?;
-        let page = self.page(index / ENTRIES_PER_PAGE)?;
-        let slot = fit::<usize, _>(index % ENTRIES_PER_PAGE, "BAT entry slot")?;
-        page.get(slot)
-            .copied()
-            .map(BatEntry::from_raw)
-            .ok_or_else(|| {
-                Error::new(
-                    ErrorKind::OutOfRange,
-                    format!("BAT entry {index} is outside its cached page"),
-                )
-            })
+        self.with_entry(index, |_, entry| Ok(entry))
     }
 
-    /// The file offset of entry `index`, for messages and the truncation check. It saturates
-    /// at `u64::MAX`, past the end of any file, only for an index past every BAT region: the
-    /// region holds every entry the layout uses (the open checks it) and its end does not
-    /// overflow (`read_region_table` checks it).
+    /// The file offset of entry `index`, for messages and the truncation check (see
+    /// [`Bounds::entry_at`]).
     pub fn entry_at(&self, index: u64) -> u64 {
-        self.region_offset().saturating_add(index.saturating_mul(8))
-    }
-
-    /// `Truncated` unless entry `index` lies inside the file.
-    fn entry_in_file(&self, index: u64) -> Result<()> {
-        let at = self.entry_at(index);
-        let file_len = self.file_len();
-        if at.saturating_add(8) > file_len {
-            return Err(Corruption::Truncated {
-                what: format!("BAT entry {index}"),
-                offset: at,
-                end: at.saturating_add(8),
-                file_len,
-            }
-            .at(format!("BAT entry {index}"), at));
-        }
-        Ok(())
-    }
-
-    fn check_block(&self, index: u64, block: BlockRef, offset: u64, needed: u64) -> Result<()> {
-        // A block whose end overflows (FileOffsetMB near 2^44) ends past every structure and
-        // past the end of any file: the saturated end says so, and BatBeyondFile reports it.
-        let end = offset.saturating_add(needed);
-        for f in self.forbidden.read().iter() {
-            if offset < f.end && end > f.start {
-                return Err(Corruption::BatOverlap {
-                    index,
-                    offset,
-                    what: f.what,
-                }
-                .at(format!("BAT entry {index}"), self.entry_at(index)));
-            }
-        }
-        if end > self.file_len() {
-            return Err(Corruption::BatBeyondFile {
-                index,
-                block,
-                offset,
-                end,
-                file_len: self.file_len(),
-            }
-            .at(format!("BAT entry {index}"), self.entry_at(index)));
-        }
-        Ok(())
+        self.view.read().bounds.entry_at(index)
     }
 
     /// The validated state of payload block `block`.
@@ -608,8 +634,106 @@ impl Bat {
     /// As [`block`](Bat::block).
     pub fn block_in(&self, layout: &Layout, block: u64) -> Result<BlockState> {
         let index = layout.payload_index(block)?;
-        let entry = self.entry_in(layout, index)?;
-        self.payload_state(layout, block, index, entry)
+        if index >= layout.entries {
+            return self
+                .view
+                .read()
+                .bounds
+                .payload_state(layout, block, index, BatEntry::EMPTY);
+        }
+        self.with_entry(index, |bounds, entry| {
+            bounds.payload_state(layout, block, index, entry)
+        })
+    }
+
+    /// [`bitmap`](Bat::bitmap) under a layout the caller took once for its whole request.
+    ///
+    /// # Errors
+    /// As [`bitmap`](Bat::bitmap).
+    pub fn bitmap_in(&self, layout: &Layout, chunk: u64) -> Result<Option<u64>> {
+        let index = layout.bitmap_index(chunk)?;
+        if index >= layout.entries {
+            return self
+                .view
+                .read()
+                .bounds
+                .bitmap_state(chunk, index, BatEntry::EMPTY);
+        }
+        self.with_entry(index, |bounds, entry| {
+            bounds.bitmap_state(chunk, index, entry)
+        })
+    }
+
+    /// The file offset of chunk `chunk`'s sector bitmap, if present.
+    ///
+    /// # Errors
+    /// `Corrupt` for invalid entries; I/O errors.
+    pub fn bitmap(&self, chunk: u64) -> Result<Option<u64>> {
+        self.bitmap_in(&self.layout(), chunk)
+    }
+}
+
+/// Entry checks, against the bounds of one consistent view (no lock taken).
+impl Bounds {
+    /// The file offset of BAT page `page`.
+    ///
+    /// # Errors
+    /// `OutOfRange` when it overflows (a page past any BAT region).
+    fn page_offset(&self, page: u64) -> Result<u64> {
+        page.checked_mul(PAGE_BYTES_U64)
+            .and_then(|o| o.checked_add(self.region_offset))
+            .ok_or_else(|| overflow("BAT page offset"))
+    }
+
+    /// The file offset of entry `index`, for messages and the truncation check. It saturates
+    /// at `u64::MAX`, past the end of any file, only for an index past every BAT region: the
+    /// region holds every entry the layout uses (the open checks it) and its end does not
+    /// overflow (`read_region_table` checks it).
+    fn entry_at(&self, index: u64) -> u64 {
+        self.region_offset.saturating_add(index.saturating_mul(8))
+    }
+
+    /// `Truncated` unless entry `index` lies inside the file.
+    fn entry_in_file(&self, index: u64) -> Result<()> {
+        let at = self.entry_at(index);
+        let file_len = self.file_len;
+        if at.saturating_add(8) > file_len {
+            return Err(Corruption::Truncated {
+                what: format!("BAT entry {index}"),
+                offset: at,
+                end: at.saturating_add(8),
+                file_len,
+            }
+            .at(format!("BAT entry {index}"), at));
+        }
+        Ok(())
+    }
+
+    fn check_block(&self, index: u64, block: BlockRef, offset: u64, needed: u64) -> Result<()> {
+        // A block whose end overflows (FileOffsetMB near 2^44) ends past every structure and
+        // past the end of any file: the saturated end says so, and BatBeyondFile reports it.
+        let end = offset.saturating_add(needed);
+        for f in &self.forbidden {
+            if offset < f.end && end > f.start {
+                return Err(Corruption::BatOverlap {
+                    index,
+                    offset,
+                    what: f.what,
+                }
+                .at(format!("BAT entry {index}"), self.entry_at(index)));
+            }
+        }
+        if end > self.file_len {
+            return Err(Corruption::BatBeyondFile {
+                index,
+                block,
+                offset,
+                end,
+                file_len: self.file_len,
+            }
+            .at(format!("BAT entry {index}"), self.entry_at(index)));
+        }
+        Ok(())
     }
 
     /// Validates the entry of payload block `block` (at BAT index `index`).
@@ -666,24 +790,6 @@ impl Bat {
         })
     }
 
-    /// The file offset of chunk `chunk`'s sector bitmap, if present.
-    ///
-    /// # Errors
-    /// `Corrupt` for invalid entries; I/O errors.
-    pub fn bitmap(&self, chunk: u64) -> Result<Option<u64>> {
-        self.bitmap_in(&self.layout(), chunk)
-    }
-
-    /// [`bitmap`](Bat::bitmap) under a layout the caller took once for its whole request.
-    ///
-    /// # Errors
-    /// As [`bitmap`](Bat::bitmap).
-    pub fn bitmap_in(&self, layout: &Layout, chunk: u64) -> Result<Option<u64>> {
-        let index = layout.bitmap_index(chunk)?;
-        let entry = self.entry_in(layout, index)?;
-        self.bitmap_state(chunk, index, entry)
-    }
-
     /// Validates the entry of chunk `chunk`'s sector bitmap (at BAT index `index`).
     fn bitmap_state(&self, chunk: u64, index: u64, entry: BatEntry) -> Result<Option<u64>> {
         if entry.reserved() != 0 {
@@ -707,7 +813,9 @@ impl Bat {
             .at(format!("BAT entry {index}"), self.entry_at(index))),
         }
     }
+}
 
+impl Bat {
     fn bitmap_page(&self, file_offset: u64) -> Result<Arc<[u8]>> {
         if let Some(p) = self.bitmap_pages.read().get(file_offset) {
             return Ok(p);
@@ -830,19 +938,17 @@ impl Bat {
             while index < first + n {
                 let page_no = index / ENTRIES_PER_PAGE;
                 let page_end = ((page_no + 1) * ENTRIES_PER_PAGE).min(first + n);
-                let cached = self.pages.read().get(page_no);
+                // The page as cached (if it is), then the bounds: the file grows before an entry
+                // that points into the new part is set, so these bounds hold every block the
+                // page points to.
+                let (cached, bounds) = {
+                    let v = self.view.read();
+                    (v.pages.get(page_no), v.bounds.clone())
+                };
                 for i in index..page_end {
                     let entry = if let Some(p) = &cached {
                         let slot = fit::<usize, _>(i % ENTRIES_PER_PAGE, "BAT entry slot")?;
-                        p.get(slot)
-                            .copied()
-                            .map(BatEntry::from_raw)
-                            .ok_or_else(|| {
-                                Error::new(
-                                    ErrorKind::OutOfRange,
-                                    format!("BAT entry {i} is outside its cached page"),
-                                )
-                            })?
+                        entry_of(p, i, slot)?
                     } else {
                         let at = fit::<usize, _>((i - first) * 8, "BAT piece offset")?;
                         match buf
@@ -852,7 +958,7 @@ impl Bat {
                         {
                             Some(b) => BatEntry::from_raw(u64::from_le_bytes(b)),
                             None => {
-                                if let Err(e) = self.entry_in_file(i) {
+                                if let Err(e) = bounds.entry_in_file(i) {
                                     f(e)?;
                                 }
                                 continue;
@@ -863,14 +969,14 @@ impl Bat {
                     let checked = if slot == layout.chunk_ratio {
                         // Bitmap slots matter only where reads use them.
                         if layout.has_parent {
-                            self.bitmap_state(chunk, i, entry).map(|_| ())
+                            bounds.bitmap_state(chunk, i, entry).map(|_| ())
                         } else {
                             Ok(())
                         }
                     } else {
                         let block = chunk * layout.chunk_ratio + slot;
                         if block < layout.data_blocks {
-                            self.payload_state(&layout, block, i, entry).map(|_| ())
+                            bounds.payload_state(&layout, block, i, entry).map(|_| ())
                         } else {
                             Ok(())
                         }
@@ -1007,14 +1113,17 @@ mod tests {
         let (bat, _) = bat_of(pages * ENTRIES_PER_PAGE, 0);
         for p in 0..pages {
             assert_eq!(bat.entry(p * ENTRIES_PER_PAGE).unwrap(), BatEntry::EMPTY);
-            assert!(bat.pages.read().len() <= MAX_CACHED_BAT_PAGES, "page {p}");
+            assert!(
+                bat.view.read().pages.len() <= MAX_CACHED_BAT_PAGES,
+                "page {p}"
+            );
         }
         // At the cap every page stays cached.
         let (bat, _) = bat_of(MAX_CACHED_BAT_PAGES as u64 * ENTRIES_PER_PAGE, 0);
         for p in 0..MAX_CACHED_BAT_PAGES as u64 {
             bat.entry(p * ENTRIES_PER_PAGE).unwrap();
         }
-        assert_eq!(bat.pages.read().len(), MAX_CACHED_BAT_PAGES);
+        assert_eq!(bat.view.read().pages.len(), MAX_CACHED_BAT_PAGES);
     }
 
     #[test]
@@ -1028,7 +1137,7 @@ mod tests {
         }
         // The file still holds 0 there: only the cache has the change.
         assert_eq!(bat.entry(5).unwrap(), zero);
-        assert!(bat.pages.read().len() <= MAX_CACHED_BAT_PAGES + 1);
+        assert!(bat.view.read().pages.len() <= MAX_CACHED_BAT_PAGES + 1);
     }
 
     #[test]

@@ -30,7 +30,7 @@ impl Engine {
         // below reads every entry again (cached entries included).
         self.preflight(&mut ws)?;
         // No read may see a block in a place it leaves, or past the truncated end.
-        let _moving = self.relocation.relocate();
+        let _moving = self.relocate();
         // Structures that never move.
         let regions = self.regions();
         let header = *self.header.read();

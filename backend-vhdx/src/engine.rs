@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock, RwLockReadGuard};
+use parking_lot::{Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use uuid::Uuid;
 use vd_core::{Error, ErrorKind, ImageFlags, OpenFlags, RelocationLock, Result, Storage, Warning};
 
@@ -24,6 +24,7 @@ use crate::log::{OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
 use crate::metadata::{Metadata, read_metadata};
 use crate::region::{RegionTable, read_region_table};
 use crate::report::{LogReplay, LogState};
+use crate::shard::{Sharded, ShardedWriteGuard};
 use crate::write_state::WriteState;
 
 /// Where a header's LogGuid field is, from the header's start.
@@ -33,27 +34,35 @@ const LOG_GUID_FIELD: u64 = std::mem::offset_of!(crate::format::Header, log_guid
 ///
 /// # Locks
 ///
-/// Reads hold one lock across payload I/O: a shared hold of `relocation` for the whole
-/// request, so no block moves between mapping it and reading it (`Disk` holds it across its
-/// `map_file` and `read_file_at` calls through `Image::hold_layout`). A read copies the
-/// [`Layout`] once per request and then, per block, takes the BAT's page cache and
-/// forbidden-range locks briefly (shared, released before the next one is taken); the file is
-/// read after the mapping of each run is known.
+/// Reads hold one lock across payload I/O, for the whole request, so no block moves between
+/// mapping it and reading it: `read` (`Image::read_at`) holds its thread's shard of
+/// `read_holds`, and `map_file` and `read_file_at` a shared hold of `relocation`, which `Disk`
+/// also keeps across its `map_file` and `read_file_at` calls through `Image::hold_layout`. A
+/// read copies the [`Layout`] once per request and then, per block, takes its thread's shard
+/// of the BAT's view briefly (shared, released before the next one is taken), under which the
+/// entry is looked up and checked; the file is read after the mapping of each run is known.
+/// The shards (see `shard`) are why reads from many threads scale: a read writes only lock
+/// words on cache lines of its own thread's shard, no line that other cores read.
 ///
 /// Lock order, outermost first; a lock further down is never held while one further up is
 /// taken:
 /// 1. `write_state` (the `WriteState` mutex): held for a whole change (write, write-zeroes,
 ///    discard, metadata edit, resize, compact, flush, close), so changes are serialised. The
 ///    layout a change works with is read after it is taken. Readers never take it.
-/// 2. `relocation`: shared by reads (recursively, so a `Disk` hold and the engine's own nest),
-///    exclusive by compaction and resize, which take it after `write_state` and keep both to
-///    the end: no read sees a block, a bitmap or the BAT in a place it has left.
+/// 2. `relocation`, then `read_holds`: `relocation` is shared by `Disk` holds, `map_file` and
+///    `read_file_at` (recursively, so a `Disk` hold and the engine's own nest); a shard of
+///    `read_holds` by `read` (never nested: nothing inside a read reads this image again, and
+///    what a read takes under it is further down this list). Compaction and resize take both
+///    exclusively ([`Engine::relocate`]: `relocation`, then every shard of `read_holds`) after
+///    `write_state` and keep them to the end: no read sees a block, a bitmap or the BAT in a
+///    place it has left.
 /// 3. `header`, then `meta`, then `regions`: each written only while `write_state` is held,
 ///    and while no other lock of this list is held; shared guards nest only in this order
 ///    (`details` reads `meta` under `header`, `item_data` reads `regions` under `meta`).
-/// 4. The `Bat`'s own locks (`layout`, `forbidden`, the BAT page and sector-bitmap page
-///    caches): leaves, each held only inside one `Bat` method call, never while another lock is
-///    taken.
+/// 4. The `Bat`'s own locks (the shards of its view, which hold the layout, the bounds and the
+///    BAT page cache, and the sector-bitmap page cache): leaves, each held only inside one
+///    `Bat` method call, never while another lock is taken (a change locks every shard of the
+///    view, in shard order, and nothing else).
 ///
 /// The write mutex stays held across payload writes: a write into a new block allocates the
 /// block, writes its data and only then publishes the BAT entry, and that sequence must not
@@ -82,9 +91,18 @@ pub(crate) struct Engine {
     /// errors for `check`.
     pub(crate) truncated: Vec<Warning>,
     pub(crate) write_state: Mutex<WriteState>,
-    /// Held shared by every read request, exclusively by what moves or cuts data in the file
-    /// (compaction, resize).
+    /// Held shared by `Disk` holds and by `map_file` and `read_file_at` requests, exclusively
+    /// by what moves or cuts data in the file (compaction, resize).
     pub(crate) relocation: RelocationLock,
+    /// Held shared, in its own thread's shard, by every `read` request; exclusively, every
+    /// shard, by what moves or cuts data, after `relocation` ([`Engine::relocate`]).
+    pub(crate) read_holds: Sharded<()>,
+}
+
+/// The exclusive hold of [`Engine::relocate`]: no read of the image runs while it lives.
+pub(crate) struct Relocating<'a> {
+    _relocation: RwLockWriteGuard<'a, ()>,
+    _reads: ShardedWriteGuard<'a, ()>,
 }
 
 impl Engine {
@@ -333,7 +351,19 @@ impl Engine {
             truncated,
             write_state: Mutex::new(write),
             relocation: RelocationLock::new(),
+            read_holds: Sharded::new(()),
         })
+    }
+
+    /// Keeps every read of the image out (waiting for those under way) until the guard is
+    /// dropped: `relocation`, then every shard of `read_holds`. For what moves or cuts data in
+    /// the file; the caller holds `write_state` and no other lock of the image.
+    pub(crate) fn relocate(&self) -> Relocating<'_> {
+        let relocation = self.relocation.relocate();
+        Relocating {
+            _relocation: relocation,
+            _reads: self.read_holds.write_all(),
+        }
     }
 
     /// The block layout.

@@ -185,8 +185,10 @@ impl Image for VhdxImage {
         Ok(())
     }
 
+    /// From the layout, which lives in the calling thread's shard (see the engine's locks), not
+    /// the metadata lock that every thread would write: `Disk` asks for the size on every read.
     fn size(&self) -> u64 {
-        self.metadata().virtual_size
+        self.engine.layout().virtual_size
     }
 
     fn sector_size(&self) -> u32 {

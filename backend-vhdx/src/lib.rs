@@ -108,6 +108,10 @@
 //! sector bitmap for partially present blocks), coalescing contiguous file ranges into one read.
 //! `vd_core::Disk` sends parent ranges down the chain.
 //!
+//! Reads from many threads share one image without sharing a written cache line: the layout,
+//! the BAT's bounds and its page cache are kept once per thread shard, and a read holds only its
+//! own shard's locks (changes lock every shard; the lock order is documented on the engine).
+//!
 //! ## Security
 //!
 //! Every byte of an image is untrusted. Malformed input yields a typed [`Corruption`] (inside a
@@ -161,6 +165,7 @@ mod read;
 mod region;
 mod report;
 mod resize;
+mod shard;
 mod write;
 mod write_state;
 

@@ -117,12 +117,13 @@ impl Engine {
     /// read as soon as it is known, holding the layout (no block moves meanwhile) but no other
     /// lock during the read. Parent ranges read as zeros.
     pub(crate) fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let _hold = self.relocation.hold();
+        // This thread's shard: a lock word no other core writes (see the engine's locks).
+        let _hold = self.read_holds.read();
         self.read_held(offset, buf)
     }
 
-    /// [`read`](Self::read) for a caller that keeps blocks in place itself (one holding the
-    /// relocation lock exclusively, like a shrinking resize).
+    /// [`read`](Self::read) for a caller that keeps blocks in place itself (one holding
+    /// [`relocate`](Self::relocate), like a shrinking resize).
     pub(crate) fn read_held(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         let layout = self.bat.layout();
         check_range(offset, buf.len() as u64, layout.virtual_size)?;

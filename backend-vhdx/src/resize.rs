@@ -58,7 +58,7 @@ impl Engine {
         // the whole BAT first, then the part of the disk a shrink cuts off.
         self.preflight(&mut ws)?;
         // No read may see the BAT or a block in a place it leaves, or past a cut end.
-        let _moving = self.relocation.relocate();
+        let _moving = self.relocate();
         if new_size < old.virtual_size {
             // Nothing past the new end may hold data.
             let first_cut = new_size / old.block_size;
