@@ -67,40 +67,26 @@ fn opts(cfr: bool) -> CopyOptions {
 
 /// Copies `disk` into a new raw file at `path` (through a staged raw image, as convert does)
 /// and returns the stats.
-fn to_raw(
-    registry: &Registry,
-    tracker: &TrackingProvider,
-    src: &Source<'_>,
-    path: &Path,
-    o: &CopyOptions,
-) -> CopyStats {
+fn to_raw(registry: &Registry, src: &Source<'_>, path: &Path, o: &CopyOptions) -> CopyStats {
     let staged = registry
         .create_staged("raw", path, &params(src.disk().size(), &[]), None)
         .unwrap();
-    let file = tracker.storage(staged.image().path()).expect("tracked");
     let st = copy(
         src,
         Destination::Raw {
-            storage: file.as_ref(),
+            storage: staged.file(),
             reads_as_zeros: true,
         },
         o,
         &|_| {},
     )
     .unwrap();
-    drop(file);
     staged.commit().unwrap();
     st
 }
 
 /// Copies `disk` into a new VHDX at `path` and returns the stats.
-fn to_vhdx(
-    registry: &Registry,
-    tracker: &TrackingProvider,
-    src: &Source<'_>,
-    path: &Path,
-    block: &str,
-) -> CopyStats {
+fn to_vhdx(registry: &Registry, src: &Source<'_>, path: &Path, block: &str) -> CopyStats {
     let staged = registry
         .create_staged(
             "vhdx",
@@ -109,19 +95,17 @@ fn to_vhdx(
             None,
         )
         .unwrap();
-    let file = tracker.storage(staged.image().path());
     let st = copy(
         src,
         Destination::Image {
             image: staged.image(),
             reads_as_zeros: true,
-            file: file.as_deref(),
+            file: Some(staged.file()),
         },
         &opts(false),
         &|_| {},
     )
     .unwrap();
-    drop(file);
     staged.commit().unwrap();
     st
 }
@@ -161,7 +145,7 @@ fn sparse_and_full_raw_sources_copy_exactly_and_holes_stay_holes() {
         let want = std::fs::read(src_path).unwrap();
         for cfr in [false, true] {
             let out = dir.path().join(format!("out-{cfr}.raw"));
-            let st = to_raw(&reg, &t, &src, &out, &opts(cfr));
+            let st = to_raw(&reg, &src, &out, &opts(cfr));
             assert_eq!(std::fs::read(&out).unwrap(), want, "{src_path:?} cfr {cfr}");
             assert_eq!(st.written + st.skipped, size);
             if is_sparse {
@@ -202,10 +186,10 @@ fn the_copy_file_range_path_and_the_fallback_write_the_same_bytes() {
     let src = Source::tracked(&disk, &t);
 
     let by_kernel = dir.path().join("cfr.raw");
-    let st = to_raw(&reg, &t, &src, &by_kernel, &opts(true));
+    let st = to_raw(&reg, &src, &by_kernel, &opts(true));
     assert_eq!(st.file_copied, size, "every byte by copy_file_range");
     let by_buffers = dir.path().join("rw.raw");
-    let st = to_raw(&reg, &t, &src, &by_buffers, &opts(false));
+    let st = to_raw(&reg, &src, &by_buffers, &opts(false));
     assert_eq!(st.file_copied, 0);
     let a = std::fs::read(&by_kernel).unwrap();
     assert_eq!(a, std::fs::read(&by_buffers).unwrap());
@@ -334,7 +318,7 @@ fn a_differencing_chain_is_flattened_to_raw_vhdx_and_a_stream() {
     let src = Source::tracked(&disk, &t);
     for cfr in [false, true] {
         let out = dir.path().join("flat.raw");
-        let st = to_raw(&reg, &t, &src, &out, &opts(cfr));
+        let st = to_raw(&reg, &src, &out, &opts(cfr));
         assert_eq!(std::fs::read(&out).unwrap(), want, "cfr {cfr}");
         if cfr {
             assert!(
@@ -353,7 +337,7 @@ fn a_differencing_chain_is_flattened_to_raw_vhdx_and_a_stream() {
         );
     }
     let out = dir.path().join("flat.vhdx");
-    let st = to_vhdx(&reg, &t, &src, &out, "1M");
+    let st = to_vhdx(&reg, &src, &out, "1M");
     assert!(
         st.skipped >= 3 * MIB,
         "zero extents and zero data are skipped"

@@ -333,6 +333,7 @@ impl Registry {
             .map_err(|e| Error::io("cannot create a new file beside it", e).with_path(path))?;
         let mut staged = StagedImage {
             image: None,
+            file: storage.clone(),
             temp,
             target,
             provider: self.provider.clone(),
@@ -399,6 +400,8 @@ fn create_in(
 /// destination; dropping it without [`commit`](StagedImage::commit) deletes that file.
 pub struct StagedImage {
     image: Option<Box<dyn Image>>,
+    /// The new file, as created (the image writes through its own handle to it).
+    file: Arc<dyn Storage>,
     temp: PathBuf,
     target: PathBuf,
     provider: Arc<dyn StorageProvider>,
@@ -423,6 +426,13 @@ impl StagedImage {
         self.image
             .as_deref()
             .expect("a staged image holds its image until commit or drop")
+    }
+
+    /// The new image's file, as the provider created it: for a raw image, the disk byte for
+    /// byte; for any image, what writeback hints ([`Storage::start_writeback`]) go to. Changes
+    /// to an image's structures go through [`image`](Self::image), never through this.
+    pub fn file(&self) -> &dyn Storage {
+        &*self.file
     }
 
     /// The path the image will be renamed to.

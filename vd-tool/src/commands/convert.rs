@@ -10,7 +10,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use indicatif::ProgressBar;
 use serde::Serialize;
-use vd_core::copy::{CopyOptions, Destination, Source, TrackingProvider};
+use vd_core::copy::{CopyOptions, Destination, Source};
 use vd_core::{CreateParams, Disk, FileStorage, OpenMode, Registry, StagedImage, Storage};
 
 use crate::cli::{ConvertArgs, Output};
@@ -51,31 +51,18 @@ fn copy_options() -> CopyOptions {
 
 /// Copies every range of `src` into `dst` with the copy engine. Returns `(written, skipped)`
 /// byte counts.
-fn copy(
-    src: &Source<'_>,
-    tracker: &TrackingProvider,
-    sink: &mut Sink,
-    pb: &ProgressBar,
-) -> anyhow::Result<(u64, u64)> {
+fn copy(src: &Disk, sink: &mut Sink, pb: &ProgressBar) -> anyhow::Result<(u64, u64)> {
     let progress = |n: u64| pb.inc(n);
-    // The new image's file, as the provider created it.
-    let file = match &*sink {
-        Sink::Image(img) => tracker.storage(img.image().path()),
-        _ => None,
-    };
     let dst = match sink {
-        // A raw image is its file: write the file directly (at the same offsets), which lets
-        // ranges be copied by the kernel.
-        Sink::Image(img) => match &file {
-            Some(f) if img.image().format() == "raw" => Destination::Raw {
-                storage: &**f,
-                reads_as_zeros: true,
-            },
-            _ => Destination::Image {
-                image: img.image(),
-                reads_as_zeros: true,
-                file: file.as_deref(),
-            },
+        // A raw image is its file: write the file directly, at the same offsets.
+        Sink::Image(img) if img.image().format() == "raw" => Destination::Raw {
+            storage: img.file(),
+            reads_as_zeros: true,
+        },
+        Sink::Image(img) => Destination::Image {
+            image: img.image(),
+            reads_as_zeros: true,
+            file: Some(img.file()),
         },
         Sink::Device(dev) => Destination::Raw {
             storage: &**dev,
@@ -83,11 +70,10 @@ fn copy(
         },
         Sink::Stream(out) => Destination::Stream(out.as_mut()),
     };
-    let stats = vd_core::copy::copy(src, dst, &copy_options(), &progress)?;
+    let stats = vd_core::copy::copy(&Source::new(src), dst, &copy_options(), &progress)?;
     log::debug!(
-        "copied: {} bytes written ({} by copy_file_range), {} skipped",
+        "copied: {} bytes written, {} skipped",
         stats.written,
-        stats.file_copied,
         stats.skipped
     );
     Ok((stats.written, stats.skipped))
@@ -202,10 +188,6 @@ fn open_sink(
 }
 
 pub fn run(registry: &Registry, args: &ConvertArgs, output: Output) -> anyhow::Result<u8> {
-    // The same backends, on a provider that remembers the files it opens and creates, so the
-    // copy engine can reach the source layers' files and the new image's file.
-    let tracker = Arc::new(TrackingProvider::new(registry.provider().clone()));
-    let registry = &Registry::builtin_with_provider(tracker.clone());
     let src = open_disk_with(
         registry,
         &args.source,
@@ -222,7 +204,7 @@ pub fn run(registry: &Registry, args: &ConvertArgs, output: Output) -> anyhow::R
     };
     let mut sink = open_sink(registry, args, &params, output)?;
     let pb = progress_bar(args.progress, size);
-    let copied = copy(&Source::tracked(&src, &tracker), &tracker, &mut sink, &pb);
+    let copied = copy(&src, &mut sink, &pb);
     pb.finish_and_clear();
     // On an error the staged image is dropped, which deletes it: the destination keeps what
     // it held before.
