@@ -205,6 +205,8 @@ impl std::fmt::Debug for Destination<'_> {
 pub struct Source<'a> {
     disk: &'a Disk,
     files: Vec<Option<Arc<dyn Storage>>>,
+    /// Only the top layer's own ranges: what it leaves to its parents is left alone.
+    top_only: bool,
 }
 
 impl<'a> Source<'a> {
@@ -213,6 +215,18 @@ impl<'a> Source<'a> {
         Self {
             disk,
             files: Vec::new(),
+            top_only: false,
+        }
+    }
+
+    /// Only what the disk's top layer holds itself (its data and its zero ranges), as
+    /// `commit` copies a differencing image into its parent: ranges the top layer leaves to
+    /// its parents are neither read nor written, so the destination keeps what it has there.
+    pub fn top_layer(disk: &'a Disk) -> Self {
+        Self {
+            disk,
+            files: Vec::new(),
+            top_only: true,
         }
     }
 
@@ -224,7 +238,11 @@ impl<'a> Source<'a> {
             .iter()
             .map(|l| tracker.storage(l.path()))
             .collect();
-        Self { disk, files }
+        Self {
+            disk,
+            files,
+            top_only: false,
+        }
     }
 
     /// The disk.
@@ -334,6 +352,8 @@ impl StorageProvider for TrackingProvider {
 enum Origin {
     /// Reads as zeros.
     Zero,
+    /// Left to a layer the copy does not include ([`Source::top_layer`]): not copied.
+    Keep,
     /// Data in `layer`, at `file` in its file when that is a plain range.
     Data { layer: usize, file: Option<u64> },
 }
@@ -351,6 +371,8 @@ struct Piece {
 enum Work {
     /// Make the range read as zeros.
     Zero,
+    /// Leave the range as the destination has it.
+    Keep,
     /// Read the range through the disk and write it.
     Read,
     /// Copy the range from `layer`'s file at `file` with `copy_file_range`.
@@ -403,6 +425,14 @@ impl<'s, 'a> Planner<'s, 'a> {
     /// them. The map must tile the range exactly (it comes from the file: a gap or an overlap
     /// is corruption, never a reason to copy stale bytes).
     fn map_layer(&mut self, index: usize, offset: u64, len: u64) -> Result<()> {
+        if index > 0 && self.src.top_only {
+            self.push(Piece {
+                offset,
+                len,
+                from: Origin::Keep,
+            });
+            return Ok(());
+        }
         let Some(layer) = self.src.disk.layers().get(index) else {
             self.push(Piece {
                 offset,
@@ -478,7 +508,7 @@ impl<'s, 'a> Planner<'s, 'a> {
             && let Some(len) = last.len.checked_add(p.len)
         {
             let joins = match (last.from, p.from) {
-                (Origin::Zero, Origin::Zero) => true,
+                (Origin::Zero, Origin::Zero) | (Origin::Keep, Origin::Keep) => true,
                 (
                     Origin::Data {
                         layer: a,
@@ -551,6 +581,7 @@ impl<'s, 'a> Planner<'s, 'a> {
         let zero_cut = if self.zeros_free { u64::MAX } else { cut };
         let work = match first.from {
             Origin::Zero => Work::Zero,
+            Origin::Keep => Work::Keep,
             Origin::Data {
                 layer,
                 file: Some(file),
@@ -562,13 +593,18 @@ impl<'s, 'a> Planner<'s, 'a> {
         let mut end = offset;
         while let Some(p) = self.pieces.front_mut() {
             let same = match (work, p.from) {
-                (Work::Zero, Origin::Zero) => true,
-                (Work::Zero, _) | (_, Origin::Zero) => false,
+                (Work::Zero, Origin::Zero) | (Work::Keep, Origin::Keep) => true,
+                (Work::Zero | Work::Keep, _) | (_, Origin::Zero | Origin::Keep) => false,
                 // A file range is one piece: pieces are merged when their file ranges continue.
                 (Work::FileRange { .. }, _) => end == offset,
                 (Work::Read, _) => true,
             };
-            let limit = if work == Work::Zero { zero_cut } else { cut };
+            let limit = match work {
+                Work::Zero => zero_cut,
+                // Kept ranges cost nothing: never cut.
+                Work::Keep => u64::MAX,
+                Work::Read | Work::FileRange { .. } => cut,
+            };
             if !same || end >= limit {
                 break;
             }
@@ -584,8 +620,8 @@ impl<'s, 'a> Planner<'s, 'a> {
                     *f = f.saturating_add(take);
                 }
             }
-            if work == Work::Zero && self.pieces.is_empty() {
-                // Zeros may continue in the next window.
+            if matches!(work, Work::Zero | Work::Keep) && self.pieces.is_empty() {
+                // Zeros (and kept ranges) may continue in the next window.
                 if !self.refill()? {
                     break;
                 }
@@ -795,6 +831,7 @@ impl Shared<'_, '_, '_> {
                 let wrote = self.zero(job)?;
                 self.done(job, if wrote { job.len } else { 0 }, false);
             }
+            Work::Keep => self.done(job, 0, false),
             Work::FileRange { layer, file } if self.file_ranges.load(Ordering::Relaxed) => {
                 if self.file_range(job, layer, file)? {
                     self.done(job, job.len, true);
@@ -983,6 +1020,11 @@ pub fn copy(
 ) -> Result<CopyStats> {
     let size = src.disk.size();
     let (request, workers) = opts.clamped();
+    if src.top_only && matches!(dst, Destination::Stream(_)) {
+        return Err(Error::invalid_argument(
+            "a stream receives every byte of the disk; it cannot keep what a parent holds",
+        ));
+    }
     let (dst, file_ranges) = match dst {
         Destination::Raw {
             storage,
@@ -1168,6 +1210,56 @@ mod tests {
                 assert_eq!(st.written, size);
             }
         }
+    }
+
+    #[test]
+    fn top_layer_copies_only_what_the_top_layer_holds() {
+        for seed in 0..8u64 {
+            let size = (1 << 20) + 512 * seed;
+            let (disk, want) = random_chain(seed, size, 3);
+            // What the destination must hold: the disk where the top layer maps the range,
+            // its old bytes everywhere else.
+            let mut expect = vec![0xEEu8; size as usize];
+            let mut own = 0u64;
+            for e in disk.layers()[0].map_file(0, size).unwrap() {
+                if e.mapping != Mapping::Unallocated {
+                    let r = e.offset as usize..(e.offset + e.length) as usize;
+                    expect[r.clone()].copy_from_slice(&want[r]);
+                    own += e.length;
+                }
+            }
+            assert!(
+                0 < own && own < size,
+                "seed {seed}: the top layer holds part of the disk"
+            );
+            for workers in [1, 3] {
+                let dev = MemStorage::from_bytes(vec![0xEE; size as usize]);
+                let dst = Destination::Raw {
+                    storage: &dev,
+                    reads_as_zeros: false,
+                };
+                let st = copy(
+                    &Source::top_layer(&disk),
+                    dst,
+                    &opts(8192, workers),
+                    &|_| {},
+                )
+                .unwrap();
+                assert_eq!(dev.to_vec(), expect, "seed {seed} workers {workers}");
+                assert_eq!((st.written, st.skipped), (own, size - own));
+            }
+        }
+        let (disk, _) = random_chain(1, 1 << 20, 2);
+        let mut out = Vec::new();
+        let e = copy(
+            &Source::top_layer(&disk),
+            Destination::Stream(&mut out),
+            &opts(8192, 2),
+            &|_| {},
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+        assert!(out.is_empty());
     }
 
     #[test]

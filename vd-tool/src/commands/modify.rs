@@ -4,12 +4,13 @@
 
 use anyhow::{Context, bail};
 use serde::Serialize;
-use vd_core::{Disk, DiskOptions, ErrorKind, ExtentKind, Geometry, Image, OpenFlags, Registry};
+use vd_core::copy::{CopyOptions, Destination, Source};
+use vd_core::{Disk, DiskOptions, ErrorKind, Geometry, Image, OpenFlags, Registry};
 
 use crate::cli::{
     CommentArgs, CommitArgs, DiscardArgs, FileArgs, GeometryArgs, Output, ResizeArgs, SetuuidArgs,
 };
-use crate::commands::{AlignedBuf, parse_size, progress_bar};
+use crate::commands::{parse_size, progress_bar};
 use crate::render::{emit, sanitize};
 
 fn open_rw(registry: &Registry, a: &FileArgs) -> anyhow::Result<Box<dyn Image>> {
@@ -120,25 +121,18 @@ pub fn commit(registry: &Registry, args: &CommitArgs, output: Output) -> anyhow:
     }
     let size = child.size();
     let pb = progress_bar(args.progress, size);
-    let mut aligned = AlignedBuf::new(1 << 20);
-    let buf = aligned.as_mut();
-    for e in child.map(0, size)? {
-        match e.kind {
-            ExtentKind::Data => {
-                let mut pos = e.offset;
-                while pos < e.offset + e.length {
-                    let n = (e.offset + e.length - pos).min(buf.len() as u64);
-                    let chunk = &mut buf[..usize::try_from(n)?];
-                    chain.read_at(pos, chunk)?;
-                    parent.write_at(pos, chunk)?;
-                    pos += n;
-                }
-            }
-            ExtentKind::Zero => parent.write_zeroes(e.offset, e.length)?,
-            ExtentKind::Unallocated => {}
-        }
-        pb.inc(e.length);
-    }
+    // The child's own ranges, copied by the copy engine: data read through the chain (which
+    // finds it in the child), zero ranges made zero in the parent, the rest left as it is.
+    vd_core::copy::copy(
+        &Source::top_layer(&chain),
+        Destination::Image {
+            image: parent.as_ref(),
+            reads_as_zeros: false,
+            file: None,
+        },
+        &CopyOptions::default(),
+        &|n| pb.inc(n),
+    )?;
     pb.finish_and_clear();
     parent.flush()?;
     let new_id = parent.modification_uuid();
