@@ -1,6 +1,7 @@
 //! The copy engine: copies a virtual [`Disk`] (through its whole chain) into a raw file, an
-//! [`Image`], or an in-order stream, as `convert` does (and, later, commit, compact and the
-//! export paths).
+//! [`Image`], or an in-order stream, as `convert` does; `commit` copies a child's own ranges
+//! into its parent through it ([`Source::top_layer`]). `compact` does not copy a disk (it moves
+//! blocks within one file) and does not use it.
 //!
 //! # What it does
 //!
