@@ -190,6 +190,11 @@ impl Disk {
                     .and_then(|p| current.check_parent(p.as_ref()).map(|()| p))
                 {
                     Ok(p) => {
+                        log::info!(
+                            "{}: parent found at {}",
+                            current.path().display(),
+                            c.display()
+                        );
                         seen.push(c.clone());
                         found = Some(p);
                         break;

@@ -189,7 +189,7 @@ impl Registry {
                     Confidence::No
                 }
             };
-            log::trace!("{}: {} says {confidence:?}", path.display(), b.name());
+            log::debug!("{}: {} says {confidence:?}", path.display(), b.name());
             if confidence > Confidence::No
                 && best.as_ref().is_none_or(|m| confidence > m.confidence)
             {
@@ -251,14 +251,26 @@ impl Registry {
         storage: Arc<dyn Storage>,
         flags: OpenFlags,
     ) -> Result<Box<dyn Image>> {
-        backend
+        let image = backend
             .open(OpenRequest {
                 path,
                 storage,
                 provider: self.provider.clone(),
                 flags,
             })
-            .map_err(|e| e.with_path(path))
+            .map_err(|e| e.with_path(path))?;
+        log::info!(
+            "{}: opened as {} ({}), {} bytes",
+            path.display(),
+            backend.name(),
+            if flags.contains(OpenFlags::READ_ONLY) {
+                "read-only"
+            } else {
+                "read-write, locked for writing"
+            },
+            image.size()
+        );
+        Ok(image)
     }
 
     /// Creates a new image at `path` with the backend called `name`. A differencing image
@@ -384,7 +396,7 @@ fn create_in(
     params: &CreateParams,
     parent: Option<(&Path, &dyn Image)>,
 ) -> Result<Box<dyn Image>> {
-    backend
+    let image = backend
         .create(CreateRequest {
             path,
             storage,
@@ -392,7 +404,18 @@ fn create_in(
             params,
             parent,
         })
-        .map_err(|e| e.with_path(path))
+        .map_err(|e| e.with_path(path))?;
+    log::info!(
+        "{}: created as {}, {} bytes{}",
+        path.display(),
+        backend.name(),
+        image.size(),
+        parent.map_or(String::new(), |(p, _)| format!(
+            ", differencing over {}",
+            p.display()
+        ))
+    );
+    Ok(image)
 }
 
 /// A newly created image that replaces its destination only when committed (see
@@ -460,6 +483,11 @@ impl StagedImage {
             .rename(&self.temp, &self.target)
             .map_err(|e| Error::io("cannot rename the new image into place", e))
             .map_err(|e| e.with_path(&self.target))?;
+        log::info!(
+            "{}: complete, renamed over {}",
+            self.temp.display(),
+            self.target.display()
+        );
         // Renamed: nothing is left to delete.
         self.temp = PathBuf::new();
         Ok(())

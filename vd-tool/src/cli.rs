@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-/// Inspect, probe and convert virtual disk images.
+/// Inspect, probe, check, create and convert virtual disk images.
 #[derive(Debug, Parser)]
 #[command(
     name = "vd-tool",
     version,
-    about,
-    long_about = "Inspect, probe and convert virtual disk images.\n\n\
+    about = "Inspect, probe, check, create and convert virtual disk images.",
+    long_about = "Inspect, probe, check, create and convert virtual disk images.\n\n\
         Results go to stdout, logs and errors to stderr. With --output json every command prints \
         one JSON document with a \"schema_version\" field; fields are only ever added within a \
         schema version. Exit codes: 0 success, 1 problems or differences found, 2 error."
@@ -20,7 +20,7 @@ pub struct Cli {
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
 
-    /// Output format.
+    /// How results are printed on stdout: text for people, or one JSON document.
     #[arg(long, value_enum, default_value_t = Output::Human, global = true)]
     pub output: Output,
 
@@ -96,6 +96,18 @@ pub enum Command {
     Compact(FileArgs),
     /// Time COUNT sequential requests of SIZE bytes (like `qemu-img bench`).
     Bench(BenchArgs),
+    /// Print a shell completion script.
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), or write one page per command into a directory.
+    Man {
+        /// Write vd-tool.1 and vd-tool-COMMAND.1 for every command into this directory.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 /// Arguments of `bench`.
@@ -434,7 +446,7 @@ pub struct ConvertArgs {
     /// Source format (otherwise probed).
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
-    /// Output format.
+    /// Format of the new image (`vd-tool backends` lists them).
     #[arg(short = 'O', long = "output-format")]
     pub output_format: String,
     /// Output format options, `key=value,...`.

@@ -7,7 +7,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::FromArgMatches;
 
 // Link the backends into the static table.
 use backend_raw as _;
@@ -16,11 +16,14 @@ use backend_vhdx as _;
 mod cli;
 mod commands;
 mod exit;
+mod help;
+mod progress;
 mod render;
 mod tree;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let cli =
+        cli::Cli::from_arg_matches(&help::command().get_matches()).unwrap_or_else(|e| e.exit());
     env_logger::Builder::new()
         .filter_level(match cli.verbose {
             0 => log::LevelFilter::Warn,

@@ -37,7 +37,7 @@ fn first_difference(
     b: &Disk,
     from: u64,
     to: u64,
-    pb: &indicatif::ProgressBar,
+    pb: &crate::progress::Progress,
 ) -> anyhow::Result<Option<u64>> {
     let mut aa = AlignedBuf::new(CHUNK as usize);
     let mut ab = AlignedBuf::new(CHUNK as usize);
@@ -85,7 +85,7 @@ pub fn run(registry: &Registry, args: &CompareArgs, output: Output) -> anyhow::R
         }
     } else {
         let end = a.size().max(b.size());
-        let pb = progress_bar(args.progress, end);
+        let mut pb = progress_bar(args.progress, end);
         let diff = first_difference(&a, &b, 0, end, &pb)?;
         pb.finish_and_clear();
         CompareResult {

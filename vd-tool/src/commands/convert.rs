@@ -8,7 +8,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
-use indicatif::ProgressBar;
 use serde::Serialize;
 use vd_core::copy::{CopyOptions, Destination, Source};
 use vd_core::{CreateParams, Disk, FileStorage, OpenMode, Registry, StagedImage, Storage};
@@ -51,7 +50,7 @@ fn copy_options() -> CopyOptions {
 
 /// Copies every range of `src` into `dst` with the copy engine. Returns `(written, skipped)`
 /// byte counts.
-fn copy(src: &Disk, sink: &mut Sink, pb: &ProgressBar) -> anyhow::Result<(u64, u64)> {
+fn copy(src: &Disk, sink: &mut Sink, pb: &crate::progress::Progress) -> anyhow::Result<(u64, u64)> {
     let progress = |n: u64| pb.inc(n);
     let dst = match sink {
         // A raw image is its file: write the file directly, at the same offsets.
@@ -203,7 +202,7 @@ pub fn run(registry: &Registry, args: &ConvertArgs, output: Output) -> anyhow::R
         ..CreateParams::default()
     };
     let mut sink = open_sink(registry, args, &params, output)?;
-    let pb = progress_bar(args.progress, size);
+    let mut pb = progress_bar(args.progress, size);
     let copied = copy(&src, &mut sink, &pb);
     pb.finish_and_clear();
     // On an error the staged image is dropped, which deletes it: the destination keeps what

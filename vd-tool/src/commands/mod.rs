@@ -4,7 +4,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use vd_core::{Disk, DiskOptions, OpenFlags, Registry};
 
 use crate::cli::{Cli, Command};
@@ -21,6 +20,7 @@ mod io;
 mod map;
 mod modify;
 mod probe;
+mod shell;
 
 /// Runs the command line's subcommand and returns the exit code.
 pub fn run(cli: &Cli) -> anyhow::Result<u8> {
@@ -44,6 +44,8 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Comment(args) => modify::comment(&registry, args, cli.output),
         Command::Compact(args) => modify::compact(&registry, args, cli.output),
         Command::Bench(args) => bench::run(&registry, args, cli.output),
+        Command::Completions { shell } => shell::completions(*shell),
+        Command::Man { dir } => shell::man(dir.as_deref()),
     }
 }
 
@@ -67,18 +69,10 @@ pub fn open_disk_with(
     )?)
 }
 
-/// A progress bar on stderr, or a hidden one.
-pub fn progress_bar(enabled: bool, total: u64) -> ProgressBar {
-    if !enabled {
-        return ProgressBar::hidden();
-    }
-    let pb = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
-    if let Ok(style) = ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] [{bar:40}] {percent:>3}% {bytes}/{total_bytes} ({bytes_per_sec})",
-    ) {
-        pb.set_style(style.progress_chars("=> "));
-    }
-    pb
+/// Progress on stderr for `-p`: a bar on a terminal, plain lines otherwise, nothing when not
+/// `enabled`.
+pub fn progress_bar(enabled: bool, total: u64) -> crate::progress::Progress {
+    crate::progress::Progress::new(enabled, total)
 }
 
 /// A page-aligned I/O buffer. The kernel copies to and from page-aligned memory several times

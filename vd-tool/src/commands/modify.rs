@@ -120,7 +120,7 @@ pub fn commit(registry: &Registry, args: &CommitArgs, output: Output) -> anyhow:
         parent.resize(child.size(), &mut |_, _| {})?;
     }
     let size = child.size();
-    let pb = progress_bar(args.progress, size);
+    let mut pb = progress_bar(args.progress, size);
     // The child's own ranges, copied by the copy engine: data read through the chain (which
     // finds it in the child), zero ranges made zero in the parent, the rest left as it is.
     vd_core::copy::copy(
