@@ -33,9 +33,10 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use vd_core::linkme::distributed_slice;
 use vd_core::{
-    BACKENDS, Backend, ByteSize, Capabilities, CheckReport, Confidence, CreateRequest, Error,
-    Extent, Facts, Image, ImageFlags, MappedExtent, Mapping, OpenFlags, OpenMode, OpenRequest,
-    Progress, Result, Storage, StorageProvider, check_range, push_extent,
+    BACKENDS, Backend, ByteSize, Capabilities, CheckReport, Confidence, CreateOption,
+    CreateRequest, Error, Extent, Facts, Image, ImageFlags, MappedExtent, Mapping, OpenFlags,
+    OpenMode, OpenRequest, OptionKind, Progress, Result, Storage, StorageProvider, check_range,
+    parse_create_options, push_extent,
 };
 
 /// The raw backend.
@@ -47,6 +48,16 @@ static RAW: &'static dyn Backend = &RawBackend;
 
 /// The priority raw probes with: the lowest, so every other format is asked first.
 pub const RAW_PRIORITY: i32 = i32::MIN;
+
+/// The `-o` options `create` takes: what `-o help` lists and what `create` parses.
+pub static CREATE_OPTIONS: &[CreateOption] = &[CreateOption {
+    name: "preallocation",
+    kind: OptionKind::Choice {
+        choices: &["off", "full"],
+    },
+    default: "off (full for a fixed image)",
+    help: "off leaves the file sparse; full writes zeros over the whole disk",
+}];
 
 fn io_err(op: &str, path: &Path, e: io::Error) -> Error {
     Error::io(op, e).with_path(path)
@@ -63,6 +74,10 @@ impl Backend for RawBackend {
 
     fn extensions(&self) -> &'static [&'static str] {
         &["img", "raw", "bin", "iso"]
+    }
+
+    fn create_options(&self) -> &'static [CreateOption] {
+        CREATE_OPTIONS
     }
 
     fn capabilities(&self) -> Capabilities {
@@ -112,18 +127,11 @@ impl Backend for RawBackend {
         if params.image_flags.contains(ImageFlags::DIFF) {
             return Err(Error::not_supported("differencing raw images"));
         }
-        let mut full = params.image_flags.contains(ImageFlags::FIXED);
-        for (k, v) in &params.options {
-            match (k.as_str(), v.as_str()) {
-                ("preallocation", "off") => full = false,
-                ("preallocation", "full") => full = true,
-                _ => {
-                    return Err(Error::invalid_argument(format!(
-                        "raw does not support the option {k}={v} (supported: preallocation=off|full)"
-                    )));
-                }
-            }
-        }
+        let given = parse_create_options("raw", CREATE_OPTIONS, &params.options)?;
+        let full = match given.choice("preallocation") {
+            Some(p) => p == "full",
+            None => params.image_flags.contains(ImageFlags::FIXED),
+        };
         let s = &req.storage;
         s.set_len(0)
             .and_then(|()| {

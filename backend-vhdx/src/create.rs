@@ -14,7 +14,9 @@
 use std::path::{Component, Path};
 
 use uuid::Uuid;
-use vd_core::{CreateRequest, Error, ImageFlags, Result};
+use vd_core::{
+    CreateOption, CreateRequest, Error, ImageFlags, OptionKind, Result, parse_create_options,
+};
 use zerocopy::IntoBytes;
 
 use crate::bat::Layout;
@@ -45,83 +47,86 @@ pub struct CreateOptions {
     pub physical_sector_size: u32,
 }
 
-fn parse_size(key: &str, v: &str) -> Result<u64> {
-    vd_core::parse_size(v)
-        .ok_or_else(|| Error::invalid_argument(format!("{key}={v} is not a size")))
-}
+/// The `-o` options `create` takes, with their values and defaults: what `-o help` lists and
+/// what [`CreateOptions::from_request`] parses, from the one table.
+pub static CREATE_OPTIONS: &[CreateOption] = &[
+    CreateOption {
+        name: "subformat",
+        kind: OptionKind::Choice {
+            choices: &["dynamic", "fixed"],
+        },
+        default: "dynamic",
+        help: "dynamic allocates blocks as they are written; fixed preallocates every block",
+    },
+    CreateOption {
+        name: "block_size",
+        kind: OptionKind::Size {
+            min: MIN_BLOCK_SIZE as u64,
+            max: MAX_BLOCK_SIZE as u64,
+            multiple_of: 1,
+            power_of_two: true,
+        },
+        default: "32M (2M for a differencing image)",
+        help: "the unit of allocation",
+    },
+    CreateOption {
+        name: "log_size",
+        kind: OptionKind::Size {
+            min: MIB,
+            max: MAX_LOG_SIZE,
+            multiple_of: MIB,
+            power_of_two: false,
+        },
+        default: "1M",
+        help: "the size of the metadata log",
+    },
+    CreateOption {
+        name: "logical_sector_size",
+        kind: OptionKind::SizeOneOf {
+            sizes: &[512, 4096],
+        },
+        default: "512 (a differencing image: its parent's)",
+        help: "the sector size the guest sees",
+    },
+    CreateOption {
+        name: "physical_sector_size",
+        kind: OptionKind::SizeOneOf {
+            sizes: &[512, 4096],
+        },
+        default: "4096 (a differencing image: its parent's)",
+        help: "the sector size the guest is told the disk writes in",
+    },
+];
 
 impl CreateOptions {
-    /// Parses `-o` options: `subformat=dynamic|fixed`, `block_size`, `log_size`,
-    /// `logical_sector_size`, `physical_sector_size` (sizes take K/M/G suffixes).
+    /// Parses `-o` options through [`CREATE_OPTIONS`]: `subformat=dynamic|fixed`,
+    /// `block_size`, `log_size`, `logical_sector_size`, `physical_sector_size` (sizes in
+    /// qemu's syntax: `1M`, `0x100000`).
     ///
     /// # Errors
     /// `InvalidArgument` for unknown options or values out of range.
     pub fn from_request(req: &CreateRequest<'_>) -> Result<Self> {
         let p = req.params;
+        let given = parse_create_options("vhdx", CREATE_OPTIONS, &p.options)?;
+        // Every size of these options is at most 256 MiB (the table says so).
+        let u32_size = |name: &str, default: u32| {
+            given.size(name).map_or(Ok(default), |s| {
+                u32::try_from(s)
+                    .map_err(|_| Error::invalid_argument(format!("{name}={s}: out of range")))
+            })
+        };
         let mut o = Self {
             size: p.size,
-            fixed: p.image_flags.contains(ImageFlags::FIXED),
-            block_size: 32 * 1024 * 1024,
-            log_size: MIB,
-            logical_sector_size: 512,
-            physical_sector_size: 4096,
+            fixed: match given.choice("subformat") {
+                Some(s) => s == "fixed",
+                None => p.image_flags.contains(ImageFlags::FIXED),
+            },
+            block_size: u32_size("block_size", 32 * 1024 * 1024)?,
+            log_size: given.size("log_size").unwrap_or(MIB),
+            logical_sector_size: u32_size("logical_sector_size", 512)?,
+            physical_sector_size: u32_size("physical_sector_size", 4096)?,
         };
-        let mut block_size_given = false;
-        for (k, v) in &p.options {
-            match k.as_str() {
-                "subformat" => match v.as_str() {
-                    "dynamic" => o.fixed = false,
-                    "fixed" => o.fixed = true,
-                    _ => {
-                        return Err(Error::invalid_argument(format!(
-                            "subformat={v}: use dynamic or fixed"
-                        )));
-                    }
-                },
-                "block_size" => {
-                    let b = parse_size(k, v)?;
-                    o.block_size = u32::try_from(b)
-                        .ok()
-                        .filter(|b| {
-                            b.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(b)
-                        })
-                        .ok_or_else(|| {
-                            Error::invalid_argument(format!(
-                                "block_size={v}: a power of two from 1M to 256M"
-                            ))
-                        })?;
-                    block_size_given = true;
-                }
-                "log_size" => {
-                    o.log_size = parse_size(k, v)?;
-                    if o.log_size < MIB
-                        || !o.log_size.is_multiple_of(MIB)
-                        || o.log_size > 1024 * MIB
-                    {
-                        return Err(Error::invalid_argument(format!(
-                            "log_size={v}: a multiple of 1M from 1M to 1G"
-                        )));
-                    }
-                }
-                "logical_sector_size" | "physical_sector_size" => {
-                    let s = parse_size(k, v)?;
-                    let s = u32::try_from(s)
-                        .ok()
-                        .filter(|s| *s == 512 || *s == 4096)
-                        .ok_or_else(|| Error::invalid_argument(format!("{k}={v}: 512 or 4096")))?;
-                    if k == "logical_sector_size" {
-                        o.logical_sector_size = s;
-                    } else {
-                        o.physical_sector_size = s;
-                    }
-                }
-                _ => {
-                    return Err(Error::invalid_argument(format!(
-                        "vhdx does not support the option {k}={v} (supported: subformat, block_size, log_size, logical_sector_size, physical_sector_size)"
-                    )));
-                }
-            }
-        }
+        let block_size_given = given.contains("block_size");
         if let Some((_, parent)) = req.parent {
             if p.options.contains_key("logical_sector_size")
                 && o.logical_sector_size != parent.sector_size()

@@ -250,9 +250,12 @@ impl Backend for VhdxBackend {
         VhdxImage::open(req).map(|i| Box::new(i) as Box<dyn Image>)
     }
 
-    /// Creates a fixed, dynamic or differencing image. Options (`-o`): `subformat=dynamic|fixed`,
-    /// `block_size` (default 32M, 2M for differencing), `log_size` (default 1M),
-    /// `logical_sector_size`, `physical_sector_size` (512 or 4096).
+    fn create_options(&self) -> &'static [vd_core::CreateOption] {
+        create::CREATE_OPTIONS
+    }
+
+    /// Creates a fixed, dynamic or differencing image, with the options of
+    /// [`Backend::create_options`].
     fn create(&self, req: vd_core::CreateRequest<'_>) -> Result<Box<dyn Image>> {
         create::create(&req).map_err(|e| e.with_path(req.path))?;
         VhdxImage::open(OpenRequest {

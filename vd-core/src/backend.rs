@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::flags::{Capabilities, ImageFlags, OpenFlags};
 use crate::geometry::Geometry;
 use crate::image::Image;
+use crate::options::CreateOption;
 use crate::storage::{Storage, StorageProvider};
 
 /// How sure a backend is that a file is in its format. Ordered: `No < Fallback < Likely <
@@ -110,6 +111,13 @@ pub trait Backend: Send + Sync + 'static {
     /// # Errors
     /// Invalid or unsupported images, I/O errors.
     fn open(&self, req: OpenRequest<'_>) -> Result<Box<dyn Image>>;
+    /// The format options `create` takes (`-o key=value`), with their values and defaults
+    /// (VirtualBox's `paConfigInfo`). A backend parses its options through this same table
+    /// ([`parse_create_options`](crate::parse_create_options)), so what `-o help` lists is
+    /// what `create` accepts.
+    fn create_options(&self) -> &'static [CreateOption] {
+        &[]
+    }
     /// Creates an image (`pfnCreate`).
     ///
     /// # Errors
@@ -189,6 +197,10 @@ mod tests {
             }
         }
         assert_eq!(Plain.priority(), 0);
+        assert!(
+            Plain.create_options().is_empty(),
+            "no options unless declared"
+        );
     }
 
     #[test]

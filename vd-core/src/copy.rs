@@ -14,10 +14,11 @@
 //!   [`CopyOptions::request_size`] bytes (4 MiB by default), cut at multiples of that size so
 //!   requests line up with the destination's blocks; the last one may be short (unaligned disk
 //!   sizes are copied to the byte).
-//! - **Skips zeros on both sides.** Within a request, runs of [`ZERO_GRANULE`] bytes (4 KiB, on
-//!   multiples of it) that read as all zeros are not written to a destination that already
-//!   reads as zeros there, so holes stay holes; the non-zero runs between them are written
-//!   with one call each.
+//! - **Skips zeros on both sides.** Within a request, runs of [`CopyOptions::sparse_size`]
+//!   bytes ([`ZERO_GRANULE`], 4 KiB, by default; on multiples of it) that read as all zeros are
+//!   not written to a destination that already reads as zeros there, so holes stay holes; the
+//!   non-zero runs between them are written with one call each. A sparse size of 0 writes
+//!   every byte (qemu-img convert `-S 0`).
 //! - **Overlaps reads and writes.** [`CopyOptions::workers`] threads each take the next request
 //!   from a shared planner, read it into a buffer of their own, and write it: while one thread
 //!   waits for a read, another writes. A stream destination is written in order: each thread
@@ -108,6 +109,12 @@ pub struct CopyOptions {
     /// Copy plain file ranges with `copy_file_range(2)` when both ends are host files. Such
     /// ranges are copied verbatim: all-zero data in them is written, not skipped.
     pub copy_file_range: bool,
+    /// The sparse threshold (qemu-img convert's `-S`): on a destination that reads as zeros
+    /// already, all-zero data is not written in runs of this many bytes, on multiples of it on
+    /// the disk ([`ZERO_GRANULE`] by default; use a power of two up to `request_size`). 0 writes
+    /// every byte as data, zeros included, even where the source reads as zeros without data:
+    /// the destination ends up fully allocated.
+    pub sparse_size: u64,
 }
 
 impl Default for CopyOptions {
@@ -117,6 +124,7 @@ impl Default for CopyOptions {
             workers: DEFAULT_WORKERS,
             writeback_every: DEFAULT_WRITEBACK_EVERY,
             copy_file_range: false,
+            sparse_size: ZERO_GRANULE,
         }
     }
 }
@@ -851,21 +859,21 @@ impl Shared<'_, '_, '_> {
             .disk
             .read_at(job.offset, data)
             .map_err(|e| read_err(job.offset, e))?;
-        if !self.dst.reads_as_zeros() {
+        let granule = self.opts.sparse_size;
+        if !self.dst.reads_as_zeros() || granule == 0 {
             // Every byte is written (a stream's requests each take their turn).
             self.write(job.offset, data, job)?;
             self.done(job, job.len, false);
             return Ok(());
         }
-        // Only the runs that hold a non-zero byte, found in granules of ZERO_GRANULE bytes
-        // (on multiples of it on the disk), so holes stay holes at the file system's block.
+        // Only the runs that hold a non-zero byte, found in granules of `sparse_size` bytes (on
+        // multiples of it on the disk), so holes stay holes at the file system's block.
         let mut written = 0u64;
         let mut run: Option<(usize, usize)> = None;
         let mut at = 0usize;
         while at < data.len() {
             let pos = job.offset.saturating_add(at as u64);
-            let to_boundary =
-                ZERO_GRANULE.saturating_sub(pos.checked_rem(ZERO_GRANULE).unwrap_or(0));
+            let to_boundary = granule.saturating_sub(pos.checked_rem(granule).unwrap_or(0));
             let end = at
                 .saturating_add(usize::try_from(to_boundary).unwrap_or(usize::MAX))
                 .min(data.len());
@@ -927,6 +935,19 @@ impl Shared<'_, '_, '_> {
 
     /// Makes the job's range read as zeros; returns whether bytes were written for it.
     fn zero(&self, job: &Job) -> Result<bool> {
+        if self.opts.sparse_size == 0 && !matches!(self.dst, Dst::Stream { .. }) {
+            // Fully allocated: the zeros are written as data.
+            let mut at = 0u64;
+            while at < job.len {
+                let n = job.len.saturating_sub(at).min(ZEROS.len() as u64);
+                let z = ZEROS
+                    .get(..to_usize(n)?)
+                    .ok_or_else(|| slice_err(job.offset))?;
+                self.write(job.offset.saturating_add(at), z, job)?;
+                at = at.saturating_add(n);
+            }
+            return Ok(true);
+        }
         match &self.dst {
             Dst::Raw { zeroed: true, .. } | Dst::Image { zeroed: true, .. } => Ok(false),
             Dst::Raw { storage, .. } => storage
@@ -1065,7 +1086,8 @@ pub fn copy(
             false,
         ),
     };
-    let zeros_free = dst.reads_as_zeros();
+    // With a sparse size of 0 every zero range is written, in requests of the usual size.
+    let zeros_free = dst.reads_as_zeros() && opts.sparse_size > 0;
     let shared = Shared {
         planner: Mutex::new(Planner::new(src, request as u64, file_ranges, zeros_free)),
         src,
@@ -1156,6 +1178,7 @@ mod tests {
             workers,
             writeback_every: 8192,
             copy_file_range: true,
+            sparse_size: ZERO_GRANULE,
         }
     }
 
@@ -1209,6 +1232,66 @@ mod tests {
                 let st = copy(&src, Destination::Stream(&mut out), &o, &progress).unwrap();
                 assert_eq!(out, want, "seed {seed} req {req} workers {workers}");
                 assert_eq!(st.written, size);
+            }
+        }
+    }
+
+    #[test]
+    fn the_sparse_size_sets_which_zero_runs_are_skipped_and_0_writes_everything() {
+        for seed in 0..6u64 {
+            let size = (1 << 20) + 4096 * seed;
+            let (disk, want) = random_chain(seed, size, 2);
+            let src = Source::new(&disk);
+            for sparse in [0u64, 4096, 65536] {
+                let o = CopyOptions {
+                    sparse_size: sparse,
+                    ..opts(1 << 20, 3)
+                };
+                // Old bytes the copy is told read as zeros: what it skips keeps them.
+                let dst = MemStorage::from_bytes(vec![0xEE; size as usize]);
+                let st = copy(
+                    &src,
+                    Destination::Raw {
+                        storage: &dst,
+                        reads_as_zeros: true,
+                    },
+                    &o,
+                    &|_| {},
+                )
+                .unwrap();
+                let got = dst.to_vec();
+                assert_eq!(st.written + st.skipped, size);
+                if sparse == 0 {
+                    assert_eq!(got, want, "seed {seed}: -S 0 writes every byte");
+                    assert_eq!((st.written, st.skipped), (size, 0));
+                    continue;
+                }
+                // Every byte is the disk's, or an old byte where the disk reads as zeros.
+                for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!(
+                        g == w || (w == 0 && g == 0xEE),
+                        "seed {seed} -S {sparse}: byte {i}"
+                    );
+                }
+                // No aligned run of `sparse` zeros was written; what was written is bounded by
+                // the granules holding data.
+                let mut granules = 0u64;
+                for (g, w) in got
+                    .chunks(sparse as usize)
+                    .zip(want.chunks(sparse as usize))
+                {
+                    if w.iter().all(|&b| b == 0) {
+                        assert!(g.iter().all(|&b| b == 0xEE), "seed {seed} -S {sparse}");
+                    } else {
+                        granules += w.len() as u64;
+                    }
+                }
+                let nonzero = want.iter().filter(|&&b| b != 0).count() as u64;
+                assert!(
+                    (nonzero..=granules).contains(&st.written),
+                    "seed {seed} -S {sparse}: {} written",
+                    st.written
+                );
             }
         }
     }

@@ -83,27 +83,6 @@ impl Geometry {
     }
 }
 
-/// Parses a byte count with an optional binary suffix: `512`, `4K`, `1M`, `8G`, `2T`, `10B`.
-/// Returns `None` for anything else or an overflow.
-pub fn parse_size(s: &str) -> Option<u64> {
-    let t = s.trim();
-    let (num, shift) = match t.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let shift = match c.to_ascii_uppercase() {
-                'K' => 10,
-                'M' => 20,
-                'G' => 30,
-                'T' => 40,
-                'B' => 0,
-                _ => return None,
-            };
-            (t.get(..i)?, shift)
-        }
-        _ => (t, 0),
-    };
-    num.parse::<u64>().ok()?.checked_mul(1u64 << shift)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,19 +122,6 @@ mod tests {
                 sectors: 17
             }
         );
-    }
-
-    #[test]
-    fn sizes_parse_with_suffixes() {
-        assert_eq!(parse_size("512"), Some(512));
-        assert_eq!(parse_size("4k"), Some(4096));
-        assert_eq!(parse_size("1M"), Some(1 << 20));
-        assert_eq!(parse_size("2G"), Some(2 << 30));
-        assert_eq!(parse_size("1T"), Some(1 << 40));
-        assert_eq!(parse_size("7B"), Some(7));
-        assert_eq!(parse_size("x"), None);
-        assert_eq!(parse_size(""), None);
-        assert_eq!(parse_size("99999999999T"), None);
     }
 
     #[test]
@@ -245,25 +211,5 @@ mod tests {
             "computed in u64, not u32"
         ); // A geometry read from a file may claim more than 2^64 bytes: saturated, not wrapped.
         assert_eq!(chs(u32::MAX, u32::MAX, u32::MAX).capacity(), u64::MAX);
-    }
-
-    #[test]
-    fn size_suffixes_at_the_edges() {
-        assert_eq!(parse_size(" 4K "), Some(4096), "surrounding spaces");
-        assert_eq!(parse_size("0G"), Some(0));
-        assert_eq!(parse_size(&u64::MAX.to_string()), Some(u64::MAX));
-        assert_eq!(parse_size("16777215T"), Some(16_777_215 << 40));
-        assert_eq!(parse_size("16777216T"), None, "2^64 overflows");
-        for bad in [
-            "K",
-            "-1",
-            "1.5G",
-            "1KB",
-            "0x10",
-            "1 K",
-            "18446744073709551616",
-        ] {
-            assert_eq!(parse_size(bad), None, "{bad:?}");
-        }
     }
 }

@@ -50,6 +50,8 @@ mod geometry;
 mod image;
 mod lock;
 mod mapping;
+mod numbers;
+mod options;
 mod registry;
 mod relocation;
 mod report;
@@ -69,10 +71,14 @@ pub use backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest}
 pub use disk::{Disk, DiskExtent, DiskOptions, MAX_CHAIN_DEPTH};
 pub use error::{Context, Error, ErrorKind, LinkageMismatch, Result, error_chain};
 pub use flags::{Capabilities, ImageFlags, OpenFlags, flag_names};
-pub use geometry::{Geometry, parse_size};
+pub use geometry::Geometry;
 pub use image::{Extent, ExtentKind, Image, Progress, check_parent_identity, check_range};
 pub use lock::LockConflict;
 pub use mapping::{MappedExtent, Mapping, merge_extents, push_extent};
+pub use numbers::{BYTE_SYNTAX, NumberError, SIZE_SYNTAX, parse_byte, parse_size};
+pub use options::{
+    CreateOption, CreateOptionValues, OptionKind, OptionValue, parse_create_options,
+};
 pub use registry::{BACKENDS, ProbeMatch, Registry, StagedImage};
 pub use relocation::{LayoutHold, RelocationLock};
 pub use report::{ByteSize, CheckReport, Facts, Finding, Offset, Severity, Warning};

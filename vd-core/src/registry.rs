@@ -52,6 +52,9 @@ impl Backend for Static {
     fn open(&self, req: OpenRequest<'_>) -> Result<Box<dyn Image>> {
         self.0.open(req)
     }
+    fn create_options(&self) -> &'static [crate::options::CreateOption] {
+        self.0.create_options()
+    }
     fn create(&self, req: CreateRequest<'_>) -> Result<Box<dyn Image>> {
         self.0.create(req)
     }
@@ -160,9 +163,21 @@ impl Registry {
         &self.provider
     }
 
-    fn backend(&self, name: &str) -> Result<&Arc<dyn Backend>> {
-        self.get(name)
-            .ok_or_else(|| Error::new(ErrorKind::NotFound, format!("no backend named {name:?}")))
+    /// The backend called `name`; `NotFound` listing the formats there are when there is none.
+    ///
+    /// # Errors
+    /// `NotFound`: `unknown format "qcow2"; the formats are: vhdx, raw` (in probe order).
+    pub fn backend(&self, name: &str) -> Result<&Arc<dyn Backend>> {
+        self.get(name).ok_or_else(|| {
+            let names: Vec<&str> = self.backends.iter().map(|b| b.name()).collect();
+            Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "unknown format {name:?}; the formats are: {}",
+                    names.join(", ")
+                ),
+            )
+        })
     }
 
     fn open_storage(&self, path: &Path, mode: OpenMode) -> Result<Arc<dyn Storage>> {
@@ -727,6 +742,11 @@ mod tests {
             .open_as("nope", Path::new("/o/t.img"), OpenFlags::READ_ONLY)
             .expect_err("unknown backend");
         assert_eq!(e.kind(), ErrorKind::NotFound);
+        // The formats there are, in probe order (equal priorities: by name).
+        assert_eq!(
+            e.to_string(),
+            "unknown format \"nope\"; the formats are: strong, weak"
+        );
         let e = r
             .open(Path::new("/o/missing.img"), OpenFlags::READ_ONLY)
             .expect_err("missing file");

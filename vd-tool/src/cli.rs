@@ -13,7 +13,14 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     long_about = "Inspect, probe, check, create and convert virtual disk images.\n\n\
         Results go to stdout, logs and errors to stderr. With --output json every command prints \
         one JSON document with a \"schema_version\" field; fields are only ever added within a \
-        schema version. Exit codes: 0 success, 1 problems or differences found, 2 error."
+        schema version. Exit codes: 0 success, 1 problems or differences found, 2 error \
+        (including usage errors and missing files). Against qemu-img's: qemu-img check's 2 \
+        (corruptions) and 3 (leaks) are vd's 1, its 1 (check not completed) vd's 2; qemu-img \
+        compare's 0 (same), 1 (different) and 2 (error) are vd's too; other qemu-img commands \
+        exit 1 on an error where vd exits 2.\n\n\
+        Numbers are read as qemu reads them: offsets, lengths and sizes in decimal or 0x hex, or \
+        with a K, M, G, T, P or E suffix (1024-based) and decimals (1.5G); byte patterns as \
+        0 to 255 or 0x00 to 0xff."
 )]
 pub struct Cli {
     /// More log output on stderr (-v, -vv, -vvv); RUST_LOG also works.
@@ -127,7 +134,7 @@ pub struct BenchArgs {
     /// Number of requests.
     #[arg(short = 'c', long, default_value_t = 75000)]
     pub count: u64,
-    /// Request size.
+    /// Request size (decimal or 0x hex bytes, or with a K-E suffix and decimals).
     #[arg(short = 's', long = "buffer-size", default_value = "4K")]
     pub size: String,
     /// Distance between request starts (default: the request size).
@@ -173,11 +180,7 @@ impl BenchArgs {
 
 /// A byte in decimal (`165`) or hexadecimal with a `0x` prefix (`0xa5`).
 fn parse_pattern(s: &str) -> Result<u8, String> {
-    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        Some(hex) => u8::from_str_radix(hex, 16),
-        None => s.parse::<u8>(),
-    };
-    parsed.map_err(|_| format!("{s:?} is not a byte (0 to 255, or 0x00 to 0xff)"))
+    vd_core::parse_byte(s).map_err(|e| e.to_string())
 }
 
 /// `-U`: read an image another process is writing.
@@ -223,7 +226,8 @@ pub struct ResizeArgs {
     /// With --shrink: discard the part cut off first, even when it holds data.
     #[arg(long, requires = "shrink")]
     pub force: bool,
-    /// The new size, or `+SIZE` / `-SIZE` relative to the current one.
+    /// The new size, or `+SIZE` / `-SIZE` relative to the current one (decimal or 0x hex bytes,
+    /// or with a K, M, G, T, P or E suffix and decimals: 1.5G).
     #[arg(allow_hyphen_values = true)]
     pub size: String,
 }
@@ -234,9 +238,10 @@ pub struct DiscardArgs {
     /// The image.
     #[command(flatten)]
     pub image: FileArgs,
-    /// Start of the range.
+    /// Start of the range: bytes in decimal or 0x hex, or with a K, M, G, T, P or E suffix
+    /// (1024-based) and decimals (1.5M).
     pub offset: String,
-    /// Length of the range.
+    /// Length of the range, in the same syntax.
     pub length: String,
 }
 
@@ -299,28 +304,87 @@ pub struct CommentArgs {
 
 /// Arguments of `check`.
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "vd-tool check [OPTIONS] [-r [leaks|all]] FILE",
+    after_help = "Repair levels (-r, as qemu-img check -r): vd has no leak repair of its own \
+    (VHDX keeps no reference counts, so no cluster can leak), and any repair opens the image \
+    read-write, which replays a dirty log and rewrites what vd repairs from a good copy. So \
+    -r leaks repairs the same as -r all, as qemu-img check -r leaks does on VHDX (its \
+    read-write open replays the log too); -r alone is -r all.\n\n\
+    Exit codes: 0 clean (or everything found was repaired), 1 problems found (corruptions or \
+    leaks: qemu-img check's 2 and 3), 2 error: the check could not be completed, a usage error \
+    or a missing file (qemu-img check's 1)."
+)]
 pub struct CheckArgs {
     /// Image format (otherwise probed).
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
-    /// Repair what is safe: open read-write, which replays a dirty log.
-    #[arg(short = 'r', long = "repair")]
-    pub repair: bool,
+    /// Repair what is safe: `-r`, `-r all` or `-r leaks` (the same in vd; see below).
+    #[arg(
+        short = 'r',
+        long = "repair",
+        value_name = "LEVEL",
+        num_args = 0..=1,
+        default_missing_value = "all"
+    )]
+    pub repair: Option<String>,
     /// Lock sharing.
     #[command(flatten)]
     pub share: ShareArgs,
     /// The image.
-    pub file: PathBuf,
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+}
+
+/// How much `check -r` repairs (qemu-img check's `-r leaks|all`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RepairLevel {
+    /// `-r leaks`: in vd the same as `All` (no format of vd's can leak).
+    Leaks,
+    /// `-r` or `-r all`: everything that is safe.
+    All,
+}
+
+impl CheckArgs {
+    /// The repair level and the image. `-r FILE` takes FILE as `-r`'s value (clap cannot look
+    /// ahead), so a value that is not a level is the image when no other is given.
+    ///
+    /// # Errors
+    /// No image, or a level that is neither `leaks` nor `all`.
+    pub fn repair_and_file(&self) -> anyhow::Result<(Option<RepairLevel>, &std::path::Path)> {
+        let level = |v: &str| match v {
+            "leaks" => Some(RepairLevel::Leaks),
+            "all" => Some(RepairLevel::All),
+            _ => None,
+        };
+        match (self.repair.as_deref(), self.file.as_deref()) {
+            (None, Some(f)) => Ok((None, f)),
+            (Some(r), Some(f)) => match level(r) {
+                Some(l) => Ok((Some(l), f)),
+                None => anyhow::bail!("-r {r:?}: the repair levels are leaks and all"),
+            },
+            (Some(r), None) if level(r).is_none() => {
+                Ok((Some(RepairLevel::All), std::path::Path::new(r)))
+            }
+            (_, None) => {
+                anyhow::bail!("check: no image given (vd-tool check [-r [leaks|all]] FILE)")
+            }
+        }
+    }
 }
 
 /// Arguments of `create`.
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "vd-tool create -f FORMAT [OPTIONS] FILE [SIZE]\n       \
+    vd-tool create [-f FORMAT] -o help"
+)]
 pub struct CreateArgs {
-    /// Image format.
+    /// Image format (vhdx, raw).
     #[arg(short = 'f', long = "format")]
-    pub format: String,
-    /// Format options, `key=value,...` (vhdx: subformat=dynamic|fixed, block_size, log_size,
-    /// logical_sector_size, physical_sector_size).
+    pub format: Option<String>,
+    /// Format options, `key=value,...`; `-o help` lists each format's options with their
+    /// values and defaults (only FORMAT's with -f).
     #[arg(short = 'o', long = "options")]
     pub options: Option<String>,
     /// Create a differencing image over this parent.
@@ -334,8 +398,9 @@ pub struct CreateArgs {
     #[arg(long)]
     pub force: bool,
     /// The new image.
-    pub file: PathBuf,
-    /// Virtual size (K, M, G, T suffixes); defaults to the parent's size.
+    pub file: Option<PathBuf>,
+    /// Virtual size: bytes in decimal or 0x hex, or with a K, M, G, T, P or E suffix
+    /// (1024-based) and decimals (1.5G); defaults to the parent's size.
     pub size: Option<String>,
 }
 
@@ -352,7 +417,9 @@ pub struct IoArgs {
     #[command(flatten)]
     pub share: ShareArgs,
     /// A command: `read [-P PATTERN] OFF LEN`, `write [-P PATTERN | -z] OFF LEN`,
-    /// `discard OFF LEN`, `flush`, `sleep MS` (keep the image open). Repeat for more.
+    /// `discard OFF LEN`, `flush`, `sleep MS` (keep the image open). Repeat for more. OFF and
+    /// LEN in decimal or 0x hex, or with a K-E suffix and decimals (`0x100000 1.5M`); PATTERN a
+    /// byte, `90` or `0x5a`.
     #[arg(short = 'c', long = "cmd", required = true)]
     pub commands: Vec<String>,
     /// The image.
@@ -442,19 +509,50 @@ pub struct InfoArgs {
 
 /// Arguments of `convert`.
 #[derive(Debug, Args)]
+#[command(
+    override_usage = "vd-tool convert [OPTIONS] -O FORMAT SOURCE DESTINATION\n       \
+        vd-tool convert [-O FORMAT] -o help",
+    after_help = "As qemu-img convert: -S sets the sparse threshold, -n writes into an existing \
+    image, --target-is-zero (with -n) skips writing zeros, -B makes the output a differencing \
+    image over a backing file. -W is accepted: vd's copy engine always writes out of order, \
+    with several workers (a stream destination is written in order)."
+)]
 pub struct ConvertArgs {
     /// Source format (otherwise probed).
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
     /// Format of the new image (`vd-tool backends` lists them).
     #[arg(short = 'O', long = "output-format")]
-    pub output_format: String,
-    /// Output format options, `key=value,...`.
+    pub output_format: Option<String>,
+    /// Options of the new image, `key=value,...`; `-o help` lists each format's options with
+    /// their values and defaults (only FORMAT's with -O).
     #[arg(short = 'o', long = "options")]
     pub options: Option<String>,
     /// Show a progress bar on stderr.
     #[arg(short = 'p', long = "progress")]
     pub progress: bool,
+    /// Sparse threshold: runs of zeros this long (on multiples of it on the disk) in the data
+    /// read are left as holes (ranges the source maps as zeros always are); a power of two
+    /// from 512 to 4M [default: 4K]. `-S 0` writes every byte, zeros included: the new image
+    /// is fully allocated.
+    #[arg(short = 'S', long = "sparse-size", value_name = "SIZE")]
+    pub sparse_size: Option<String>,
+    /// Do not create the destination: write into an existing image of the -O format, at least
+    /// as large as the source (checked before anything is written). It is opened for writing
+    /// (locked) and written in place; every range is written, zeros included.
+    #[arg(short = 'n', long = "no-create", conflicts_with = "backing")]
+    pub no_create: bool,
+    /// With -n: the destination reads as zeros already, so zeros are not written.
+    #[arg(long, requires = "no_create")]
+    pub target_is_zero: bool,
+    /// Allow out-of-order writes (accepted for qemu-img compatibility: vd always does).
+    #[arg(short = 'W')]
+    pub out_of_order: bool,
+    /// Make the new image a differencing image over BACKING (its format probed): only the
+    /// data that differs from BACKING's is written. Needs an output format that has
+    /// differencing images (vhdx).
+    #[arg(short = 'B', long = "backing", value_name = "BACKING")]
+    pub backing: Option<PathBuf>,
     /// The source's parent image, bypassing the child's locator; repeat for grandparents.
     #[arg(long = "parent")]
     pub parents: Vec<PathBuf>,
@@ -462,12 +560,12 @@ pub struct ConvertArgs {
     #[command(flatten)]
     pub share: ShareArgs,
     /// The source image.
-    pub source: PathBuf,
+    pub source: Option<PathBuf>,
     /// Where to write. A regular file is replaced only once the new image is complete (it is
     /// built beside it); with `-O raw`, a block device is written in place (it must be large
     /// enough), and `-`, a FIFO or a character device (`/dev/stdout`) receive the disk as one
     /// stream. Never the source or a file of its chain.
-    pub destination: PathBuf,
+    pub destination: Option<PathBuf>,
 }
 
 #[cfg(test)]

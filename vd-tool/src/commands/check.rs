@@ -1,4 +1,4 @@
-//! `vd-tool check [-r] FILE`: exit 0 when clean, 1 when problems were found (and not all
+//! `vd-tool check [-r [leaks|all]] FILE`: exit 0 when clean, 1 when problems were found (and not all
 //! repaired), 2 on error. An image too corrupt to open counts as a problem found.
 
 use serde::Serialize;
@@ -19,15 +19,18 @@ struct CheckResult {
 }
 
 pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Result<u8> {
+    // -r leaks repairs what -r all does: vd has no leak repair of its own (see the help).
+    let (level, file) = args.repair_and_file()?;
+    let repair = level.is_some();
     // With -r and -U together the open refuses: a repair cannot let others write meanwhile.
-    let flags = if args.repair {
+    let flags = if repair {
         args.share.read_only() - OpenFlags::READ_ONLY
     } else {
         args.share.read_only()
     };
     let open = |flags| match &args.format {
-        Some(f) => registry.open_as(f, &args.file, flags),
-        None => registry.open(&args.file, flags),
+        Some(f) => registry.open_as(f, file, flags),
+        None => registry.open(file, flags),
     };
     let cannot_open = |e: &vd_core::Error| {
         let mut f = Finding::from_error(Severity::Error, e);
@@ -36,16 +39,14 @@ pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Res
     };
     let (format, findings) = match open(flags) {
         Ok(img) => {
-            let report = img.repair(!args.repair)?;
+            let report = img.repair(!repair)?;
             let format = img.format();
             img.close(false)?;
             (Some(format), report.findings)
         }
         // A read-write open refuses a damaged image (a truncated one, say) before it writes
         // anything; the read-only check still lists every problem, none of them repaired.
-        Err(e)
-            if args.repair && matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidHeader) =>
-        {
+        Err(e) if repair && matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidHeader) => {
             let mut refused = Finding::from_error(Severity::Error, &e);
             refused.message = format!(
                 "not repaired, the image was left unchanged: {}",
@@ -72,7 +73,7 @@ pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Res
     };
     let count = |sev| findings.iter().filter(|f| f.severity == sev).count();
     let result = CheckResult {
-        filename: args.file.display().to_string(),
+        filename: file.display().to_string(),
         format,
         errors: count(Severity::Error),
         warnings: count(Severity::Warning),

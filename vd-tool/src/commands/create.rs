@@ -5,7 +5,7 @@ use serde::Serialize;
 use vd_core::{CreateParams, Disk, ImageFlags, OpenFlags, Registry};
 
 use crate::cli::{CreateArgs, Output};
-use crate::commands::{open_disk_with, parse_options, parse_size};
+use crate::commands::{open_disk_with, options_help, parse_options, parse_size};
 use crate::render::{emit, sanitize};
 
 #[derive(Debug, Serialize)]
@@ -18,6 +18,17 @@ struct Created {
 }
 
 pub fn run(registry: &Registry, args: &CreateArgs, output: Output) -> anyhow::Result<u8> {
+    if options_help::wants_help(args.options.as_deref()) {
+        return options_help::print(registry, args.format.as_deref(), output);
+    }
+    let Some(format) = args.format.as_deref() else {
+        bail!("create needs -f FORMAT (-o help lists the formats and their options)");
+    };
+    let Some(file) = args.file.as_deref() else {
+        bail!("create needs the new image's FILE");
+    };
+    // An unknown format is refused before anything else (listing the formats).
+    registry.backend(format)?;
     let options = parse_options(args.options.as_deref())?;
     // The whole backing chain is opened: the new image must not be any file of it (with
     // --force it would be replaced, leaving a chain that contains itself).
@@ -31,11 +42,11 @@ pub fn run(registry: &Registry, args: &CreateArgs, output: Output) -> anyhow::Re
                 &[],
             )?;
             for layer in chain.layers() {
-                if registry.provider().same_file(layer.path(), &args.file) {
+                if registry.provider().same_file(layer.path(), file) {
                     bail!(
                         "{}: the new image would be part of its own backing chain (it is the \
                          same file as {}); refusing to create it",
-                        args.file.display(),
+                        file.display(),
                         layer.path().display()
                     );
                 }
@@ -49,10 +60,10 @@ pub fn run(registry: &Registry, args: &CreateArgs, output: Output) -> anyhow::Re
         (None, Some(p)) => p.size(),
         (None, None) => bail!("a size is needed (or -b PARENT)"),
     };
-    if !args.force && std::path::Path::new(&args.file).exists() {
+    if !args.force && file.exists() {
         bail!(
             "{}: the file exists; use --force to replace it",
-            args.file.display()
+            file.display()
         );
     }
     let mut image_flags = ImageFlags::empty();
@@ -68,22 +79,22 @@ pub fn run(registry: &Registry, args: &CreateArgs, output: Output) -> anyhow::Re
     let parent_ref = args.backing.as_deref().zip(parent.as_ref().map(Disk::top));
     let virtual_size = if args.force {
         // Built beside the old file, which is replaced only once the new image is complete.
-        let staged = registry.create_staged(&args.format, &args.file, &params, parent_ref)?;
+        let staged = registry.create_staged(format, file, &params, parent_ref)?;
         let size = staged.image().size();
         staged
             .commit()
-            .with_context(|| format!("finishing {}", args.file.display()))?;
+            .with_context(|| format!("finishing {}", file.display()))?;
         size
     } else {
-        let img = registry.create(&args.format, &args.file, &params, parent_ref, false)?;
+        let img = registry.create(format, file, &params, parent_ref, false)?;
         let size = img.size();
         img.close(false)
-            .with_context(|| format!("closing {}", args.file.display()))?;
+            .with_context(|| format!("closing {}", file.display()))?;
         size
     };
     let created = Created {
-        file: args.file.display().to_string(),
-        format: args.format.clone(),
+        file: file.display().to_string(),
+        format: format.to_string(),
         virtual_size,
         backing_file: args.backing.as_ref().map(|p| p.display().to_string()),
     };

@@ -6,17 +6,7 @@ use anyhow::{Context, bail};
 use vd_core::{Disk, OpenFlags, Registry};
 
 use crate::cli::IoArgs;
-use crate::commands::{open_disk_with, parse_size};
-
-fn parse_pattern(s: &str) -> anyhow::Result<u8> {
-    let v = if let Some(hex) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
-        u64::from_str_radix(hex, 16)
-    } else {
-        s.parse::<u64>()
-    }
-    .with_context(|| format!("pattern {s:?} is not a number"))?;
-    u8::try_from(v).with_context(|| format!("pattern {s:?} is larger than a byte"))
-}
+use crate::commands::{open_disk_with, parse_byte, parse_size};
 
 /// Runs one command; `Ok(false)` when a read's pattern did not match.
 fn run_command(disk: &Disk, cmd: &str) -> anyhow::Result<bool> {
@@ -34,7 +24,7 @@ fn run_command(disk: &Disk, cmd: &str) -> anyhow::Result<bool> {
                 let p = it
                     .next()
                     .with_context(|| format!("{name}: -P needs a pattern"))?;
-                pattern = Some(parse_pattern(p)?);
+                pattern = Some(parse_byte(p).with_context(|| format!("{name}: -P"))?);
             }
             "-z" => zero = true,
             "-q" => {}
@@ -43,7 +33,10 @@ fn run_command(disk: &Disk, cmd: &str) -> anyhow::Result<bool> {
     }
     let range = || -> anyhow::Result<(u64, u64)> {
         match args.as_slice() {
-            [off, len] => Ok((parse_size(off)?, parse_size(len)?)),
+            [off, len] => Ok((
+                parse_size(off).with_context(|| format!("{name}: the offset"))?,
+                parse_size(len).with_context(|| format!("{name}: the length"))?,
+            )),
             _ => bail!("{name}: expected OFFSET LENGTH"),
         }
     };

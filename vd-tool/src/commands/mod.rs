@@ -19,6 +19,7 @@ mod info;
 mod io;
 mod map;
 mod modify;
+mod options_help;
 mod probe;
 mod shell;
 
@@ -97,9 +98,15 @@ impl AlignedBuf {
     }
 }
 
-/// Parses a size with an optional K, M, G or T suffix (binary units).
+/// Parses a size, offset or length as qemu does: decimal or `0x` hex bytes, or a K, M, G, T,
+/// P or E suffix (1024-based) with decimals (`1.5G`); the error shows the syntax.
 pub fn parse_size(s: &str) -> anyhow::Result<u64> {
-    vd_core::parse_size(s).ok_or_else(|| anyhow::anyhow!("{s:?} is not a size"))
+    Ok(vd_core::parse_size(s)?)
+}
+
+/// Parses a byte pattern, `0` to `255` or `0x00` to `0xff`; the error shows the syntax.
+pub fn parse_byte(s: &str) -> anyhow::Result<u8> {
+    Ok(vd_core::parse_byte(s)?)
 }
 
 /// Parses `key=value,key=value` format options.
