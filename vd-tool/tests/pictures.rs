@@ -92,13 +92,18 @@ fn glyph(e: &Value) -> char {
 /// The grid of `map --visual`: cell bytes (from the scale line) and the cells, row by row,
 /// after checking the rows' offsets and the picture's width.
 fn grid(out: &str, width: usize) -> (u64, Vec<String>) {
-    let first = out.lines().next().expect("a title line");
-    let cell_bytes: u64 = first
+    // The title, the rows, an empty line, then the scale and the legend.
+    let scale = out
+        .lines()
+        .skip_while(|l| !l.is_empty())
+        .nth(1)
+        .expect("a scale line under the grid");
+    assert!(scale.starts_with("one cell = "), "{scale}");
+    let cell_bytes: u64 = scale
         .rsplit_once("(= ")
         .and_then(|(_, r)| r.strip_suffix(" bytes)"))
         .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no scale in {first:?}"));
-    assert!(first.contains("one cell = "), "{first}");
+        .unwrap_or_else(|| panic!("no scale in {scale:?}"));
     let mut rows = Vec::new();
     for line in out.lines().skip(1).take_while(|l| !l.is_empty()) {
         assert!(

@@ -453,10 +453,9 @@ fn draw(
     })?;
     writeln!(
         out,
-        "{}: {} virtual disk, {}",
+        "{}: {} virtual disk",
         sanitize(&layers.first().map_or(String::new(), |l| l.file.clone())),
         short_size(size),
-        sc.text
     )?;
     let paint_run = |c: Cell, n: usize| -> String {
         let (ch, sgr) = c.glyph();
@@ -478,6 +477,7 @@ fn draw(
         writeln!(out, "{:>label_width$} |{line}|", format!("{start:#x}"))?;
     }
     writeln!(out)?;
+    writeln!(out, "{}", sc.text)?;
     writeln!(
         out,
         "  {}  data in this image ({})",
