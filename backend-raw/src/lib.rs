@@ -34,9 +34,9 @@ use parking_lot::RwLock;
 use vd_core::linkme::distributed_slice;
 use vd_core::{
     BACKENDS, Backend, ByteSize, Capabilities, CheckReport, Confidence, CreateOption,
-    CreateRequest, Error, Extent, Facts, Image, ImageFlags, MappedExtent, Mapping, OpenFlags,
-    OpenMode, OpenRequest, OptionKind, Progress, Result, Storage, StorageProvider, check_range,
-    parse_create_options, push_extent,
+    CreateRequest, Error, Extent, Facts, Image, ImageFlags, LayoutRegion, MappedExtent, Mapping,
+    OpenFlags, OpenMode, OpenRequest, OptionKind, Progress, RegionKind, Result, Storage,
+    StorageProvider, check_range, parse_create_options, push_extent,
 };
 
 /// The raw backend.
@@ -244,6 +244,14 @@ impl Image for RawImage {
 
     fn image_flags(&self) -> ImageFlags {
         ImageFlags::FIXED
+    }
+
+    /// The whole file is payload: byte `n` of the disk is byte `n` of the file.
+    fn layout(&self) -> Result<Vec<LayoutRegion>> {
+        let len = self.file_size()?;
+        Ok(vec![
+            LayoutRegion::new(RegionKind::Payload, 0, len).with_label("the virtual disk"),
+        ])
     }
 
     fn open_flags(&self) -> OpenFlags {

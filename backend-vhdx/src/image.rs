@@ -8,7 +8,7 @@ use std::sync::Arc;
 use uuid::Uuid;
 use vd_core::{
     CheckReport, Error, ErrorKind, Extent, Facts, Geometry, Image, ImageFlags, LayoutHold,
-    MappedExtent, OpenFlags, OpenRequest, Result, StorageProvider, Warning,
+    LayoutRegion, MappedExtent, OpenFlags, OpenRequest, Result, StorageProvider, Warning,
 };
 
 use crate::bat::Layout;
@@ -382,6 +382,19 @@ impl Image for VhdxImage {
 
     fn details(&self) -> Option<Facts> {
         Some(Facts::new(self.engine.details()))
+    }
+
+    /// The header section's structures, the log, the BAT, the metadata region and runs of
+    /// payload and sector-bitmap blocks, from the headers, the region table in force and
+    /// every BAT entry.
+    fn layout(&self) -> Result<Vec<LayoutRegion>> {
+        let _hold = self.engine.relocation.hold();
+        self.at(self.engine.file_layout())
+    }
+
+    /// The block size of the metadata.
+    fn block_size(&self) -> Option<u64> {
+        Some(u64::from(self.metadata().block_size))
     }
 
     /// Compaction and resize wait for the hold; see the lock order on the engine.

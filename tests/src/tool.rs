@@ -154,3 +154,21 @@ pub fn qemu_io_holding(vd_bin: &str, img: &Path, read_only: bool) -> Background 
     }
     held
 }
+
+/// `vd-tool map --output json`'s JSON Lines, parsed: the header line, then the extents.
+///
+/// # Panics
+/// When a line is not JSON, the header is not the first line of schema version 1, or there is
+/// no header.
+#[track_caller]
+pub fn map_lines(stdout: &[u8]) -> (serde_json::Value, Vec<serde_json::Value>) {
+    let text = std::str::from_utf8(stdout).expect("map prints UTF-8");
+    let mut lines = text.lines().map(|l| {
+        serde_json::from_str::<serde_json::Value>(l)
+            .unwrap_or_else(|e| panic!("map line {l:?} is not JSON: {e}"))
+    });
+    let header = lines.next().expect("map prints a header line");
+    assert_eq!(header["schema_version"], 1, "header: {header}");
+    assert_eq!(header["format"], "jsonl", "header: {header}");
+    (header, lines.collect())
+}

@@ -8,6 +8,7 @@ use serde::Serialize;
 use crate::error::{Error, ErrorKind, Result};
 use crate::flags::{ImageFlags, OpenFlags};
 use crate::geometry::Geometry;
+use crate::layout::LayoutRegion;
 use crate::mapping::{MappedExtent, Mapping, merge_extents};
 use crate::relocation::LayoutHold;
 use crate::report::{CheckReport, Facts, Warning};
@@ -437,6 +438,27 @@ pub trait Image: Send + Sync {
     /// layer for each read. Images that never move data return [`LayoutHold::none`].
     fn hold_layout(&self) -> LayoutHold<'_> {
         LayoutHold::none()
+    }
+
+    /// Where each structure of the image lies in its own file: headers, tables, logs, runs of
+    /// payload blocks, and so on, sorted by offset. Ranges do not overlap; space between them
+    /// is unused (front ends show it as [`RegionKind::Free`](crate::RegionKind::Free)).
+    /// Adjacent blocks of one kind are one region, and the number of regions is bounded
+    /// whatever the size of the image (see [`BlockRuns`](crate::BlockRuns)).
+    ///
+    /// The default refuses: a backend that knows its file's layout implements it.
+    ///
+    /// # Errors
+    /// `NotSupported`; I/O errors and typed corruption errors reading the tables that say
+    /// where the blocks are.
+    fn layout(&self) -> Result<Vec<LayoutRegion>> {
+        Err(Error::not_supported("describing the file layout"))
+    }
+
+    /// The unit the image allocates its payload in (VHDX: the block size), where the format
+    /// has one; `None` (the default) when it has none, as for a raw file.
+    fn block_size(&self) -> Option<u64> {
+        None
     }
 }
 

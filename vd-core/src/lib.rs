@@ -48,6 +48,7 @@ mod error;
 mod flags;
 mod geometry;
 mod image;
+mod layout;
 mod lock;
 mod mapping;
 mod numbers;
@@ -73,6 +74,7 @@ pub use error::{Context, Error, ErrorKind, LinkageMismatch, Result, error_chain}
 pub use flags::{Capabilities, ImageFlags, OpenFlags, flag_names};
 pub use geometry::Geometry;
 pub use image::{Extent, ExtentKind, Image, Progress, check_parent_identity, check_range};
+pub use layout::{BlockRuns, LayoutRegion, RegionKind};
 pub use lock::LockConflict;
 pub use mapping::{MappedExtent, Mapping, merge_extents, push_extent};
 pub use numbers::{BYTE_SYNTAX, NumberError, SIZE_SYNTAX, parse_byte, parse_size};

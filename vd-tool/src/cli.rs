@@ -62,6 +62,9 @@ pub enum Command {
     /// Show which ranges hold data, which read as zeros, and which image of the chain holds
     /// them.
     Map(MapArgs),
+    /// Show where each structure lies in the image file: headers, tables, log, blocks, free
+    /// space.
+    Layout(LayoutArgs),
     /// Describe every on-disk structure of an image.
     Dump(DumpArgs),
     /// Compare the contents of two images (exit 0 identical, 1 different, 2 error).
@@ -442,10 +445,74 @@ pub struct ChainArgs {
 
 /// Arguments of `map`.
 #[derive(Debug, Args)]
+#[command(after_long_help = "\
+With --output json, map prints JSON Lines, streamed as the disk is mapped, so a disk of any \
+size never builds one large document. The first line is a header:
+  {\"schema_version\":1,\"format\":\"jsonl\",\"file\":F,\"virtual_size\":N,
+   \"layers\":[{\"layer\":0,\"file\":F,\"format\":\"vhdx\"},...]}
+then one line per extent, in disk order, contiguous and covering the whole disk:
+  {\"start\":N,\"length\":N,\"state\":\"data\"|\"zero\",\"layer\":N,\"file\":F}
+layer and file name the image of the chain holding the range (0 = the image named); they are \
+absent for zeros no image stores. Adjacent extents differ in state or layer.
+
+--visual draws the whole disk as a grid instead, one character per cell (the scale and a \
+legend are printed under it): # data in this image, 1-9 (p beyond) data from that parent \
+layer, . zeros an image stores, space for ranges no image holds, + a cell mixing kinds.
+
+Examples:
+  vd-tool map disk.vhdx
+  vd-tool map --visual child.vhdx
+  vd-tool --output json map disk.vhdx | jq -c 'select(.state == \"data\")'")]
 pub struct MapArgs {
     /// How to open the image.
     #[command(flatten)]
     pub chain: ChainArgs,
+    /// Draw the disk as a grid of cells, with a legend and the scale.
+    #[arg(long)]
+    pub visual: bool,
+    /// With --visual: columns to draw in [default: $COLUMNS, the terminal's width, or 80].
+    #[arg(long, requires = "visual", value_parser = clap::value_parser!(u16).range(20..=1000))]
+    pub width: Option<u16>,
+    /// With --visual: colour the cells (auto: when stdout is a terminal and NO_COLOR is not
+    /// set).
+    #[arg(long, value_enum, default_value_t = ColorChoice::Auto)]
+    pub color: ColorChoice,
+    /// The image.
+    pub file: PathBuf,
+}
+
+/// When to colour output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ColorChoice {
+    /// When stdout is a terminal and NO_COLOR is unset or empty.
+    Auto,
+    /// Always.
+    Always,
+    /// Never.
+    Never,
+}
+
+/// Arguments of `layout`.
+#[derive(Debug, Args)]
+#[command(after_long_help = "\
+Lists, sorted by offset, every structure of the image file with its offset and length (hex) \
+and size: for VHDX the file identifier, both headers and region tables (the copies in force \
+marked), the log, the BAT, the metadata region, runs of payload and sector-bitmap blocks \
+(adjacent blocks merged), and the free space between them; a bar under the table shows the \
+file. With --output json: {\"schema_version\":1,\"file\":F,\"format\":\"vhdx\",\"file_size\":N,\
+\"regions\":[{\"kind\":\"header\",\"copy\":1,\"offset\":N,\"length\":N,\"label\":S},...]}, kinds \
+file_identifier, header, region_table, reserved, log, bat, metadata, payload, sector_bitmap, \
+other and free; runs of blocks carry \"blocks\". Regions are sorted and do not overlap.
+
+Example:
+  vd-tool layout disk.vhdx")]
+pub struct LayoutArgs {
+    /// Image format (otherwise probed).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Lock sharing.
+    #[command(flatten)]
+    pub share: ShareArgs,
     /// The image.
     pub file: PathBuf,
 }

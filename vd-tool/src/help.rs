@@ -11,7 +11,7 @@ use crate::cli::Cli;
 pub const GROUPS: &[(&str, &[&str])] = &[
     (
         "Inspect",
-        &["backends", "probe", "info", "map", "dump", "compare"],
+        &["backends", "probe", "info", "map", "layout", "dump", "compare"],
     ),
     ("Create and convert", &["create", "convert"]),
     (
@@ -43,7 +43,14 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     (
         "map",
         "vd-tool map disk.vhdx\n\
+         vd-tool map --visual disk.vhdx              # the disk as a grid of blocks\n\
+         vd-tool map --output json disk.vhdx | head  # JSON Lines: a header, then one extent each\n\
          vd-tool map --parent base.vhdx child.vhdx   # the parent is not where the child says",
+    ),
+    (
+        "layout",
+        "vd-tool layout disk.vhdx                    # headers, log, BAT, blocks, free space\n\
+         vd-tool layout --output json disk.vhdx",
     ),
     ("dump", "vd-tool dump disk.vhdx | less"),
     (

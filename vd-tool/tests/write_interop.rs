@@ -599,11 +599,11 @@ fn convert_from_raw_passes_qemu_and_allocates_only_non_zero_blocks() {
 
         // Data extents cover exactly the blocks that hold a non-zero byte.
         let m = vd_ok(&["--output", "json", "map", s(&dst)]);
-        let v: serde_json::Value = serde_json::from_slice(&m.stdout).unwrap();
+        let (v, extents) = vd_tests::tool::map_lines(&m.stdout);
         assert_eq!(v["virtual_size"], size);
         let blocks = size.div_ceil(bs);
         let mut mapped = vec![false; blocks as usize];
-        for e in v["extents"].as_array().expect("extents") {
+        for e in &extents {
             let (start, len) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
             if e["state"] == "data" {
                 assert!(
@@ -1149,10 +1149,8 @@ fn check_fates(raw: &Path, plan: &Plan, fates: &[Fate], what: &str) {
 /// `vd-tool map`'s extents: start, length, state.
 fn map_extents(img: &Path) -> Vec<(u64, u64, String)> {
     let m = vd_ok(&["--output", "json", "map", s(img)]);
-    let v: serde_json::Value = serde_json::from_slice(&m.stdout).expect("map JSON");
-    v["extents"]
-        .as_array()
-        .expect("extents")
+    let (_, extents) = vd_tests::tool::map_lines(&m.stdout);
+    extents
         .iter()
         .map(|e| {
             (

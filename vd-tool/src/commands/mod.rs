@@ -17,6 +17,7 @@ mod create;
 mod dump;
 mod info;
 mod io;
+mod layout;
 mod map;
 mod modify;
 mod options_help;
@@ -32,6 +33,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Info(args) => info::run(&registry, args, cli.output),
         Command::Convert(args) => convert::run(&registry, args, cli.output),
         Command::Map(args) => map::run(&registry, args, cli.output),
+        Command::Layout(args) => layout::run(&registry, args, cli.output),
         Command::Dump(args) => dump::run(&registry, args, cli.output),
         Command::Compare(args) => compare::run(&registry, args, cli.output),
         Command::Create(args) => create::run(&registry, args, cli.output),
