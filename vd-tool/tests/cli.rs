@@ -175,10 +175,16 @@ fn missing_and_unreadable_files_are_one_line_errors() {
     // A directory cannot be read as an image.
     assert_error(&vd(&["probe", s(dir.path())]), s(dir.path()));
     assert_error(&vd(&["info", s(dir.path())]), s(dir.path()));
-    // JSON output does not change where errors go.
-    assert_error(
-        &vd(&["probe", "--output", "json", s(&missing)]),
-        "no-such-file.vhdx",
+    // In JSON mode the same line goes to stderr, and stdout has the error as a document.
+    let o = vd(&["probe", "--output", "json", s(&missing)]);
+    assert_eq!(o.status.code(), Some(2));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("a JSON document");
+    assert_eq!(v["error"]["kind"], "not_found", "{v}");
+    assert_eq!(
+        format!("error: {}\n", v["error"]["message"].as_str().unwrap()),
+        err
     );
 }
 
