@@ -7,7 +7,7 @@ use vd_core::{CheckReport, ErrorKind, Finding, Result, Severity};
 use crate::bat::BlockState;
 use crate::engine::Engine;
 use crate::error::warning;
-use crate::report::LogReplay;
+use crate::report::{LogReplay, plural};
 
 impl Engine {
     /// Checks every BAT entry and reports the log state and the warnings of the open. A dirty
@@ -18,7 +18,12 @@ impl Engine {
     /// zeros.
     pub(crate) fn check(&self) -> Result<CheckReport> {
         let mut report = CheckReport::default();
-        for w in &self.warnings {
+        // A dirty log is one finding below; the open's note that it replayed the log in
+        // memory says the same again.
+        let replay_note = |w: &&vd_core::Warning| {
+            self.log.dirty && w.kind == ErrorKind::ReadOnly && w.field.as_deref() == Some("log")
+        };
+        for w in self.warnings.iter().filter(|w| !replay_note(w)) {
             report
                 .findings
                 .push(Finding::from_warning(Severity::Warning, w));
@@ -30,8 +35,8 @@ impl Engine {
         }
         if self.log.dirty {
             let message = format!(
-                "the log holds {} entries that had not been replayed",
-                self.log.entries
+                "the log holds {} that had not been replayed",
+                plural(self.log.entries, "entry", "entries")
             );
             let w = warning(ErrorKind::Corrupt, "log", self.log.offset.0, message);
             report.findings.push(

@@ -1,13 +1,86 @@
 //! Describing an open image as typed facts: the `dump` of every structure and the `details`
 //! `info` shows (the types are in `report`).
 
-use vd_core::{BlockRuns, LayoutRegion, RegionKind, Result};
+use vd_core::{BlockRuns, ByteSize, LayoutRegion, Offset, RegionKind, Result, Storage};
+use zerocopy::FromBytes;
 
 use crate::bat::BlockState;
+use crate::checksum::crc32c_with_zero_field;
 use crate::engine::Engine;
-use crate::format::{HEADER_OFFSETS, HEADER_SECTION_SIZE, KIB, MIB, REGION_TABLE_OFFSETS};
-use crate::guid::{REGION_BAT, REGION_METADATA};
-use crate::report::{Details, Dump};
+use crate::error::io_at;
+use crate::format::{
+    HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIGNATURE, HEADER_SIZE, Header, KIB, MIB,
+    REGION_SIGNATURE, REGION_TABLE_OFFSETS, REGION_TABLE_SIZE, RegionTableHeader,
+};
+use crate::guid::{REGION_BAT, REGION_METADATA, USER_COMMENT, USER_LCHS, USER_PCHS, guid_name};
+use crate::report::{
+    Details, Dump, HeaderFacts, HeaderFields, IdentifierFacts, ItemFacts, ItemValue, LogFacts,
+    TableCopyFacts,
+};
+
+/// Reads `len` bytes at `offset`; `None` when the file ends first.
+fn read_copy(storage: &dyn Storage, offset: u64, len: usize) -> Result<Option<Vec<u8>>> {
+    let mut buf = vec![0u8; len];
+    match storage.read_exact_at(offset, &mut buf) {
+        Ok(()) => Ok(Some(buf)),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(io_at("dump", offset, e)),
+    }
+}
+
+/// Both header copies as `storage` holds them; `current` is the slot in use.
+fn header_copies(storage: &dyn Storage, current: usize) -> Result<Vec<HeaderFacts>> {
+    let mut out = Vec::with_capacity(HEADER_OFFSETS.len());
+    for (slot, &offset) in HEADER_OFFSETS.iter().enumerate() {
+        let buf = read_copy(storage, offset, HEADER_SIZE)?;
+        let wire = buf.as_deref().and_then(|b| Header::read_from_bytes(b).ok());
+        out.push(HeaderFacts {
+            copy: slot.saturating_add(1),
+            offset: Offset(offset),
+            current: slot == current,
+            signature_valid: wire.is_some_and(|h| h.signature.get() == HEADER_SIGNATURE),
+            checksum_valid: match (&buf, &wire) {
+                (Some(b), Some(h)) => crc32c_with_zero_field(b, 4) == h.checksum.get(),
+                _ => false,
+            },
+            fields: wire.map(|h| HeaderFields {
+                sequence: h.sequence_number.get(),
+                file_write_guid: h.file_write_guid.to_uuid(),
+                data_write_guid: h.data_write_guid.to_uuid(),
+                log_guid: h.log_guid.to_uuid(),
+                log_version: h.log_version.get(),
+                version: h.version.get(),
+                log_offset: Offset(h.log_offset.get()),
+                log_length: ByteSize(u64::from(h.log_length.get())),
+            }),
+        });
+    }
+    Ok(out)
+}
+
+/// Both region table copies as `storage` holds them; `current` is the copy in use.
+fn region_table_copies(storage: &dyn Storage, current: usize) -> Result<Vec<TableCopyFacts>> {
+    let mut out = Vec::with_capacity(REGION_TABLE_OFFSETS.len());
+    for (copy, &offset) in REGION_TABLE_OFFSETS.iter().enumerate() {
+        let buf = read_copy(storage, offset, REGION_TABLE_SIZE)?;
+        let wire = buf
+            .as_deref()
+            .and_then(|b| RegionTableHeader::read_from_prefix(b).ok())
+            .map(|(h, _)| h);
+        out.push(TableCopyFacts {
+            copy: copy.saturating_add(1),
+            offset: Offset(offset),
+            current: copy == current,
+            signature_valid: wire.is_some_and(|h| h.signature.get() == REGION_SIGNATURE),
+            checksum_valid: match (&buf, &wire) {
+                (Some(b), Some(h)) => crc32c_with_zero_field(b, 4) == h.checksum.get(),
+                _ => false,
+            },
+            entries: wire.map(|h| h.entry_count.get()),
+        });
+    }
+    Ok(out)
+}
 
 /// The most separate runs of payload and sector-bitmap blocks [`Engine::file_layout`] lists: beyond
 /// it, runs of one kind separated by small gaps are joined (see [`BlockRuns`]).
@@ -113,30 +186,66 @@ impl Engine {
         Ok(out)
     }
 
-    /// Every on-disk structure; reading the BAT's entry states is the only I/O.
+    /// Every on-disk structure: the header and region table copies as the file holds them, the
+    /// parsed metadata with each known item's value, the BAT's entry states and the log.
     pub(crate) fn dump(&self) -> Result<Dump> {
         let states = self.bat.summary()?;
         let header = *self.header.read();
-        let meta = self.metadata();
-        Ok(Dump::new(
-            &self.creator,
-            &header,
-            &self.regions(),
-            &meta,
-            &self.bat.layout(),
-            states,
-            &self.log,
-        ))
+        let regions = self.regions();
+        let mut metadata = Vec::new();
+        let items = self.metadata().items.clone();
+        for i in items {
+            let value = if i.is_user {
+                match i.guid {
+                    USER_PCHS | USER_LCHS => self.stored_geometry(i.guid)?.map(ItemValue::Geometry),
+                    USER_COMMENT => self.comment()?.map(ItemValue::Text),
+                    _ => None,
+                }
+            } else {
+                Dump::system_value(i.guid, &self.metadata())
+            };
+            metadata.push(ItemFacts {
+                guid: i.guid,
+                name: guid_name(i.guid),
+                offset: Offset(u64::from(i.offset)),
+                length: i.length,
+                user: i.is_user,
+                virtual_disk: i.is_virtual_disk,
+                required: i.is_required,
+                value,
+            });
+        }
+        Ok(Dump {
+            file_identifier: IdentifierFacts {
+                creator: self.creator.clone(),
+            },
+            headers: header_copies(self.file.as_ref(), header.slot)?,
+            region_tables: region_table_copies(self.file.as_ref(), regions.copy)?,
+            region_table: Dump::regions(&regions),
+            metadata,
+            bat: Dump::bat(&self.bat.layout(), states),
+            log: LogFacts {
+                guid: header.log_guid().to_uuid(),
+                state: self.log.clone(),
+            },
+        })
     }
 
-    /// The format-specific facts for `info`.
+    /// The format-specific facts for `info`. The block counts read every BAT entry; they are
+    /// left out when that fails (a damaged BAT is `check`'s to report).
     pub(crate) fn details(&self) -> Details {
         let header = *self.header.read();
+        let states = self
+            .bat
+            .summary()
+            .inspect_err(|e| log::debug!("no block counts: {e}"))
+            .ok();
         Details::new(
             &self.creator,
             &header,
             &self.metadata(),
             &self.bat.layout(),
+            states.as_ref(),
             &self.log,
         )
     }
@@ -175,13 +284,37 @@ mod tests {
             (dump.bat.states.fully_present, dump.bat.states.not_present),
             (1, 3)
         );
-        assert!(!dump.log.dirty);
+        assert!(!dump.log.state.dirty);
         let json = serde_json::to_value(&dump).unwrap();
         assert_eq!(
             json["bat"]["fully_present"], 1,
             "states are flattened into bat: {json}"
         );
-        assert_eq!(json["header"]["log_offset"], img.engine.log.offset.0);
+        assert_eq!(json["headers"][0]["log_offset"], img.engine.log.offset.0);
+        assert_eq!(json["headers"].as_array().map(Vec::len), Some(2));
+        for h in json["headers"].as_array().unwrap() {
+            assert_eq!(h["checksum_valid"], true, "{h}");
+        }
+        assert!(
+            json["headers"][0]["current"] != json["headers"][1]["current"],
+            "one header is current: {json}"
+        );
+        for t in json["region_tables"].as_array().unwrap() {
+            assert_eq!(
+                (&t["checksum_valid"], &t["entries"]),
+                (&true.into(), &2.into())
+            );
+        }
+        let value = |name: &str| {
+            dump.metadata
+                .iter()
+                .find(|i| i.name == Some(name))
+                .and_then(|i| serde_json::to_value(&i.value).ok())
+                .unwrap_or_default()
+        };
+        assert_eq!(value("virtual disk size"), 4 * MIB);
+        assert_eq!(value("logical sector size"), 512);
+        assert_eq!(value("file parameters")["block_size"], MIB);
     }
 
     #[test]
@@ -246,6 +379,13 @@ mod tests {
         let json = serde_json::to_value(img.engine.details()).unwrap();
         assert_eq!(json["type"], "fixed");
         assert_eq!(json["log_state"], "clean");
+        let blocks = img.layout().data_blocks;
+        assert_eq!(json["blocks"]["total"], blocks);
+        assert_eq!(
+            json["blocks"]["allocated"], blocks,
+            "fixed: every block: {json}"
+        );
+        assert_eq!(json["blocks"]["unallocated"], 0);
         assert_eq!(json["log"]["replay"], "none");
         assert_eq!(
             json["virtual_disk_id"],

@@ -23,7 +23,7 @@ use crate::locator::ParentLocator;
 use crate::log::{OverlayStorage, ReplayPlan, apply, plan_replay, read_log};
 use crate::metadata::{Metadata, read_metadata};
 use crate::region::{RegionTable, read_region_table};
-use crate::report::{LogReplay, LogState};
+use crate::report::{LogReplay, LogState, plural};
 use crate::shard::{Sharded, ShardedWriteGuard};
 use crate::write_state::WriteState;
 
@@ -235,10 +235,15 @@ impl Engine {
             && let Some(first) = truncation.into_iter().next()
         {
             log::debug!(
-                "{}: refused ({}): {} structures end beyond the end of the file",
+                "{}: refused ({}): {} {} beyond the end of the file",
                 path.display(),
                 if strict { "strict" } else { "read-write" },
-                truncated.len()
+                truncated.len(),
+                if truncated.len() == 1 {
+                    "structure ends"
+                } else {
+                    "structures end"
+                }
             );
             return Err(first);
         }
@@ -289,9 +294,8 @@ impl Engine {
                     "log",
                     header.log_offset(),
                     format!(
-                        "the log holds {} entries to replay; replayed in memory (the file is \
-                         read-only)",
-                        plan.entries
+                        "the log holds {} to replay; replayed in memory (the file is read-only)",
+                        plural(plan.entries, "entry", "entries")
                     ),
                 ));
             } else {

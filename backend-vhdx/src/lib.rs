@@ -189,8 +189,9 @@ pub mod limits {
     pub use crate::meta_edit::MAX_COMMENT;
 }
 pub use report::{
-    BatFacts, Details, Dump, HeaderFacts, IdentifierFacts, ImageType, ItemFacts, LogReplay,
-    LogState, RegionFacts, RegionTableFacts,
+    BatFacts, BlockCounts, Details, Dump, HeaderFacts, HeaderFields, IdentifierFacts, ImageType,
+    ItemFacts, ItemValue, LogFacts, LogReplay, LogState, RegionFacts, RegionTableFacts,
+    TableCopyFacts,
 };
 
 /// The file-type identifier signature at offset 0 ([MS-VHDX] 2.2.1).

@@ -11,7 +11,9 @@ use crate::cli::Cli;
 pub const GROUPS: &[(&str, &[&str])] = &[
     (
         "Inspect",
-        &["backends", "probe", "info", "map", "layout", "dump", "compare"],
+        &[
+            "backends", "probe", "info", "map", "layout", "dump", "compare",
+        ],
     ),
     ("Create and convert", &["create", "convert"]),
     (

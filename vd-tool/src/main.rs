@@ -34,5 +34,5 @@ fn main() -> ExitCode {
         .parse_env("RUST_LOG")
         .format_timestamp(None)
         .init();
-    exit::run(|| commands::run(&cli))
+    exit::run(cli.output, || commands::run(&cli))
 }

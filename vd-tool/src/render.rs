@@ -45,6 +45,11 @@ pub fn human_size(bytes: u64) -> String {
     }
 }
 
+/// A count and its noun, singular for one: `plural(1, "error", "errors")` is `1 error`.
+pub fn plural(n: u64, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
 /// Writes `value` as one JSON document with `schema_version`, or calls `human` to write text.
 pub fn emit<T: Serialize>(
     output: Output,
@@ -79,6 +84,13 @@ mod tests {
         assert_eq!(human_size(512), "512 B");
         assert_eq!(human_size(10 << 20), "10 MiB (10485760 bytes)");
         assert_eq!(human_size(1536), "1.500 KiB (1536 bytes)");
+    }
+
+    #[test]
+    fn one_is_singular_and_every_other_count_plural() {
+        assert_eq!(plural(0, "error", "errors"), "0 errors");
+        assert_eq!(plural(1, "error", "errors"), "1 error");
+        assert_eq!(plural(2, "entry", "entries"), "2 entries");
     }
 
     #[test]

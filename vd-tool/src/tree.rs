@@ -50,6 +50,15 @@ impl Node {
     fn is_leaf(&self) -> bool {
         matches!(self, Self::Leaf(_))
     }
+
+    /// Whether a record field with this value is written on the field name's line.
+    fn is_inline(&self) -> bool {
+        match self {
+            Self::Leaf(_) => true,
+            Self::List(items) => !items.is_empty() && items.iter().all(Self::is_leaf),
+            _ => false,
+        }
+    }
 }
 
 /// Writes `node` as lines indented by `indent` spaces.
@@ -71,13 +80,21 @@ fn lines(node: &Node, indent: usize) -> Vec<String> {
         Node::List(items) => items.iter().flat_map(|i| item_lines(i, indent)).collect(),
         Node::Record(fields) => {
             let mut out = Vec::new();
-            for (name, value) in fields.iter().filter(|(_, v)| !v.is_empty()) {
+            let shown = || fields.iter().filter(|(_, v)| !v.is_empty());
+            // Values on the name's line start in one column.
+            let width = shown()
+                .filter(|(_, v)| v.is_inline())
+                .map(|(name, _)| sanitize(name).chars().count() + 1)
+                .max()
+                .unwrap_or(0);
+            for (name, value) in shown() {
                 let name = sanitize(name);
+                let label = format!("{name}:");
                 match value {
-                    Node::Leaf(s) => out.push(format!("{pad}{name}: {}", sanitize(s))),
+                    Node::Leaf(s) => out.push(format!("{pad}{label:<width$} {}", sanitize(s))),
                     Node::List(items) if items.iter().all(Node::is_leaf) => {
                         let joined: Vec<String> = items.iter().map(leaf_text).collect();
-                        out.push(format!("{pad}{name}: {}", joined.join(", ")));
+                        out.push(format!("{pad}{label:<width$} {}", joined.join(", ")));
                     }
                     _ => {
                         out.push(format!("{pad}{name}:"));
@@ -90,7 +107,11 @@ fn lines(node: &Node, indent: usize) -> Vec<String> {
     }
 }
 
-/// One item of a list: `- value`, a record of plain values on one line, or a nested record
+/// The most fields a record of plain values shows on its item's one line; longer records take
+/// a line per field.
+const ONE_LINE_FIELDS: usize = 6;
+
+/// One item of a list: `- value`, a short record of plain values on one line, or a nested record
 /// whose first line carries the dash.
 fn item_lines(item: &Node, indent: usize) -> Vec<String> {
     let pad = " ".repeat(indent);
@@ -98,7 +119,8 @@ fn item_lines(item: &Node, indent: usize) -> Vec<String> {
         Node::Record(fields)
             if fields
                 .iter()
-                .all(|(_, v)| v.is_leaf() || matches!(v, Node::Absent)) =>
+                .all(|(_, v)| v.is_leaf() || matches!(v, Node::Absent))
+                && fields.iter().filter(|(_, v)| v.is_leaf()).count() <= ONE_LINE_FIELDS =>
         {
             let parts: Vec<String> = fields
                 .iter()
@@ -574,16 +596,16 @@ mod tests {
         assert_eq!(
             text(&Facts::new(sample), 2),
             "  creator: QEMU\\u{1b}[31m\n\
-             \x20 replay: in_memory\n\
-             \x20 sizes: 512, 4096\n\
+             \x20 replay:  in_memory\n\
+             \x20 sizes:   512, 4096\n\
              \x20 regions:\n\
              \x20   - guid: 2dc27766, offset: 0x300000, length: 1 MiB (1048576 bytes), required: true\n\
              \x20 locator:\n\
              \x20   relative_path: ..\\base.vhdx\n\
              \x20 entries:\n\
-             \x20   - sequence: 7\n\
+             \x20   - sequence:    7\n\
              \x20     descriptors: 1, 2\n\
-             \x20     note: x\n"
+             \x20     note:        x\n"
         );
     }
 

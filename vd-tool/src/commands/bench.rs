@@ -16,7 +16,7 @@ use vd_core::{Disk, OpenFlags, Registry};
 
 use crate::cli::{BenchArgs, Output};
 use crate::commands::{AlignedBuf, open_disk_with, parse_size};
-use crate::render::emit;
+use crate::render::{emit, plural};
 
 #[derive(Debug, Serialize)]
 struct BenchResult {
@@ -207,14 +207,23 @@ pub fn run(registry: &Registry, args: &BenchArgs, output: Output) -> anyhow::Res
     emit(output, &result, |out, r| {
         writeln!(
             out,
-            "Sending {} {} requests, {} bytes each, from offset {offset}, step size {step}",
-            r.count, r.mode, r.request_size
+            "Sending {}, {} each, from offset {offset}, step size {step}",
+            plural(
+                r.count,
+                &format!("{} request", r.mode),
+                &format!("{} requests", r.mode)
+            ),
+            plural(r.request_size, "byte", "bytes")
         )?;
         if r.threads > 1 {
             writeln!(out, "{} threads, one request in flight each", r.threads)?;
         }
         if args.write && args.flush_interval > 0 {
-            writeln!(out, "Sending flush every {} requests", args.flush_interval)?;
+            let every = match args.flush_interval {
+                1 => "request".to_string(),
+                n => format!("{n} requests"),
+            };
+            writeln!(out, "Sending flush every {every}")?;
         }
         writeln!(out, "Run completed in {:.3} seconds.", r.seconds)
     })?;

@@ -5,7 +5,7 @@ use serde::Serialize;
 use vd_core::{ErrorKind, Finding, OpenFlags, Registry, Severity};
 
 use crate::cli::{CheckArgs, Output};
-use crate::render::{emit, sanitize};
+use crate::render::{emit, plural, sanitize};
 
 #[derive(Debug, Serialize)]
 struct CheckResult {
@@ -97,10 +97,12 @@ pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Res
         if unrepaired == 0 {
             writeln!(out, "No errors were found on the image.")?;
         } else {
-            writeln!(out, "{unrepaired} errors were found on the image.")?;
+            let n = plural(unrepaired as u64, "error was", "errors were");
+            writeln!(out, "{n} found on the image.")?;
         }
         if r.repaired > 0 {
-            writeln!(out, "{} problems were repaired.", r.repaired)?;
+            let n = plural(r.repaired as u64, "problem was", "problems were");
+            writeln!(out, "{n} repaired.")?;
         }
         Ok(())
     })?;

@@ -84,28 +84,45 @@ fn geometry(g: Option<Geometry>) -> String {
     )
 }
 
+/// Writes `pairs` as `label: value` lines with the values in one column.
+fn write_aligned(out: &mut dyn Write, pairs: &[(&str, String)]) -> std::io::Result<()> {
+    let width = pairs.iter().map(|(l, _)| l.len() + 1).max().unwrap_or(0);
+    for (label, value) in pairs {
+        writeln!(out, "{:<width$} {value}", format!("{label}:"))?;
+    }
+    Ok(())
+}
+
+/// The human form of `info`. The open's warnings are not repeated here: the backend logged
+/// each once on stderr.
 fn write_human(out: &mut dyn Write, i: &ImageInfo) -> std::io::Result<()> {
-    writeln!(out, "image: {}", sanitize(&i.filename))?;
-    writeln!(out, "file format: {}", i.format)?;
-    writeln!(out, "virtual size: {}", human_size(i.virtual_size))?;
-    writeln!(out, "file size: {}", human_size(i.file_size))?;
+    let mut pairs = vec![
+        ("image", sanitize(&i.filename)),
+        ("file format", i.format.to_string()),
+        ("virtual size", human_size(i.virtual_size)),
+        ("file size", human_size(i.file_size)),
+    ];
     if let Some(a) = i.actual_size {
-        writeln!(out, "disk size: {}", human_size(a))?;
+        pairs.push(("disk size", human_size(a)));
     }
     if !i.image_flags.is_empty() {
-        writeln!(out, "image flags: {}", i.image_flags.join(" "))?;
+        pairs.push(("image flags", i.image_flags.join(" ")));
     }
-    writeln!(
-        out,
-        "sector size: {} logical, {} physical",
-        i.logical_sector_size, i.physical_sector_size
-    )?;
-    writeln!(
-        out,
-        "geometry (C/H/S): physical {}, logical {}",
-        geometry(i.pchs_geometry),
-        geometry(i.lchs_geometry)
-    )?;
+    pairs.push((
+        "sector size",
+        format!(
+            "{} logical, {} physical",
+            i.logical_sector_size, i.physical_sector_size
+        ),
+    ));
+    pairs.push((
+        "geometry (C/H/S)",
+        format!(
+            "physical {}, logical {}",
+            geometry(i.pchs_geometry),
+            geometry(i.lchs_geometry)
+        ),
+    ));
     for (label, v) in [
         ("uuid", &i.uuid),
         ("modification uuid", &i.modification_uuid),
@@ -114,15 +131,13 @@ fn write_human(out: &mut dyn Write, i: &ImageInfo) -> std::io::Result<()> {
         ("comment", &i.comment),
     ] {
         if let Some(v) = v {
-            writeln!(out, "{label}: {}", sanitize(v))?;
+            pairs.push((label, sanitize(v)));
         }
     }
+    write_aligned(out, &pairs)?;
     if let Some(facts) = &i.format_specific {
         writeln!(out, "format specific information:")?;
         write_tree(out, &Node::of(facts).map_err(std::io::Error::other)?, 4)?;
-    }
-    for w in &i.warnings {
-        writeln!(out, "warning: {}", sanitize(&w.message))?;
     }
     Ok(())
 }

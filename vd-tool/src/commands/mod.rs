@@ -37,7 +37,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Dump(args) => dump::run(&registry, args, cli.output),
         Command::Compare(args) => compare::run(&registry, args, cli.output),
         Command::Create(args) => create::run(&registry, args, cli.output),
-        Command::Io(args) => io::run(&registry, args),
+        Command::Io(args) => io::run(&registry, args, cli.output),
         Command::Check(args) => check::run(&registry, args, cli.output),
         Command::Resize(args) => modify::resize(&registry, args, cli.output),
         Command::Discard(args) => modify::discard(&registry, args, cli.output),

@@ -27,12 +27,36 @@ fn open_ro(registry: &Registry, a: &FileArgs) -> anyhow::Result<Box<dyn Image>> 
     }?)
 }
 
-#[derive(Debug, Serialize)]
+/// What a changing command did, for `--output json`.
+#[derive(Debug, Default, Serialize)]
 struct Done {
     file: String,
     action: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     virtual_size: Option<u64>,
+    /// The range `discard` discarded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    length: Option<u64>,
+    /// The parent `commit` merged into.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
+    /// The file size before and after `compact`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file_size_before: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    file_size_after: Option<u64>,
+}
+
+impl Done {
+    fn new(file: &std::path::Path, action: &'static str) -> Self {
+        Self {
+            file: file.display().to_string(),
+            action,
+            ..Self::default()
+        }
+    }
 }
 
 fn done(
@@ -43,11 +67,14 @@ fn done(
     text: String,
 ) -> anyhow::Result<u8> {
     let d = Done {
-        file: file.display().to_string(),
-        action,
         virtual_size: size,
+        ..Done::new(file, action)
     };
-    emit(output, &d, |out, _| writeln!(out, "{}", sanitize(&text)))?;
+    emit_done(output, &d, &text)
+}
+
+fn emit_done(output: Output, d: &Done, text: &str) -> anyhow::Result<u8> {
+    emit(output, d, |out, _| writeln!(out, "{}", sanitize(text)))?;
     Ok(crate::exit::OK)
 }
 
@@ -86,12 +113,15 @@ pub fn discard(registry: &Registry, args: &DiscardArgs, output: Output) -> anyho
     let (off, len) = (parse_size(&args.offset)?, parse_size(&args.length)?);
     img.discard(off, len)?;
     img.close(false)?;
-    done(
+    let d = Done {
+        offset: Some(off),
+        length: Some(len),
+        ..Done::new(&args.image.file, "discard")
+    };
+    emit_done(
         output,
-        &args.image.file,
-        "discard",
-        None,
-        format!("discarded {len} bytes at offset {off}"),
+        &d,
+        &format!("discarded {len} bytes at offset {off}"),
     )
 }
 
@@ -146,12 +176,15 @@ pub fn commit(registry: &Registry, args: &CommitArgs, output: Output) -> anyhow:
         }
         child.close(false)?;
     }
-    done(
+    let d = Done {
+        virtual_size: Some(size),
+        parent: Some(parent_path.display().to_string()),
+        ..Done::new(&args.image.file, "commit")
+    };
+    emit_done(
         output,
-        &args.image.file,
-        "commit",
-        Some(size),
-        format!("Image committed into {}.", parent_path.display()),
+        &d,
+        &format!("Image committed into {}.", parent_path.display()),
     )
 }
 
@@ -160,30 +193,81 @@ fn parse_uuid(s: &str) -> anyhow::Result<uuid::Uuid> {
     uuid::Uuid::parse_str(t).with_context(|| format!("{s:?} is not a UUID"))
 }
 
+/// One UUID `setuuid` set: its value before and after.
+#[derive(Debug, Serialize)]
+struct UuidChange {
+    /// The value before, where the image had one.
+    old: Option<uuid::Uuid>,
+    new: uuid::Uuid,
+}
+
+/// What `setuuid --output json` prints.
+#[derive(Debug, Serialize)]
+struct SetuuidResult {
+    file: String,
+    action: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uuid: Option<UuidChange>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    modification_uuid: Option<UuidChange>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parent_uuid: Option<UuidChange>,
+}
+
+/// The value before a change: `None` when the image has none (or cannot say).
+fn old_uuid(r: vd_core::Result<uuid::Uuid>) -> anyhow::Result<Option<uuid::Uuid>> {
+    match r {
+        Ok(u) => Ok(Some(u)),
+        Err(e) if matches!(e.kind(), ErrorKind::NotSupported | ErrorKind::NotFound) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub fn setuuid(registry: &Registry, args: &SetuuidArgs, output: Output) -> anyhow::Result<u8> {
     let img = open_rw(registry, &args.image)?;
-    let mut said = Vec::new();
+    let mut result = SetuuidResult {
+        file: args.image.file.display().to_string(),
+        action: "setuuid",
+        uuid: None,
+        modification_uuid: None,
+        parent_uuid: None,
+    };
     let any = args.uuid.is_some() || args.modification_uuid.is_some() || args.parent_uuid.is_some();
     if !any || args.uuid.is_some() {
         let u = match &args.uuid {
             Some(s) => parse_uuid(s)?,
             None => uuid::Uuid::new_v4(),
         };
+        let old = old_uuid(img.uuid())?;
         img.set_uuid(u)?;
-        said.push(format!("UUID changed to: {u}"));
+        result.uuid = Some(UuidChange { old, new: u });
     }
     if let Some(s) = &args.modification_uuid {
         let u = parse_uuid(s)?;
+        let old = old_uuid(img.modification_uuid())?;
         img.set_modification_uuid(u)?;
-        said.push(format!("Modification UUID changed to: {u}"));
+        result.modification_uuid = Some(UuidChange { old, new: u });
     }
     if let Some(s) = &args.parent_uuid {
         let u = parse_uuid(s)?;
+        let old = old_uuid(img.parent_uuid())?;
         img.set_parent_uuid(u)?;
-        said.push(format!("Parent UUID changed to: {u}"));
+        result.parent_uuid = Some(UuidChange { old, new: u });
     }
     img.close(false)?;
-    done(output, &args.image.file, "setuuid", None, said.join("\n"))
+    emit(output, &result, |out, r| {
+        for (label, change) in [
+            ("UUID", &r.uuid),
+            ("Modification UUID", &r.modification_uuid),
+            ("Parent UUID", &r.parent_uuid),
+        ] {
+            if let Some(c) = change {
+                writeln!(out, "{label} changed to: {}", c.new)?;
+            }
+        }
+        Ok(())
+    })?;
+    Ok(crate::exit::OK)
 }
 
 fn parse_chs(s: &str) -> anyhow::Result<Geometry> {
@@ -275,11 +359,14 @@ pub fn compact(registry: &Registry, args: &FileArgs, output: Output) -> anyhow::
     img.compact(&mut |_, _| {})?;
     let after = img.file_size()?;
     img.close(false)?;
-    done(
+    let d = Done {
+        file_size_before: Some(before),
+        file_size_after: Some(after),
+        ..Done::new(&args.file, "compact")
+    };
+    emit_done(
         output,
-        &args.file,
-        "compact",
-        None,
-        format!("compacted from {before} to {after} bytes"),
+        &d,
+        &format!("compacted from {before} to {after} bytes"),
     )
 }
