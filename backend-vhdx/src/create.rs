@@ -395,14 +395,16 @@ mod tests {
         );
         let len = s.len().unwrap();
         let h = read_headers(s.as_ref(), len, true).unwrap();
-        assert!(h.warnings.is_empty());
+        assert!(h.damaged.is_empty());
         assert_eq!((h.active.slot, h.active.sequence), (1, 1));
         assert_eq!(
             (h.active.log_offset(), h.active.log_length()),
             (MIB, 2 * MIB)
         );
-        let mut warnings = Vec::new();
-        let r = read_region_table(s.as_ref(), len, (MIB, 2 * MIB), &mut warnings).unwrap();
+        let (mut warnings, mut damaged) = (Vec::new(), Vec::new());
+        let r = read_region_table(s.as_ref(), len, (MIB, 2 * MIB), &mut warnings, &mut damaged)
+            .unwrap();
+        assert!(damaged.is_empty(), "{damaged:?}");
         assert_eq!(r.metadata.offset, 3 * MIB);
         assert_eq!(r.bat.offset, 4 * MIB);
         let m = read_metadata(s.as_ref(), r.metadata, true, &mut warnings).unwrap();

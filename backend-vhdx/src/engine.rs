@@ -15,7 +15,7 @@ use uuid::Uuid;
 use vd_core::{Error, ErrorKind, ImageFlags, OpenFlags, RelocationLock, Result, Storage, Warning};
 
 use crate::bat::{Bat, Forbidden, Layout};
-use crate::error::{Corruption, io_err, warning};
+use crate::error::{Corruption, DamagedCopy, io_err, warning};
 use crate::format::{HEADER_SECTION_SIZE, MAX_BAT_SIZE};
 use crate::guid::Guid;
 use crate::header::{ActiveHeader, HeaderUpdate, read_headers, read_identifier, update_headers};
@@ -85,7 +85,10 @@ pub(crate) struct Engine {
     pub(crate) bat: Bat,
     /// What happened to the log at open.
     pub(crate) log: LogState,
-    /// The tolerated deviations found at open.
+    /// The redundant copies (headers, region tables) the open found damaged or disagreeing,
+    /// each with its warning: warnings of the open, and errors for `check`.
+    pub(crate) damaged: Vec<DamagedCopy>,
+    /// The other tolerated deviations found at open.
     pub(crate) warnings: Vec<Warning>,
     /// Structures the file ends before (a tolerant read-only open): warnings of the open, and
     /// errors for `check`.
@@ -118,7 +121,8 @@ impl Engine {
             .map_err(|e| io_err("cannot read the file size", e))?;
         let creator = read_identifier(file.as_ref())?;
         let headers = read_headers(file.as_ref(), file_len, strict)?;
-        let mut warnings = headers.warnings;
+        let mut damaged = headers.damaged;
+        let mut warnings = Vec::new();
         let mut header = headers.active;
         let mut log = LogState::new(
             !header.log_guid().is_zero(),
@@ -196,6 +200,7 @@ impl Engine {
             file_len,
             (header.log_offset(), header.log_length()),
             &mut warnings,
+            &mut damaged,
         )?;
         let meta = read_metadata(storage.as_ref(), regions.metadata, strict, &mut warnings)?;
         let layout = Layout::new(&meta)?;
@@ -332,7 +337,12 @@ impl Engine {
                 },
             )?;
         }
-        for w in warnings.iter().chain(&truncated) {
+        for w in damaged
+            .iter()
+            .map(|d| &d.warning)
+            .chain(&warnings)
+            .chain(&truncated)
+        {
             log::warn!("{}: {w}", path.display());
         }
         let mut write = WriteState::new(write_len)?;
@@ -351,6 +361,7 @@ impl Engine {
             meta: RwLock::new(meta),
             bat,
             log,
+            damaged,
             warnings,
             truncated,
             write_state: Mutex::new(write),
@@ -488,7 +499,9 @@ mod tests {
         let (storage, image) = create(4 * MIB, &[]);
         image.close(false).unwrap();
         let engine = Engine::open(storage, OpenFlags::READ_ONLY, Path::new("t")).unwrap();
-        assert!(engine.warnings.is_empty() && engine.truncated.is_empty());
+        assert!(
+            engine.damaged.is_empty() && engine.warnings.is_empty() && engine.truncated.is_empty()
+        );
         assert_eq!(engine.log.replay, LogReplay::None);
         assert!(
             engine.plain_file,

@@ -412,6 +412,32 @@ impl Corruption {
     }
 }
 
+/// A redundant copy ([MS-VHDX] 2.2.2 keeps two headers, 2.2.3 two region tables, so that one
+/// can be lost) that is damaged, or two copies that disagree. The open tolerates each with a
+/// warning; `check` reports each as an error, and `check -r` rewrites the bad copy from the
+/// good one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum CopyFault {
+    /// Header `slot` (0 or 1) fails its signature, checksum, version or field checks.
+    Header(usize),
+    /// Both headers are valid, differ, and carry the same sequence number (a lenient open uses
+    /// header 1). Which one is right cannot be told, so it is never repaired.
+    HeaderTie,
+    /// Region table copy `copy` (0 or 1) fails its signature, checksum or entry count.
+    RegionTable(usize),
+    /// Both region tables are valid but list different regions; copy 1 is used.
+    RegionTablesDiffer,
+}
+
+/// A [`CopyFault`] and the warning the open gave for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct DamagedCopy {
+    /// Which copy, and how.
+    pub(crate) fault: CopyFault,
+    /// What the open said, naming the copy and its offset.
+    pub(crate) warning: Warning,
+}
+
 /// The [`Corruption`] behind a `vd_core` error, if any.
 pub fn corruption_of(err: &Error) -> Option<&Corruption> {
     std::error::Error::source(err).and_then(|s| s.downcast_ref::<Corruption>())

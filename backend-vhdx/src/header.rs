@@ -3,12 +3,12 @@
 
 use std::sync::Arc;
 
-use vd_core::{Error, ErrorKind, Result, Storage, Warning};
+use vd_core::{Error, ErrorKind, Result, Storage};
 use zerocopy::little_endian::{U16, U32, U64};
 use zerocopy::{FromBytes, FromZeros, IntoBytes};
 
 use crate::checksum::crc32c_with_zero_field;
-use crate::error::{Corruption, io_at, warning};
+use crate::error::{CopyFault, Corruption, DamagedCopy, io_at, warning};
 use crate::format::{
     FILE_SIGNATURE, FileIdentifier, HEADER_OFFSETS, HEADER_SECTION_SIZE, HEADER_SIGNATURE,
     HEADER_SIZE, Header, MAX_LOG_SIZE, MIB,
@@ -233,83 +233,109 @@ fn validate(buf: &[u8], file_len: u64) -> std::result::Result<Header, Corruption
 /// The file offset of header 1's SequenceNumber field.
 const HEADER1_SEQUENCE_AT: u64 = HEADER_OFFSETS[0] + 8;
 
-/// The result of reading both headers.
-#[derive(Debug)]
-pub struct Headers {
-    /// The current header.
-    pub active: ActiveHeader,
-    /// Tolerated problems (one bad header, equal sequence numbers).
-    pub warnings: Vec<Warning>,
+/// One header slot as read: its 4 KiB, and the header or why it is invalid.
+struct Slot {
+    bytes: Vec<u8>,
+    parsed: std::result::Result<Header, Corruption>,
 }
 
-/// Reads both headers and picks the current one: the only valid one, or the valid one with the
-/// higher sequence number. Two valid headers with equal sequence numbers are accepted when they
-/// are identical (Disk2VHD writes them so), and otherwise only when not `strict` (header 1 is
-/// used, with a warning).
-///
-/// # Errors
-/// `Corrupt` when no header is current; I/O errors.
-pub fn read_headers(storage: &dyn Storage, file_len: u64, strict: bool) -> Result<Headers> {
-    let mut parsed = Vec::with_capacity(2);
-    let mut bufs = Vec::with_capacity(2);
-    for &off in &HEADER_OFFSETS {
-        let mut buf = vec![0u8; HEADER_SIZE];
-        let r = match storage.read_exact_at(off, &mut buf) {
-            Ok(()) => validate(&buf, file_len),
+/// Reads and validates both header slots. A slot the file ends before is invalid.
+fn read_slots(storage: &dyn Storage, file_len: u64) -> Result<[Slot; 2]> {
+    let read = |off: u64| -> Result<Slot> {
+        let mut bytes = vec![0u8; HEADER_SIZE];
+        let parsed = match storage.read_exact_at(off, &mut bytes) {
+            Ok(()) => validate(&bytes, file_len),
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
                 Err(Corruption::HeaderSignature { found: 0 })
             }
             Err(e) => return Err(io_at("header", off, e)),
         };
-        parsed.push(r);
-        bufs.push(buf);
+        Ok(Slot { bytes, parsed })
+    };
+    let [first, second] = HEADER_OFFSETS;
+    Ok([read(first)?, read(second)?])
+}
+
+/// Whether each header slot (header 1, header 2) fails its signature, checksum, version or
+/// field checks as the file is now.
+///
+/// # Errors
+/// I/O errors.
+pub fn invalid_slots(storage: &dyn Storage, file_len: u64) -> Result<[bool; 2]> {
+    let [first, second] = read_slots(storage, file_len)?;
+    Ok([first.parsed.is_err(), second.parsed.is_err()])
+}
+
+/// The result of reading both headers.
+#[derive(Debug)]
+pub struct Headers {
+    /// The current header.
+    pub active: ActiveHeader,
+    /// Tolerated problems of the redundant copies (one bad header, equal sequence numbers on
+    /// different headers), each with its warning.
+    pub damaged: Vec<DamagedCopy>,
+}
+
+/// The warning for header `slot` (0 or 1) being invalid, using the other one.
+fn invalid_header(slot: usize, why: &Corruption) -> DamagedCopy {
+    let (n, other) = if slot == 0 { (1, 2) } else { (2, 1) };
+    let [first, second] = HEADER_OFFSETS;
+    let off = if slot == 0 { first } else { second };
+    DamagedCopy {
+        fault: CopyFault::Header(slot),
+        warning: warning(
+            ErrorKind::Corrupt,
+            format!("header {n}"),
+            off,
+            format!("header {n} at {off:#x} is invalid ({why}); using header {other}"),
+        ),
     }
-    let mut warnings = Vec::new();
-    let (first, second) = (parsed.remove(0), parsed.remove(0));
-    let slot = match (&first, &second) {
+}
+
+/// Reads both headers and picks the current one: the only valid one, or the valid one with the
+/// higher sequence number. Two valid headers with equal sequence numbers are accepted when they
+/// are identical (Disk2VHD writes them so), and otherwise only when not `strict` (header 1 is
+/// used, with a warning). A valid header older than the other is how the update procedure
+/// (2.2.2.1) leaves them, not a problem.
+///
+/// # Errors
+/// `Corrupt` when no header is current; I/O errors.
+pub fn read_headers(storage: &dyn Storage, file_len: u64, strict: bool) -> Result<Headers> {
+    let [first, second] = read_slots(storage, file_len)?;
+    let mut damaged = Vec::new();
+    let slot = match (&first.parsed, &second.parsed) {
         (Ok(a), Ok(b)) => {
             let (sa, sb) = (a.sequence_number.get(), b.sequence_number.get());
             if sa > sb {
                 0
             } else if sb > sa {
                 1
-            } else if bufs.first() == bufs.get(1) {
+            } else if first.bytes == second.bytes {
                 0
             } else if strict {
                 return Err(Corruption::HeaderSequenceTie { sequence: sa }
                     .at("header sequence number", HEADER1_SEQUENCE_AT));
             } else {
-                warnings.push(warning(
-                    ErrorKind::Corrupt,
-                    "header sequence number",
-                    HEADER1_SEQUENCE_AT,
-                    format!("both headers have sequence number {sa} but differ; using header 1"),
-                ));
+                damaged.push(DamagedCopy {
+                    fault: CopyFault::HeaderTie,
+                    warning: warning(
+                        ErrorKind::Corrupt,
+                        "header sequence number",
+                        HEADER1_SEQUENCE_AT,
+                        format!(
+                            "both headers have sequence number {sa} but differ; using header 1"
+                        ),
+                    ),
+                });
                 0
             }
         }
         (Ok(_), Err(e)) => {
-            warnings.push(warning(
-                ErrorKind::Corrupt,
-                "header 2",
-                HEADER_OFFSETS[1],
-                format!(
-                    "header 2 at {:#x} is invalid ({e}); using header 1",
-                    HEADER_OFFSETS[1]
-                ),
-            ));
+            damaged.push(invalid_header(1, e));
             0
         }
         (Err(e), Ok(_)) => {
-            warnings.push(warning(
-                ErrorKind::Corrupt,
-                "header 1",
-                HEADER_OFFSETS[0],
-                format!(
-                    "header 1 at {:#x} is invalid ({e}); using header 2",
-                    HEADER_OFFSETS[0]
-                ),
-            ));
+            damaged.push(invalid_header(0, e));
             1
         }
         (Err(a), Err(b)) => {
@@ -320,10 +346,12 @@ pub fn read_headers(storage: &dyn Storage, file_len: u64, strict: bool) -> Resul
             .at("headers", HEADER_OFFSETS[0]));
         }
     };
-    let raw = if slot == 0 { first } else { second }.map_err(|c| c.at("header", 0))?;
+    let raw = if slot == 0 { first } else { second }
+        .parsed
+        .map_err(|c| c.at("header", 0))?;
     Ok(Headers {
         active: ActiveHeader::from_wire(slot, &raw),
-        warnings,
+        damaged,
     })
 }
 
@@ -444,15 +472,18 @@ mod tests {
         // Two writes: slot 0 with sequence 8, then slot 1 with sequence 9.
         assert_eq!((new.slot, new.sequence, new.log_guid), (1, 9, g));
         let read = read_headers(s.as_ref(), 4 * MIB, true).unwrap();
-        assert!(read.warnings.is_empty());
+        assert!(read.damaged.is_empty());
         assert_eq!(read.active, new);
+        assert_eq!(invalid_slots(s.as_ref(), 4 * MIB).unwrap(), [false, false]);
         // A corrupt current header falls back to the other, one sequence older.
         s.write_all_at(HEADER_OFFSETS[1] + 200, &[1]).unwrap();
         let read = read_headers(s.as_ref(), 4 * MIB, false).unwrap();
         assert_eq!((read.active.slot, read.active.sequence), (0, 8));
-        assert_eq!(read.warnings.len(), 1);
+        assert_eq!(read.damaged.len(), 1);
+        assert_eq!(read.damaged[0].fault, CopyFault::Header(1));
+        assert_eq!(invalid_slots(s.as_ref(), 4 * MIB).unwrap(), [false, true]);
         // The warning names the damaged copy as a typed location.
-        let w = &read.warnings[0];
+        let w = &read.damaged[0].warning;
         assert_eq!(w.kind, ErrorKind::Corrupt);
         assert_eq!(
             (w.field.as_deref(), w.offset),

@@ -354,27 +354,34 @@ impl Image for VhdxImage {
     }
 
     /// Checks every BAT entry (states, reserved bits, offsets inside the file and outside the
-    /// other structures, no two blocks sharing space) and reports the log state and the
-    /// tolerated deviations found at open. A dirty log counts as repaired when the image was
-    /// opened read-write (the open replayed it).
+    /// other structures, no two blocks sharing space) and reports the log state, the damaged
+    /// redundant copies (a header or region table copy that is invalid, two region tables that
+    /// differ: errors) and the other tolerated deviations found at open. A dirty log counts as
+    /// repaired when the image was opened read-write (the open replayed it).
+    ///
+    /// Unless `dry_run`, a damaged header or region table copy is rewritten from the good one
+    /// (the header through the update procedure of [MS-VHDX] 2.2.2.1), but only when nothing
+    /// else is wrong: an image with another error is left as it is, byte for byte.
     ///
     /// A truncated file is an error per missing structure and per missing block, and is
     /// never repaired: nothing is written, and the file is not extended to make missing data
     /// read as zeros.
     fn repair(&self, dry_run: bool) -> Result<CheckReport> {
-        let _ = dry_run;
-        self.at(self.engine.check())
+        self.at(self.engine.repair(dry_run))
     }
 
     fn dump(&self) -> Result<Facts> {
         self.at(self.engine.dump().map(Facts::new))
     }
 
-    /// The tolerated deviations, then the structures a truncated file lacks.
+    /// The damaged redundant copies, the other tolerated deviations, then the structures a
+    /// truncated file lacks.
     fn warnings(&self) -> Vec<Warning> {
         self.engine
-            .warnings
+            .damaged
             .iter()
+            .map(|d| &d.warning)
+            .chain(&self.engine.warnings)
             .chain(&self.engine.truncated)
             .cloned()
             .collect()

@@ -15,7 +15,7 @@
 //! | discard, write-zeroes (whole blocks become ZERO) | yes |
 //! | resize (grow, moving the BAT if needed; shrink when the cut-off part is empty) | yes |
 //! | compact (move blocks into holes, truncate) | yes |
-//! | check (BAT states, offsets, overlaps, log, truncated files and missing blocks) | yes |
+//! | check (both headers and region table copies, BAT states, offsets, overlaps, log, truncated files and missing blocks); repair of a damaged header or region table copy from the good one | yes |
 //! | geometry and comment (vd's own non-required user metadata items) | yes |
 //! | updating stale parent locator paths after a chain opens | no |
 //!

@@ -6,7 +6,7 @@ use vd_core::{ErrorKind, Result, Storage, Warning};
 use zerocopy::FromBytes;
 
 use crate::checksum::crc32c_with_zero_field;
-use crate::error::{Corruption, fit, io_at, warning};
+use crate::error::{CopyFault, Corruption, DamagedCopy, fit, io_at, warning};
 use crate::format::{
     HEADER_SECTION_SIZE, MAX_REGION_ENTRIES, MIB, REGION_SIGNATURE, REGION_TABLE_OFFSETS,
     REGION_TABLE_SIZE, RegionFlags, RegionTableEntry, RegionTableHeader,
@@ -108,8 +108,73 @@ pub fn check_overlaps(mut ranges: Vec<(u64, u64, String)>) -> std::result::Resul
     Ok(())
 }
 
-/// Reads both region tables, uses the first valid copy (a mismatch is a warning), and checks
-/// every region against the file length and the log.
+/// One region table copy as read: its 64 KiB, and its regions or why it is invalid.
+struct Copy {
+    bytes: Vec<u8>,
+    parsed: std::result::Result<Vec<Region>, Corruption>,
+}
+
+/// Reads and parses both copies. A copy the file ends before is invalid.
+fn read_both(storage: &dyn Storage) -> Result<[Copy; 2]> {
+    let read = |off: u64| -> Result<Copy> {
+        let mut bytes = vec![0u8; REGION_TABLE_SIZE];
+        let parsed = match storage.read_exact_at(off, &mut bytes) {
+            Ok(()) => parse(&bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                Err(Corruption::RegionSignature { found: 0 })
+            }
+            Err(e) => return Err(io_at("region table", off, e)),
+        };
+        Ok(Copy { bytes, parsed })
+    };
+    let [first, second] = REGION_TABLE_OFFSETS;
+    Ok([read(first)?, read(second)?])
+}
+
+/// Both region table copies as the file holds them now.
+#[derive(Debug)]
+pub struct Copies {
+    /// The 64 KiB of copy 1 and copy 2.
+    pub bytes: [Vec<u8>; 2],
+    /// Whether each copy passes its signature, checksum and entry-count checks.
+    pub valid: [bool; 2],
+    /// Whether both are valid and list the same regions.
+    pub agree: bool,
+}
+
+/// Reads both region table copies for `check`: which are valid, and whether they agree.
+///
+/// # Errors
+/// I/O errors.
+pub fn read_copies(storage: &dyn Storage) -> Result<Copies> {
+    let [first, second] = read_both(storage)?;
+    let agree = matches!((&first.parsed, &second.parsed), (Ok(a), Ok(b)) if a == b);
+    Ok(Copies {
+        valid: [first.parsed.is_ok(), second.parsed.is_ok()],
+        agree,
+        bytes: [first.bytes, second.bytes],
+    })
+}
+
+/// The damage of region table copy `copy` (0 or 1), using the other one.
+fn invalid_copy(copy: usize, why: &Corruption) -> DamagedCopy {
+    let (n, other) = if copy == 0 { (1, 2) } else { (2, 1) };
+    let [first, second] = REGION_TABLE_OFFSETS;
+    let off = if copy == 0 { first } else { second };
+    DamagedCopy {
+        fault: CopyFault::RegionTable(copy),
+        warning: warning(
+            ErrorKind::Corrupt,
+            format!("region table {n}"),
+            off,
+            format!("region table {n} at {off:#x} is invalid ({why}); using region table {other}"),
+        ),
+    }
+}
+
+/// Reads both region tables, uses the first valid copy, and checks every region against the
+/// file length and the log. A bad copy, or two valid copies that differ, goes to `damaged`;
+/// other tolerated deviations to `warnings`.
 ///
 /// # Errors
 /// `Corrupt` for no valid copy or a bad layout; `NotSupported` for an unknown required region.
@@ -118,48 +183,34 @@ pub fn read_region_table(
     file_len: u64,
     log: (u64, u64),
     warnings: &mut Vec<Warning>,
+    damaged: &mut Vec<DamagedCopy>,
 ) -> Result<RegionTable> {
-    let mut copies = Vec::with_capacity(2);
-    for &off in &REGION_TABLE_OFFSETS {
-        let mut buf = vec![0u8; REGION_TABLE_SIZE];
-        let parsed = match storage.read_exact_at(off, &mut buf) {
-            Ok(()) => parse(&buf),
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                Err(Corruption::RegionSignature { found: 0 })
-            }
-            Err(e) => return Err(io_at("region table", off, e)),
-        };
-        copies.push(parsed);
-    }
-    let (first, second) = (copies.remove(0), copies.remove(0));
-    let (copy, regions) = match (first, second) {
+    let [first, second] = read_both(storage)?;
+    let (copy, regions) = match (first.parsed, second.parsed) {
         (Ok(a), Ok(b)) => {
             if a != b {
-                warnings.push(warning(
-                    ErrorKind::Corrupt,
-                    "region table 2",
-                    REGION_TABLE_OFFSETS[1],
-                    "the two region tables differ; using copy 1",
-                ));
+                damaged.push(DamagedCopy {
+                    fault: CopyFault::RegionTablesDiffer,
+                    warning: warning(
+                        ErrorKind::Corrupt,
+                        "region table 2",
+                        REGION_TABLE_OFFSETS[1],
+                        format!(
+                            "the two region tables differ: region table 2 at {:#x} lists other \
+                             regions than region table 1; using region table 1",
+                            REGION_TABLE_OFFSETS[1]
+                        ),
+                    ),
+                });
             }
             (0, a)
         }
         (Ok(a), Err(e)) => {
-            warnings.push(warning(
-                ErrorKind::Corrupt,
-                "region table 2",
-                REGION_TABLE_OFFSETS[1],
-                format!("region table copy 2 is invalid ({e}); using copy 1"),
-            ));
+            damaged.push(invalid_copy(1, &e));
             (0, a)
         }
         (Err(e), Ok(b)) => {
-            warnings.push(warning(
-                ErrorKind::Corrupt,
-                "region table 1",
-                REGION_TABLE_OFFSETS[0],
-                format!("region table copy 1 is invalid ({e}); using copy 2"),
-            ));
+            damaged.push(invalid_copy(0, &e));
             (1, b)
         }
         (Err(a), Err(b)) => {
@@ -365,17 +416,23 @@ mod tests {
         let first = usize::try_from(REGION_TABLE_OFFSETS[0]).unwrap();
         file[first + 100] ^= 1;
         let s = MemStorage::from_bytes(file);
-        let mut warnings = Vec::new();
-        let t = read_region_table(&s, 5 * MIB, (MIB, MIB), &mut warnings).unwrap();
+        let (mut warnings, mut damaged) = (Vec::new(), Vec::new());
+        let t = read_region_table(&s, 5 * MIB, (MIB, MIB), &mut warnings, &mut damaged).unwrap();
         assert_eq!(t.copy, 1);
         assert_eq!(t.bat, table().bat);
-        assert!(!warnings.is_empty());
-        assert!(
-            warnings.iter().any(|w| w.kind == ErrorKind::Corrupt
-                && w.field.as_deref() == Some("region table 1")
-                && w.offset == Some(REGION_TABLE_OFFSETS[0])),
-            "{warnings:?}"
+        assert_eq!(damaged.len(), 1, "{damaged:?}");
+        assert_eq!(damaged[0].fault, CopyFault::RegionTable(0));
+        let w = &damaged[0].warning;
+        assert_eq!(
+            (w.kind, w.field.as_deref(), w.offset),
+            (
+                ErrorKind::Corrupt,
+                Some("region table 1"),
+                Some(REGION_TABLE_OFFSETS[0])
+            )
         );
+        let copies = read_copies(&s).unwrap();
+        assert_eq!((copies.valid, copies.agree), ([false, true], false));
         // The table's unknown optional region is a typed "not supported" warning.
         assert!(
             warnings

@@ -314,7 +314,7 @@ fn one_region_table_bad_opens_with_warning() {
     for copy in 0..2 {
         let mut b = data_image();
         b[REGION_TABLES[copy] + 4] ^= 0xFF;
-        let img = opens_with_warning(b, &format!("copy {}", copy + 1));
+        let img = opens_with_warning(b, &format!("region table {} at", copy + 1));
         read_whole(img.as_ref()).expect("reads through the other copy");
     }
 }
