@@ -1,5 +1,6 @@
-//! Golden-output tests: the stdout of `info`, `check`, `map`, `dump`, `probe` and `backends`,
-//! human and `--output json`, over corpus images, compared with the files in `tests/golden/`.
+//! Golden-output tests: the stdout of `info`, `check`, `map`, `map --visual`, `layout`, `dump`,
+//! `probe` and `backends`, human and `--output json` (`map`'s as JSON Lines; the grid has none),
+//! over corpus images, compared with the files in `tests/golden/`.
 //!
 //! Set `VD_UPDATE_GOLDEN=1` to rewrite the files from what the commands print now; review the
 //! changes (`git diff vd-tool/tests/golden`) before committing them.
@@ -121,18 +122,23 @@ fn outputs_match_the_golden_files() {
     let mut cases: Vec<(String, Vec<&str>, i32)> = vec![("backends".into(), vec!["backends"], 0)];
     for &img in SUBJECTS {
         let stem = img.replace('.', "-");
-        for cmd in ["info", "check", "map", "dump", "probe"] {
+        for cmd in ["info", "check", "map", "layout", "dump", "probe"] {
             // The dirty log is a problem check reports.
             let code = i32::from(cmd == "check" && img == "dirty.vhdx");
             cases.push((format!("{cmd}-{stem}"), vec![cmd, img], code));
         }
+        cases.push((
+            format!("map-visual-{stem}"),
+            vec!["map", "--visual", "--width", "64", "--color", "never", img],
+            0,
+        ));
     }
     let update = std::env::var_os("VD_UPDATE_GOLDEN").is_some_and(|v| v == "1");
     let mut failures = Vec::new();
     for (stem, args, code) in &cases {
         for json in [false, true] {
-            // map's JSON output is changing to JSON Lines; only its text is golden here.
-            if json && args[0] == "map" {
+            // The grid is a picture: it has no JSON form.
+            if json && args.contains(&"--visual") {
                 continue;
             }
             let mut a = args.clone();
@@ -151,7 +157,17 @@ fn outputs_match_the_golden_files() {
                 a.join(" "),
                 String::from_utf8_lossy(&o.stderr)
             );
-            let got = normalise(&String::from_utf8(o.stdout).expect("UTF-8"), json);
+            let text = String::from_utf8(o.stdout).expect("UTF-8");
+            // map's JSON is JSON Lines (no host-dependent value in it): each line must parse.
+            let got = if json && args[0] == "map" {
+                for line in text.lines() {
+                    serde_json::from_str::<serde_json::Value>(line)
+                        .unwrap_or_else(|e| panic!("map line is not JSON ({e}): {line}"));
+                }
+                text
+            } else {
+                normalise(&text, json)
+            };
             let file = golden_dir().join(format!("{stem}.{}", if json { "json" } else { "txt" }));
             if update {
                 std::fs::create_dir_all(golden_dir()).unwrap();
