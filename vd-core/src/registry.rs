@@ -223,9 +223,16 @@ impl Registry {
         {
             return Err(e.with_path(path));
         }
-        best.ok_or_else(|| {
+        let best = best.ok_or_else(|| {
             Error::new(ErrorKind::UnknownFormat, "no backend recognises the file").with_path(path)
-        })
+        })?;
+        log::info!(
+            "{}: {} claims it ({:?})",
+            path.display(),
+            best.backend.name(),
+            best.confidence
+        );
+        Ok(best)
     }
 
     /// Opens `path` read-only and probes it.

@@ -22,8 +22,8 @@ mod render;
 mod tree;
 
 fn main() -> ExitCode {
-    let cli =
-        cli::Cli::from_arg_matches(&help::command().get_matches()).unwrap_or_else(|e| e.exit());
+    let matches = help::command().get_matches();
+    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     env_logger::Builder::new()
         .filter_level(match cli.verbose {
             0 => log::LevelFilter::Warn,
@@ -34,5 +34,14 @@ fn main() -> ExitCode {
         .parse_env("RUST_LOG")
         .format_timestamp(None)
         .init();
-    exit::run(cli.output, || commands::run(&cli))
+    let started = std::time::Instant::now();
+    exit::run(cli.output, || {
+        let code = commands::run(&cli)?;
+        log::info!(
+            "{} finished in {:.3} s (exit code {code})",
+            matches.subcommand_name().unwrap_or("vd-tool"),
+            started.elapsed().as_secs_f64()
+        );
+        Ok(code)
+    })
 }

@@ -169,6 +169,14 @@ fn verbose_says_what_each_command_opened_created_and_replaced() {
     // -vv adds the probe's reasoning.
     let err = stderr(&vd_ok(&["-vv", "probe", s(&base)]));
     assert!(err.contains("vhdx says"), "{err}");
+    // Every command says at least when it finished, and with what exit code.
+    let err = stderr(&vd_ok(&["-v", "backends"]));
+    assert!(
+        err.contains("backends finished in") && err.contains("exit code 0"),
+        "{err}"
+    );
+    let err = stderr(&vd_ok(&["-v", "probe", s(&base)]));
+    assert!(err.contains("vhdx claims it"), "{err}");
     // Without -v, a successful command is silent on stderr.
     assert!(stderr(&vd_ok(&["info", s(&child)])).is_empty());
 }
