@@ -13,8 +13,8 @@ use crate::peers::{Peer, require};
 use crate::process::{output, stderr, stdout};
 use crate::s;
 
-/// Defines `vd(args) -> Output` (runs vd-tool) and `vd_ok(args) -> Output` (requires exit 0)
-/// in the calling test file of vd-tool.
+/// Defines `vd(args) -> Output` (runs vd-tool), `vd_in(dir, args) -> Output` (runs it in `dir`)
+/// and `vd_ok(args) -> Output` (requires exit 0) in the calling test file of vd-tool.
 #[macro_export]
 macro_rules! vd_tool_fns {
     () => {
@@ -22,6 +22,17 @@ macro_rules! vd_tool_fns {
         #[allow(dead_code, reason = "each test file uses its own subset")]
         fn vd<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> std::process::Output {
             $crate::process::output($crate::vd_tool_bin!(), args)
+        }
+
+        /// Runs vd-tool with `args` in `dir` (so that file names in its output are the
+        /// relative ones given).
+        #[allow(dead_code, reason = "each test file uses its own subset")]
+        fn vd_in(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
+            std::process::Command::new($crate::vd_tool_bin!())
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .expect("vd-tool runs")
         }
 
         /// Runs vd-tool with `args` and requires exit code 0.

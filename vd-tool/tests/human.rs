@@ -2,23 +2,14 @@
 //! for one, aligned `key: value` lines.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use vd_tests::corpus::decompress;
 use vd_tests::process::{stderr, stdout};
 use vd_tests::qemu::{self, DirtyLog, dirty_vhdx};
 use vd_tests::s;
 
-const VD: &str = env!("CARGO_BIN_EXE_vd-tool");
-
-/// Runs vd-tool in `dir`.
-fn vd_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(VD)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("vd-tool runs")
-}
+vd_tests::vd_tool_fns!();
 
 #[test]
 fn the_dirty_log_warning_is_printed_once_on_stderr() {

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 
 use serde_json::Value;
 use vd_tests::corpus::decompress;
@@ -12,14 +12,7 @@ use vd_tests::tool::qemu_io_holding;
 
 const VD: &str = env!("CARGO_BIN_EXE_vd-tool");
 
-/// Runs vd-tool in `dir` (so that file names in the output are the relative ones given).
-fn vd_in(dir: &Path, args: &[&str]) -> Output {
-    Command::new(VD)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("vd-tool runs")
-}
+vd_tests::vd_tool_fns!();
 
 /// The JSON document on stdout of a run that exited with `code`.
 #[track_caller]
