@@ -257,7 +257,6 @@ mod tests {
     use crate::guid::Guid;
     use crate::header::{ActiveHeader, invalid_slots, read_headers};
     use crate::region::read_copies;
-    use crate::report::plural;
     use crate::test_support::{create, read, reopen};
 
     /// The whole file.
@@ -298,13 +297,6 @@ mod tests {
         let report = img.engine.repair(false).unwrap();
         Box::new(img).close(false).unwrap();
         report.findings
-    }
-
-    #[test]
-    fn counts_are_singular_for_one() {
-        assert_eq!(plural(0, "entry", "entries"), "0 entries");
-        assert_eq!(plural(1, "entry", "entries"), "1 entry");
-        assert_eq!(plural(2, "entry", "entries"), "2 entries");
     }
 
     #[test]
