@@ -97,7 +97,7 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     (
         "setuuid",
         "vd-tool setuuid disk.vhdx                   # a new random image UUID\n\
-         vd-tool setuuid --parent-uuid 6d6f...e1 child.vhdx   # relink a child to its parent",
+         vd-tool setuuid --parent-uuid 6d6f2a1c-0d4e-4b8e-9f3a-1c2d3e4f5a6b child.vhdx  # relink a child",
     ),
     (
         "geometry",
