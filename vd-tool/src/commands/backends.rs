@@ -54,11 +54,17 @@ pub fn run(registry: &Registry, output: Output) -> anyhow::Result<u8> {
             header[0], header[1], header[2], header[3]
         )?;
         for b in &list.backends {
+            // The lowest priority is the probe's fallback (raw): say so rather than print i32::MIN.
+            let priority = if b.priority == i32::MIN {
+                "last".to_string()
+            } else {
+                b.priority.to_string()
+            };
             writeln!(
                 out,
                 "{:<8} {:>11}  {:<16} {}",
                 b.name,
-                b.priority,
+                priority,
                 b.extensions.join(","),
                 b.description
             )?;
