@@ -90,6 +90,10 @@ pub const MAX_OPTION_LEN: u32 = 8 << 10;
 /// How often idle connections and the accept loop look at the shutdown flag.
 const POLL: Duration = Duration::from_millis(100);
 
+/// How long a reply may wait for a client that does not read: past this the connection is
+/// closed, so a stalled client cannot hold a shutdown (or its thread) forever.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// How a [`Server`] exports its disk.
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -99,6 +103,10 @@ pub struct ServerOptions {
     pub writable: bool,
     /// Connections served at once; one over the limit is closed at once.
     pub max_connections: usize,
+    /// How long a client may take over the handshake before its connection is closed (a
+    /// client that connects and says nothing would otherwise hold one of the
+    /// [`max_connections`](ServerOptions::max_connections) slots for ever).
+    pub handshake_timeout: Duration,
 }
 
 impl Default for ServerOptions {
@@ -107,6 +115,7 @@ impl Default for ServerOptions {
             export_name: String::new(),
             writable: false,
             max_connections: 16,
+            handshake_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -165,10 +174,12 @@ impl Stream {
         match self {
             Stream::Unix(s) => {
                 s.set_nonblocking(false)?;
+                s.set_write_timeout(Some(WRITE_TIMEOUT))?;
                 s.set_read_timeout(Some(POLL))
             }
             Stream::Tcp(s) => {
                 s.set_nonblocking(false)?;
+                s.set_write_timeout(Some(WRITE_TIMEOUT))?;
                 s.set_read_timeout(Some(POLL))
             }
         }
@@ -201,8 +212,8 @@ impl Write for Stream {
 }
 
 /// Ends a running [`Server::serve`]: it stops accepting, lets each connection finish the
-/// request it is serving (connections waiting for a request are closed), flushes the disk
-/// and returns. Cheap to clone and safe to use from any thread (or a signal-handling thread).
+/// request it is serving (connections waiting for a request are closed; a reply to a client
+/// that stopped reading gives up after 60 s), flushes the disk and returns. Cheap to clone and safe to use from any thread (or a signal-handling thread).
 #[derive(Debug, Clone)]
 pub struct ShutdownHandle {
     flag: Arc<AtomicBool>,
@@ -229,6 +240,7 @@ struct Shared {
     size: u64,
     min_block: u32,
     preferred_block: u32,
+    handshake_timeout: Duration,
     stop: Arc<AtomicBool>,
 }
 
@@ -262,6 +274,7 @@ impl Server {
                 size,
                 min_block,
                 preferred_block: min_block.max(4096),
+                handshake_timeout: options.handshake_timeout,
                 stop: Arc::new(AtomicBool::new(false)),
             }),
             max_connections: options.max_connections.max(1),

@@ -2,6 +2,7 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use vd_core::{ErrorKind, ExtentKind};
 
@@ -50,6 +51,7 @@ pub(crate) fn run<S: Read + Write>(shared: &Shared, stream: S, id: u64) {
         structured: false,
         base_allocation: false,
         buf: Vec::new(),
+        deadline: Instant::now().checked_add(shared.handshake_timeout),
     };
     let end = conn
         .handshake()
@@ -114,6 +116,8 @@ struct Conn<'a, S> {
     base_allocation: bool,
     /// The payload buffer, reused across requests; never larger than [`MAX_PAYLOAD`].
     buf: Vec<u8>,
+    /// When the handshake must be over (`None` once in transmission).
+    deadline: Option<Instant>,
 }
 
 impl<S: Read + Write> Conn<'_, S> {
@@ -136,6 +140,9 @@ impl<S: Read + Write> Conn<'_, S> {
                 {
                     if self.shared.stop.load(Ordering::SeqCst) {
                         return Err(End::Shutdown);
+                    }
+                    if self.deadline.is_some_and(|d| Instant::now() >= d) {
+                        return Err(End::Protocol("the handshake took too long".into()));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -384,6 +391,7 @@ impl<S: Read + Write> Conn<'_, S> {
     // ----- transmission -----
 
     fn transmission(&mut self) -> Step<()> {
+        self.deadline = None;
         loop {
             let head = self.read_array::<28>()?;
             let mut c = Cursor(&head);

@@ -54,6 +54,10 @@ struct Fixture {
 
 impl Fixture {
     fn new(writable: bool) -> Self {
+        Self::with(writable, Duration::from_secs(30))
+    }
+
+    fn with(writable: bool, handshake_timeout: Duration) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let image = dir.path().join("disk.img");
         let mut bytes: Vec<u8> = (0..SIZE / 2).map(pattern).collect();
@@ -81,6 +85,7 @@ impl Fixture {
             ServerOptions {
                 export_name: "disk".into(),
                 writable,
+                handshake_timeout,
                 ..ServerOptions::default()
             },
         );
@@ -499,4 +504,20 @@ fn more_clients_than_the_limit_are_closed() {
     assert!(extra.closed(), "the 17th connection is closed");
     held[0].go("disk");
     held[0].read_ok(0, 512);
+}
+
+#[test]
+fn a_silent_client_is_closed_after_the_handshake_timeout() {
+    let f = Fixture::with(false, Duration::from_millis(500));
+    let mut silent = f.connect();
+    silent.recv(18);
+    let mut served = session(&f);
+    served.go("disk");
+    std::thread::sleep(Duration::from_millis(800));
+    assert!(
+        silent.closed(),
+        "a client silent past the timeout is closed"
+    );
+    // One that finished its handshake in time is not.
+    served.read_ok(0, 512);
 }
