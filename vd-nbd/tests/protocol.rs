@@ -278,6 +278,9 @@ fn go_read_and_disconnect() {
     c.read_ok(0, 4096);
     c.read_ok(SIZE / 2 - 100, 300);
     c.read_ok(SIZE - 512, 512);
+    // A flush on a read-only export has nothing to write and succeeds.
+    c.request(0, 3, 2, 0, 0);
+    assert_eq!(c.simple(2), 0);
     c.request(0, CMD_DISC, 1, 0, 0);
     assert!(c.closed());
     drop(f);
@@ -520,4 +523,58 @@ fn a_silent_client_is_closed_after_the_handshake_timeout() {
     );
     // One that finished its handshake in time is not.
     served.read_ok(0, 512);
+}
+
+#[test]
+fn list_info_meta_context_listing_export_name_and_abort() {
+    let f = Fixture::new(false);
+    let mut c = session(&f);
+    // NBD_OPT_LIST: one NBD_REP_SERVER naming the export, then NBD_REP_ACK.
+    c.option(3, &[]);
+    let (o, kind, data) = c.reply();
+    assert_eq!((o, kind), (3, 2));
+    assert_eq!(data, [&4u32.to_be_bytes()[..], b"disk"].concat());
+    assert_eq!(c.reply().1, REP_ACK);
+    // NBD_OPT_INFO: NBD_INFO_EXPORT then NBD_REP_ACK, and the handshake goes on.
+    let mut d = 4u32.to_be_bytes().to_vec();
+    d.extend_from_slice(b"disk");
+    d.extend_from_slice(&0u16.to_be_bytes());
+    c.option(6, &d);
+    let (o, kind, data) = c.reply();
+    assert_eq!((o, kind, data.len()), (6, REP_INFO, 12));
+    assert_eq!(u64::from_be_bytes(data[2..10].try_into().unwrap()), SIZE);
+    assert_eq!(c.reply().1, REP_ACK);
+    // Meta contexts need structured replies first.
+    let list = [0u32.to_be_bytes(), 0u32.to_be_bytes()].concat();
+    c.option(9, &list);
+    assert_eq!(c.reply().1, (1 << 31) + 3);
+    c.option(OPT_STRUCTURED_REPLY, &[]);
+    assert_eq!(c.reply().1, REP_ACK);
+    // With no queries, the list names base:allocation.
+    c.option(9, &list);
+    let (o, kind, data) = c.reply();
+    assert_eq!((o, kind), (9, REP_META_CONTEXT));
+    assert_eq!(&data[4..], b"base:allocation");
+    assert_eq!(c.reply().1, REP_ACK);
+    // A query of an unknown namespace selects nothing, without error.
+    let mut d = [0u32.to_be_bytes(), 1u32.to_be_bytes()].concat();
+    d.extend_from_slice(&(b"qemu:dirty-bitmap:x".len() as u32).to_be_bytes());
+    d.extend_from_slice(b"qemu:dirty-bitmap:x");
+    c.option(OPT_SET_META_CONTEXT, &d);
+    assert_eq!(c.reply().1, REP_ACK);
+    // NBD_OPT_ABORT is acknowledged and the connection closed.
+    c.option(2, &[]);
+    assert_eq!(c.reply().1, REP_ACK);
+    assert!(c.closed());
+
+    // NBD_OPT_EXPORT_NAME: size and flags, no zeroes (NO_ZEROES was negotiated).
+    let mut c = session(&f);
+    c.option(1, b"disk");
+    assert_eq!(c.u64(), SIZE);
+    assert_eq!(c.u16(), 1 | 2 | 4 | 256);
+    c.read_ok(512, 512);
+    // An unknown name closes the connection (the option has no error reply).
+    let mut c = session(&f);
+    c.option(1, b"nope");
+    assert!(c.closed());
 }
