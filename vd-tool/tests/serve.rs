@@ -279,3 +279,96 @@ fn writable_export_writes_and_closes_the_image_cleanly() {
         ],
     );
 }
+
+#[test]
+fn tcp_export_by_name_on_the_loopback() {
+    require(&[Peer::QemuImg]);
+    let name = "dissect.hypervisor/dynamic.vhdx.gz";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("dynamic.vhdx");
+    corpus::decompress(name, &image);
+    let stdout_file = dir.path().join("serve.stdout");
+    let stderr_file = dir.path().join("serve.stderr");
+    let child = Command::new(vd_tests::vd_tool_bin!())
+        .args([
+            "--output",
+            "json",
+            "serve",
+            "--port",
+            "0",
+            "--export-name",
+            "sda",
+        ])
+        .arg(&image)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout_file).expect("stdout file"))
+        .stderr(std::fs::File::create(&stderr_file).expect("stderr file"))
+        .spawn()
+        .expect("vd-tool serve starts");
+    let mut served = Served {
+        child: Some(child),
+        socket: dir.path().join("no-socket"),
+        stderr: stderr_file,
+        stdout: stdout_file,
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ready: Value = loop {
+        let text = std::fs::read_to_string(&served.stdout).unwrap_or_default();
+        if let Ok(v) = serde_json::from_str(text.trim()) {
+            break v;
+        }
+        if let Some(status) = served.child().try_wait().expect("wait") {
+            panic!("vd-tool serve exited with {status}: {}", served.log());
+        }
+        assert!(Instant::now() < deadline, "not serving after 60 s");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let uri = ready["uri"].as_str().expect("uri");
+    assert!(
+        uri.starts_with("nbd://127.0.0.1:") && uri.ends_with("/sda"),
+        "{uri}"
+    );
+    let out = dir.path().join("out.raw");
+    run_ok(
+        "qemu-img",
+        &["convert", "-f", "raw", "-O", "raw", uri, s(&out)],
+    );
+    assert_eq!(
+        sha256_file(&out),
+        expected(name, false)["content_sha256"].as_str().unwrap()
+    );
+    // Another export name is refused.
+    let other = uri.replace("/sda", "/sdb");
+    let o = output("qemu-img", &["info", "-f", "raw", &other]);
+    assert!(!o.status.success(), "{}", show(&o));
+    served.stop();
+}
+
+#[test]
+fn concurrent_writers_on_one_writable_export() {
+    require(&[Peer::QemuImg, Peer::QemuIo]);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let image = dir.path().join("w.vhdx");
+    qemu::create(&image, None, "64M");
+    let served = Served::start(dir.path(), &image, &[], &["--writable"]);
+    let uri = served.uri();
+    let writers: Vec<_> = (1u8..=4)
+        .map(|i| {
+            let uri = uri.clone();
+            std::thread::spawn(move || {
+                let cmd = format!("write -P {i} {}M 3M", u32::from(i) * 8);
+                run_ok("qemu-io", &["-f", "raw", "-c", &cmd, "-c", "flush", &uri]);
+            })
+        })
+        .collect();
+    for w in writers {
+        w.join().expect("a writer");
+    }
+    served.stop();
+    run_ok("qemu-img", &["check", "-f", "vhdx", s(&image)]);
+    let reads: Vec<(u8, u64, u64)> = (1u8..=4)
+        .map(|i| (i, u64::from(i) * (8 << 20), 3 << 20))
+        .chain([(0, 0, 8 << 20)])
+        .collect();
+    qemu::assert_reads(&image, &reads);
+}
