@@ -231,6 +231,15 @@ impl ShutdownHandle {
     }
 }
 
+/// One of the [`ServerOptions::max_connections`] slots, given back when dropped.
+struct Slot(Arc<AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// What every connection of a server shares.
 #[derive(Debug)]
 struct Shared {
@@ -254,7 +263,8 @@ pub struct Server {
 
 impl Server {
     /// A server for `disk`. The disk must have been opened writable for
-    /// [`ServerOptions::writable`] to be of use (otherwise writes get `NBD_EIO` from the disk).
+    /// [`ServerOptions::writable`] to be of use (otherwise the disk refuses each write, and
+    /// the client gets `NBD_EPERM`).
     pub fn new(disk: Arc<Disk>, options: ServerOptions) -> Self {
         let size = disk.size();
         let sector = disk.top().sector_size().max(1);
@@ -342,8 +352,9 @@ impl Server {
             let spawned = thread::Builder::new()
                 .name(format!("nbd-{id}"))
                 .spawn(move || {
+                    // Frees the slot however the session ends, a panic included.
+                    let _slot = Slot(counter);
                     session::run(&shared, stream, id);
-                    counter.fetch_sub(1, Ordering::SeqCst);
                 });
             match spawned {
                 Ok(h) => workers.push(h),
