@@ -106,6 +106,8 @@ pub enum Command {
     Compact(FileArgs),
     /// Time COUNT sequential requests of SIZE bytes (like `qemu-img bench`).
     Bench(BenchArgs),
+    /// Export the whole disk (chain, dirty log replayed) over NBD until SIGINT or SIGTERM.
+    Serve(ServeArgs),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -118,6 +120,43 @@ pub enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+}
+
+/// Arguments of `serve`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "The export is read-only unless --writable: clients see NBD_FLAG_READ_ONLY, \
+    writes get EPERM, and the file is never changed (a dirty log is replayed in memory). Several \
+    clients may connect at once (up to 16); they share one opened disk, so a flush from any of \
+    them flushes everything written. On SIGINT or SIGTERM the server stops accepting, lets each \
+    client finish its request, flushes and closes the image cleanly, and removes the socket."
+)]
+pub struct ServeArgs {
+    /// Image format (otherwise probed).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Accept writes (otherwise the export is read-only).
+    #[arg(long)]
+    pub writable: bool,
+    /// Listen on this Unix socket (created; removed again on exit).
+    #[arg(
+        long,
+        value_name = "PATH",
+        conflicts_with = "port",
+        required_unless_present = "port"
+    )]
+    pub socket: Option<PathBuf>,
+    /// Listen on this TCP port.
+    #[arg(long, value_name = "N")]
+    pub port: Option<u16>,
+    /// With --port: the address to listen on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1")]
+    pub bind: String,
+    /// The export's name (clients may also ask for the default export, "").
+    #[arg(long, value_name = "NAME", default_value = "")]
+    pub export_name: String,
+    /// The image.
+    pub file: PathBuf,
 }
 
 /// Arguments of `bench`.

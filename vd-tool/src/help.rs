@@ -22,6 +22,7 @@ pub const GROUPS: &[(&str, &[&str])] = &[
             "check", "resize", "discard", "compact", "commit", "setuuid", "geometry", "comment",
         ],
     ),
+    ("Serve", &["serve"]),
     ("Test", &["io", "bench"]),
     ("Shell", &["completions", "man", "help"]),
 ];
@@ -108,6 +109,12 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "vd-tool comment disk.vhdx\n\
          vd-tool comment --set 'web server, 2026-12' disk.vhdx\n\
          vd-tool comment --clear disk.vhdx",
+    ),
+    (
+        "serve",
+        "vd-tool serve --socket /tmp/disk.sock disk.vhdx\n\
+         qemu-img convert -f raw 'nbd+unix:///?socket=/tmp/disk.sock' disk.raw\n\
+         vd-tool serve --writable --port 10809 disk.vhdx",
     ),
     (
         "io",

@@ -274,6 +274,29 @@ fn docs_json_md_matches_the_documents() {
         runs.push(("error", run(&["info", "base.vhdx"], 2)));
     }
 
+    {
+        // serve: one document on stdout once it is serving (it then runs until a signal).
+        use std::io::BufRead;
+        let mut server = vd_tests::tool::Background(
+            std::process::Command::new(VD)
+                .args(["--output", "json", "serve", "--socket", "nbd.sock"])
+                .arg("dynamic.vhdx")
+                .current_dir(d)
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .expect("vd-tool serve starts"),
+        );
+        let mut line = String::new();
+        std::io::BufReader::new(server.0.stdout.take().expect("piped stdout"))
+            .read_line(&mut line)
+            .expect("a line from serve");
+        let v = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("serve's line is not one JSON document ({e}): {line}"));
+        runs.push(("serve", v));
+    }
+
     // map: JSON Lines, a header and then one extent per line.
     for image in ["dynamic.vhdx", "child.avhdx"] {
         let o = vd_in(d, &["map", "--output", "json", image]);

@@ -22,6 +22,7 @@ mod map;
 mod modify;
 mod options_help;
 mod probe;
+mod serve;
 mod shell;
 
 /// Runs the command line's subcommand and returns the exit code.
@@ -47,6 +48,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Comment(args) => modify::comment(&registry, args, cli.output),
         Command::Compact(args) => modify::compact(&registry, args, cli.output),
         Command::Bench(args) => bench::run(&registry, args, cli.output),
+        Command::Serve(args) => serve::run(&registry, args, cli.output),
         Command::Completions { shell } => shell::completions(*shell),
         Command::Man { dir } => shell::man(dir.as_deref()),
     }
