@@ -124,10 +124,10 @@ pub const EXAMPLES: &[(&str, &str)] = &[
     ),
     (
         "mount",
-        "vd-tool mount disk.vhdx /mnt/vd &                    # disk, p1, p2, ... in /mnt/vd\n\
-         mount -o loop,ro /mnt/vd/p1 /mnt/p1                 # the file system in partition 1\n\
-         umount /mnt/p1; fusermount3 -u /mnt/vd              # vd-tool closes the image, exits\n\
-         vd-tool mount --writable disk.vhdx /mnt/vd         # writes go into the image",
+        "vd-tool mount disk.vhdx /mnt/vd &           # disk, p1, p2, ... in /mnt/vd\n\
+         mount -o loop,ro /mnt/vd/p1 /mnt/p1         # the file system in partition 1\n\
+         umount /mnt/p1; fusermount3 -u /mnt/vd      # vd-tool closes the image, exits\n\
+         vd-tool mount --writable disk.vhdx /mnt/vd  # writes go into the image",
     ),
     (
         "completions",
