@@ -108,6 +108,9 @@ pub enum Command {
     Bench(BenchArgs),
     /// Export the whole disk (chain, dirty log replayed) over NBD until SIGINT or SIGTERM.
     Serve(ServeArgs),
+    /// Show the virtual disk and its partitions as raw files in a directory (FUSE), until
+    /// unmounted or interrupted.
+    Mount(MountArgs),
     /// Print a shell completion script.
     Completions {
         /// The shell.
@@ -157,6 +160,33 @@ pub struct ServeArgs {
     pub export_name: String,
     /// The image.
     pub file: PathBuf,
+}
+
+/// Arguments of `mount`.
+#[derive(Debug, Args)]
+#[command(
+    after_help = "MOUNTPOINT/disk is the whole virtual disk; p1, p2, ... are the \
+partitions of its GPT or MBR table, as Linux numbers them (mount -o loop,ro MOUNTPOINT/p1 DIR \
+opens a file system inside). Read-only unless --writable; a dirty log is then replayed in \
+memory and the image file is not changed. The command stays in the foreground until the \
+mount is unmounted (fusermount3 -u MOUNTPOINT, umount) or it gets SIGINT or SIGTERM, which \
+unmount it; then the image is closed cleanly. Mounting needs /dev/fuse, and fusermount3 \
+(package fuse3) when not root."
+)]
+pub struct MountArgs {
+    /// Image format (otherwise probed).
+    #[arg(short = 'f', long = "format")]
+    pub format: Option<String>,
+    /// Let writes through into the image (files mode 0644; fsync flushes the image).
+    #[arg(long)]
+    pub writable: bool,
+    /// Let other users use the mount (FUSE's allow_other).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// The image.
+    pub file: PathBuf,
+    /// An existing directory to mount on.
+    pub mountpoint: PathBuf,
 }
 
 /// Arguments of `bench`.

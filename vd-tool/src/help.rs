@@ -22,7 +22,7 @@ pub const GROUPS: &[(&str, &[&str])] = &[
             "check", "resize", "discard", "compact", "commit", "setuuid", "geometry", "comment",
         ],
     ),
-    ("Serve", &["serve"]),
+    ("Serve", &["serve", "mount"]),
     ("Test", &["io", "bench"]),
     ("Shell", &["completions", "man", "help"]),
 ];
@@ -127,6 +127,13 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "vd-tool bench -c 100000 -s 4K disk.vhdx       # 4 KiB reads\n\
          vd-tool bench -w -c 4096 -s 4K -S 1M disk.vhdx  # allocating writes\n\
          vd-tool bench -t 4 -s 1M -c 4096 disk.vhdx      # four threads",
+    ),
+    (
+        "mount",
+        "vd-tool mount disk.vhdx /mnt/vd &           # disk, p1, p2, ... in /mnt/vd\n\
+         mount -o loop,ro /mnt/vd/p1 /mnt/p1         # the file system in partition 1\n\
+         umount /mnt/p1; fusermount3 -u /mnt/vd      # vd-tool closes the image, exits\n\
+         vd-tool mount --writable disk.vhdx /mnt/vd  # writes go into the image",
     ),
     (
         "completions",

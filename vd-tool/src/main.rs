@@ -24,16 +24,19 @@ mod tree;
 fn main() -> ExitCode {
     let matches = help::command().get_matches();
     let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
-    env_logger::Builder::new()
-        .filter_level(match cli.verbose {
-            0 => log::LevelFilter::Warn,
-            1 => log::LevelFilter::Info,
-            2 => log::LevelFilter::Debug,
-            _ => log::LevelFilter::Trace,
-        })
-        .parse_env("RUST_LOG")
-        .format_timestamp(None)
-        .init();
+    let mut logger = env_logger::Builder::new();
+    logger.filter_level(match cli.verbose {
+        0 => log::LevelFilter::Warn,
+        1 => log::LevelFilter::Info,
+        2 => log::LevelFilter::Debug,
+        _ => log::LevelFilter::Trace,
+    });
+    // `mount`: fuser warns about each FUSE operation a file system leaves to the kernel's
+    // default and about its own second unmount attempt after one from outside; noise below -vv.
+    if cli.verbose < 2 {
+        logger.filter_module("fuser", log::LevelFilter::Error);
+    }
+    logger.parse_env("RUST_LOG").format_timestamp(None).init();
     let started = std::time::Instant::now();
     exit::run(cli.output, || {
         let code = commands::run(&cli)?;

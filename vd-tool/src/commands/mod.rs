@@ -20,6 +20,7 @@ mod io;
 mod layout;
 mod map;
 mod modify;
+mod mount;
 mod options_help;
 mod probe;
 mod serve;
@@ -49,6 +50,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<u8> {
         Command::Compact(args) => modify::compact(&registry, args, cli.output),
         Command::Bench(args) => bench::run(&registry, args, cli.output),
         Command::Serve(args) => serve::run(&registry, args, cli.output),
+        Command::Mount(args) => mount::run(&registry, args),
         Command::Completions { shell } => shell::completions(*shell),
         Command::Man { dir } => shell::man(dir.as_deref()),
     }
