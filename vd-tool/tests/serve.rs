@@ -192,24 +192,24 @@ fn corpus_image(name: &str, place_as: &str) {
     );
 }
 
+/// Every corpus image that reads on its own (dirty logs, 4K sectors, fixed, dynamic; the
+/// differencing child needs its parent: see the next test), served read-only: qemu-img reads
+/// its content hash and maps its ranges over NBD, and no file changes.
 #[test]
-fn dynamic_image_reads_over_nbd() {
-    corpus_image("dissect.hypervisor/dynamic.vhdx.gz", "dynamic.vhdx");
-}
-
-#[test]
-fn dirty_log_image_reads_as_replayed_and_stays_unchanged() {
-    corpus_image("synthetic/qemu-blkdebug-dirty-log.vhdx.gz", "dirty.vhdx");
-}
-
-#[test]
-fn windows_dirty_log_image_reads_as_replayed_and_stays_unchanged() {
-    corpus_image("adiskreader/small_ntfs_test.vhdx.gz", "ntfs.vhdx");
-}
-
-#[test]
-fn four_k_sector_image_reads_over_nbd() {
-    corpus_image("synthetic/qemu-patched-4k-logical.vhdx.gz", "4k.vhdx");
+fn every_corpus_image_reads_over_nbd() {
+    let mut served = 0;
+    for e in corpus::expected() {
+        let (Some(file), Some(_)) = (e["file"].as_str(), e["content_sha256"].as_str()) else {
+            continue;
+        };
+        if e.get("parent").is_some() {
+            continue;
+        }
+        corpus_image(file, corpus::image_name(file));
+        served += 1;
+    }
+    // The corpus has 16 such images: a filter that let none through would prove nothing.
+    assert!(served >= 16, "only {served} corpus images were served");
 }
 
 #[test]
