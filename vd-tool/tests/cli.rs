@@ -51,7 +51,7 @@ fn qemu_img() -> &'static str {
 }
 
 #[test]
-fn backends_lists_vhdx_before_raw() {
+fn backends_lists_vhdx_then_vhd_then_raw() {
     let v = json(&vd(&["backends", "--output", "json"]));
     let names: Vec<&str> = v
         .as_array()
@@ -59,14 +59,15 @@ fn backends_lists_vhdx_before_raw() {
         .iter()
         .map(|b| b["name"].as_str().expect("name"))
         .collect();
-    assert_eq!(names, ["vhdx", "raw"]);
+    assert_eq!(names, ["vhdx", "vhd", "raw"]);
     assert_eq!(v[0]["schema_version"], 1);
     let human = stdout(&vd(&["backends"]));
-    assert!(human.find("vhdx").unwrap() < human.find("raw").unwrap());
+    assert!(human.find("vhdx").unwrap() < human.find("vhd ").unwrap());
+    assert!(human.find("vhd ").unwrap() < human.find("raw").unwrap());
 }
 
 #[test]
-fn probe_tells_raw_from_vhdx() {
+fn probe_tells_raw_vhdx_and_vhd_apart() {
     let dir = tempfile::tempdir().unwrap();
     let random = dir.path().join("random.bin");
     // Deterministic pseudo-random bytes (not starting with any signature).
@@ -88,11 +89,18 @@ fn probe_tells_raw_from_vhdx() {
         .status()
         .unwrap();
     assert!(st.success());
+    // A fixed VHD (footer only at the end) and a dynamic one (footer copy at 0) of the corpus.
+    let fixed_vhd = dir.path().join("fixed.vhd");
+    vd_tests::corpus::decompress("vhd/dissect.hypervisor/fixed.vhd.gz", &fixed_vhd);
+    let dynamic_vhd = dir.path().join("dynamic.vhd");
+    vd_tests::corpus::decompress("vhd/dissect.hypervisor/dynamic.vhd.gz", &dynamic_vhd);
 
     for (file, backend, confidence) in [
         (&random, "raw", "fallback"),
         (&text, "raw", "fallback"),
         (&vhdx, "vhdx", "certain"),
+        (&fixed_vhd, "vhd", "certain"),
+        (&dynamic_vhd, "vhd", "certain"),
     ] {
         let v = json(&vd(&["probe", "--output", "json", s(file)]));
         assert_eq!(v["backend"], backend, "{}", file.display());
