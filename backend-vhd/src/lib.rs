@@ -840,3 +840,271 @@ impl VhdImage {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use format::{HEADER_COOKIE, checksum};
+    use vd_core::{Disk, DiskOptions, MemFileSystem, MemStorage, Registry};
+
+    const BLOCK: u32 = 4096;
+
+    fn seal_footer(f: &mut [u8]) {
+        let c = checksum(f, 64);
+        f[64..68].copy_from_slice(&c.to_be_bytes());
+    }
+
+    fn footer(disk_type: u32, size: u64, data_offset: u64, id: u8) -> Vec<u8> {
+        let mut f = vec![0u8; FOOTER_SIZE];
+        f[..8].copy_from_slice(&FOOTER_COOKIE);
+        f[16..24].copy_from_slice(&data_offset.to_be_bytes());
+        f[28..32].copy_from_slice(b"vd  ");
+        f[40..48].copy_from_slice(&size.to_be_bytes());
+        f[48..56].copy_from_slice(&size.to_be_bytes());
+        f[60..64].copy_from_slice(&disk_type.to_be_bytes());
+        f[68..84].fill(id);
+        seal_footer(&mut f);
+        f
+    }
+
+    /// A dynamic (or, with `parent`, differencing) image of two 4 KiB blocks: block 0 holds
+    /// sectors 0 and 2 (bitmap 0b1010_0000), block 1 is not allocated.
+    fn dynamic(parent: Option<u8>) -> Vec<u8> {
+        let size = 2 * u64::from(BLOCK);
+        let kind = if parent.is_some() { 4 } else { 3 };
+        let foot = footer(kind, size, 512, 1);
+        let mut h = vec![0u8; HEADER_SIZE];
+        h[..8].copy_from_slice(&HEADER_COOKIE);
+        h[8..16].copy_from_slice(&u64::MAX.to_be_bytes());
+        h[16..24].copy_from_slice(&1536u64.to_be_bytes());
+        h[28..32].copy_from_slice(&2u32.to_be_bytes());
+        h[32..36].copy_from_slice(&BLOCK.to_be_bytes());
+        if let Some(p) = parent {
+            h[40..56].fill(p);
+            for (i, u) in "p.vhd".encode_utf16().enumerate() {
+                h[64 + 2 * i..66 + 2 * i].copy_from_slice(&u.to_be_bytes());
+            }
+        }
+        let c = checksum(&h, 36);
+        h[36..40].copy_from_slice(&c.to_be_bytes());
+        let mut img = foot.clone();
+        img.extend(&h);
+        img.resize(1536, 0);
+        // BAT: block 0 at sector 4 (offset 2048), block 1 unallocated.
+        img.extend(4u32.to_be_bytes());
+        img.extend(UNALLOCATED.to_be_bytes());
+        img.resize(2048, 0xFF);
+        let mut bitmap = vec![0u8; 512];
+        bitmap[0] = 0b1010_0000;
+        img.extend(&bitmap);
+        img.extend((0..BLOCK).map(|i| (i / 512) as u8 + 1));
+        img.extend(&foot);
+        img
+    }
+
+    fn registry(files: &[(&str, Vec<u8>)]) -> Registry {
+        let fs = Arc::new(MemFileSystem::new());
+        for (name, bytes) in files {
+            fs.insert(name, Arc::new(MemStorage::from_bytes(bytes.clone())));
+        }
+        Registry::builtin_with_provider(fs)
+    }
+
+    fn read_all(img: &dyn Image) -> Vec<u8> {
+        let mut b = vec![0xEE; usize::try_from(img.size()).unwrap()];
+        img.read_at(0, &mut b).unwrap();
+        b
+    }
+
+    #[test]
+    fn dynamic_reads_set_sectors_and_zeros_elsewhere() {
+        let reg = registry(&[("/d.vhd", dynamic(None))]);
+        let img = reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
+        assert_eq!(img.format(), "vhd");
+        let b = read_all(img.as_ref());
+        assert!(b[..512].iter().all(|&x| x == 1));
+        assert!(b[512..1024].iter().all(|&x| x == 0), "bit clear: zeros");
+        assert!(b[1024..1536].iter().all(|&x| x == 3));
+        assert!(b[1536..].iter().all(|&x| x == 0));
+        let kinds: Vec<_> = img
+            .map(0, img.size())
+            .unwrap()
+            .iter()
+            .map(|e| e.kind)
+            .collect();
+        use vd_core::ExtentKind::{Data, Zero};
+        assert_eq!(kinds, [Data, Zero, Data, Zero]);
+        // An unaligned read inside a sector.
+        let mut two = [0u8; 2];
+        img.read_at(1023, &mut two).unwrap();
+        assert_eq!(two, [0, 3]);
+        assert!(img.warnings().is_empty());
+    }
+
+    #[test]
+    fn a_damaged_end_footer_falls_back_to_the_copy_with_a_warning() {
+        let mut bytes = dynamic(None);
+        let n = bytes.len();
+        bytes[n - 10] ^= 0xFF;
+        let reg = registry(&[("/d.vhd", bytes.clone())]);
+        let img = reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
+        assert_eq!(read_all(img.as_ref())[1024], 3);
+        let w = img.warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].message.contains("footer copy"), "{w:?}");
+        // Both copies damaged: a typed error naming the checksum and the image.
+        bytes[10] ^= 0xFF;
+        let reg = registry(&[("/d.vhd", bytes)]);
+        let e = reg
+            .open_as("vhd", Path::new("/d.vhd"), OpenFlags::READ_ONLY)
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::InvalidHeader);
+        assert!(
+            e.to_string().contains("checksum") && e.to_string().contains("/d.vhd"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn fixed_images_and_old_511_byte_footers_read() {
+        let mut data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let foot = footer(2, 4096, u64::MAX, 9);
+        let mut fixed = data.clone();
+        fixed.extend(&foot);
+        let reg = registry(&[
+            ("/f.vhd", fixed),
+            ("/old.vhd", {
+                // Pre-2004: the footer's last (reserved) byte is missing.
+                data.extend(&foot[..511]);
+                data.clone()
+            }),
+        ]);
+        for name in ["/f.vhd", "/old.vhd"] {
+            let m = reg.probe(Path::new(name)).unwrap();
+            assert_eq!(
+                (m.backend.name(), m.confidence),
+                ("vhd", Confidence::Certain)
+            );
+            let img = reg.open(Path::new(name), OpenFlags::READ_ONLY).unwrap();
+            assert_eq!(img.image_flags(), ImageFlags::FIXED);
+            assert_eq!(read_all(img.as_ref()), data[..4096]);
+        }
+    }
+
+    #[test]
+    fn hostile_headers_give_typed_errors() {
+        let reseal_header = |b: &mut Vec<u8>| {
+            b[512 + 36..512 + 40].fill(0);
+            let c = checksum(&b[512..512 + HEADER_SIZE], 36);
+            b[512 + 36..512 + 40].copy_from_slice(&c.to_be_bytes());
+        };
+        type Damage = Box<dyn Fn(&mut Vec<u8>)>;
+        let cases: Vec<(&str, Damage)> = vec![
+            (
+                "BAT entry 0",
+                Box::new(|b: &mut Vec<u8>| {
+                    b[1536..1540].copy_from_slice(&0x00FF_FFFFu32.to_be_bytes());
+                }),
+            ),
+            (
+                "dynamic header block size",
+                Box::new(move |b: &mut Vec<u8>| {
+                    b[512 + 32..512 + 36].copy_from_slice(&3000u32.to_be_bytes());
+                    reseal_header(b);
+                }),
+            ),
+            (
+                "dynamic header max table entries",
+                Box::new(move |b: &mut Vec<u8>| {
+                    b[512 + 28..512 + 32].copy_from_slice(&u32::MAX.to_be_bytes());
+                    reseal_header(b);
+                }),
+            ),
+            (
+                "dynamic header max table entries",
+                Box::new(move |b: &mut Vec<u8>| {
+                    b[512 + 28..512 + 32].copy_from_slice(&1u32.to_be_bytes());
+                    reseal_header(b);
+                }),
+            ),
+            (
+                "dynamic header checksum",
+                Box::new(|b: &mut Vec<u8>| b[512 + 700] ^= 1),
+            ),
+            (
+                "footer data offset",
+                Box::new(|b: &mut Vec<u8>| {
+                    let n = b.len();
+                    for at in [0, n - FOOTER_SIZE] {
+                        b[at + 16..at + 24].copy_from_slice(&(u64::MAX - 4).to_be_bytes());
+                        seal_footer(&mut b[at..at + FOOTER_SIZE]);
+                    }
+                }),
+            ),
+        ];
+        for (field, damage) in cases {
+            let mut bytes = dynamic(None);
+            damage(&mut bytes);
+            let reg = registry(&[("/h.vhd", bytes)]);
+            let e = reg
+                .open_as("vhd", Path::new("/h.vhd"), OpenFlags::READ_ONLY)
+                .unwrap_err();
+            assert_eq!(e.context().field.as_deref(), Some(field), "{e}");
+            assert_eq!(e.context().path.as_deref(), Some(Path::new("/h.vhd")));
+        }
+        // Short and empty files are not VHDs, and never a panic.
+        for len in [0, 8, 511, 512] {
+            let reg = registry(&[("/s.vhd", vec![0; len])]);
+            assert!(
+                reg.open_as("vhd", Path::new("/s.vhd"), OpenFlags::READ_ONLY)
+                    .is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn writing_is_refused_and_capabilities_say_read_only() {
+        let reg = registry(&[("/d.vhd", dynamic(None))]);
+        let e = reg
+            .open(Path::new("/d.vhd"), OpenFlags::empty())
+            .unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotSupported);
+        assert!(e.to_string().contains("/d.vhd"), "{e}");
+        assert!(!VhdBackend.capabilities().contains(Capabilities::WRITE));
+        let img = reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
+        assert_eq!(
+            img.set_open_flags(OpenFlags::empty()).unwrap_err().kind(),
+            ErrorKind::NotSupported
+        );
+        assert_eq!(
+            img.write_at(0, &[1]).unwrap_err().kind(),
+            ErrorKind::NotSupported
+        );
+    }
+
+    #[test]
+    fn a_child_reads_through_its_parent_and_checks_its_id() {
+        let mut parent: Vec<u8> = vec![0x77; 2 * BLOCK as usize];
+        parent.extend(footer(2, 2 * u64::from(BLOCK), u64::MAX, 5));
+        let reg = registry(&[("/c.vhd", dynamic(Some(5))), ("/p.vhd", parent.clone())]);
+        let disk = Disk::open(&reg, Path::new("/c.vhd"), &DiskOptions::default()).unwrap();
+        let mut b = vec![0u8; 2 * BLOCK as usize];
+        disk.read_at(0, &mut b).unwrap();
+        assert!(b[..512].iter().all(|&x| x == 1));
+        assert!(
+            b[512..1024].iter().all(|&x| x == 0x77),
+            "bit clear: the parent's"
+        );
+        assert!(b[1024..1536].iter().all(|&x| x == 3));
+        assert!(b[1536..].iter().all(|&x| x == 0x77));
+        // A parent with another unique ID is refused as a mismatch.
+        let reg = registry(&[("/c.vhd", dynamic(Some(6))), ("/p.vhd", parent)]);
+        let e = Disk::open(&reg, Path::new("/c.vhd"), &DiskOptions::default()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::ParentMismatch, "{e}");
+        // No parent at all: NotFound naming where it looked.
+        let reg = registry(&[("/c.vhd", dynamic(Some(5)))]);
+        let e = Disk::open(&reg, Path::new("/c.vhd"), &DiskOptions::default()).unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::NotFound, "{e}");
+        assert!(e.to_string().contains("p.vhd"), "{e}");
+    }
+}
