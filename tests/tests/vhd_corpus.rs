@@ -153,3 +153,77 @@ fn opening_for_writing_is_refused() {
     assert!(e.to_string().contains("dynamic.vhd"), "{e}");
     assert!(e.to_string().contains("read-only"), "{e}");
 }
+
+/// Every corpus VHD whose file is under 32 MiB, truncated at many lengths and with single bytes
+/// of its footer, dynamic header, BAT and first block changed, opens or fails with a typed
+/// error, and what opens reads whole without a panic (mutated images may read other bytes;
+/// they must not crash, hang or allocate without bound).
+#[test]
+fn damaged_and_truncated_corpus_images_never_panic() {
+    use std::sync::Arc;
+    use vd_core::{MemFileSystem, MemStorage, OpenFlags};
+    let mut tried = 0;
+    for case in expected() {
+        if case["virtual_size"].as_u64().unwrap() > 300 << 20
+            || case.get("parent").is_some_and(|p| !p.is_null())
+        {
+            continue;
+        }
+        let file = case["file"].as_str().unwrap();
+        let bytes = vd_tests::corpus::read(&format!("vhd/{file}"));
+        let n = bytes.len();
+        if n > 32 << 20 {
+            continue;
+        }
+        // Each damaged copy is made when it is tried, never all at once.
+        let cuts = [
+            0,
+            1,
+            511,
+            512,
+            513,
+            1024,
+            1535,
+            1536,
+            2048,
+            n / 2,
+            n - 513,
+            n - 512,
+            n - 511,
+            n - 1,
+        ];
+        let mut spots: Vec<usize> = (0..2048).step_by(37).collect();
+        // Bytes of the footer copy, the dynamic header, the BAT and the end footer.
+        spots.extend((n.saturating_sub(512)..n).step_by(23));
+        let variants = cuts
+            .into_iter()
+            .map(|cut| bytes[..cut.min(n)].to_vec())
+            .chain(
+                spots
+                    .into_iter()
+                    .flat_map(|at| [0x01u8, 0x80, 0xFF].map(|x| (at, x)))
+                    .map(|(at, x)| {
+                        let mut v = bytes.clone();
+                        v[at] ^= x;
+                        v
+                    }),
+            );
+        for v in variants {
+            let fs = Arc::new(MemFileSystem::new());
+            fs.insert("/m.vhd", Arc::new(MemStorage::from_bytes(v)));
+            let reg = Registry::builtin_with_provider(fs);
+            if let Ok(img) = reg.open_as("vhd", Path::new("/m.vhd"), OpenFlags::READ_ONLY) {
+                let mut buf = vec![0u8; 1 << 20];
+                let mut pos = 0;
+                while pos < img.size() {
+                    let k = (img.size() - pos).min(buf.len() as u64) as usize;
+                    let _ = img.read_at(pos, &mut buf[..k]);
+                    pos += k as u64;
+                }
+                let _ = img.map(0, img.size());
+            }
+            tried += 1;
+        }
+    }
+    assert!(tried > 1000, "{tried}");
+}

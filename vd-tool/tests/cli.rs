@@ -113,6 +113,34 @@ fn probe_tells_raw_vhdx_and_vhd_apart() {
     }
 }
 
+/// `info` on a VHD: the format, the footer's current size (not the CHS product) and the
+/// footer's and dynamic header's facts; a write command is refused by the read-only backend.
+#[test]
+fn info_reports_vhd_facts_and_writes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("dynamic.vhd");
+    vd_tests::corpus::decompress("vhd/dissect.hypervisor/dynamic.vhd.gz", &img);
+    let v = json(&vd(&["info", "--output", "json", s(&img)]));
+    assert_eq!(v["format"], "vhd");
+    assert_eq!(v["virtual_size"], 10 << 20);
+    assert_eq!(v["uuid"], "4b6a0d04-f946-d74e-836f-d3dc87e1816b");
+    let fs = &v["format_specific"];
+    assert_eq!(fs["disk_type"], "dynamic", "{v}");
+    assert_eq!(fs["creator_application"], "win ", "{v}");
+    assert_eq!(fs["dynamic"]["block_size"], 2 << 20, "{v}");
+    assert_eq!(fs["dynamic"]["blocks_allocated"], 3, "{v}");
+    let before = std::fs::read(&img).unwrap();
+    let o = vd(&["io", "-c", "write 0 512", s(&img)]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("read-only"), "{err}");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "the image is unchanged"
+    );
+}
+
 #[test]
 fn info_reports_raw_facts() {
     let dir = tempfile::tempdir().unwrap();
