@@ -45,9 +45,10 @@ use flag_cell::Flags;
 use uuid::Uuid;
 use vd_core::linkme::distributed_slice;
 use vd_core::{
-    BACKENDS, Backend, ByteSize, Capabilities, Confidence, Error, ErrorKind, Extent, Facts,
-    Geometry, Image, ImageFlags, LinkageMismatch, MappedExtent, Mapping, OpenFlags, OpenRequest,
-    Result, Storage, StorageProvider, Warning, check_range, push_extent,
+    BACKENDS, Backend, BlockRuns, ByteSize, Capabilities, Confidence, Error, ErrorKind, Extent,
+    Facts, Geometry, Image, ImageFlags, LayoutRegion, LinkageMismatch, MappedExtent, Mapping,
+    OpenFlags, OpenRequest, RegionKind, Result, Storage, StorageProvider, Warning, check_range,
+    push_extent,
 };
 
 use format::{
@@ -764,7 +765,58 @@ impl Image for VhdImage {
             .as_ref()
             .map(|d| u64::from(d.header.block_size))
     }
+
+    /// A fixed image: the data, then the footer. A dynamic one: the footer copy, the dynamic
+    /// header, the BAT, each block's sector bitmap and data (in runs), the parent locators'
+    /// data and the footer.
+    fn layout(&self) -> Result<Vec<LayoutRegion>> {
+        let footer = LayoutRegion::new(RegionKind::Header, self.footer_offset, FOOTER_SIZE as u64)
+            .with_label("footer");
+        let Some(d) = &self.dynamic else {
+            return Ok(vec![
+                LayoutRegion::new(RegionKind::Payload, 0, self.size())
+                    .with_label("the virtual disk"),
+                footer,
+            ]);
+        };
+        let mut out = vec![
+            LayoutRegion::new(RegionKind::Header, 0, FOOTER_SIZE as u64)
+                .with_copy(2)
+                .with_label("footer copy"),
+            LayoutRegion::new(RegionKind::Header, d.header_offset, HEADER_SIZE as u64)
+                .with_label("dynamic disk header"),
+            LayoutRegion::new(
+                RegionKind::Bat,
+                d.header.table_offset,
+                u64::from(d.header.max_table_entries).saturating_mul(4),
+            ),
+        ];
+        for l in &d.header.locators {
+            out.push(
+                LayoutRegion::new(RegionKind::Other, l.offset, u64::from(l.length))
+                    .with_label(format!("parent locator {}", l.code.escape_ascii())),
+            );
+        }
+        let mut runs = BlockRuns::new(MAX_BLOCK_RUNS);
+        for &e in d.bat.iter().filter(|&&e| e != UNALLOCATED) {
+            // Checked at open: the bitmap and the block lie inside the file.
+            let at = u64::from(e).saturating_mul(SECTOR);
+            runs.add(RegionKind::SectorBitmap, at, d.bitmap_size);
+            runs.add(
+                RegionKind::Payload,
+                at.saturating_add(d.bitmap_size),
+                u64::from(d.header.block_size),
+            );
+        }
+        out.extend(runs.finish());
+        out.push(footer.with_copy(1));
+        out.sort_by_key(|r| r.offset);
+        Ok(out)
+    }
 }
+
+/// The most block runs [`Image::layout`] lists before joining nearby ones.
+const MAX_BLOCK_RUNS: usize = 4096;
 
 /// What `info` and `dump` show of a VHD.
 #[derive(serde::Serialize)]
@@ -939,6 +991,23 @@ mod tests {
         img.read_at(1023, &mut two).unwrap();
         assert_eq!(two, [0, 3]);
         assert!(img.warnings().is_empty());
+        let layout: Vec<(RegionKind, u64, u64)> = img
+            .layout()
+            .unwrap()
+            .iter()
+            .map(|r| (r.kind, r.offset, r.length))
+            .collect();
+        assert_eq!(
+            layout,
+            [
+                (RegionKind::Header, 0, 512),
+                (RegionKind::Header, 512, 1024),
+                (RegionKind::Bat, 1536, 8),
+                (RegionKind::SectorBitmap, 2048, 512),
+                (RegionKind::Payload, 2560, 4096),
+                (RegionKind::Header, 6656, 512),
+            ]
+        );
     }
 
     #[test]
