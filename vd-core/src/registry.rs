@@ -166,7 +166,7 @@ impl Registry {
     /// The backend called `name`; `NotFound` listing the formats there are when there is none.
     ///
     /// # Errors
-    /// `NotFound`: `unknown format "qcow2"; the formats are: vhdx, raw` (in probe order).
+    /// `NotFound`: `unknown format "qcow2"; the formats are: vhdx, vhd, raw` (in probe order).
     pub fn backend(&self, name: &str) -> Result<&Arc<dyn Backend>> {
         self.get(name).ok_or_else(|| {
             let names: Vec<&str> = self.backends.iter().map(|b| b.name()).collect();

@@ -11,6 +11,7 @@ use clap::FromArgMatches;
 
 // Link the backends into the static table.
 use backend_raw as _;
+use backend_vhd as _;
 use backend_vhdx as _;
 
 mod cli;

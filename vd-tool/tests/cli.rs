@@ -51,7 +51,7 @@ fn qemu_img() -> &'static str {
 }
 
 #[test]
-fn backends_lists_vhdx_before_raw() {
+fn backends_lists_vhdx_then_vhd_then_raw() {
     let v = json(&vd(&["backends", "--output", "json"]));
     let names: Vec<&str> = v
         .as_array()
@@ -59,14 +59,15 @@ fn backends_lists_vhdx_before_raw() {
         .iter()
         .map(|b| b["name"].as_str().expect("name"))
         .collect();
-    assert_eq!(names, ["vhdx", "raw"]);
+    assert_eq!(names, ["vhdx", "vhd", "raw"]);
     assert_eq!(v[0]["schema_version"], 1);
     let human = stdout(&vd(&["backends"]));
-    assert!(human.find("vhdx").unwrap() < human.find("raw").unwrap());
+    assert!(human.find("vhdx").unwrap() < human.find("vhd ").unwrap());
+    assert!(human.find("vhd ").unwrap() < human.find("raw").unwrap());
 }
 
 #[test]
-fn probe_tells_raw_from_vhdx() {
+fn probe_tells_raw_vhdx_and_vhd_apart() {
     let dir = tempfile::tempdir().unwrap();
     let random = dir.path().join("random.bin");
     // Deterministic pseudo-random bytes (not starting with any signature).
@@ -88,11 +89,18 @@ fn probe_tells_raw_from_vhdx() {
         .status()
         .unwrap();
     assert!(st.success());
+    // A fixed VHD (footer only at the end) and a dynamic one (footer copy at 0) of the corpus.
+    let fixed_vhd = dir.path().join("fixed.vhd");
+    vd_tests::corpus::decompress("vhd/dissect.hypervisor/fixed.vhd.gz", &fixed_vhd);
+    let dynamic_vhd = dir.path().join("dynamic.vhd");
+    vd_tests::corpus::decompress("vhd/dissect.hypervisor/dynamic.vhd.gz", &dynamic_vhd);
 
     for (file, backend, confidence) in [
         (&random, "raw", "fallback"),
         (&text, "raw", "fallback"),
         (&vhdx, "vhdx", "certain"),
+        (&fixed_vhd, "vhd", "certain"),
+        (&dynamic_vhd, "vhd", "certain"),
     ] {
         let v = json(&vd(&["probe", "--output", "json", s(file)]));
         assert_eq!(v["backend"], backend, "{}", file.display());
@@ -103,6 +111,34 @@ fn probe_tells_raw_from_vhdx() {
             format!("{}: {backend} ({confidence})", file.display())
         );
     }
+}
+
+/// `info` on a VHD: the format, the footer's current size (not the CHS product) and the
+/// footer's and dynamic header's facts; a write command is refused by the read-only backend.
+#[test]
+fn info_reports_vhd_facts_and_writes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("dynamic.vhd");
+    vd_tests::corpus::decompress("vhd/dissect.hypervisor/dynamic.vhd.gz", &img);
+    let v = json(&vd(&["info", "--output", "json", s(&img)]));
+    assert_eq!(v["format"], "vhd");
+    assert_eq!(v["virtual_size"], 10 << 20);
+    assert_eq!(v["uuid"], "4b6a0d04-f946-d74e-836f-d3dc87e1816b");
+    let fs = &v["format_specific"];
+    assert_eq!(fs["disk_type"], "dynamic", "{v}");
+    assert_eq!(fs["creator_application"], "win ", "{v}");
+    assert_eq!(fs["dynamic"]["block_size"], 2 << 20, "{v}");
+    assert_eq!(fs["dynamic"]["blocks_allocated"], 3, "{v}");
+    let before = std::fs::read(&img).unwrap();
+    let o = vd(&["io", "-c", "write 0 512", s(&img)]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("read-only"), "{err}");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "the image is unchanged"
+    );
 }
 
 #[test]

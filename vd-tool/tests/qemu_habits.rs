@@ -191,7 +191,7 @@ fn unknown_formats_list_the_formats() {
     let img = dir.path().join("a.raw");
     std::fs::write(&img, [0u8; 4096]).unwrap();
     let out = dir.path().join("out");
-    let says = "unknown format \"qcow2\"; the formats are: vhdx, raw";
+    let says = "unknown format \"qcow2\"; the formats are: vhdx, vhd, raw";
     for args in [
         vec!["convert", "-O", "qcow2", s(&img), s(&out)],
         vec!["convert", "-f", "qcow2", "-O", "raw", s(&img), s(&out)],
