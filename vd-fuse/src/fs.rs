@@ -65,7 +65,7 @@ impl DiskFs {
 
     fn file_attr(&self, index: usize, file: &File) -> FileAttr {
         FileAttr {
-            ino: INodeNo(index as u64 + 2),
+            ino: ino_of(index),
             size: file.length,
             blocks: file.length.div_ceil(512),
             perm: if self.writable { 0o644 } else { 0o444 },
@@ -80,7 +80,7 @@ impl DiskFs {
             return Some(self.dir_attr());
         }
         let file = self.file(ino)?;
-        let index = usize::try_from(u64::from(ino) - 2).ok()?;
+        let index = usize::try_from(u64::from(ino).checked_sub(2)?).ok()?;
         Some(self.file_attr(index, file))
     }
 
@@ -290,13 +290,12 @@ impl Filesystem for DiskFs {
             (INodeNo::ROOT, FileType::Directory, ".."),
         ]
         .into_iter()
-        .chain(self.files.iter().enumerate().map(|(i, f)| {
-            (
-                INodeNo(i as u64 + 2),
-                FileType::RegularFile,
-                f.name.as_str(),
-            )
-        }));
+        .chain(
+            self.files
+                .iter()
+                .enumerate()
+                .map(|(i, f)| (ino_of(i), FileType::RegularFile, f.name.as_str())),
+        );
         for (next, (ino, kind, name)) in (1u64..).zip(entries) {
             if next <= offset {
                 continue;
@@ -330,7 +329,14 @@ impl Filesystem for DiskFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let blocks = self.disk.size().div_ceil(4096);
-        let files = self.files.len() as u64 + 1;
+        let files = u64::try_from(self.files.len())
+            .unwrap_or(u64::MAX)
+            .saturating_add(1);
         reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
     }
+}
+
+/// The inode of file `index`: 1 is the root directory, the files follow from 2.
+fn ino_of(index: usize) -> INodeNo {
+    INodeNo(u64::try_from(index).unwrap_or(u64::MAX).saturating_add(2))
 }

@@ -42,6 +42,18 @@
 
 #![forbid(unsafe_code)]
 #![deny(missing_docs)]
+// Partition tables and FUSE requests are untrusted input: no unchecked arithmetic, indexing,
+// unwrap or panic in library code (tests may).
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing,
+        clippy::arithmetic_side_effects
+    )
+)]
 
 use std::io;
 use std::os::unix::fs::MetadataExt;

@@ -331,7 +331,10 @@ fn gpt(
     sector: u64,
     table: &mut Table,
 ) -> io::Result<()> {
-    let last_lba = size / sector - 1;
+    // A disk smaller than one sector has no GPT.
+    let Some(last_lba) = size.checked_div(sector).and_then(|n| n.checked_sub(1)) else {
+        return Ok(());
+    };
     let header = match gpt_header(read, size, sector, 1)? {
         Ok(header) => header,
         Err(primary) => match gpt_header(read, size, sector, last_lba)? {
@@ -365,9 +368,8 @@ fn gpt(
             ));
             continue;
         }
-        // `last - first + 1` cannot overflow: first <= last, and a count of 2^64 would need
-        // first = 0 and last = u64::MAX, which checked_add catches.
-        match (last - first).checked_add(1) {
+        // A count of 2^64 (first = 0, last = u64::MAX) does not fit: checked_add catches it.
+        match last.checked_sub(first).and_then(|n| n.checked_add(1)) {
             Some(count) => add(table, number, first, count, sector, size),
             None => table.warnings.push(format!(
                 "partition {number}: sector numbers overflow; skipped"
@@ -385,7 +387,8 @@ struct CheckedGpt {
 
 /// `usize` from a value already bounded by [`MAX_GPT_ARRAY_BYTES`].
 fn usize_of(value: u64) -> usize {
-    usize::try_from(value).expect("bounded by MAX_GPT_ARRAY_BYTES, which fits in usize")
+    // Bounded by MAX_GPT_ARRAY_BYTES, which fits in usize; were it not, no chunk would fit.
+    usize::try_from(value).unwrap_or(usize::MAX)
 }
 
 /// Reads and checks the GPT header at `lba` and its entry array: the outer error is the
@@ -433,7 +436,8 @@ fn gpt_header(
             "entry size {entry_size} is not a power of two in 128..={MAX_GPT_ENTRY_SIZE}"
         )));
     }
-    let array_bytes = u64::from(header.entry_count.get()) * u64::from(entry_size);
+    // Two u32 values: the product fits in u64.
+    let array_bytes = u64::from(header.entry_count.get()).saturating_mul(u64::from(entry_size));
     if array_bytes > MAX_GPT_ARRAY_BYTES {
         return Ok(Err(format!(
             "entry array of {array_bytes} bytes exceeds the limit of {MAX_GPT_ARRAY_BYTES}"
@@ -475,6 +479,19 @@ mod tests {
 
     fn table_of(disk: &[u8], sector: u32) -> Table {
         read_table(&mut reader(disk), disk.len() as u64, sector).unwrap()
+    }
+
+    #[test]
+    fn a_disk_smaller_than_a_sector_has_no_partitions() {
+        for len in [0, 1, 511] {
+            let t = table_of(&vec![0u8; len], 512);
+            assert!(t.partitions.is_empty(), "{len}: {:?}", t.partitions);
+        }
+        // A protective MBR on a disk too small for a GPT header behind it.
+        let mut disk = vec![0u8; 512];
+        mbr_entry(&mut disk, 0, 0, 0xee, 1, 100);
+        let t = table_of(&disk, 512);
+        assert!(t.partitions.is_empty(), "{:?}", t.partitions);
     }
 
     fn mbr_entry(disk: &mut [u8], at: usize, slot: usize, kind: u8, start: u32, sectors: u32) {

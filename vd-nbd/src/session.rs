@@ -364,7 +364,7 @@ impl<S: Read + Write> Conn<'_, S> {
                     .any(|q| *q == b"base:" || *q == BASE_ALLOCATION.as_bytes())
         };
         if matches {
-            let mut body = Vec::with_capacity(4 + BASE_ALLOCATION.len());
+            let mut body = Vec::with_capacity(BASE_ALLOCATION.len().saturating_add(4));
             // The one context's id when selected; lists carry 0.
             body.extend_from_slice(&u32::from(set).to_be_bytes());
             body.extend_from_slice(BASE_ALLOCATION.as_bytes());
@@ -539,9 +539,10 @@ impl<S: Read + Write> Conn<'_, S> {
         } else {
             MAX_EXTENTS
         };
-        let mut body = Vec::with_capacity(4usize.saturating_add(8 * extents.len().min(limit)));
+        let mut body =
+            Vec::with_capacity(4usize.saturating_add(extents.len().min(limit).saturating_mul(8)));
         body.extend_from_slice(&1u32.to_be_bytes());
-        let mut count = 0;
+        let mut count = 0usize;
         for e in extents.iter().filter(|e| e.length > 0).take(limit) {
             // Extents lie inside the request, whose length is a u32.
             let Ok(length) = u32::try_from(e.length) else {
@@ -553,7 +554,7 @@ impl<S: Read + Write> Conn<'_, S> {
             };
             body.extend_from_slice(&length.to_be_bytes());
             body.extend_from_slice(&state.to_be_bytes());
-            count += 1;
+            count = count.saturating_add(1);
         }
         if count == 0 {
             return self.error(req, EIO, "the disk mapped nothing");
