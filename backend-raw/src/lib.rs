@@ -36,7 +36,7 @@ use vd_core::{
     BACKENDS, Backend, ByteSize, Capabilities, CheckReport, Confidence, CreateOption,
     CreateRequest, Error, Extent, Facts, Image, ImageFlags, LayoutRegion, MappedExtent, Mapping,
     OpenFlags, OpenMode, OpenRequest, OptionKind, Progress, RegionKind, Result, Storage,
-    StorageProvider, check_range, parse_create_options, push_extent,
+    StorageProvider, check_range, kind_runs, parse_create_options, push_extent,
 };
 
 /// The raw backend.
@@ -289,18 +289,7 @@ impl Image for RawImage {
 
     /// Data runs and holes of the file; holes are [`ExtentKind::Zero`](vd_core::ExtentKind::Zero).
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let mut out: Vec<Extent> = Vec::new();
-        for e in self.map_file(offset, len)? {
-            let e = e.extent();
-            // The runs tile [offset, offset + len), so their sum is at most len.
-            match out.last_mut() {
-                Some(last) if last.kind == e.kind => {
-                    last.length = last.length.saturating_add(e.length);
-                }
-                _ => out.push(e),
-            }
-        }
-        Ok(out)
+        Ok(kind_runs(self.map_file(offset, len)?))
     }
 
     /// Data runs (at the identical file offset) and holes ([`Mapping::Zero`]) of the file, found

@@ -47,8 +47,8 @@ use vd_core::linkme::distributed_slice;
 use vd_core::{
     BACKENDS, Backend, BlockRuns, ByteSize, Capabilities, Confidence, Error, ErrorKind, Extent,
     Facts, Geometry, Image, ImageFlags, LayoutRegion, LinkageMismatch, MappedExtent, Mapping,
-    OpenFlags, OpenRequest, RegionKind, Result, Storage, StorageProvider, Warning, check_range,
-    push_extent,
+    OpenFlags, OpenRequest, ParentCandidates, RegionKind, Result, Storage, StorageProvider,
+    Warning, check_range, kind_runs, push_extent,
 };
 
 use format::{
@@ -511,13 +511,6 @@ impl VhdImage {
 /// Seconds between 1970-01-01 and 2000-01-01, the VHD epoch.
 const VHD_EPOCH: u64 = 946_684_800;
 
-/// The parts of a path written with `\` or `/`, without empty and `.` parts.
-fn path_parts(p: &str) -> Vec<&str> {
-    p.split(['\\', '/'])
-        .filter(|s| !s.is_empty() && *s != ".")
-        .collect()
-}
-
 impl Image for VhdImage {
     fn format(&self) -> &'static str {
         "vhd"
@@ -636,50 +629,22 @@ impl Image for VhdImage {
     /// Unicode Name beside the child.
     fn parent_candidates(&self) -> Result<Vec<PathBuf>> {
         let header = self.header("parent lookup of images without a parent")?;
-        let dir = self.path.parent().unwrap_or_else(|| Path::new(""));
-        let mut out: Vec<PathBuf> = Vec::new();
-        let mut push = |p: PathBuf| {
-            if !out.contains(&p) {
-                out.push(p);
-            }
-        };
-        let mut names: Vec<String> = Vec::new();
+        let mut c = ParentCandidates::new(&self.path, self.provider.as_ref());
         let mut locators = self.locator_paths();
         // Relative first: they survive moving the pair together.
         locators.sort_by_key(|(code, _)| code != "W2ru");
         for (code, p) in &locators {
-            let parts = path_parts(p);
-            if let Some(last) = parts.last() {
-                names.push((*last).to_string());
-            }
             match code.as_str() {
-                "W2ru" => {
-                    let rel: PathBuf = parts.iter().collect();
-                    push(self.provider.resolve(&self.path, &rel));
+                "W2ru" => c.relative(p),
+                "W2ku" => c.windows_absolute(p),
+                _ => {
+                    c.host(PathBuf::from(p));
+                    c.name(p);
                 }
-                "W2ku" => {
-                    if let Some(first) = parts.first()
-                        && first.len() == 2
-                        && first.ends_with(':')
-                    {
-                        let mut m = PathBuf::from("/mnt");
-                        m.push(first.trim_end_matches(':').to_ascii_lowercase());
-                        m.extend(parts.iter().skip(1));
-                        push(m);
-                    }
-                }
-                _ => push(PathBuf::from(p)),
             }
         }
-        names.extend(
-            path_parts(&header.parent_unicode_name)
-                .last()
-                .map(|s| s.to_string()),
-        );
-        for n in names {
-            push(dir.join(n));
-        }
-        Ok(out)
+        c.name(&header.parent_unicode_name);
+        Ok(c.into_paths())
     }
 
     /// The parent must be a VHD whose unique ID is this child's Parent Unique ID. The parent
@@ -720,18 +685,7 @@ impl Image for VhdImage {
     }
 
     fn map(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
-        let mut out: Vec<Extent> = Vec::new();
-        for e in self.map_file(offset, len)? {
-            let e = e.extent();
-            match out.last_mut() {
-                // The runs tile the range, so their sum is at most len.
-                Some(last) if last.kind == e.kind => {
-                    last.length = last.length.saturating_add(e.length);
-                }
-                _ => out.push(e),
-            }
-        }
-        Ok(out)
+        Ok(kind_runs(self.map_file(offset, len)?))
     }
 
     /// A fixed image is one data run at the same offsets. In a dynamic image, sectors whose

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
-use vd_core::{Error, Result, StorageProvider};
+use vd_core::{Error, ParentCandidates, Result, StorageProvider};
 use zerocopy::little_endian::{U16, U32};
 use zerocopy::{FromBytes, IntoBytes};
 
@@ -203,53 +203,16 @@ pub(crate) fn candidate_paths(
     image: &Path,
     provider: &dyn StorageProvider,
 ) -> Vec<PathBuf> {
-    let dir = image
-        .parent()
-        .unwrap_or_else(|| Path::new(""))
-        .to_path_buf();
-    let mut out: Vec<PathBuf> = Vec::new();
-    let mut push = |p: PathBuf| {
-        if !out.contains(&p) {
-            out.push(p);
-        }
-    };
-    let mut basenames = Vec::new();
+    let mut c = ParentCandidates::new(image, provider);
     if let Some(rel) = loc.get("relative_path") {
-        let parts: Vec<&str> = rel
-            .split(['\\', '/'])
-            .filter(|s| !s.is_empty() && *s != ".")
-            .collect();
-        let relative: PathBuf = parts.iter().collect();
-        push(provider.resolve(image, &relative));
-        if let Some(b) = parts.last() {
-            basenames.push((*b).to_string());
-        }
+        c.relative(rel);
     }
     for key in ["volume_path", "absolute_win32_path"] {
-        let Some(v) = loc.get(key) else { continue };
-        let v = v.strip_prefix(r"\\?\").unwrap_or(v);
-        let parts: Vec<&str> = v.split('\\').filter(|s| !s.is_empty()).collect();
-        // A drive letter maps to /mnt/<letter> (WSL's convention); a volume GUID cannot be
-        // mapped, so only its file name is tried next to the child.
-        if let Some(first) = parts.first()
-            && first.len() == 2
-            && first.ends_with(':')
-        {
-            let mut p = PathBuf::from("/mnt");
-            p.push(first.trim_end_matches(':').to_ascii_lowercase());
-            for part in parts.iter().skip(1) {
-                p.push(part);
-            }
-            push(p);
-        }
-        if let Some(b) = parts.last() {
-            basenames.push((*b).to_string());
+        if let Some(v) = loc.get(key) {
+            c.windows_absolute(v);
         }
     }
-    for b in basenames {
-        push(dir.join(b));
-    }
-    out
+    c.into_paths()
 }
 
 #[cfg(test)]

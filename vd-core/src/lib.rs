@@ -42,6 +42,7 @@
 )]
 
 mod backend;
+mod candidates;
 pub mod copy;
 mod disk;
 mod error;
@@ -69,6 +70,7 @@ mod storage;
 pub mod testing;
 
 pub use backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest};
+pub use candidates::ParentCandidates;
 pub use disk::{Disk, DiskExtent, DiskOptions, MAX_CHAIN_DEPTH};
 pub use error::{Context, Error, ErrorKind, LinkageMismatch, Result, error_chain};
 pub use flags::{Capabilities, ImageFlags, OpenFlags, flag_names};
@@ -76,7 +78,7 @@ pub use geometry::Geometry;
 pub use image::{Extent, ExtentKind, Image, Progress, check_parent_identity, check_range};
 pub use layout::{BlockRuns, LayoutRegion, RegionKind};
 pub use lock::LockConflict;
-pub use mapping::{MappedExtent, Mapping, merge_extents, push_extent};
+pub use mapping::{MappedExtent, Mapping, kind_runs, merge_extents, push_extent};
 pub use numbers::{BYTE_SYNTAX, NumberError, SIZE_SYNTAX, parse_byte, parse_size};
 pub use options::{
     CreateOption, CreateOptionValues, OptionKind, OptionValue, parse_create_options,

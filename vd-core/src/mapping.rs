@@ -103,6 +103,24 @@ pub fn merge_extents(extents: impl IntoIterator<Item = MappedExtent>) -> Vec<Map
     out
 }
 
+/// What [`Image::map`](crate::Image::map) reports for the runs `map_file` found: their kinds,
+/// adjacent runs of one kind merged whatever their file offsets. A backend whose `map_file` is
+/// its primary map derives `map` from it with this.
+pub fn kind_runs(mapped: impl IntoIterator<Item = MappedExtent>) -> Vec<Extent> {
+    let mut out: Vec<Extent> = Vec::new();
+    for e in mapped {
+        let e = e.extent();
+        match out.last_mut() {
+            // Runs of one map tile its range, so their sum fits in u64.
+            Some(last) if last.kind == e.kind => {
+                last.length = last.length.saturating_add(e.length);
+            }
+            _ => out.push(e),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
