@@ -304,7 +304,8 @@ pub fn create(req: &CreateRequest<'_>) -> Result<()> {
         block_size: o.block_size,
         fixed: o.fixed,
         virtual_size: o.size,
-        disk_id: Uuid::new_v4(),
+        // The image UUID asked for (convert keeps the source's), else a new one.
+        disk_id: req.params.uuid.unwrap_or_else(Uuid::new_v4),
         logical_sector_size: o.logical_sector_size,
         physical_sector_size: o.physical_sector_size,
         locator,

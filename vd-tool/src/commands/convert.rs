@@ -22,6 +22,7 @@ use vd_core::{
 use crate::cli::{ConvertArgs, Output};
 use crate::commands::{
     AlignedBuf, open_disk_with, options_help, parse_options, parse_size, progress_bar,
+    rounding_note,
 };
 use crate::render::{emit, sanitize};
 
@@ -134,6 +135,25 @@ fn refuse_overwriting_a_source(registry: &Registry, src: &Disk, dst: &Path) -> a
         }
     }
     Ok(())
+}
+
+/// The image UUID the new image keeps: the source's (its top layer's, for a chain), in every
+/// output format that stores one, as Hyper-V and Azure expect of a converted disk. None (a new
+/// random one) when the source format has none, or when a layer of the `-B` backing chain has
+/// it already: a differencing image must not share its parent's identity.
+fn kept_uuid(src: &Disk, backing: Option<&Disk>) -> anyhow::Result<Option<uuid::Uuid>> {
+    let id = match src.top().uuid() {
+        Ok(id) => id,
+        Err(e) if e.kind() == vd_core::ErrorKind::NotSupported => return Ok(None),
+        Err(e) => return Err(e).context("reading the source's image UUID"),
+    };
+    let taken = backing.is_some_and(|chain| {
+        chain
+            .layers()
+            .iter()
+            .any(|layer| layer.uuid().is_ok_and(|u| u == id))
+    });
+    Ok((!id.is_nil() && !taken).then_some(id))
 }
 
 /// What to write and where, from the command line.
@@ -406,6 +426,7 @@ pub fn run(registry: &Registry, args: &ConvertArgs, output: Output) -> anyhow::R
             ImageFlags::empty()
         },
         options: parse_options(args.options.as_deref())?,
+        uuid: kept_uuid(&src, backing.as_ref())?,
         ..CreateParams::default()
     };
     let target = Target {
@@ -416,6 +437,17 @@ pub fn run(registry: &Registry, args: &ConvertArgs, output: Output) -> anyhow::R
         backing: args.backing.as_deref().zip(backing.as_ref()),
     };
     let mut sink = open_sink(registry, &target, &params, output)?;
+    if let Sink::Image(img) = &sink
+        && let Some(note) = rounding_note(
+            destination,
+            format,
+            &params.options,
+            size,
+            img.image().size(),
+        )
+    {
+        eprintln!("{note}");
+    }
     let mut pb = progress_bar(args.progress, size);
     let copied = match (&sink, &backing) {
         (Sink::Image(img), Some(base)) => {

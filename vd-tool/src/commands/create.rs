@@ -5,7 +5,7 @@ use serde::Serialize;
 use vd_core::{CreateParams, Disk, ImageFlags, OpenFlags, Registry};
 
 use crate::cli::{CreateArgs, Output};
-use crate::commands::{open_disk_with, options_help, parse_options, parse_size};
+use crate::commands::{open_disk_with, options_help, parse_options, parse_size, rounding_note};
 use crate::render::{emit, sanitize};
 
 #[derive(Debug, Serialize)]
@@ -92,6 +92,9 @@ pub fn run(registry: &Registry, args: &CreateArgs, output: Output) -> anyhow::Re
             .with_context(|| format!("closing {}", file.display()))?;
         size
     };
+    if let Some(note) = rounding_note(file, format, &params.options, size, virtual_size) {
+        eprintln!("{note}");
+    }
     let created = Created {
         file: file.display().to_string(),
         format: format.to_string(),

@@ -132,6 +132,31 @@ pub fn parse_options(s: Option<&str>) -> anyhow::Result<BTreeMap<String, String>
     Ok(map)
 }
 
+/// The note `create` and `convert` print on standard error when the new image is larger than
+/// asked: the backend rounded the size up (the VHD backend does, to a whole MiB, with
+/// `azure=on`; the rule is the backend's, this only reports what it did). None when the size is
+/// the one asked.
+pub fn rounding_note(
+    file: &Path,
+    format: &str,
+    options: &BTreeMap<String, String>,
+    asked: u64,
+    got: u64,
+) -> Option<String> {
+    if got == asked {
+        return None;
+    }
+    let why = match options.get("azure") {
+        Some(v) => format!("{format} with azure={v}"),
+        None => format.to_string(),
+    };
+    Some(format!(
+        "note: {}: virtual size {asked} bytes rounded up to {}, as {why} requires",
+        crate::render::sanitize(&file.display().to_string()),
+        crate::render::human_size(got)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
