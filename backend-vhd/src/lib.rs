@@ -34,6 +34,7 @@
     )
 )]
 
+pub mod azure;
 pub mod format;
 
 use std::io;
