@@ -452,7 +452,7 @@ impl CheckArgs {
     vd-tool create [-f FORMAT] -o help"
 )]
 pub struct CreateArgs {
-    /// Image format (vhdx, raw).
+    /// Image format (vhdx, vhd, raw).
     #[arg(short = 'f', long = "format")]
     pub format: Option<String>,
     /// Format options, `key=value,...`; `-o help` lists each format's options with their
@@ -686,7 +686,7 @@ pub struct ConvertArgs {
     pub out_of_order: bool,
     /// Make the new image a differencing image over BACKING (its format probed): only the
     /// data that differs from BACKING's is written. Needs an output format that has
-    /// differencing images (vhdx).
+    /// differencing images (vhdx, vhd).
     #[arg(short = 'B', long = "backing", value_name = "BACKING")]
     pub backing: Option<PathBuf>,
     /// The source's parent image, bypassing the child's locator; repeat for grandparents.

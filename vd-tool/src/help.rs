@@ -66,6 +66,7 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "vd-tool create -f vhdx disk.vhdx 64G\n\
          vd-tool create -f vhdx -o subformat=fixed,block_size=1M fixed.vhdx 10G\n\
          vd-tool create -f vhdx -b base.vhdx child.vhdx   # a differencing image over base.vhdx\n\
+         vd-tool create -f vhd -o azure=on disk.vhd 30G   # fixed, size rounded up to whole MiB\n\
          vd-tool create -f vhdx -o help                   # the options there are",
     ),
     (
@@ -73,6 +74,7 @@ pub const EXAMPLES: &[(&str, &str)] = &[
         "vd-tool convert -O raw disk.vhdx disk.raw\n\
          vd-tool convert -p -O vhdx -o block_size=1M disk.raw disk.vhdx\n\
          vd-tool convert -O raw child.vhdx flat.raw     # a differencing chain, flattened\n\
+         vd-tool convert -O vhd -o azure=on disk.vhdx azure.vhd  # for Azure: fixed VHD, same UUID\n\
          vd-tool convert -O raw disk.vhdx - | gzip > disk.raw.gz",
     ),
     (
