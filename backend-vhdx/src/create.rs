@@ -341,7 +341,7 @@ pub fn create(req: &CreateRequest<'_>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
+    use std::path::Path;
 
     #[test]
     fn a_fixed_image_parses_with_every_block_present() {
