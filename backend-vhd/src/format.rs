@@ -535,7 +535,12 @@ impl HeaderFields<'_> {
     /// Sets the data length of the locator with platform `code` (the caller has written the
     /// data).
     pub fn set_locator_length(&mut self, code: [u8; 4], length: u32) {
-        for l in self.0.locators.iter_mut().filter(|l| l.platform_code == code) {
+        for l in self
+            .0
+            .locators
+            .iter_mut()
+            .filter(|l| l.platform_code == code)
+        {
             l.platform_data_length = U32::new(length);
         }
     }

@@ -11,7 +11,6 @@
 //! This module writes the file with the format modules only (header, region, metadata, BAT,
 //! locator) and returns; the backend opens the result.
 
-
 use uuid::Uuid;
 use vd_core::{
     CreateOption, CreateRequest, Error, ImageFlags, OptionKind, Result, parse_create_options,

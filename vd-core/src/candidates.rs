@@ -134,5 +134,4 @@ mod tests {
             r"..\x\p.vhdx"
         );
     }
-
 }
