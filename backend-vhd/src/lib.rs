@@ -620,6 +620,13 @@ impl Image for VhdImage {
     /// bitmap bits in memory; [`flush`](Image::flush) stores the bitmaps and the BAT.
     fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
         self.writable()?;
+        {
+            // A fixed image's writes share the lock: they change no metadata.
+            let m = self.meta.read();
+            if m.dynamic.is_none() {
+                return self.at(self.write_fixed(&m, offset, buf));
+            }
+        }
         let mut m = self.meta.write();
         self.at(self.write_with(&mut m, offset, buf))
     }

@@ -76,6 +76,14 @@ impl VhdImage {
         Ok(())
     }
 
+    /// Writes into a fixed image: in place.
+    pub(crate) fn write_fixed(&self, m: &Meta, offset: u64, buf: &[u8]) -> Result<()> {
+        check_range(offset, buf.len() as u64, m.footer.current_size)?;
+        self.storage
+            .write_all_at(offset, buf)
+            .map_err(|e| Error::io("write failed", e).with_offset(offset))
+    }
+
     pub(crate) fn write_with(&self, m: &mut Meta, offset: u64, buf: &[u8]) -> Result<()> {
         let len = buf.len() as u64;
         check_range(offset, len, m.footer.current_size)?;
@@ -83,10 +91,7 @@ impl VhdImage {
             return Ok(());
         }
         if m.dynamic.is_none() {
-            return self
-                .storage
-                .write_all_at(offset, buf)
-                .map_err(|e| Error::io("write failed", e).with_offset(offset));
+            return self.write_fixed(m, offset, buf);
         }
         // Within the disk, whose size is a whole number of sectors: no overflow.
         let end = offset.saturating_add(len);
