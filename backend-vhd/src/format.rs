@@ -359,6 +359,222 @@ pub fn decode_locator(code: &[u8; 4], data: &[u8]) -> Option<String> {
     }
 }
 
+/// The footer's Features field: bit 1 (reserved) is always set.
+pub const FEATURES_RESERVED: u32 = 2;
+/// The footer's and the dynamic header's format version, 1.0.
+pub const VERSION_1_0: u32 = 0x0001_0000;
+/// The largest virtual size vd creates: 2040 GiB, as Hyper-V and QEMU (the BAT addresses the
+/// file in 32-bit sector numbers, so no image file can exceed 2 TiB).
+pub const MAX_CREATE_SIZE: u64 = 2040 << 30;
+
+/// Stores the checksum of a footer (`checksum_at` 64) or a dynamic header (36) in `bytes`.
+pub fn seal(bytes: &mut [u8], checksum_at: usize) {
+    let sum = checksum(bytes, checksum_at);
+    if let Some(dst) = bytes.get_mut(checksum_at..checksum_at.saturating_add(4)) {
+        dst.copy_from_slice(&sum.to_be_bytes());
+    }
+}
+
+/// What a new footer holds.
+#[derive(Debug, Clone)]
+pub struct NewFooter {
+    /// Fixed, dynamic or differencing.
+    pub disk_type: DiskType,
+    /// The virtual size.
+    pub size: u64,
+    /// Cylinders, heads and sectors per track.
+    pub chs: (u16, u8, u8),
+    /// The image's unique ID.
+    pub unique_id: Uuid,
+    /// Seconds since 2000-01-01 00:00:00 UTC.
+    pub time_stamp: u32,
+}
+
+/// A sealed footer: creator `vd  ` (so that QEMU takes the current size, not the CHS product,
+/// as the size), host `Wi2k`, the dynamic header at 512 for dynamic and differencing images.
+pub fn encode_footer(f: &NewFooter) -> [u8; FOOTER_SIZE] {
+    let mut bytes = [0u8; FOOTER_SIZE];
+    if let Ok(raw) = RawFooter::mut_from_bytes(bytes.as_mut_slice()) {
+        raw.cookie = FOOTER_COOKIE;
+        raw.features = U32::new(FEATURES_RESERVED);
+        raw.file_format_version = U32::new(VERSION_1_0);
+        raw.data_offset = U64::new(match f.disk_type {
+            DiskType::Fixed => u64::MAX,
+            DiskType::Dynamic | DiskType::Differencing => FOOTER_SIZE as u64,
+        });
+        raw.time_stamp = U32::new(f.time_stamp);
+        raw.creator_application = *b"vd  ";
+        raw.creator_version = U32::new(VERSION_1_0);
+        raw.creator_host_os = *b"Wi2k";
+        raw.original_size = U64::new(f.size);
+        raw.current_size = U64::new(f.size);
+        raw.cylinders = U16::new(f.chs.0);
+        raw.heads = f.chs.1;
+        raw.sectors_per_track = f.chs.2;
+        raw.disk_type = U32::new(match f.disk_type {
+            DiskType::Fixed => 2,
+            DiskType::Dynamic => 3,
+            DiskType::Differencing => 4,
+        });
+        raw.unique_id = *f.unique_id.as_bytes();
+    }
+    seal(&mut bytes, 64);
+    bytes
+}
+
+/// Changes a stored footer's fields, keeping the others (reserved bytes included), and seals it.
+pub fn edit_footer(bytes: &mut [u8; FOOTER_SIZE], edit: impl FnOnce(&mut FooterFields<'_>)) {
+    if let Ok(raw) = RawFooter::mut_from_bytes(bytes.as_mut_slice()) {
+        edit(&mut FooterFields(raw));
+    }
+    seal(bytes, 64);
+}
+
+/// The editable fields of a stored footer ([`edit_footer`]).
+pub struct FooterFields<'a>(&'a mut RawFooter);
+
+impl FooterFields<'_> {
+    /// Sets the virtual size (Current Size).
+    pub fn set_current_size(&mut self, size: u64) {
+        self.0.current_size = U64::new(size);
+    }
+    /// Sets the CHS geometry.
+    pub fn set_chs(&mut self, chs: (u16, u8, u8)) {
+        self.0.cylinders = U16::new(chs.0);
+        self.0.heads = chs.1;
+        self.0.sectors_per_track = chs.2;
+    }
+    /// Sets the unique ID.
+    pub fn set_unique_id(&mut self, id: Uuid) {
+        self.0.unique_id = *id.as_bytes();
+    }
+}
+
+/// One parent locator to store: its platform code, where its data lies, its data's length and
+/// the space reserved for it (bytes, a multiple of 512).
+#[derive(Debug, Clone, Copy)]
+pub struct NewLocator {
+    /// `W2ru`, `W2ku`.
+    pub code: [u8; 4],
+    /// Where the data lies in the file.
+    pub offset: u64,
+    /// The data's length in bytes.
+    pub length: u32,
+    /// The space reserved, in bytes (stored in sectors, as the specification says).
+    pub space: u32,
+}
+
+/// What a new dynamic header holds.
+#[derive(Debug, Clone)]
+pub struct NewHeader<'a> {
+    /// Offset of the BAT.
+    pub table_offset: u64,
+    /// Entries in the BAT.
+    pub max_table_entries: u32,
+    /// Bytes per block.
+    pub block_size: u32,
+    /// For a differencing image: the parent's unique ID, its time stamp, its file name and
+    /// the locators.
+    pub parent: Option<(Uuid, u32, &'a str, &'a [NewLocator])>,
+}
+
+/// A sealed dynamic header.
+pub fn encode_header(h: &NewHeader<'_>) -> [u8; HEADER_SIZE] {
+    let mut bytes = [0u8; HEADER_SIZE];
+    if let Ok(raw) = RawHeader::mut_from_bytes(bytes.as_mut_slice()) {
+        raw.cookie = HEADER_COOKIE;
+        raw.data_offset = U64::new(u64::MAX);
+        raw.table_offset = U64::new(h.table_offset);
+        raw.header_version = U32::new(VERSION_1_0);
+        raw.max_table_entries = U32::new(h.max_table_entries);
+        raw.block_size = U32::new(h.block_size);
+        if let Some((id, stamp, name, locators)) = h.parent {
+            raw.parent_unique_id = *id.as_bytes();
+            raw.parent_time_stamp = U32::new(stamp);
+            set_unicode_name(raw, name);
+            for (slot, l) in raw.locators.iter_mut().zip(locators) {
+                slot.platform_code = l.code;
+                slot.platform_data_space = U32::new(l.space.div_ceil(SECTOR as u32));
+                slot.platform_data_length = U32::new(l.length);
+                slot.platform_data_offset = U64::new(l.offset);
+            }
+        }
+    }
+    seal(&mut bytes, 36);
+    bytes
+}
+
+/// Changes a stored dynamic header's fields, keeping the others, and seals it.
+pub fn edit_header(bytes: &mut [u8; HEADER_SIZE], edit: impl FnOnce(&mut HeaderFields<'_>)) {
+    if let Ok(raw) = RawHeader::mut_from_bytes(bytes.as_mut_slice()) {
+        edit(&mut HeaderFields(raw));
+    }
+    seal(bytes, 36);
+}
+
+/// The editable fields of a stored dynamic header ([`edit_header`]).
+pub struct HeaderFields<'a>(&'a mut RawHeader);
+
+impl HeaderFields<'_> {
+    /// Sets the number of BAT entries.
+    pub fn set_max_table_entries(&mut self, n: u32) {
+        self.0.max_table_entries = U32::new(n);
+    }
+    /// Sets the BAT's offset.
+    pub fn set_table_offset(&mut self, at: u64) {
+        self.0.table_offset = U64::new(at);
+    }
+    /// Sets the parent's unique ID.
+    pub fn set_parent_unique_id(&mut self, id: Uuid) {
+        self.0.parent_unique_id = *id.as_bytes();
+    }
+    /// Sets the Parent Unicode Name (UTF-16 BE, cut at 255 code units).
+    pub fn set_parent_unicode_name(&mut self, name: &str) {
+        set_unicode_name(self.0, name);
+    }
+    /// Sets the data length of the locator with platform `code` (the caller has written the
+    /// data).
+    pub fn set_locator_length(&mut self, code: [u8; 4], length: u32) {
+        for l in self
+            .0
+            .locators
+            .iter_mut()
+            .filter(|l| l.platform_code == code)
+        {
+            l.platform_data_length = U32::new(length);
+        }
+    }
+}
+
+/// Stores `name` as the Parent Unicode Name: UTF-16 BE, at most 255 code units and a NUL.
+fn set_unicode_name(raw: &mut RawHeader, name: &str) {
+    raw.parent_unicode_name = [0; 512];
+    for (dst, unit) in raw
+        .parent_unicode_name
+        .chunks_exact_mut(2)
+        .take(255)
+        .zip(name.encode_utf16())
+    {
+        dst.copy_from_slice(&unit.to_be_bytes());
+    }
+}
+
+/// `path` as a locator's data: UTF-16 LE, as `W2ru` and `W2ku` store it.
+pub fn encode_locator(path: &str) -> Vec<u8> {
+    path.encode_utf16().flat_map(u16::to_le_bytes).collect()
+}
+
+/// The VHD geometry of a disk of `size` bytes, by the specification's algorithm (at most
+/// 65535 × 16 × 255 sectors).
+pub fn chs_for(size: u64) -> (u16, u8, u8) {
+    let g = vd_core::Geometry::synthesize_pchs(size);
+    (
+        u16::try_from(g.cylinders).unwrap_or(u16::MAX),
+        u8::try_from(g.heads).unwrap_or(u8::MAX),
+        u8::try_from(g.sectors).unwrap_or(u8::MAX),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

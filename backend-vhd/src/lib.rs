@@ -1,8 +1,10 @@
 //! # backend-vhd
 //!
 //! Microsoft VHD images (Virtual PC, Hyper-V, Disk2vhd, QEMU's `vpc`), per the *Virtual Hard
-//! Disk Image Format Specification*: fixed, dynamic and differencing images, **read-only** for
-//! now (writing, create, resize and compact come later).
+//! Disk Image Format Specification*: fixed, dynamic and differencing images, read and written,
+//! created (`subformat=fixed|dynamic`, `block_size`, `azure=on`; see [`CREATE_OPTIONS`]),
+//! discarded, and with their UUIDs, geometry and parent settable. The write order that keeps an
+//! image whole through a crash is described in the `write` module.
 //!
 //! - The footer (`conectix`, big-endian, one's-complement checksum) is read from the end of
 //!   the file (the last 512 bytes, or 511 for images older than Virtual PC 2004); when it is
@@ -34,15 +36,20 @@
     )
 )]
 
-pub mod azure;
+mod create;
 pub mod format;
+mod write;
 
+pub use create::{CREATE_OPTIONS, azure_size};
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use flag_cell::Flags;
+use parking_lot::RwLock;
 use uuid::Uuid;
 use vd_core::linkme::distributed_slice;
 use vd_core::{
@@ -89,7 +96,7 @@ impl Backend for VhdBackend {
     }
 
     fn description(&self) -> &'static str {
-        "Microsoft VHD (Virtual PC / Hyper-V virtual hard disk), read-only"
+        "Microsoft VHD (Virtual PC / Hyper-V virtual hard disk)"
     }
 
     fn extensions(&self) -> &'static [&'static str] {
@@ -97,7 +104,14 @@ impl Backend for VhdBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::FILE | Capabilities::UUID | Capabilities::DIFF | Capabilities::MAP
+        Capabilities::FILE
+            | Capabilities::UUID
+            | Capabilities::DIFF
+            | Capabilities::MAP
+            | Capabilities::WRITE
+            | Capabilities::DISCARD
+            | Capabilities::CREATE_DYNAMIC
+            | Capabilities::CREATE_FIXED
     }
 
     fn priority(&self) -> i32 {
@@ -125,15 +139,27 @@ impl Backend for VhdBackend {
         Ok(Confidence::No)
     }
 
-    /// Opens an image read-only; an open for writing is refused with `NotSupported`.
+    /// Opens an image. An image whose footer at the end is damaged opens read-only only
+    /// (from the copy at 0); `vd-tool check -r all` repairs it.
     fn open(&self, req: OpenRequest<'_>) -> Result<Box<dyn Image>> {
-        if !req.flags.contains(OpenFlags::READ_ONLY) {
-            return Err(Error::not_supported(
-                "writing VHD images (the VHD backend is read-only; open the image read-only)",
-            )
-            .with_path(req.path));
-        }
         VhdImage::open(req).map(|i| Box::new(i) as Box<dyn Image>)
+    }
+
+    fn create_options(&self) -> &'static [vd_core::CreateOption] {
+        CREATE_OPTIONS
+    }
+
+    /// Creates a fixed, dynamic or differencing image, with the options of
+    /// [`Backend::create_options`].
+    fn create(&self, req: vd_core::CreateRequest<'_>) -> Result<Box<dyn Image>> {
+        create::create(&req).map_err(|e| e.with_path(req.path))?;
+        VhdImage::open(OpenRequest {
+            path: req.path,
+            storage: req.storage,
+            provider: req.provider,
+            flags: OpenFlags::empty(),
+        })
+        .map(|i| Box::new(i) as Box<dyn Image>)
     }
 }
 
@@ -141,24 +167,41 @@ impl Backend for VhdBackend {
 #[derive(Debug)]
 struct Dynamic {
     header: Header,
+    /// The dynamic header as stored, for edits that keep its other bytes.
+    header_raw: [u8; HEADER_SIZE],
     header_offset: u64,
     /// The BAT: block `i`'s first sector in the file, or [`UNALLOCATED`].
     bat: Vec<u32>,
     /// Bytes of each block's sector bitmap (a whole number of sectors).
     bitmap_size: u64,
+    /// Sector bitmaps changed since the last flush (block index to bitmap): written by
+    /// [`Image::flush`] after the data they describe is durable.
+    dirty_bitmaps: BTreeMap<usize, Vec<u8>>,
+    /// BAT entries changed since the last flush: written by [`Image::flush`] after their
+    /// blocks' bitmaps are durable.
+    dirty_bat: BTreeSet<usize>,
 }
 
-/// An opened VHD image (read-only).
+/// What an image knows of its file, changed by writes and edits.
+#[derive(Debug)]
+struct Meta {
+    footer: Footer,
+    /// The footer as stored, for edits that keep its other bytes.
+    footer_raw: [u8; FOOTER_SIZE],
+    /// Where the footer is (the end of the data): new blocks go here.
+    footer_offset: u64,
+    dynamic: Option<Dynamic>,
+    file_len: u64,
+}
+
+/// An opened VHD image.
 #[derive(Debug)]
 pub struct VhdImage {
     path: PathBuf,
     storage: Arc<dyn Storage>,
     provider: Arc<dyn StorageProvider>,
     flags: Flags,
-    footer: Footer,
-    footer_offset: u64,
-    dynamic: Option<Dynamic>,
-    file_len: u64,
+    meta: RwLock<Meta>,
     warnings: Vec<Warning>,
 }
 
@@ -193,8 +236,10 @@ impl VhdImage {
             .len()
             .map_err(|e| io_err("cannot read the size", path, e))?;
         let mut warnings = Vec::new();
-        let (footer, footer_offset) = Self::read_footer(storage.as_ref(), file_len, &mut warnings)
-            .map_err(|e| e.with_path(path))?;
+        let (footer, footer_raw, footer_offset) =
+            Self::read_footer(storage.as_ref(), file_len, &mut warnings)
+                .map_err(|e| e.with_path(path))?;
+        Self::refuse_damaged_for_writing(req.flags, &warnings, path)?;
         let dynamic = match footer.disk_type {
             DiskType::Fixed => {
                 if footer.current_size > footer_offset {
@@ -220,12 +265,34 @@ impl VhdImage {
             storage,
             provider: req.provider,
             flags: Flags::new(req.flags),
-            footer,
-            footer_offset,
-            dynamic,
-            file_len,
+            meta: RwLock::new(Meta {
+                footer,
+                footer_raw,
+                footer_offset,
+                dynamic,
+                file_len,
+            }),
             warnings,
         })
+    }
+
+    /// Refuses an open for writing when the footer at the end is damaged: writes would move
+    /// it, and the check's repair restores it from the copy first.
+    fn refuse_damaged_for_writing(
+        flags: OpenFlags,
+        warnings: &[Warning],
+        path: &Path,
+    ) -> Result<()> {
+        if flags.contains(OpenFlags::READ_ONLY) || warnings.is_empty() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Corrupt,
+            "the footer at the end of the file is damaged (the copy at 0 reads); open it \
+             read-only, or repair it with `vd-tool check -r all`",
+        )
+        .with_field("footer")
+        .with_path(path))
     }
 
     /// The footer at the end of the file (512 bytes, or 511 for old images), else its copy at
@@ -234,7 +301,7 @@ impl VhdImage {
         storage: &dyn Storage,
         file_len: u64,
         warnings: &mut Vec<Warning>,
-    ) -> Result<(Footer, u64)> {
+    ) -> Result<(Footer, [u8; FOOTER_SIZE], u64)> {
         let read = |at: u64, len: usize| -> Result<[u8; FOOTER_SIZE]> {
             let mut b = [0u8; FOOTER_SIZE];
             let part = b.get_mut(..len).unwrap_or_default();
@@ -250,7 +317,7 @@ impl VhdImage {
             };
             let bytes = read(at, len)?;
             match format::parse_footer(&bytes, at) {
-                Ok(f) => return Ok((f, at)),
+                Ok(f) => return Ok((f, bytes, at)),
                 // A 511-byte footer is tried only when the 512-byte one has no cookie.
                 Err(e) if e.context().field.as_deref() == Some("footer cookie") => {
                     end_error.get_or_insert(e);
@@ -284,7 +351,7 @@ impl VhdImage {
                 ));
                 // The copy stands for the footer at the end: the data ends before it.
                 let at = file_len.saturating_sub(FOOTER_SIZE as u64);
-                Ok((f, at))
+                Ok((f, copy, at))
             }
             _ => Err(end_error),
         }
@@ -364,16 +431,21 @@ impl VhdImage {
         }
         Ok(Dynamic {
             header,
+            header_raw: bytes,
             header_offset: at,
             bat,
             bitmap_size,
+            dirty_bitmaps: BTreeMap::new(),
+            dirty_bat: BTreeSet::new(),
         })
     }
 
     fn at<T>(&self, r: Result<T>) -> Result<T> {
         r.map_err(|e| e.with_path(&self.path))
     }
+}
 
+impl Meta {
     fn is_diff(&self) -> bool {
         self.footer.disk_type == DiskType::Differencing
     }
@@ -387,8 +459,27 @@ impl VhdImage {
         }
     }
 
-    fn mapped(&self, offset: u64, len: u64) -> Result<Vec<MappedExtent>> {
-        check_range(offset, len, self.size())?;
+    /// The sector bitmap of block `index`, stored at `bitmap_at`, into `out`: the one changed
+    /// since the last flush, else the one in the file.
+    fn bitmap(
+        dy: &Dynamic,
+        storage: &dyn Storage,
+        index: usize,
+        bitmap_at: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<()> {
+        if let Some(b) = dy.dirty_bitmaps.get(&index) {
+            out.clone_from(b);
+            return Ok(());
+        }
+        out.resize(usize::try_from(dy.bitmap_size).unwrap_or(0), 0);
+        storage
+            .read_exact_at(bitmap_at, out)
+            .map_err(|e| Error::io("cannot read a sector bitmap", e).with_offset(bitmap_at))
+    }
+
+    fn mapped(&self, storage: &dyn Storage, offset: u64, len: u64) -> Result<Vec<MappedExtent>> {
+        check_range(offset, len, self.footer.current_size)?;
         let mut out = Vec::new();
         // Within the disk: checked above.
         let end = offset.saturating_add(len);
@@ -433,10 +524,8 @@ impl VhdImage {
             // Checked at open: the bitmap and the block lie inside the file.
             let bitmap_at = u64::from(entry).saturating_mul(SECTOR);
             let data_at = bitmap_at.saturating_add(dy.bitmap_size);
-            bitmap.resize(usize::try_from(dy.bitmap_size).unwrap_or(0), 0);
-            self.storage
-                .read_exact_at(bitmap_at, &mut bitmap)
-                .map_err(|e| Error::io("cannot read a sector bitmap", e).with_offset(bitmap_at))?;
+            let i = usize::try_from(index).unwrap_or(usize::MAX);
+            Self::bitmap(dy, storage, i, bitmap_at, &mut bitmap)?;
             while pos < block_end {
                 let in_block = pos.saturating_sub(block_start);
                 let sector = in_block / SECTOR;
@@ -472,16 +561,16 @@ impl VhdImage {
         Ok(out)
     }
 
-    /// The dynamic header, for images that have one.
+    /// The dynamic header of a differencing image.
     fn header(&self, what: &str) -> Result<&Header> {
         match &self.dynamic {
             Some(d) if self.is_diff() => Ok(&d.header),
-            _ => Err(Error::not_supported(what).with_path(&self.path)),
+            _ => Err(Error::not_supported(what)),
         }
     }
 
     /// The decoded parent locators of a differencing image, as (platform code, path).
-    fn locator_paths(&self) -> Vec<(String, String)> {
+    fn locator_paths(&self, storage: &dyn Storage) -> Vec<(String, String)> {
         let Some(d) = &self.dynamic else {
             return Vec::new();
         };
@@ -499,7 +588,7 @@ impl VhdImage {
             };
             let mut buf = vec![0u8; n];
             if fits
-                && self.storage.read_exact_at(l.offset, &mut buf).is_ok()
+                && storage.read_exact_at(l.offset, &mut buf).is_ok()
                 && let Some(p) = format::decode_locator(&l.code, &buf)
             {
                 out.push((l.code.escape_ascii().to_string(), p));
@@ -510,7 +599,7 @@ impl VhdImage {
 }
 
 /// Seconds between 1970-01-01 and 2000-01-01, the VHD epoch.
-const VHD_EPOCH: u64 = 946_684_800;
+pub(crate) const VHD_EPOCH: u64 = 946_684_800;
 
 impl Image for VhdImage {
     fn format(&self) -> &'static str {
@@ -522,32 +611,41 @@ impl Image for VhdImage {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        let extents = self.at(self.mapped(offset, buf.len() as u64))?;
-        for e in extents {
-            // The extents tile [offset, offset + buf.len()).
-            let from = usize::try_from(e.offset.saturating_sub(offset)).unwrap_or(usize::MAX);
-            let to = usize::try_from(e.length)
-                .ok()
-                .and_then(|l| from.checked_add(l))
-                .unwrap_or(usize::MAX);
-            let part = buf.get_mut(from..to).ok_or_else(|| {
-                Error::corrupt("map", e.offset, "extent outside the request").with_path(&self.path)
-            })?;
-            match e.mapping {
-                Mapping::Data {
-                    file_offset: Some(at),
-                } => self.read_file_at(at, part)?,
-                _ => part.fill(0),
-            }
-        }
-        Ok(())
+        let m = self.meta.read();
+        self.at(self.read_with(&m, offset, buf))
     }
 
+    /// Fixed images write in place. Dynamic and differencing images allocate blocks at the end
+    /// of the file (the footer moves past them first), write the data, and set the sectors'
+    /// bitmap bits in memory; [`flush`](Image::flush) stores the bitmaps and the BAT.
+    fn write_at(&self, offset: u64, buf: &[u8]) -> Result<()> {
+        self.writable()?;
+        {
+            // A fixed image's writes share the lock: they change no metadata.
+            let m = self.meta.read();
+            if m.dynamic.is_none() {
+                return self.at(self.write_fixed(&m, offset, buf));
+            }
+        }
+        let mut m = self.meta.write();
+        self.at(self.write_with(&mut m, offset, buf))
+    }
+
+    /// Makes the data durable, then the changed sector bitmaps, then the changed BAT entries,
+    /// each behind its own flush: a BAT entry never reaches the disk before the bitmap and the
+    /// data it points to.
     fn flush(&self) -> Result<()> {
-        Ok(())
+        if self.open_flags().contains(OpenFlags::READ_ONLY) {
+            return Ok(());
+        }
+        let mut m = self.meta.write();
+        self.at(self.flush_with(&mut m))
     }
 
     fn close(self: Box<Self>, delete: bool) -> Result<()> {
+        if !delete {
+            self.flush()?;
+        }
         if delete {
             self.provider
                 .delete(&self.path)
@@ -557,7 +655,16 @@ impl Image for VhdImage {
     }
 
     fn size(&self) -> u64 {
-        self.footer.current_size
+        self.meta.read().footer.current_size
+    }
+
+    /// Differencing images record whole sectors as in the child or in its parent.
+    fn write_granularity(&self) -> u32 {
+        if self.meta.read().is_diff() {
+            SECTOR as u32
+        } else {
+            1
+        }
     }
 
     fn file_size(&self) -> Result<u64> {
@@ -568,7 +675,7 @@ impl Image for VhdImage {
 
     /// The footer's CHS geometry.
     fn pchs_geometry(&self) -> Result<Geometry> {
-        let (c, h, s) = self.footer.chs;
+        let (c, h, s) = self.meta.read().footer.chs;
         Ok(Geometry {
             cylinders: u32::from(c),
             heads: u32::from(h),
@@ -576,8 +683,21 @@ impl Image for VhdImage {
         })
     }
 
+    /// Stores `geometry` in the footer (and its copy).
+    fn set_pchs_geometry(&self, geometry: Geometry) -> Result<()> {
+        let chs = (
+            u16::try_from(geometry.cylinders)
+                .map_err(|_| Error::invalid_argument("more than 65535 cylinders"))?,
+            u8::try_from(geometry.heads)
+                .map_err(|_| Error::invalid_argument("more than 255 heads"))?,
+            u8::try_from(geometry.sectors)
+                .map_err(|_| Error::invalid_argument("more than 255 sectors per track"))?,
+        );
+        self.edit_footer(|f| f.set_chs(chs))
+    }
+
     fn image_flags(&self) -> ImageFlags {
-        match self.footer.disk_type {
+        match self.meta.read().footer.disk_type {
             DiskType::Fixed => ImageFlags::FIXED,
             DiskType::Dynamic => ImageFlags::empty(),
             DiskType::Differencing => ImageFlags::DIFF,
@@ -588,13 +708,19 @@ impl Image for VhdImage {
         self.flags.get()
     }
 
-    /// Accepts flags that keep the image read-only; refuses writing with `NotSupported`.
+    /// Changes the open flags. Going from writable to read-only flushes first; going from
+    /// read-only to writable relocks the file for writing.
     fn set_open_flags(&self, flags: OpenFlags) -> Result<()> {
-        if !flags.contains(OpenFlags::READ_ONLY) {
-            return Err(
-                Error::not_supported("writing VHD images (the VHD backend is read-only)")
-                    .with_path(&self.path),
-            );
+        let was_read_only = self.open_flags().contains(OpenFlags::READ_ONLY);
+        let read_only = flags.contains(OpenFlags::READ_ONLY);
+        if !was_read_only && read_only {
+            self.flush()?;
+        }
+        if was_read_only != read_only {
+            let mode = vd_core::OpenMode::from_flags(flags)?;
+            self.storage
+                .relock(Some(mode))
+                .map_err(|e| io_err("cannot change the image's lock", &self.path, e))?;
         }
         self.flags.set(flags);
         Ok(())
@@ -602,36 +728,58 @@ impl Image for VhdImage {
 
     /// The footer's unique ID.
     fn uuid(&self) -> Result<Uuid> {
-        Ok(self.footer.unique_id)
+        Ok(self.meta.read().footer.unique_id)
+    }
+
+    /// Stores a new unique ID in the footer and its copy. Children recording the old one no
+    /// longer open over this image.
+    fn set_uuid(&self, uuid: Uuid) -> Result<()> {
+        self.edit_footer(|f| f.set_unique_id(uuid))
     }
 
     /// VHD has one identity: the unique ID, which is what a child records of its parent.
     fn modification_uuid(&self) -> Result<Uuid> {
-        Ok(self.footer.unique_id)
+        self.uuid()
     }
 
     /// The dynamic header's Parent Unique ID.
     fn parent_uuid(&self) -> Result<Uuid> {
-        Ok(self
-            .header("parent UUIDs of images without a parent")?
-            .parent_unique_id)
+        let m = self.meta.read();
+        self.at(m
+            .header("parent UUIDs of images without a parent")
+            .map(|h| h.parent_unique_id))
+    }
+
+    /// Stores `uuid` as the Parent Unique ID.
+    fn set_parent_uuid(&self, uuid: Uuid) -> Result<()> {
+        self.edit_header(|h| h.set_parent_unique_id(uuid))
     }
 
     /// The dynamic header's Parent Unicode Name.
     fn parent_filename(&self) -> Result<String> {
-        Ok(self
-            .header("parent file names of images without a parent")?
-            .parent_unicode_name
-            .clone())
+        let m = self.meta.read();
+        self.at(m
+            .header("parent file names of images without a parent")
+            .map(|h| h.parent_unicode_name.clone()))
+    }
+
+    /// Records `name` as the parent: the Parent Unicode Name gets its file name, the `W2ru`
+    /// locator the path relative to this image and the `W2ku` locator the path itself, each
+    /// where the reserved space holds it (refused before any write when it does not).
+    fn set_parent_filename(&self, name: &str) -> Result<()> {
+        self.writable()?;
+        let mut m = self.meta.write();
+        self.at(self.set_parent_with(&mut m, name))
     }
 
     /// The relative locators (`W2ru`), the absolute ones (`W2ku`, `MacX`; a Windows drive
     /// letter maps to `/mnt/<letter>`), then the file names of all of them and of the Parent
     /// Unicode Name beside the child.
     fn parent_candidates(&self) -> Result<Vec<PathBuf>> {
-        let header = self.header("parent lookup of images without a parent")?;
+        let m = self.meta.read();
+        let header = self.at(m.header("parent lookup of images without a parent"))?;
         let mut c = ParentCandidates::new(&self.path, self.provider.as_ref());
-        let mut locators = self.locator_paths();
+        let mut locators = m.locator_paths(self.storage.as_ref());
         // Relative first: they survive moving the pair together.
         locators.sort_by_key(|(code, _)| code != "W2ru");
         for (code, p) in &locators {
@@ -679,7 +827,7 @@ impl Image for VhdImage {
 
     /// The footer's time stamp.
     fn timestamp(&self) -> Result<SystemTime> {
-        let secs = VHD_EPOCH.saturating_add(u64::from(self.footer.time_stamp));
+        let secs = VHD_EPOCH.saturating_add(u64::from(self.meta.read().footer.time_stamp));
         SystemTime::UNIX_EPOCH
             .checked_add(Duration::from_secs(secs))
             .ok_or_else(|| Error::invalid_argument("time stamp out of range"))
@@ -694,13 +842,32 @@ impl Image for VhdImage {
     /// does not allocate, are [`Mapping::Unallocated`] in a differencing image and
     /// [`Mapping::Zero`] otherwise.
     fn map_file(&self, offset: u64, len: u64) -> Result<Vec<MappedExtent>> {
-        self.at(self.mapped(offset, len))
+        let m = self.meta.read();
+        self.at(m.mapped(self.storage.as_ref(), offset, len))
     }
 
     fn read_file_at(&self, file_offset: u64, buf: &mut [u8]) -> Result<()> {
         self.storage
             .read_exact_at(file_offset, buf)
             .map_err(|e| io_err("read failed", &self.path, e).with_offset(file_offset))
+    }
+
+    /// Dynamic images: the sectors' bitmap bits are cleared (they read as zeros) and their
+    /// data is released to the file system; partial sectors at the edges are written with
+    /// zeros. Fixed images: the range is zeroed in place. Differencing images cannot record
+    /// "zero" (a clear bit reads the parent): `NotSupported`.
+    fn discard(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        let mut m = self.meta.write();
+        self.at(self.discard_with(&mut m, offset, len))
+    }
+
+    /// As [`discard`](Image::discard) for fixed and dynamic images; differencing images get
+    /// zeros written.
+    fn write_zeroes(&self, offset: u64, len: u64) -> Result<()> {
+        self.writable()?;
+        let mut m = self.meta.write();
+        self.at(self.write_zeroes_with(&mut m, offset, len))
     }
 
     fn warnings(&self) -> Vec<Warning> {
@@ -716,7 +883,9 @@ impl Image for VhdImage {
     }
 
     fn block_size(&self) -> Option<u64> {
-        self.dynamic
+        self.meta
+            .read()
+            .dynamic
             .as_ref()
             .map(|d| u64::from(d.header.block_size))
     }
@@ -725,11 +894,12 @@ impl Image for VhdImage {
     /// header, the BAT, each block's sector bitmap and data (in runs), the parent locators'
     /// data and the footer.
     fn layout(&self) -> Result<Vec<LayoutRegion>> {
-        let footer = LayoutRegion::new(RegionKind::Header, self.footer_offset, FOOTER_SIZE as u64)
+        let m = self.meta.read();
+        let footer = LayoutRegion::new(RegionKind::Header, m.footer_offset, FOOTER_SIZE as u64)
             .with_label("footer");
-        let Some(d) = &self.dynamic else {
+        let Some(d) = &m.dynamic else {
             return Ok(vec![
-                LayoutRegion::new(RegionKind::Payload, 0, self.size())
+                LayoutRegion::new(RegionKind::Payload, 0, m.footer.current_size)
                     .with_label("the virtual disk"),
                 footer,
             ]);
@@ -811,9 +981,10 @@ struct DynamicFacts {
 
 impl VhdImage {
     fn facts(&self) -> VhdFacts {
-        let f = &self.footer;
+        let m = self.meta.read();
+        let f = &m.footer;
         let (c, h, s) = f.chs;
-        let diff = self.is_diff();
+        let diff = m.is_diff();
         VhdFacts {
             disk_type: f.disk_type,
             creator_application: f.creator_application.escape_ascii().to_string(),
@@ -825,8 +996,8 @@ impl VhdImage {
             chs: [u32::from(c), u32::from(h), u32::from(s)],
             unique_id: f.unique_id,
             saved_state: f.saved_state,
-            footer_offset: vd_core::Offset(self.footer_offset),
-            dynamic: self.dynamic.as_ref().map(|d| DynamicFacts {
+            footer_offset: vd_core::Offset(m.footer_offset),
+            dynamic: m.dynamic.as_ref().map(|d| DynamicFacts {
                 header_offset: vd_core::Offset(d.header_offset),
                 table_offset: vd_core::Offset(d.header.table_offset),
                 max_table_entries: d.header.max_table_entries,
@@ -836,7 +1007,7 @@ impl VhdImage {
                 parent_time_stamp: diff.then_some(d.header.parent_time_stamp),
                 parent_unicode_name: diff.then(|| d.header.parent_unicode_name.clone()),
                 parent_locators: if diff {
-                    self.locator_paths()
+                    m.locator_paths(self.storage.as_ref())
                         .into_iter()
                         .map(|(c, p)| format!("{c}: {p}"))
                         .collect()
@@ -1087,23 +1258,98 @@ mod tests {
     }
 
     #[test]
-    fn writing_is_refused_and_capabilities_say_read_only() {
+    fn writes_allocate_at_the_footer_and_reach_the_file_at_flush() {
         let reg = registry(&[("/d.vhd", dynamic(None))]);
+        let before = read_all(
+            reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY)
+                .unwrap()
+                .as_ref(),
+        );
+        let old_len = dynamic(None).len() as u64;
+        let img = reg.open(Path::new("/d.vhd"), OpenFlags::empty()).unwrap();
+        // An unaligned write into the allocated block (sector 1's bit is clear: it reads as
+        // zeros, and the rest of its sector must stay zeros), and one into block 1.
+        img.write_at(512 + 100, &[9; 10]).unwrap();
+        img.write_at(u64::from(BLOCK) + 1024, &[7; 512]).unwrap();
+        let mut want = before.clone();
+        want[612..622].fill(9);
+        let b1 = BLOCK as usize + 1024;
+        want[b1..b1 + 512].fill(7);
+        assert_eq!(read_all(img.as_ref()), want, "before the flush");
+        // Block 1 went where the footer was; the footer moved past it at once.
+        let storage = reg
+            .provider()
+            .open(Path::new("/d.vhd"), vd_core::OpenMode::ReadOnly)
+            .unwrap();
+        let len = storage.len().unwrap();
+        assert_eq!(len, old_len + 512 + u64::from(BLOCK));
+        let mut tail = [0u8; 512];
+        storage.read_exact_at(len - 512, &mut tail).unwrap();
+        assert!(format::parse_footer(&tail, len - 512).is_ok());
+        // The BAT entry waits for the flush.
+        let mut entry = [0u8; 4];
+        storage.read_exact_at(1540, &mut entry).unwrap();
+        assert_eq!(u32::from_be_bytes(entry), UNALLOCATED);
+        img.flush().unwrap();
+        storage.read_exact_at(1540, &mut entry).unwrap();
+        assert_eq!(u64::from(u32::from_be_bytes(entry)) * 512, old_len - 512);
+        img.close(false).unwrap();
+        let img = reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
+        assert_eq!(read_all(img.as_ref()), want, "after reopening");
+        assert_eq!(
+            img.write_at(0, &[1]).unwrap_err().kind(),
+            ErrorKind::ReadOnly
+        );
+    }
+
+    #[test]
+    fn a_differencing_image_takes_whole_sectors_and_refuses_discard() {
+        let reg = registry(&[("/c.vhd", dynamic(Some(3)))]);
+        let img = reg.open(Path::new("/c.vhd"), OpenFlags::empty()).unwrap();
+        assert_eq!(img.write_granularity(), 512);
+        assert_eq!(
+            img.write_at(10, &[1; 10]).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        assert_eq!(
+            img.discard(0, 512).unwrap_err().kind(),
+            ErrorKind::NotSupported
+        );
+        img.write_at(512, &[5; 512]).unwrap();
+        // Sectors 0 and 2 were in the child; now sector 1 joins them.
+        let map = img.map_file(0, 2048).unwrap();
+        assert!(matches!(map[0].mapping, Mapping::Data { .. }), "{map:?}");
+        assert_eq!((map[0].offset, map[0].length), (0, 1536), "{map:?}");
+        assert_eq!(map[1].mapping, Mapping::Unallocated, "{map:?}");
+    }
+
+    #[test]
+    fn discard_clears_bits_and_zeroes_partial_sectors() {
+        let reg = registry(&[("/d.vhd", dynamic(None))]);
+        let img = reg.open(Path::new("/d.vhd"), OpenFlags::empty()).unwrap();
+        let mut want = read_all(img.as_ref());
+        img.discard(100, 2000).unwrap();
+        want[100..2100].fill(0);
+        assert_eq!(read_all(img.as_ref()), want);
+        let map = img.map(0, 2048).unwrap();
+        assert_eq!(map[0].kind, vd_core::ExtentKind::Data, "{map:?}");
+        img.close(false).unwrap();
+        let img = reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
+        assert_eq!(read_all(img.as_ref()), want);
+    }
+
+    #[test]
+    fn a_damaged_end_footer_opens_read_only_only() {
+        let mut b = dynamic(None);
+        let n = b.len();
+        b[n - 512] ^= 1;
+        let reg = registry(&[("/d.vhd", b)]);
         let e = reg
             .open(Path::new("/d.vhd"), OpenFlags::empty())
             .unwrap_err();
-        assert_eq!(e.kind(), ErrorKind::NotSupported);
-        assert!(e.to_string().contains("/d.vhd"), "{e}");
-        assert!(!VhdBackend.capabilities().contains(Capabilities::WRITE));
-        let img = reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
-        assert_eq!(
-            img.set_open_flags(OpenFlags::empty()).unwrap_err().kind(),
-            ErrorKind::NotSupported
-        );
-        assert_eq!(
-            img.write_at(0, &[1]).unwrap_err().kind(),
-            ErrorKind::NotSupported
-        );
+        assert_eq!(e.kind(), ErrorKind::Corrupt);
+        assert!(e.to_string().contains("check -r all"), "{e}");
+        reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
     }
 
     #[test]

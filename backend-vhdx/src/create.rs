@@ -11,8 +11,6 @@
 //! This module writes the file with the format modules only (header, region, metadata, BAT,
 //! locator) and returns; the backend opens the result.
 
-use std::path::{Component, Path};
-
 use uuid::Uuid;
 use vd_core::{
     CreateOption, CreateRequest, Error, ImageFlags, OptionKind, Result, parse_create_options,
@@ -228,24 +226,6 @@ fn fixed_bat(layout: &Layout, data_offset: u64) -> Result<(Vec<u8>, u64)> {
     Ok((bat, data_offset + layout.data_blocks * layout.block_size))
 }
 
-/// `target` relative to the folder of `from`, Windows-style (`.\\name`, `..\\dir\\name`).
-fn relative_windows_path(from: &Path, target: &Path) -> Option<String> {
-    let base: Vec<Component<'_>> = from.parent()?.components().collect();
-    let to: Vec<Component<'_>> = target.components().collect();
-    let common = base.iter().zip(&to).take_while(|(a, b)| a == b).count();
-    let mut parts: Vec<String> = Vec::new();
-    if common == base.len() {
-        parts.push(".".into());
-    }
-    for _ in common..base.len() {
-        parts.push("..".into());
-    }
-    for c in to.get(common..)? {
-        parts.push(c.as_os_str().to_str()?.to_string());
-    }
-    Some(parts.join("\\"))
-}
-
 /// The first header of a new image: fresh write GUIDs, an empty log.
 fn header(log_offset: u64, log_length: u32) -> ActiveHeader {
     ActiveHeader {
@@ -270,7 +250,7 @@ pub fn create(req: &CreateRequest<'_>) -> Result<()> {
     let locator = match req.parent {
         Some((parent_path, parent)) => {
             let linkage = parent.modification_uuid()?;
-            let rel = relative_windows_path(req.path, parent_path).ok_or_else(|| {
+            let rel = vd_core::relative_windows_path(req.path, parent_path).ok_or_else(|| {
                 Error::invalid_argument("cannot express the parent path relative to the child")
             })?;
             let loc = ParentLocator::from_pairs([
@@ -361,24 +341,7 @@ pub fn create(req: &CreateRequest<'_>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::PathBuf;
-
-    #[test]
-    fn relative_paths_are_windows_style() {
-        let p = |s: &str| PathBuf::from(s);
-        assert_eq!(
-            relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/b/p.vhdx")).unwrap(),
-            r".\p.vhdx"
-        );
-        assert_eq!(
-            relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/p.vhdx")).unwrap(),
-            r"..\p.vhdx"
-        );
-        assert_eq!(
-            relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/x/p.vhdx")).unwrap(),
-            r"..\x\p.vhdx"
-        );
-    }
+    use std::path::Path;
 
     #[test]
     fn a_fixed_image_parses_with_every_block_present() {

@@ -1,9 +1,29 @@
 //! Where a differencing image's parent may be on this host, from the paths its format records
 //! (written on Windows, often): shared by the backends with parent locators.
 
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 use crate::storage::StorageProvider;
+
+/// `target` relative to the folder of `from`, Windows-style (`.\\name`, `..\\dir\\name`), as
+/// differencing images record their parent; `None` when a part is not UTF-8 or `from` has no
+/// folder.
+pub fn relative_windows_path(from: &Path, target: &Path) -> Option<String> {
+    let base: Vec<Component<'_>> = from.parent()?.components().collect();
+    let to: Vec<Component<'_>> = target.components().collect();
+    let common = base.iter().zip(&to).take_while(|(a, b)| a == b).count();
+    let mut parts: Vec<String> = Vec::new();
+    if common == base.len() {
+        parts.push(".".into());
+    }
+    for _ in common..base.len() {
+        parts.push("..".into());
+    }
+    for c in to.get(common..)? {
+        parts.push(c.as_os_str().to_str()?.to_string());
+    }
+    Some(parts.join("\\"))
+}
 
 /// The parts of a path written with `\` or `/`, without empty and `.` parts, and without a
 /// `\\?\` prefix.
@@ -91,5 +111,27 @@ impl<'a> ParentCandidates<'a> {
             self.push(dir.join(n));
         }
         self.paths
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_are_windows_style() {
+        let p = |s: &str| PathBuf::from(s);
+        assert_eq!(
+            relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/b/p.vhdx")).unwrap(),
+            r".\p.vhdx"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/p.vhdx")).unwrap(),
+            r"..\p.vhdx"
+        );
+        assert_eq!(
+            relative_windows_path(&p("/a/b/c.vhdx"), &p("/a/x/p.vhdx")).unwrap(),
+            r"..\x\p.vhdx"
+        );
     }
 }

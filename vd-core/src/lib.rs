@@ -70,7 +70,7 @@ mod storage;
 pub mod testing;
 
 pub use backend::{Backend, Confidence, CreateParams, CreateRequest, OpenRequest};
-pub use candidates::ParentCandidates;
+pub use candidates::{ParentCandidates, relative_windows_path};
 pub use disk::{Disk, DiskExtent, DiskOptions, MAX_CHAIN_DEPTH};
 pub use error::{Context, Error, ErrorKind, LinkageMismatch, Result, error_chain};
 pub use flags::{Capabilities, ImageFlags, OpenFlags, flag_names};

@@ -1,0 +1,523 @@
+//! Crash tests for the VHD write path: scripted workloads (allocating writes, overwrites,
+//! differencing writes with sector bitmaps, discards, write-zeroes, UUID, geometry and parent
+//! edits, flushes) run on a fault-injecting storage that loses power after every possible
+//! number of mutating operations (or a seeded sample of them). Each cut restarts with the
+//! unflushed writes dropped, kept, a seeded random subset kept, reordered (old-over-new), or
+//! torn at 512- or 4096-byte sectors; the image must then open for writing, pass our check,
+//! read every write that a completed flush covered, and read every other 512-byte sector as
+//! its flushed contents or as one of the contents written to it since. A crash during create
+//! must never leave a file that opens as a healthy disk with wrong contents. Committing a
+//! child into its parent is cut the same way on the parent.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use backend_vhd as _;
+use vd_core::testing::{FaultyStorage, LossMode, SplitMix64, fill_pattern};
+use vd_core::{
+    CreateParams, Disk, DiskOptions, ExtentKind, Finding, Geometry, Image, ImageFlags,
+    MemFileSystem, MemStorage, OpenFlags, Registry, Result, Severity,
+};
+
+const CHILD: &str = "/crash/child.vhd";
+const PARENT: &str = "/crash/parent.vhd";
+const SIZE: u64 = 6 << 20;
+const SECTOR: usize = 512;
+
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Write(u64, u64, u8),
+    Discard(u64, u64),
+    Zero(u64, u64),
+    Flush,
+    /// A new unique ID (the footer and its copy).
+    Uuid,
+    /// A new CHS geometry (the footer and its copy).
+    Geometry,
+    /// The parent recorded again (locators, then the header; differencing images).
+    ParentName,
+}
+
+/// Allocations (several blocks in one write, and one at a time), overwrites, partial blocks,
+/// sector-bitmap updates, a discard, zeroes.
+const SCRIPT: &[Step] = &[
+    Step::Write(0, 4096, 1),
+    Step::Write(1 << 20, 3 << 19, 2),
+    Step::Flush,
+    Step::Write(512, 1024, 3),
+    Step::Write(3 << 20, 1 << 20, 4),
+    Step::Write(5 << 20, 8192, 5),
+    Step::Flush,
+    Step::Discard(3 << 20, 1 << 20),
+    Step::Write(2 << 20, 4096, 6),
+    Step::Zero(1 << 20, 65536),
+    Step::Flush,
+    Step::Write(4 << 20, 1 << 20, 7),
+    Step::Write(100 * 512, 512, 8),
+];
+
+/// Footer and header edits with data written around them.
+const EDITS: &[Step] = &[
+    Step::Write(0, 8192, 1),
+    Step::Write(2 << 20, 1 << 20, 2),
+    Step::Flush,
+    Step::Uuid,
+    Step::ParentName,
+    Step::Write(4096, 4096, 3),
+    Step::Geometry,
+    Step::Discard(2 << 20, 1 << 19),
+    Step::Flush,
+    Step::Write(1 << 20, 4096, 4),
+    Step::Uuid,
+    Step::Write(5 << 20, 4096, 5),
+    Step::Flush,
+    Step::Write(512, 512, 6),
+];
+
+fn options() -> CreateParams {
+    CreateParams {
+        size: SIZE,
+        options: [("block_size".to_string(), "512K".to_string())].into(),
+        ..CreateParams::default()
+    }
+}
+
+/// Builds the parent (with a pattern) in `fs`, returns its contents.
+fn make_parent(fs: &Arc<MemFileSystem>) -> Vec<u8> {
+    let reg = Registry::builtin_with_provider(fs.clone());
+    let p = reg
+        .create("vhd", Path::new(PARENT), &options(), None, true)
+        .unwrap();
+    let mut data = vec![0u8; SIZE as usize];
+    fill_pattern(&mut data[..(SIZE / 2) as usize], 0, 0x77);
+    p.write_at(0, &data).unwrap();
+    p.close(false).unwrap();
+    data
+}
+
+/// What the disk may read after a crash: every sector's flushed contents, and the contents each
+/// sector had after every write since the last completed flush.
+struct Model {
+    now: Vec<u8>,
+    durable: Vec<u8>,
+    since_flush: BTreeMap<usize, Vec<Vec<u8>>>,
+    /// Disk sizes a crash may leave (the flushed one, and any set since).
+    sizes: Vec<u64>,
+}
+
+impl Model {
+    fn new(initial: Vec<u8>) -> Self {
+        let size = initial.len() as u64;
+        Self {
+            durable: initial.clone(),
+            now: initial,
+            since_flush: BTreeMap::new(),
+            sizes: vec![size],
+        }
+    }
+
+    /// Records that `[off, off + data.len())` now holds `data`.
+    fn wrote(&mut self, off: u64, data: &[u8]) {
+        let off = off as usize;
+        self.now[off..off + data.len()].copy_from_slice(data);
+        for s in off / SECTOR..(off + data.len()).div_ceil(SECTOR) {
+            let now = self.now[s * SECTOR..(s + 1) * SECTOR].to_vec();
+            self.since_flush.entry(s).or_default().push(now);
+        }
+    }
+
+    fn flushed(&mut self) {
+        self.durable.clone_from(&self.now);
+        self.since_flush.clear();
+        let size = self.sizes.last().copied().unwrap_or(SIZE);
+        self.sizes = vec![size];
+    }
+
+    /// Fails unless a disk of `size` bytes whose first bytes are `buf` is a state the model
+    /// allows.
+    fn check(&self, size: u64, buf: &[u8], ctx: &str) {
+        assert!(
+            self.sizes.contains(&size),
+            "{ctx}: size {size} is none of {:?}",
+            self.sizes
+        );
+        for (s, got) in buf.chunks(SECTOR).enumerate() {
+            let at = s * SECTOR;
+            let old = self
+                .durable
+                .get(at..at + SECTOR)
+                .unwrap_or(&[0u8; SECTOR][..]);
+            if got == old {
+                continue;
+            }
+            let new = self.since_flush.get(&s);
+            assert!(
+                new.is_some_and(|v| v.iter().any(|n| n.as_slice() == got)),
+                "{ctx}: sector {s} (byte {at:#x}) is neither its flushed contents{} ({} \
+                 candidates)",
+                if new.is_some() {
+                    " nor any written since"
+                } else {
+                    " (flushed, unchanged since)"
+                },
+                new.map_or(0, Vec::len)
+            );
+        }
+    }
+}
+
+/// Runs `script` on a fresh image, cutting the power after `cut` mutations (None: never).
+/// Returns the file system (for the parent), the storage and the model.
+fn run(
+    script: &[Step],
+    differencing: bool,
+    cut: Option<u64>,
+) -> (Arc<MemFileSystem>, Arc<FaultyStorage>, Model) {
+    let fs = Arc::new(MemFileSystem::new());
+    let initial = if differencing {
+        make_parent(&fs)
+    } else {
+        vec![0u8; SIZE as usize]
+    };
+    let reg = Registry::builtin_with_provider(fs.clone());
+    let faulty = Arc::new(FaultyStorage::new());
+    fs.insert(CHILD, faulty.clone());
+    let img = if differencing {
+        create_child(&reg, CHILD, PARENT, &options())
+            .close(false)
+            .unwrap();
+        open_rw(&reg, CHILD).unwrap()
+    } else {
+        let c = reg
+            .create("vhd", Path::new(CHILD), &options(), None, true)
+            .unwrap();
+        Disk::from_layers(vec![c]).unwrap()
+    };
+    img.flush().unwrap();
+    if let Some(n) = cut {
+        faulty.cut_power_after(n);
+    }
+    let mut model = Model::new(initial);
+    for step in script {
+        let top = img.top();
+        let r = match *step {
+            Step::Write(off, len, seed) => {
+                let mut buf = vec![0u8; len as usize];
+                fill_pattern(&mut buf, off, seed);
+                model.wrote(off, &buf);
+                img.write_at(off, &buf)
+            }
+            Step::Discard(off, len) | Step::Zero(off, len) => {
+                model.wrote(off, &vec![0u8; len as usize]);
+                // A differencing VHD cannot discard: its zeros are written.
+                if matches!(step, Step::Discard(..)) && !differencing {
+                    img.discard(off, len)
+                } else {
+                    img.write_zeroes(off, len)
+                }
+            }
+            Step::Flush => {
+                let r = img.flush();
+                if r.is_ok() {
+                    model.flushed();
+                }
+                r
+            }
+            Step::Uuid => top.set_uuid(uuid::Uuid::new_v4()),
+            Step::Geometry => top.set_pchs_geometry(Geometry {
+                cylinders: 200,
+                heads: 4,
+                sectors: 17,
+            }),
+            Step::ParentName if differencing => top.set_parent_filename("parent.vhd"),
+            Step::ParentName => Ok(()),
+        };
+        if r.is_err() {
+            assert!(
+                faulty.is_powered_off(),
+                "{step:?} failed without a fault: {r:?}"
+            );
+            break;
+        }
+    }
+    if cut.is_none() {
+        img.close().unwrap();
+    } else {
+        faulty.cut_power_now();
+        drop(img);
+    }
+    (fs, faulty, model)
+}
+
+fn verify(script: &[Step], differencing: bool, cut: u64, mode: LossMode) {
+    let (fs, faulty, model) = run(script, differencing, Some(cut));
+    let fs2 = Arc::new(MemFileSystem::new());
+    fs2.insert(CHILD, Arc::new(faulty.restart(mode)));
+    if differencing {
+        let p = fs.get(Path::new(PARENT)).unwrap();
+        let mut bytes = vec![0u8; p.len().unwrap() as usize];
+        p.read_exact_at(0, &mut bytes).unwrap();
+        fs2.insert(PARENT, Arc::new(MemStorage::from_bytes(bytes)));
+    }
+    let reg = Registry::builtin_with_provider(fs2);
+    let ctx = format!("differencing={differencing} cut={cut} {mode:?}");
+    // The image opens for writing, and the check finds nothing wrong.
+    let disk = open_rw(&reg, CHILD).unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+    assert_checks_clean(disk.top(), &ctx);
+    let size = disk.size();
+    let mut buf = vec![0u8; SIZE.min(size) as usize];
+    disk.read_at(0, &mut buf).unwrap();
+    model.check(size, &buf, &ctx);
+    disk.close().unwrap_or_else(|e| panic!("{ctx}: close: {e}"));
+}
+
+fn mutations(script: &[Step], differencing: bool) -> u64 {
+    let (_, faulty, _) = run(script, differencing, None);
+    faulty.mutation_count()
+}
+
+/// The loss modes tried at cut `cut`: the whole-write ones, reordering, and tearing at both
+/// sector sizes.
+fn modes(cut: u64) -> [LossMode; 7] {
+    [
+        LossMode::DropAll,
+        LossMode::KeepAll,
+        LossMode::Random(cut * 7919 + 1),
+        LossMode::Random(cut + 17),
+        LossMode::Reorder(cut * 31 + 5),
+        LossMode::Torn {
+            seed: cut * 131 + 3,
+            sector: 512,
+        },
+        LossMode::TornReordered {
+            seed: cut * 977 + 11,
+            sector: 4096,
+        },
+    ]
+}
+
+/// Cuts at every mutation of `script`, or at `sample` seeded ones when there are more.
+fn cut_everywhere(script: &[Step], differencing: bool, sample: Option<u64>) {
+    let n = mutations(script, differencing);
+    assert!(n > 20, "the script makes {n} mutations");
+    let cuts: Vec<u64> = match sample {
+        Some(k) if k < n => {
+            let mut r = SplitMix64::new(n);
+            (0..k).map(|_| r.next_u64() % (n + 1)).collect()
+        }
+        _ => (0..=n).collect(),
+    };
+    for cut in cuts {
+        for mode in modes(cut) {
+            verify(script, differencing, cut, mode);
+        }
+    }
+}
+
+#[test]
+fn dynamic_survives_a_crash_at_every_write() {
+    cut_everywhere(SCRIPT, false, None);
+}
+
+#[test]
+fn differencing_survives_a_crash_at_every_write() {
+    cut_everywhere(SCRIPT, true, None);
+}
+
+#[test]
+fn footer_and_header_edits_survive_a_crash_at_every_write() {
+    cut_everywhere(EDITS, false, None);
+    cut_everywhere(EDITS, true, None);
+}
+
+/// Commit (a child merged into its parent) as vd-tool does it: the child's data and zero
+/// extents are written into the parent through the chain, then the parent is flushed. The
+/// power is cut on the parent.
+#[test]
+fn committing_into_the_parent_survives_a_crash_at_every_write() {
+    let commit = |cut: Option<u64>| {
+        let fs = Arc::new(MemFileSystem::new());
+        let before = make_parent(&fs);
+        let reg = Registry::builtin_with_provider(fs.clone());
+        // The child: data over the parent's pattern and past it, and a zeroed block.
+        {
+            let c = create_child(&reg, CHILD, PARENT, &options());
+            let mut buf = vec![0u8; 3 << 19];
+            fill_pattern(&mut buf, 1 << 19, 0x31);
+            c.write_at(1 << 19, &buf).unwrap();
+            let mut buf = vec![0u8; 8192];
+            fill_pattern(&mut buf, 5 << 20, 0x32);
+            c.write_at(5 << 20, &buf).unwrap();
+            c.write_zeroes(2 << 20, 1 << 20).unwrap();
+            c.close(false).unwrap();
+        }
+        // The parent on fault-injecting storage, holding what it holds now.
+        let p = fs.get(Path::new(PARENT)).unwrap();
+        let mut bytes = vec![0u8; p.len().unwrap() as usize];
+        p.read_exact_at(0, &mut bytes).unwrap();
+        let faulty = Arc::new(FaultyStorage::from_bytes(bytes));
+        fs.insert(PARENT, faulty.clone());
+        let chain = Disk::open(
+            &reg,
+            Path::new(CHILD),
+            &DiskOptions {
+                writable_parent: true,
+                ..DiskOptions::default()
+            },
+        )
+        .unwrap();
+        let mut expected = vec![0u8; SIZE as usize];
+        chain.read_at(0, &mut expected).unwrap();
+        let mut model = Model::new(before);
+        if let Some(n) = cut {
+            faulty.cut_power_after(n);
+        }
+        let [child, parent, ..] = chain.layers() else {
+            panic!("a chain of two")
+        };
+        let result = (|| -> Result<()> {
+            for e in child.map(0, SIZE)? {
+                let (off, len) = (e.offset, e.length);
+                let data = &expected[off as usize..(off + len) as usize];
+                match e.kind {
+                    ExtentKind::Data => {
+                        model.wrote(off, data);
+                        parent.write_at(off, data)?;
+                    }
+                    ExtentKind::Zero => {
+                        model.wrote(off, data);
+                        parent.write_zeroes(off, len)?;
+                    }
+                    ExtentKind::Unallocated => {}
+                }
+            }
+            parent.flush()?;
+            model.flushed();
+            Ok(())
+        })();
+        match cut {
+            None => {
+                result.unwrap();
+                chain.close().unwrap();
+            }
+            Some(_) => {
+                assert!(result.is_ok() || faulty.is_powered_off(), "{result:?}");
+                faulty.cut_power_now();
+                drop(chain);
+            }
+        }
+        (faulty, model, expected)
+    };
+    let (faulty, _, expected) = commit(None);
+    let n = faulty.mutation_count();
+    assert!(n > 5, "commit makes {n} mutations");
+    for cut in 0..=n {
+        let (faulty, model, _) = commit(Some(cut));
+        for mode in modes(cut) {
+            let ctx = format!("commit cut={cut} {mode:?}");
+            let fs = Arc::new(MemFileSystem::new());
+            fs.insert(PARENT, Arc::new(faulty.restart(mode)));
+            let reg = Registry::builtin_with_provider(fs);
+            let p = reg
+                .open_as("vhd", Path::new(PARENT), OpenFlags::empty())
+                .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+            assert_checks_clean(p.as_ref(), &ctx);
+            let mut buf = vec![0u8; SIZE as usize];
+            p.read_at(0, &mut buf).unwrap();
+            model.check(SIZE, &buf, &ctx);
+            if model.since_flush.is_empty() && model.durable == expected {
+                assert_eq!(buf, expected, "{ctx}: a completed commit");
+            }
+            p.close(false).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_crash_while_creating_never_yields_a_healthy_looking_disk() {
+    // Count the mutations of a complete create.
+    let count = {
+        let fs = Arc::new(MemFileSystem::new());
+        let faulty = Arc::new(FaultyStorage::new());
+        fs.insert(CHILD, faulty.clone());
+        let reg = Registry::builtin_with_provider(fs);
+        let img = reg
+            .create("vhd", Path::new(CHILD), &options(), None, true)
+            .unwrap();
+        let n = faulty.mutation_count();
+        img.close(false).unwrap();
+        n
+    };
+    for cut in 0..count {
+        for mode in modes(cut) {
+            let fs = Arc::new(MemFileSystem::new());
+            let faulty = Arc::new(FaultyStorage::new());
+            fs.insert(CHILD, faulty.clone());
+            faulty.cut_power_after(cut);
+            let reg = Registry::builtin_with_provider(fs);
+            let created = reg.create("vhd", Path::new(CHILD), &options(), None, true);
+            assert!(created.is_err(), "cut {cut} of {count}: create succeeded");
+            let fs2 = Arc::new(MemFileSystem::new());
+            fs2.insert(CHILD, Arc::new(faulty.restart(mode)));
+            let reg2 = Registry::builtin_with_provider(fs2);
+            // Either the file is refused, or it is a complete, empty disk of the right size.
+            if let Ok(img) = reg2.open_as("vhd", Path::new(CHILD), OpenFlags::READ_ONLY) {
+                assert_eq!(img.size(), SIZE, "cut {cut} {mode:?}");
+                let mut buf = vec![1u8; SIZE as usize];
+                img.read_at(0, &mut buf).unwrap();
+                assert!(
+                    buf.iter().all(|&b| b == 0),
+                    "cut {cut} {mode:?}: a half-created disk reads data"
+                );
+            }
+        }
+    }
+}
+
+/// A new differencing image at `child` whose parent is the VHD image at `parent`.
+fn create_child(
+    reg: &Registry,
+    child: &str,
+    parent: &str,
+    params: &CreateParams,
+) -> Box<dyn Image> {
+    let p = reg
+        .open(Path::new(parent), OpenFlags::READ_ONLY)
+        .expect("open the parent");
+    let params = CreateParams {
+        image_flags: ImageFlags::DIFF,
+        ..params.clone()
+    };
+    reg.create(
+        "vhd",
+        Path::new(child),
+        &params,
+        Some((Path::new(parent), p.as_ref())),
+        true,
+    )
+    .expect("create the child")
+}
+
+/// The image at `path`, with its parents, as a read-write disk.
+fn open_rw(reg: &Registry, path: &str) -> Result<Disk> {
+    Disk::open(
+        reg,
+        Path::new(path),
+        &DiskOptions {
+            flags: OpenFlags::empty(),
+            ..DiskOptions::default()
+        },
+    )
+}
+
+/// Checks `img` and fails naming `ctx` when the check finds an error it did not repair.
+fn assert_checks_clean(img: &dyn Image, ctx: &str) {
+    let report = img.repair(true).expect("check");
+    let errors: Vec<&Finding> = report
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error && !f.repaired)
+        .collect();
+    assert!(errors.is_empty(), "{ctx}: check: {errors:?}");
+}
