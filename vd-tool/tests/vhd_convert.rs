@@ -770,21 +770,25 @@ fn windows_chain_into(to: &[Fmt]) {
     );
 }
 
-/// The 512-byte sectors of `ops` that libvhdi may read wrongly in a VHD differencing child:
-/// those of a sector-bitmap byte (8 sectors, aligned on the disk as blocks are) that is partly
-/// set. Returns the MiB chunks holding one.
+/// The MiB chunks of the disk where libvhdi reads a VHD differencing child written by `ops`
+/// wrongly: those holding a sector-bitmap byte (8 sectors, aligned on the disk as blocks are)
+/// with an absent sector after a present one.
 fn libvhdi_unreliable_chunks(ops: &[Op]) -> std::collections::BTreeSet<u64> {
     let mut present = std::collections::BTreeSet::new();
     for op in ops {
         let (off, len) = op.range();
         present.extend(off / 512..(off + len).div_ceil(512));
     }
-    let groups: std::collections::BTreeSet<u64> = present.iter().map(|s| s / 8).collect();
-    groups
-        .into_iter()
-        .filter(|g| (g * 8..g * 8 + 8).any(|sec| !present.contains(&sec)))
-        .map(|g| g * 8 * 512 / MIB)
-        .collect()
+    // libvhdi takes sector i as present when any sector of its byte up to i is: the sectors
+    // it misreads are the absent ones after a present one in the same byte.
+    let mut chunks = std::collections::BTreeSet::new();
+    for &sec in &present {
+        let byte_end = (sec / 8 + 1) * 8;
+        if (sec + 1..byte_end).any(|later| !present.contains(&later)) {
+            chunks.insert(sec * 512 / MIB);
+        }
+    }
+    chunks
 }
 
 /// A dynamic VHD chain made by vd-tool (`create -f vhd -b`) reads as written in vd, flattens
@@ -1190,4 +1194,46 @@ fn vhds_made_by_qemu_convert_to_what_qemu_reads() {
         run_ok("qemu-img", &["check", "-q", "-f", "vhdx", s(&vhdx)]);
         qemu_same(&vhdx, "vhdx", &theirs);
     }
+}
+
+/// `convert -O vhd -B BASE` makes a differencing VHD over BASE holding only what differs: a
+/// VHDX chain re-based onto a VHD copy of its parent reads as the chain (in vd and, whole, in
+/// libvhdi: convert writes whole 4 KiB granules, so no bitmap byte is partly set), keeps the
+/// VHDX child's UUID and links to BASE's. Converting BASE itself over BASE gives an empty child
+/// with a UUID of its own, never its parent's.
+#[test]
+fn convert_with_backing_makes_a_vhd_child() {
+    require(&[Peer::Pyvhdi]);
+    let dir = tempfile::tempdir().unwrap();
+    let (child, disk) = make_chain(dir.path(), "vhdx", Fmt::Vhdx, "block_size=1M");
+    let base = dir.path().join("base.vhd");
+    convert(&dir.path().join("base.vhdx"), &base, Fmt::VhdDynamic);
+    let new = dir.path().join("new.vhd");
+    vd_ok(&["convert", "-O", "vhd", "-B", s(&base), s(&child), s(&new)]);
+    assert_eq!(footer(&new).disk_type, DISK_DIFFERENCING);
+    let want = sha256(&disk);
+    assert_eq!(content(&new), want);
+    let i = info(&new);
+    assert_eq!(i["uuid"].as_str(), uuid(&child).as_deref());
+    assert_eq!(i["parent_uuid"].as_str(), uuid(&base).as_deref());
+    let len = std::fs::metadata(&new).unwrap().len();
+    assert!(len < SIZE / 2, "{len} bytes");
+    let lib = libvhdi_read(&new, &[&base]);
+    assert_eq!((lib.size, lib.sha256), (SIZE, want));
+
+    let same = dir.path().join("same.vhd");
+    vd_ok(&["convert", "-O", "vhd", "-B", s(&base), s(&base), s(&same)]);
+    assert_eq!(content(&same), content(&base));
+    assert!(uuid(&same).is_some());
+    assert_ne!(uuid(&same), uuid(&base));
+    let (_, extents) =
+        vd_tests::tool::map_lines(&vd_ok(&["map", "--output", "json", s(&same)]).stdout);
+    assert!(extents.iter().any(|e| e["state"] == "data"), "{extents:?}");
+    assert!(
+        extents
+            .iter()
+            .filter(|e| e["state"] == "data")
+            .all(|e| e["layer"] == 1),
+        "the child holds no data of its own: {extents:?}"
+    );
 }
