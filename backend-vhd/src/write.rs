@@ -20,6 +20,10 @@ use vd_core::{Error, ErrorKind, Image, Mapping, OpenFlags, Result, check_range};
 use crate::format::{self, FOOTER_SIZE, SECTOR, UNALLOCATED};
 use crate::{Dynamic, Meta, VhdImage, io_err};
 
+/// The most changed sector bitmaps kept in memory between flushes (a bitmap is 512 bytes for
+/// blocks up to 2 MiB): past this, a write flushes them itself.
+const MAX_DIRTY_BITMAPS: usize = 4096;
+
 /// `bits` `[first, first + count)` of a most-significant-bit-first bitmap set to `value`;
 /// whether any bit changed.
 fn set_bits(bitmap: &mut [u8], first: u64, count: u64, value: bool) -> bool {
@@ -167,6 +171,10 @@ impl VhdImage {
                 .map_err(|e| Error::io("write failed", e).with_offset(data_at))?;
             Self::mark(dy, storage, i, bitmap_at, in_block, n as u64, true)?;
             pos = piece_end;
+        }
+        if dy.dirty_bitmaps.len() > MAX_DIRTY_BITMAPS {
+            // Bounds the memory held between flushes.
+            self.flush_with(m)?;
         }
         Ok(())
     }
