@@ -20,6 +20,10 @@ use vd_core::{Error, ErrorKind, Image, Mapping, OpenFlags, Result, check_range};
 use crate::format::{self, FOOTER_SIZE, SECTOR, UNALLOCATED};
 use crate::{Dynamic, Meta, VhdImage, io_err};
 
+/// The most bytes of changed sector bitmaps kept in memory between flushes (4096 bitmaps of
+/// 2 MiB blocks): past this, a write flushes them itself.
+const MAX_DIRTY_BITMAP_BYTES: u64 = 2 << 20;
+
 /// `bits` `[first, first + count)` of a most-significant-bit-first bitmap set to `value`;
 /// whether any bit changed.
 fn set_bits(bitmap: &mut [u8], first: u64, count: u64, value: bool) -> bool {
@@ -167,6 +171,10 @@ impl VhdImage {
                 .map_err(|e| Error::io("write failed", e).with_offset(data_at))?;
             Self::mark(dy, storage, i, bitmap_at, in_block, n as u64, true)?;
             pos = piece_end;
+        }
+        if (dy.dirty_bitmaps.len() as u64).saturating_mul(dy.bitmap_size) > MAX_DIRTY_BITMAP_BYTES {
+            // Bounds the memory held between flushes.
+            self.flush_with(m)?;
         }
         Ok(())
     }
