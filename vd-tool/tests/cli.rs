@@ -114,9 +114,10 @@ fn probe_tells_raw_vhdx_and_vhd_apart() {
 }
 
 /// `info` on a VHD: the format, the footer's current size (not the CHS product) and the
-/// footer's and dynamic header's facts; a write command is refused by the read-only backend.
+/// footer's and dynamic header's facts; a write lands (the backend writes VHD now) and reads
+/// back in a read-only open, and the rest of the disk is unchanged.
 #[test]
-fn info_reports_vhd_facts_and_writes_are_refused() {
+fn info_reports_vhd_facts_and_writes_land() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("dynamic.vhd");
     vd_tests::corpus::decompress("vhd/dissect.hypervisor/dynamic.vhd.gz", &img);
@@ -129,15 +130,15 @@ fn info_reports_vhd_facts_and_writes_are_refused() {
     assert_eq!(fs["creator_application"], "win ", "{v}");
     assert_eq!(fs["dynamic"]["block_size"], 2 << 20, "{v}");
     assert_eq!(fs["dynamic"]["blocks_allocated"], 3, "{v}");
-    let before = std::fs::read(&img).unwrap();
-    let o = vd(&["io", "-c", "write 0 512", s(&img)]);
-    assert!(!o.status.success());
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("read-only"), "{err}");
+    let before = qemu::raw(&img);
+    vd_ok(&["io", "-c", "write -P 0x5a 0 512", s(&img)]);
+    vd_ok(&["io", "-r", "-c", "read -P 0x5a 0 512", s(&img)]);
+    let after = qemu::raw(&img);
+    assert_eq!(after[..512], [0x5a; 512]);
     assert_eq!(
-        std::fs::read(&img).unwrap(),
-        before,
-        "the image is unchanged"
+        after[512..],
+        before[512..],
+        "the rest of the disk is unchanged"
     );
 }
 
