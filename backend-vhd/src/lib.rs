@@ -34,6 +34,7 @@
     )
 )]
 
+pub mod check;
 pub mod format;
 
 use std::io;
@@ -45,10 +46,10 @@ use flag_cell::Flags;
 use uuid::Uuid;
 use vd_core::linkme::distributed_slice;
 use vd_core::{
-    BACKENDS, Backend, BlockRuns, ByteSize, Capabilities, Confidence, Error, ErrorKind, Extent,
-    Facts, Geometry, Image, ImageFlags, LayoutRegion, LinkageMismatch, MappedExtent, Mapping,
-    OpenFlags, OpenRequest, ParentCandidates, RegionKind, Result, Storage, StorageProvider,
-    Warning, check_range, kind_runs, push_extent,
+    BACKENDS, Backend, BlockRuns, ByteSize, Capabilities, CheckReport, Confidence, Error,
+    ErrorKind, Extent, Facts, Geometry, Image, ImageFlags, LayoutRegion, LinkageMismatch,
+    MappedExtent, Mapping, OpenFlags, OpenRequest, ParentCandidates, RegionKind, Result, Storage,
+    StorageProvider, Warning, check_range, kind_runs, push_extent,
 };
 
 use format::{
@@ -704,6 +705,18 @@ impl Image for VhdImage {
 
     fn warnings(&self) -> Vec<Warning> {
         self.warnings.clone()
+    }
+
+    /// Checks the file from scratch, as [`check::check`] does (never from what the open
+    /// read), and repairs what is safe unless `dry_run`.
+    ///
+    /// # Errors
+    /// `ReadOnly` for a repair (not a dry run) of an image opened read-only; I/O errors.
+    fn repair(&self, dry_run: bool) -> Result<CheckReport> {
+        if !dry_run && self.flags.get().contains(OpenFlags::READ_ONLY) {
+            return Err(Error::read_only("repairing a VHD image").with_path(&self.path));
+        }
+        self.at(check::check(self.storage.as_ref(), !dry_run))
     }
 
     fn details(&self) -> Option<Facts> {
