@@ -11,7 +11,8 @@
 //!   BAT entries covering the disk), every BAT entry (its block and sector bitmap inside the
 //!   file, clear of the footer copy, the dynamic header, the BAT, the parent locators' data and
 //!   the footer, and clear of every other block), every parent locator's data (inside the
-//!   file, clear of the other structures), and space no structure uses (leaks);
+//!   file, clear of the other structures), and space no structure uses with room for a
+//!   block (leaks; smaller gaps are the alignment padding real writers leave);
 //! - fixed images: the file holds the whole disk before the footer.
 //!
 //! What is repaired (unless a dry run), and only when nothing else is wrong:
@@ -173,6 +174,8 @@ struct Used {
 struct Places {
     header: u64,
     table: u64,
+    /// A block with its sector bitmap.
+    span: u64,
 }
 
 impl Used {
@@ -409,7 +412,14 @@ pub fn check(storage: &dyn Storage, repair: bool) -> Result<CheckReport> {
     };
     // An old 511-byte footer is left where it is.
     let cuttable = footer_len != FOOTER_SIZE.saturating_sub(1) as u64;
-    report_leaks(&used, leak_end, cuttable, &mut plan, &mut report);
+    report_leaks(
+        &used,
+        places.span,
+        leak_end,
+        cuttable,
+        &mut plan,
+        &mut report,
+    );
 
     if plan.other_errors(&report) > 0 {
         plan.refuse(&mut report);
@@ -632,9 +642,11 @@ fn check_dynamic(
             ),
         ));
     }
+    let bitmap_size = sector_ceil((block / SECTOR).div_ceil(8));
     let places = Places {
         header: at,
         table: header.table_offset,
+        span: bitmap_size.saturating_add(block),
     };
     // Bounded by MAX_TABLE_ENTRIES and the file length (parse_header).
     let table_len = entries.saturating_mul(4);
@@ -712,9 +724,7 @@ fn check_bat(
     used: &mut Vec<Used>,
     report: &mut CheckReport,
 ) -> Result<()> {
-    let block = u64::from(header.block_size);
-    let bitmap_size = sector_ceil((block / SECTOR).div_ceil(8));
-    let span = bitmap_size.saturating_add(block);
+    let span = places.span;
     let table_len = u64::from(header.max_table_entries).saturating_mul(4);
     let limit = if footer_at == file_len {
         format!("the end of the file at {file_len:#x}")
@@ -812,10 +822,14 @@ fn check_overlaps(used: &[Used], places: Places, report: &mut CheckReport) {
 }
 
 /// Reports the space no structure uses before `leak_end` (each structure rounded up to whole
-/// sectors). Space between the last structure and `leak_end` is the trailing leak a repair
-/// cuts when `cuttable`.
+/// sectors) where it has room for a block and its bitmap (`span`): smaller gaps are the
+/// alignment real writers leave (Windows puts each block's data on a 4 KiB boundary and the
+/// footer where the next block's bitmap goes; Virtual PC and Hyper-V pad the BAT), and no
+/// block can leak into them. Space between the last structure and `leak_end` is the trailing
+/// leak a repair cuts when `cuttable`.
 fn report_leaks(
     used: &[Used],
+    span: u64,
     leak_end: u64,
     cuttable: bool,
     plan: &mut Plan,
@@ -824,8 +838,8 @@ fn report_leaks(
     let mut leaks = Listed::new(Severity::Warning, "leaked space", "unused ranges (leaked)");
     let mut pos = 0u64;
     for u in used.iter().filter(|u| u.part != Part::Footer) {
-        if u.start > pos {
-            let len = u.start.saturating_sub(pos);
+        let len = u.start.saturating_sub(pos);
+        if len >= span {
             leaks.push(
                 report,
                 finding(
@@ -844,8 +858,8 @@ fn report_leaks(
         pos = pos.max(sector_ceil(u.end()));
     }
     leaks.finish(report);
-    if leak_end > pos {
-        let len = leak_end.saturating_sub(pos);
+    let len = leak_end.saturating_sub(pos);
+    if len >= span {
         report.findings.push(finding(
             Severity::Warning,
             ErrorKind::Corrupt,
@@ -1177,16 +1191,26 @@ mod tests {
     fn leaked_space_is_a_warning_and_only_a_trailing_leak_is_cut() {
         let good = dynamic(false);
         let n = good.len();
-        // Block 0 moved 2 sectors up: 1 KiB between the BAT and the block is leaked.
+        // Block 0 moved up by a block and its bitmap (9 sectors): that space is leaked.
         let mut gap = good[..2048].to_vec();
-        gap[1536..1540].copy_from_slice(&6u32.to_be_bytes());
-        gap.extend([0u8; 1024]);
+        gap[1536..1540].copy_from_slice(&13u32.to_be_bytes());
+        gap.extend([0u8; 4608]);
         gap.extend(&good[2048..]);
         let f = only(&gap);
         assert_at(&f, Severity::Warning, "leaked space", 2048);
-        assert!(f.message.contains("1024 bytes"), "{f:?}");
+        assert!(f.message.contains("4608 bytes"), "{f:?}");
         let (kept, after) = repaired(&gap);
         assert!(after == gap && !kept[0].repaired, "{kept:?}");
+        // Moved up by less (alignment padding, as Windows leaves): nothing to report.
+        let mut pad = good[..2048].to_vec();
+        pad[1536..1540].copy_from_slice(&12u32.to_be_bytes());
+        pad.extend([0u8; 4096]);
+        pad.extend(&good[2048..]);
+        assert_eq!(dry(&pad), []);
+        let mut short_tail = good[..n - 512].to_vec();
+        short_tail.extend([0u8; 4096]);
+        short_tail.extend(&good[n - 512..]);
+        assert_eq!(dry(&short_tail), []);
 
         // 8 KiB of nothing between the last block and the footer.
         let mut tail = good[..n - 512].to_vec();
