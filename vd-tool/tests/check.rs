@@ -313,9 +313,7 @@ fn a_damaged_vhd_footer_is_a_finding_and_check_r_repairs_it_or_says_why_not() {
 
     let text = check(&[], &img, 1);
     assert!(
-        text.contains(&format!(
-            "ERROR: the footer at the end of the file is damaged"
-        )),
+        text.contains("ERROR: the footer at the end of the file is damaged"),
         "{text}"
     );
     assert!(
