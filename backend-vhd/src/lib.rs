@@ -36,6 +36,7 @@
     )
 )]
 
+pub mod check;
 mod create;
 pub mod format;
 mod write;
@@ -53,10 +54,10 @@ use parking_lot::RwLock;
 use uuid::Uuid;
 use vd_core::linkme::distributed_slice;
 use vd_core::{
-    BACKENDS, Backend, BlockRuns, ByteSize, Capabilities, Confidence, Error, ErrorKind, Extent,
-    Facts, Geometry, Image, ImageFlags, LayoutRegion, LinkageMismatch, MappedExtent, Mapping,
-    OpenFlags, OpenRequest, ParentCandidates, RegionKind, Result, Storage, StorageProvider,
-    Warning, check_range, kind_runs, push_extent,
+    BACKENDS, Backend, BlockRuns, ByteSize, Capabilities, CheckReport, Confidence, Error,
+    ErrorKind, Extent, Facts, Geometry, Image, ImageFlags, LayoutRegion, LinkageMismatch,
+    MappedExtent, Mapping, OpenFlags, OpenRequest, ParentCandidates, RegionKind, Result, Storage,
+    StorageProvider, Warning, check_range, kind_runs, push_extent,
 };
 
 use format::{
@@ -192,6 +193,11 @@ struct Meta {
     footer_offset: u64,
     dynamic: Option<Dynamic>,
     file_len: u64,
+    /// The footer at the end is damaged and was read from the copy at 0: nothing is written
+    /// until a repair restores it.
+    footer_from_copy: bool,
+    /// What was tolerated when the file was read.
+    warnings: Vec<Warning>,
 }
 
 /// An opened VHD image.
@@ -202,7 +208,6 @@ pub struct VhdImage {
     provider: Arc<dyn StorageProvider>,
     flags: Flags,
     meta: RwLock<Meta>,
-    warnings: Vec<Warning>,
 }
 
 /// A tiny lock-free holder of the open flags (only `READ_ONLY`-preserving changes are
@@ -231,15 +236,27 @@ mod flag_cell {
 impl VhdImage {
     fn open(req: OpenRequest<'_>) -> Result<Self> {
         let path = req.path;
-        let storage = req.storage;
+        let meta = Self::load(req.storage.as_ref(), req.flags).map_err(|e| e.with_path(path))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            storage: req.storage,
+            provider: req.provider,
+            flags: Flags::new(req.flags),
+            meta: RwLock::new(meta),
+        })
+    }
+
+    /// Reads the footer and, for dynamic and differencing images, the dynamic header and the
+    /// BAT. Opened for writing, a dynamic image whose footer copy at 0 differs from its sound
+    /// footer at the end (an edit cut short by a crash) gets the copy rewritten.
+    fn load(storage: &dyn Storage, flags: OpenFlags) -> Result<Meta> {
         let file_len = storage
             .len()
-            .map_err(|e| io_err("cannot read the size", path, e))?;
+            .map_err(|e| Error::io("cannot read the size", e))?;
         let mut warnings = Vec::new();
         let (footer, footer_raw, footer_offset) =
-            Self::read_footer(storage.as_ref(), file_len, &mut warnings)
-                .map_err(|e| e.with_path(path))?;
-        Self::refuse_damaged_for_writing(req.flags, &warnings, path)?;
+            Self::read_footer(storage, file_len, &mut warnings)?;
+        let footer_from_copy = !warnings.is_empty();
         let dynamic = match footer.disk_type {
             DiskType::Fixed => {
                 if footer.current_size > footer_offset {
@@ -250,49 +267,32 @@ impl VhdImage {
                             "fixed image of {} bytes, but the footer sits at {footer_offset:#x}: the file is truncated",
                             footer.current_size
                         ),
-                    )
-                    .with_path(path));
+                    ));
                 }
                 None
             }
-            DiskType::Dynamic | DiskType::Differencing => Some(
-                Self::read_dynamic(storage.as_ref(), &footer, file_len)
-                    .map_err(|e| e.with_path(path))?,
-            ),
+            DiskType::Dynamic | DiskType::Differencing => {
+                Some(Self::read_dynamic(storage, &footer, file_len)?)
+            }
         };
-        Ok(Self {
-            path: path.to_path_buf(),
-            storage,
-            provider: req.provider,
-            flags: Flags::new(req.flags),
-            meta: RwLock::new(Meta {
-                footer,
-                footer_raw,
-                footer_offset,
-                dynamic,
-                file_len,
-            }),
+        if dynamic.is_some() && !footer_from_copy && !flags.contains(OpenFlags::READ_ONLY) {
+            let mut copy = [0u8; FOOTER_SIZE];
+            let io = |e| Error::io("cannot restore the footer copy", e).with_offset(0);
+            storage.read_exact_at(0, &mut copy).map_err(io)?;
+            if copy != footer_raw {
+                storage.write_all_at(0, &footer_raw).map_err(io)?;
+                storage.flush().map_err(io)?;
+            }
+        }
+        Ok(Meta {
+            footer,
+            footer_raw,
+            footer_offset,
+            dynamic,
+            file_len,
+            footer_from_copy,
             warnings,
         })
-    }
-
-    /// Refuses an open for writing when the footer at the end is damaged: writes would move
-    /// it, and the check's repair restores it from the copy first.
-    fn refuse_damaged_for_writing(
-        flags: OpenFlags,
-        warnings: &[Warning],
-        path: &Path,
-    ) -> Result<()> {
-        if flags.contains(OpenFlags::READ_ONLY) || warnings.is_empty() {
-            return Ok(());
-        }
-        Err(Error::new(
-            ErrorKind::Corrupt,
-            "the footer at the end of the file is damaged (the copy at 0 reads); open it \
-             read-only, or repair it with `vd-tool check -r all`",
-        )
-        .with_field("footer")
-        .with_path(path))
     }
 
     /// The footer at the end of the file (512 bytes, or 511 for old images), else its copy at
@@ -871,7 +871,31 @@ impl Image for VhdImage {
     }
 
     fn warnings(&self) -> Vec<Warning> {
-        self.warnings.clone()
+        self.meta.read().warnings.clone()
+    }
+
+    /// Checks the file from scratch, as [`check::check`] does (never from what the open
+    /// read), and repairs what is safe unless `dry_run`.
+    ///
+    /// # Errors
+    /// `ReadOnly` for a repair (not a dry run) of an image opened read-only; I/O errors.
+    ///
+    /// Writes since the last flush are flushed first, so that the check sees them; after a
+    /// repair the image reads its structures again.
+    fn repair(&self, dry_run: bool) -> Result<CheckReport> {
+        let read_only = self.flags.get().contains(OpenFlags::READ_ONLY);
+        if !dry_run && read_only {
+            return Err(Error::read_only("repairing a VHD image").with_path(&self.path));
+        }
+        let mut m = self.meta.write();
+        if !read_only {
+            self.at(self.flush_with(&mut m))?;
+        }
+        let report = self.at(check::check(self.storage.as_ref(), !dry_run))?;
+        if !dry_run {
+            *m = self.at(Self::load(self.storage.as_ref(), self.flags.get()))?;
+        }
+        Ok(report)
     }
 
     fn details(&self) -> Option<Facts> {
@@ -1339,17 +1363,45 @@ mod tests {
     }
 
     #[test]
-    fn a_damaged_end_footer_opens_read_only_only() {
-        let mut b = dynamic(None);
+    fn a_damaged_end_footer_takes_no_writes_until_repaired() {
+        let good = dynamic(None);
+        let mut b = good.clone();
         let n = b.len();
         b[n - 512] ^= 1;
         let reg = registry(&[("/d.vhd", b)]);
-        let e = reg
-            .open(Path::new("/d.vhd"), OpenFlags::empty())
-            .unwrap_err();
+        let img = reg.open(Path::new("/d.vhd"), OpenFlags::empty()).unwrap();
+        let e = img.write_at(0, &[1; 512]).unwrap_err();
         assert_eq!(e.kind(), ErrorKind::Corrupt);
         assert!(e.to_string().contains("check -r all"), "{e}");
-        reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
+        let report = img.repair(false).unwrap();
+        assert!(report.findings.iter().all(|f| f.repaired), "{report:?}");
+        assert!(img.warnings().is_empty());
+        img.write_at(0, &[1; 512]).unwrap();
+        img.close(false).unwrap();
+        let img = reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
+        let mut sector = [0u8; 512];
+        img.read_at(0, &mut sector).unwrap();
+        assert_eq!(sector, [1; 512]);
+    }
+
+    #[test]
+    fn a_footer_copy_left_behind_by_a_crash_is_restored_by_a_writable_open() {
+        let mut b = dynamic(None);
+        // The copy at 0 with another unique ID (sealed): an edit cut between its two writes.
+        b[68] ^= 0xFF;
+        format::seal(&mut b[..512], 64);
+        let reg = registry(&[("/d.vhd", b)]);
+        let ro = reg.open(Path::new("/d.vhd"), OpenFlags::READ_ONLY).unwrap();
+        assert!(
+            ro.repair(true)
+                .unwrap()
+                .findings
+                .iter()
+                .any(|f| f.field.as_deref() == Some("footer copy"))
+        );
+        ro.close(false).unwrap();
+        let rw = reg.open(Path::new("/d.vhd"), OpenFlags::empty()).unwrap();
+        assert!(rw.repair(true).unwrap().is_clean());
     }
 
     #[test]

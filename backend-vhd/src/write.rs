@@ -52,6 +52,15 @@ impl VhdImage {
         if self.open_flags().contains(OpenFlags::READ_ONLY) {
             return Err(Error::read_only("writing").with_path(&self.path));
         }
+        if self.meta.read().footer_from_copy {
+            return Err(Error::new(
+                ErrorKind::Corrupt,
+                "the footer at the end of the file is damaged (the copy at 0 reads); nothing \
+                 is written until `vd-tool check -r all` restores it",
+            )
+            .with_field("footer")
+            .with_path(&self.path));
+        }
         Ok(())
     }
 

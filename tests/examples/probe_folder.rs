@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use backend_raw as _;
+use backend_vhd as _;
 use backend_vhdx as _;
 use vd_core::Registry;
 

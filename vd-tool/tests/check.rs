@@ -260,3 +260,96 @@ fn check_opens_the_whole_chain_and_a_missing_or_wrong_parent_is_a_finding() {
         "the child's header was not rewritten"
     );
 }
+
+/// The corpus VHDs `check` runs on: Windows' dynamic and fixed images and QEMU's dynamic one.
+const VHDS: [&str; 3] = [
+    "vhd/dissect.hypervisor/dynamic.vhd.gz",
+    "vhd/dissect.hypervisor/fixed.vhd.gz",
+    "vhd/synthetic/qemu-convert-random-24M.vhd.gz",
+];
+
+/// `content_sha256` of corpus VHD `file` (`vhd/...`) in `tests/data/vhd/expected.json`.
+fn vhd_content_sha256(file: &str) -> String {
+    let path = vd_tests::corpus::dir().join("vhd/expected.json");
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| format!("vhd/{}", i["file"].as_str().unwrap()) == file)
+        .and_then(|i| i["content_sha256"].as_str())
+        .unwrap_or_else(|| panic!("{file}: no content_sha256"))
+        .to_string()
+}
+
+#[test]
+fn check_on_corpus_vhds_is_clean_and_writes_nothing() {
+    for file in VHDS {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.vhd");
+        decompress(file, &img);
+        let text = check(&[], &img, 0);
+        assert_eq!(text, "No errors were found on the image.\n", "{file}");
+        let json: Value = serde_json::from_str(&check(&["--output", "json"], &img, 0)).unwrap();
+        assert_eq!(json["format"], "vhd", "{file}: {json}");
+        assert_eq!(json["findings"], serde_json::json!([]), "{file}: {json}");
+    }
+}
+
+/// A damaged end footer of a dynamic VHD is an error naming the checksum and its offset (exit
+/// 1); `check -r all` rewrites it from the copy at offset 0 when the VHD backend can write,
+/// after which a check is clean and the disk reads the same. While the backend is read-only,
+/// `check -r all` checks, says why nothing was repaired, exits 1 and leaves every byte.
+#[test]
+fn a_damaged_vhd_footer_is_a_finding_and_check_r_repairs_it_or_says_why_not() {
+    let file = VHDS[0];
+    let want = vhd_content_sha256(file);
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("a.vhd");
+    decompress(file, &img);
+    let n = std::fs::metadata(&img).unwrap().len() as usize;
+    flip(&img, n - 512 + 100);
+    assert_eq!(disk_sha256(&img), want, "read through the footer copy");
+
+    let text = check(&[], &img, 1);
+    assert!(
+        text.contains("ERROR: the footer at the end of the file is damaged"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("at offset {:#x}", n - 512)),
+        "{text}"
+    );
+    assert!(text.contains("1 error was found on the image."), "{text}");
+    let json: Value = serde_json::from_str(&check(&["--output", "json"], &img, 1)).unwrap();
+    assert_eq!(json["errors"], 1, "{json}");
+    assert_eq!(json["findings"][0]["field"], "footer checksum", "{json}");
+    assert_eq!(json["findings"][0]["offset"], n - 512, "{json}");
+    assert_eq!(json["findings"][0]["repaired"], false, "{json}");
+
+    let before = std::fs::read(&img).unwrap();
+    use vd_core::Backend;
+    let writable = backend_vhd::VhdBackend
+        .capabilities()
+        .contains(vd_core::Capabilities::WRITE);
+    if writable {
+        let text = check(&["-r", "all"], &img, 0);
+        assert!(text.contains("Repaired: the footer at the end"), "{text}");
+        assert!(text.contains("1 problem was repaired."), "{text}");
+        assert_eq!(std::fs::metadata(&img).unwrap().len() as usize, n);
+        let text = check(&[], &img, 0);
+        assert_eq!(text, "No errors were found on the image.\n");
+    } else {
+        let text = check(&["-r", "all"], &img, 1);
+        assert!(text.contains("ERROR: the footer at the end"), "{text}");
+        assert!(
+            text.contains("not repaired: ") && text.contains("writing VHD images"),
+            "{text}"
+        );
+        assert!(
+            std::fs::read(&img).unwrap() == before,
+            "a refused repair wrote"
+        );
+    }
+    assert_eq!(disk_sha256(&img), want, "the disk changed");
+}
