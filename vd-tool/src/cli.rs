@@ -381,10 +381,10 @@ pub struct CommentArgs {
     after_help = "Repair levels (-r, as qemu-img check -r): vd has no leak repair of its own \
     (VHDX keeps no reference counts, so no cluster can leak; in a VHD, unused space with room \
     for a block right before the footer is cut off behind the footer, other unused space is \
-    reported and left to a compaction), and any repair opens the image read-write, which \
+    reported and left to compact), and any repair opens the image read-write, which \
     replays a dirty log and rewrites what vd repairs from a good copy. So -r leaks repairs \
     the same as -r all, as qemu-img check -r leaks does on VHDX (its read-write open replays \
-    the log too); -r alone is -r all. A backend that cannot write checks without repairing.\n\n\
+    the log too); -r alone is -r all.\n\n\
     Exit codes: 0 clean (or everything found was repaired), 1 problems found (corruptions or \
     leaks: qemu-img check's 2 and 3), 2 error: the check could not be completed, a usage error \
     or a missing file (qemu-img check's 1)."

@@ -1,7 +1,5 @@
 //! `vd-tool check [-r [leaks|all]] FILE`: exit 0 when clean, 1 when problems were found (and not all
-//! repaired), 2 on error. An image too corrupt to open counts as a problem found. With `-r`, an
-//! image whose backend cannot write is checked read-only, each error saying why it was not
-//! repaired.
+//! repaired), 2 on error. An image too corrupt to open counts as a problem found.
 //!
 //! A differencing image is checked with its whole chain: each parent is looked up where the
 //! child names it, opened read-only, matched against the child's record of it, and checked in
@@ -55,35 +53,6 @@ pub fn run(registry: &Registry, args: &CheckArgs, output: Output) -> anyhow::Res
             differencing = img.image_flags().contains(ImageFlags::DIFF);
             img.close(false)?;
             (Some(format), report.findings)
-        }
-        // A backend that cannot write (VHD, for now) refuses the read-write open: the
-        // read-only check still lists every problem, and each error says why it was not
-        // repaired. A clean image is still clean.
-        Err(e) if repair && e.kind() == ErrorKind::NotSupported => {
-            match open(args.share.read_only()) {
-                Ok(img) => {
-                    let report = img.repair(true)?;
-                    let format = img.format();
-                    differencing = img.image_flags().contains(ImageFlags::DIFF);
-                    img.close(false)?;
-                    let why = vd_core::error_chain(&e);
-                    let findings = report
-                        .findings
-                        .into_iter()
-                        .map(|mut f| {
-                            if f.severity == Severity::Error {
-                                f.message = format!("{}; not repaired: {why}", f.message);
-                            }
-                            f
-                        })
-                        .collect();
-                    (Some(format), findings)
-                }
-                Err(e) if matches!(e.kind(), ErrorKind::Corrupt | ErrorKind::InvalidHeader) => {
-                    (None, vec![cannot_open(&e)])
-                }
-                Err(e) => return Err(e.into()),
-            }
         }
         // A read-write open refuses a damaged image (a truncated one, say) before it writes
         // anything; the read-only check still lists every problem, none of them repaired.
