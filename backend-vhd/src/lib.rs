@@ -37,8 +37,10 @@
 )]
 
 pub mod check;
+mod compact;
 mod create;
 pub mod format;
+mod resize;
 mod write;
 
 pub use create::{CREATE_OPTIONS, azure_size};
@@ -113,6 +115,9 @@ impl Backend for VhdBackend {
             | Capabilities::DISCARD
             | Capabilities::CREATE_DYNAMIC
             | Capabilities::CREATE_FIXED
+            | Capabilities::RESIZE
+            | Capabilities::COMPACT
+            | Capabilities::REPAIR
     }
 
     fn priority(&self) -> i32 {
@@ -868,6 +873,26 @@ impl Image for VhdImage {
         self.writable()?;
         let mut m = self.meta.write();
         self.at(self.write_zeroes_with(&mut m, offset, len))
+    }
+
+    /// Changes the virtual size: see the `resize` module for the order of the writes. A
+    /// shrink is refused when the part cut off holds data; a dynamic image holds at most
+    /// 2040 GiB. The geometry follows the new size.
+    fn resize(&self, new_size: u64, progress: vd_core::Progress<'_>) -> Result<()> {
+        self.writable()?;
+        let mut m = self.meta.write();
+        self.at(self.flush_with(&mut m))?;
+        self.at(self.resize_with(&mut m, new_size, progress))
+    }
+
+    /// Releases the blocks of a dynamic or differencing image that hold nothing, moves the
+    /// others down into the holes and shortens the file: see the `compact` module. Fixed
+    /// images: `NotSupported` (nothing to release).
+    fn compact(&self, progress: vd_core::Progress<'_>) -> Result<()> {
+        self.writable()?;
+        let mut m = self.meta.write();
+        self.at(self.flush_with(&mut m))?;
+        self.at(self.compact_with(&mut m, progress))
     }
 
     fn warnings(&self) -> Vec<Warning> {

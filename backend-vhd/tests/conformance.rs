@@ -87,10 +87,6 @@ impl Subject for Vhd {
     fn supports_discard(&self) -> bool {
         !self.differencing
     }
-
-    fn supports_resize(&self) -> bool {
-        false
-    }
 }
 
 const DYNAMIC: Vhd = Vhd {
