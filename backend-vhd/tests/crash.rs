@@ -9,12 +9,12 @@
 //! must never leave a file that opens as a healthy disk with wrong contents. Committing a
 //! child into its parent is cut the same way on the parent.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use backend_vhd as _;
-use vd_core::testing::{FaultyStorage, LossMode, SplitMix64, fill_pattern};
+use vd_core::testing::crash::{CrashModel, cut_points, loss_modes};
+use vd_core::testing::{FaultyStorage, LossMode, fill_pattern};
 use vd_core::{
     CreateParams, Disk, DiskOptions, ExtentKind, Finding, Geometry, Image, ImageFlags,
     MemFileSystem, MemStorage, OpenFlags, Registry, Result, Severity,
@@ -23,7 +23,6 @@ use vd_core::{
 const CHILD: &str = "/crash/child.vhd";
 const PARENT: &str = "/crash/parent.vhd";
 const SIZE: u64 = 6 << 20;
-const SECTOR: usize = 512;
 
 #[derive(Clone, Copy, Debug)]
 enum Step {
@@ -96,84 +95,13 @@ fn make_parent(fs: &Arc<MemFileSystem>) -> Vec<u8> {
     data
 }
 
-/// What the disk may read after a crash: every sector's flushed contents, and the contents each
-/// sector had after every write since the last completed flush.
-struct Model {
-    now: Vec<u8>,
-    durable: Vec<u8>,
-    since_flush: BTreeMap<usize, Vec<Vec<u8>>>,
-    /// Disk sizes a crash may leave (the flushed one, and any set since).
-    sizes: Vec<u64>,
-}
-
-impl Model {
-    fn new(initial: Vec<u8>) -> Self {
-        let size = initial.len() as u64;
-        Self {
-            durable: initial.clone(),
-            now: initial,
-            since_flush: BTreeMap::new(),
-            sizes: vec![size],
-        }
-    }
-
-    /// Records that `[off, off + data.len())` now holds `data`.
-    fn wrote(&mut self, off: u64, data: &[u8]) {
-        let off = off as usize;
-        self.now[off..off + data.len()].copy_from_slice(data);
-        for s in off / SECTOR..(off + data.len()).div_ceil(SECTOR) {
-            let now = self.now[s * SECTOR..(s + 1) * SECTOR].to_vec();
-            self.since_flush.entry(s).or_default().push(now);
-        }
-    }
-
-    fn flushed(&mut self) {
-        self.durable.clone_from(&self.now);
-        self.since_flush.clear();
-        let size = self.sizes.last().copied().unwrap_or(SIZE);
-        self.sizes = vec![size];
-    }
-
-    /// Fails unless a disk of `size` bytes whose first bytes are `buf` is a state the model
-    /// allows.
-    fn check(&self, size: u64, buf: &[u8], ctx: &str) {
-        assert!(
-            self.sizes.contains(&size),
-            "{ctx}: size {size} is none of {:?}",
-            self.sizes
-        );
-        for (s, got) in buf.chunks(SECTOR).enumerate() {
-            let at = s * SECTOR;
-            let old = self
-                .durable
-                .get(at..at + SECTOR)
-                .unwrap_or(&[0u8; SECTOR][..]);
-            if got == old {
-                continue;
-            }
-            let new = self.since_flush.get(&s);
-            assert!(
-                new.is_some_and(|v| v.iter().any(|n| n.as_slice() == got)),
-                "{ctx}: sector {s} (byte {at:#x}) is neither its flushed contents{} ({} \
-                 candidates)",
-                if new.is_some() {
-                    " nor any written since"
-                } else {
-                    " (flushed, unchanged since)"
-                },
-                new.map_or(0, Vec::len)
-            );
-        }
-    }
-}
-
 /// Runs `script` on a fresh image, cutting the power after `cut` mutations (None: never).
 /// Returns the file system (for the parent), the storage and the model.
 fn run(
     script: &[Step],
     differencing: bool,
     cut: Option<u64>,
-) -> (Arc<MemFileSystem>, Arc<FaultyStorage>, Model) {
+) -> (Arc<MemFileSystem>, Arc<FaultyStorage>, CrashModel) {
     let fs = Arc::new(MemFileSystem::new());
     let initial = if differencing {
         make_parent(&fs)
@@ -198,7 +126,7 @@ fn run(
     if let Some(n) = cut {
         faulty.cut_power_after(n);
     }
-    let mut model = Model::new(initial);
+    let mut model = CrashModel::new(initial);
     for step in script {
         let top = img.top();
         let r = match *step {
@@ -277,39 +205,12 @@ fn mutations(script: &[Step], differencing: bool) -> u64 {
     faulty.mutation_count()
 }
 
-/// The loss modes tried at cut `cut`: the whole-write ones, reordering, and tearing at both
-/// sector sizes.
-fn modes(cut: u64) -> [LossMode; 7] {
-    [
-        LossMode::DropAll,
-        LossMode::KeepAll,
-        LossMode::Random(cut * 7919 + 1),
-        LossMode::Random(cut + 17),
-        LossMode::Reorder(cut * 31 + 5),
-        LossMode::Torn {
-            seed: cut * 131 + 3,
-            sector: 512,
-        },
-        LossMode::TornReordered {
-            seed: cut * 977 + 11,
-            sector: 4096,
-        },
-    ]
-}
-
 /// Cuts at every mutation of `script`, or at `sample` seeded ones when there are more.
 fn cut_everywhere(script: &[Step], differencing: bool, sample: Option<u64>) {
     let n = mutations(script, differencing);
     assert!(n > 20, "the script makes {n} mutations");
-    let cuts: Vec<u64> = match sample {
-        Some(k) if k < n => {
-            let mut r = SplitMix64::new(n);
-            (0..k).map(|_| r.next_u64() % (n + 1)).collect()
-        }
-        _ => (0..=n).collect(),
-    };
-    for cut in cuts {
-        for mode in modes(cut) {
+    for cut in cut_points(n, sample) {
+        for mode in loss_modes(cut) {
             verify(script, differencing, cut, mode);
         }
     }
@@ -369,7 +270,7 @@ fn committing_into_the_parent_survives_a_crash_at_every_write() {
         .unwrap();
         let mut expected = vec![0u8; SIZE as usize];
         chain.read_at(0, &mut expected).unwrap();
-        let mut model = Model::new(before);
+        let mut model = CrashModel::new(before);
         if let Some(n) = cut {
             faulty.cut_power_after(n);
         }
@@ -414,7 +315,7 @@ fn committing_into_the_parent_survives_a_crash_at_every_write() {
     assert!(n > 5, "commit makes {n} mutations");
     for cut in 0..=n {
         let (faulty, model, _) = commit(Some(cut));
-        for mode in modes(cut) {
+        for mode in loss_modes(cut) {
             let ctx = format!("commit cut={cut} {mode:?}");
             let fs = Arc::new(MemFileSystem::new());
             fs.insert(PARENT, Arc::new(faulty.restart(mode)));
@@ -426,7 +327,7 @@ fn committing_into_the_parent_survives_a_crash_at_every_write() {
             let mut buf = vec![0u8; SIZE as usize];
             p.read_at(0, &mut buf).unwrap();
             model.check(SIZE, &buf, &ctx);
-            if model.since_flush.is_empty() && model.durable == expected {
+            if model.is_settled() && model.durable() == expected.as_slice() {
                 assert_eq!(buf, expected, "{ctx}: a completed commit");
             }
             p.close(false).unwrap();
@@ -450,7 +351,7 @@ fn a_crash_while_creating_never_yields_a_healthy_looking_disk() {
         n
     };
     for cut in 0..count {
-        for mode in modes(cut) {
+        for mode in loss_modes(cut) {
             let fs = Arc::new(MemFileSystem::new());
             let faulty = Arc::new(FaultyStorage::new());
             fs.insert(CHILD, faulty.clone());

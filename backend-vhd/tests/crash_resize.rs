@@ -7,12 +7,12 @@
 //! allowed, read every flushed write, and read every other sector as flushed or as written
 //! since. A resize and a compaction are durable when they return.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use backend_vhd as _;
-use vd_core::testing::{FaultyStorage, LossMode, SplitMix64, fill_pattern};
+use vd_core::testing::crash::{CrashModel, cut_points, loss_modes};
+use vd_core::testing::{FaultyStorage, LossMode, fill_pattern};
 use vd_core::{
     CreateParams, Disk, DiskOptions, ImageFlags, MemFileSystem, MemStorage, OpenFlags, Registry,
 };
@@ -27,7 +27,6 @@ const SIZE: u64 = 4 * MIB;
 const MODEL: u64 = 8 * MIB;
 /// Past 64 MiB, 512 KiB blocks need more than the 128 entries of the BAT's sector.
 const GROWN: u64 = 80 * MIB;
-const SECTOR: usize = 512;
 
 #[derive(Clone, Copy, Debug)]
 enum Step {
@@ -111,69 +110,6 @@ fn params(fixed: bool) -> CreateParams {
     }
 }
 
-/// What the disk may read after a crash: every sector's flushed contents, and the contents
-/// each sector had after every write since the last completed flush.
-struct Model {
-    now: Vec<u8>,
-    durable: Vec<u8>,
-    since_flush: BTreeMap<usize, Vec<Vec<u8>>>,
-    /// Disk sizes a crash may leave.
-    sizes: Vec<u64>,
-}
-
-impl Model {
-    fn new(mut initial: Vec<u8>) -> Self {
-        initial.resize(MODEL as usize, 0);
-        Self {
-            durable: initial.clone(),
-            now: initial,
-            since_flush: BTreeMap::new(),
-            sizes: vec![SIZE],
-        }
-    }
-
-    fn wrote(&mut self, off: u64, data: &[u8]) {
-        let off = off as usize;
-        let end = (off + data.len()).min(MODEL as usize);
-        if off >= end {
-            return;
-        }
-        self.now[off..end].copy_from_slice(&data[..end - off]);
-        for s in off / SECTOR..end.div_ceil(SECTOR) {
-            let now = self.now[s * SECTOR..(s + 1) * SECTOR].to_vec();
-            self.since_flush.entry(s).or_default().push(now);
-        }
-    }
-
-    fn flushed(&mut self) {
-        self.durable.clone_from(&self.now);
-        self.since_flush.clear();
-        let size = *self.sizes.last().unwrap();
-        self.sizes = vec![size];
-    }
-
-    fn check(&self, size: u64, buf: &[u8], ctx: &str) {
-        assert!(
-            self.sizes.contains(&size),
-            "{ctx}: size {size} is none of {:?}",
-            self.sizes
-        );
-        for (s, got) in buf.chunks(SECTOR).enumerate() {
-            let at = s * SECTOR;
-            if got == &self.durable[at..at + SECTOR] {
-                continue;
-            }
-            let new = self.since_flush.get(&s);
-            assert!(
-                new.is_some_and(|v| v.iter().any(|n| n.as_slice() == got)),
-                "{ctx}: sector {s} (byte {at:#x}) is neither its flushed contents nor any \
-                 written since ({} candidates)",
-                new.map_or(0, Vec::len)
-            );
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Kind {
     Fixed,
@@ -232,7 +168,7 @@ fn open(reg: &Registry, flags: OpenFlags) -> vd_core::Result<Disk> {
 }
 
 /// Runs the script on a fresh image, cutting the power after `cut` mutations (None: never).
-fn run(kind: Kind, parent: &[u8], cut: Option<u64>) -> (Arc<FaultyStorage>, Model) {
+fn run(kind: Kind, parent: &[u8], cut: Option<u64>) -> (Arc<FaultyStorage>, CrashModel) {
     let faulty = Arc::new(FaultyStorage::new());
     let reg = file_system(kind, parent, faulty.clone());
     let created = if kind == Kind::Differencing {
@@ -265,12 +201,13 @@ fn run(kind: Kind, parent: &[u8], cut: Option<u64>) -> (Arc<FaultyStorage>, Mode
     if let Some(n) = cut {
         faulty.cut_power_after(n);
     }
-    let initial = if kind == Kind::Differencing {
+    let mut initial = if kind == Kind::Differencing {
         parent_data()
     } else {
         Vec::new()
     };
-    let mut model = Model::new(initial);
+    initial.resize(MODEL as usize, 0);
+    let mut model = CrashModel::with_size(initial, SIZE);
     for step in script(kind) {
         let top = img.top();
         let r = match *step {
@@ -290,7 +227,7 @@ fn run(kind: Kind, parent: &[u8], cut: Option<u64>) -> (Arc<FaultyStorage>, Mode
             }
             Flush => top.flush().inspect(|()| model.flushed()),
             Resize(size) => {
-                model.sizes.push(size);
+                model.resized(size);
                 top.resize(size, &mut |_, _| {})
                     .inspect(|()| model.flushed())
             }
@@ -344,24 +281,6 @@ fn verify(kind: Kind, parent: &[u8], cut: u64, mode: LossMode) {
     disk.close().unwrap_or_else(|e| panic!("{ctx}: close: {e}"));
 }
 
-fn modes(cut: u64) -> [LossMode; 7] {
-    [
-        LossMode::DropAll,
-        LossMode::KeepAll,
-        LossMode::Random(cut * 7919 + 1),
-        LossMode::Random(cut + 17),
-        LossMode::Reorder(cut * 31 + 5),
-        LossMode::Torn {
-            seed: cut * 131 + 3,
-            sector: 512,
-        },
-        LossMode::TornReordered {
-            seed: cut * 977 + 11,
-            sector: 4096,
-        },
-    ]
-}
-
 /// Cuts at every mutation of the script, or at `sample` seeded ones when there are more.
 fn cut_everywhere(kind: Kind, sample: u64) {
     let parent = if kind == Kind::Differencing {
@@ -373,15 +292,9 @@ fn cut_everywhere(kind: Kind, sample: u64) {
     let n = faulty.mutation_count();
     assert!(n > 20, "the script makes {n} mutations");
     // The whole script ran: its last resize took effect.
-    assert_eq!(model.sizes.len(), 1, "{kind:?}");
-    let cuts: Vec<u64> = if sample < n {
-        let mut r = SplitMix64::new(n);
-        (0..sample).map(|_| r.next_u64() % (n + 1)).collect()
-    } else {
-        (0..=n).collect()
-    };
-    for cut in cuts {
-        for mode in modes(cut) {
+    assert_eq!(model.sizes().len(), 1, "{kind:?}");
+    for cut in cut_points(n, Some(sample)) {
+        for mode in loss_modes(cut) {
             verify(kind, &parent, cut, mode);
         }
     }

@@ -4,6 +4,8 @@
 //!   every write that no completed flush covered (all of them, none, or a seeded random subset).
 //! - [`conformance`]: proptest-generated sequences of write / read / flush / reopen / discard /
 //!   resize checked against a plain in-memory model, runnable against any backend.
+//! - [`crash`]: what crash tests share: a model of what a disk may read after a power cut, the
+//!   loss modes a cut is restarted under, and the cut points of a script.
 //! - [`backends`]: small in-memory backends for tests of the registry and of disk chains: a
 //!   probe-order backend with a chosen confidence and priority, and a tiny differencing format.
 
@@ -11,6 +13,7 @@ mod faulty;
 
 pub mod backends;
 pub mod conformance;
+pub mod crash;
 
 pub use faulty::{FaultyStorage, LossMode};
 
