@@ -25,11 +25,17 @@ pub fn io(args: &[&str]) -> Output {
 /// 0 on a mismatch in some versions).
 #[track_caller]
 pub fn assert_reads(image: &Path, reads: &[(u8, u64, u64)]) {
+    assert_reads_as("vhdx", image, reads);
+}
+
+/// [`assert_reads`] for an image in QEMU's format `format` (`vhdx`, `vpc`, `raw`).
+#[track_caller]
+pub fn assert_reads_as(format: &str, image: &Path, reads: &[(u8, u64, u64)]) {
     let cmds: Vec<String> = reads
         .iter()
         .map(|(pattern, off, len)| format!("read -q -P {pattern:#x} {off} {len}"))
         .collect();
-    let mut args = vec!["-r", "-f", "vhdx"];
+    let mut args = vec!["-r", "-f", format];
     for c in &cmds {
         args.extend(["-c", c]);
     }

@@ -8,7 +8,7 @@ use std::path::Path;
 use backend_vhd as _;
 use vd_core::{CreateParams, Image, OpenFlags, Registry};
 use vd_tests::peers::{Peer, require};
-use vd_tests::process::{output, show, stdout};
+use vd_tests::process::stdout;
 use vd_tests::qemu;
 use vd_tests::s;
 
@@ -35,22 +35,7 @@ fn open(path: &Path) -> Box<dyn Image> {
 /// qemu-io reads `(pattern, offset, len)` of every entry from the VHD at `image`.
 #[track_caller]
 fn qemu_reads(image: &Path, reads: &[(u8, u64, u64)]) {
-    let cmds: Vec<String> = reads
-        .iter()
-        .map(|(p, off, len)| format!("read -q -P {p:#x} {off} {len}"))
-        .collect();
-    let mut args = vec!["-r", "-f", "vpc"];
-    for c in &cmds {
-        args.extend(["-c", c]);
-    }
-    args.push(s(image));
-    let o = output("qemu-io", &args);
-    assert!(
-        o.status.success() && !stdout(&o).contains("Pattern verification failed"),
-        "{}: {}",
-        image.display(),
-        show(&o)
-    );
+    qemu::assert_reads_as("vpc", image, reads);
 }
 
 /// `qemu-img info` gives the virtual size `size` (QEMU's vpc driver has no `check`).
