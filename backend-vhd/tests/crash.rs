@@ -13,12 +13,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use backend_vhd as _;
-use vd_core::testing::crash::{CrashModel, cut_points, loss_modes};
-use vd_core::testing::{FaultyStorage, LossMode, fill_pattern};
-use vd_core::{
-    CreateParams, Disk, DiskOptions, ExtentKind, Finding, Geometry, Image, ImageFlags,
-    MemFileSystem, MemStorage, OpenFlags, Registry, Result, Severity,
+use vd_core::testing::crash::{
+    CrashModel, CrashSubject, assert_checks_clean, check_commit_survives_crashes,
+    check_create_survives_crashes, create_child, cut_points, loss_modes, open_rw,
 };
+use vd_core::testing::{FaultyStorage, LossMode, fill_pattern};
+use vd_core::{CreateParams, Disk, Geometry, MemFileSystem, MemStorage, Registry};
 
 const CHILD: &str = "/crash/child.vhd";
 const PARENT: &str = "/crash/parent.vhd";
@@ -112,7 +112,7 @@ fn run(
     let faulty = Arc::new(FaultyStorage::new());
     fs.insert(CHILD, faulty.clone());
     let img = if differencing {
-        create_child(&reg, CHILD, PARENT, &options())
+        create_child(&reg, "vhd", CHILD, PARENT, &options())
             .close(false)
             .unwrap();
         open_rw(&reg, CHILD).unwrap()
@@ -232,193 +232,18 @@ fn footer_and_header_edits_survive_a_crash_at_every_write() {
     cut_everywhere(EDITS, true, None);
 }
 
-/// Commit (a child merged into its parent) as vd-tool does it: the child's data and zero
-/// extents are written into the parent through the chain, then the parent is flushed. The
-/// power is cut on the parent.
 #[test]
 fn committing_into_the_parent_survives_a_crash_at_every_write() {
-    let commit = |cut: Option<u64>| {
-        let fs = Arc::new(MemFileSystem::new());
-        let before = make_parent(&fs);
-        let reg = Registry::builtin_with_provider(fs.clone());
-        // The child: data over the parent's pattern and past it, and a zeroed block.
-        {
-            let c = create_child(&reg, CHILD, PARENT, &options());
-            let mut buf = vec![0u8; 3 << 19];
-            fill_pattern(&mut buf, 1 << 19, 0x31);
-            c.write_at(1 << 19, &buf).unwrap();
-            let mut buf = vec![0u8; 8192];
-            fill_pattern(&mut buf, 5 << 20, 0x32);
-            c.write_at(5 << 20, &buf).unwrap();
-            c.write_zeroes(2 << 20, 1 << 20).unwrap();
-            c.close(false).unwrap();
-        }
-        // The parent on fault-injecting storage, holding what it holds now.
-        let p = fs.get(Path::new(PARENT)).unwrap();
-        let mut bytes = vec![0u8; p.len().unwrap() as usize];
-        p.read_exact_at(0, &mut bytes).unwrap();
-        let faulty = Arc::new(FaultyStorage::from_bytes(bytes));
-        fs.insert(PARENT, faulty.clone());
-        let chain = Disk::open(
-            &reg,
-            Path::new(CHILD),
-            &DiskOptions {
-                writable_parent: true,
-                ..DiskOptions::default()
-            },
-        )
-        .unwrap();
-        let mut expected = vec![0u8; SIZE as usize];
-        chain.read_at(0, &mut expected).unwrap();
-        let mut model = CrashModel::new(before);
-        if let Some(n) = cut {
-            faulty.cut_power_after(n);
-        }
-        let [child, parent, ..] = chain.layers() else {
-            panic!("a chain of two")
-        };
-        let result = (|| -> Result<()> {
-            for e in child.map(0, SIZE)? {
-                let (off, len) = (e.offset, e.length);
-                let data = &expected[off as usize..(off + len) as usize];
-                match e.kind {
-                    ExtentKind::Data => {
-                        model.wrote(off, data);
-                        parent.write_at(off, data)?;
-                    }
-                    ExtentKind::Zero => {
-                        model.wrote(off, data);
-                        parent.write_zeroes(off, len)?;
-                    }
-                    ExtentKind::Unallocated => {}
-                }
-            }
-            parent.flush()?;
-            model.flushed();
-            Ok(())
-        })();
-        match cut {
-            None => {
-                result.unwrap();
-                chain.close().unwrap();
-            }
-            Some(_) => {
-                assert!(result.is_ok() || faulty.is_powered_off(), "{result:?}");
-                faulty.cut_power_now();
-                drop(chain);
-            }
-        }
-        (faulty, model, expected)
-    };
-    let (faulty, _, expected) = commit(None);
-    let n = faulty.mutation_count();
-    assert!(n > 5, "commit makes {n} mutations");
-    for cut in 0..=n {
-        let (faulty, model, _) = commit(Some(cut));
-        for mode in loss_modes(cut) {
-            let ctx = format!("commit cut={cut} {mode:?}");
-            let fs = Arc::new(MemFileSystem::new());
-            fs.insert(PARENT, Arc::new(faulty.restart(mode)));
-            let reg = Registry::builtin_with_provider(fs);
-            let p = reg
-                .open_as("vhd", Path::new(PARENT), OpenFlags::empty())
-                .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
-            assert_checks_clean(p.as_ref(), &ctx);
-            let mut buf = vec![0u8; SIZE as usize];
-            p.read_at(0, &mut buf).unwrap();
-            model.check(SIZE, &buf, &ctx);
-            if model.is_settled() && model.durable() == expected.as_slice() {
-                assert_eq!(buf, expected, "{ctx}: a completed commit");
-            }
-            p.close(false).unwrap();
-        }
-    }
+    check_commit_survives_crashes(&CrashSubject {
+        format: "vhd",
+        params: options(),
+    });
 }
 
 #[test]
 fn a_crash_while_creating_never_yields_a_healthy_looking_disk() {
-    // Count the mutations of a complete create.
-    let count = {
-        let fs = Arc::new(MemFileSystem::new());
-        let faulty = Arc::new(FaultyStorage::new());
-        fs.insert(CHILD, faulty.clone());
-        let reg = Registry::builtin_with_provider(fs);
-        let img = reg
-            .create("vhd", Path::new(CHILD), &options(), None, true)
-            .unwrap();
-        let n = faulty.mutation_count();
-        img.close(false).unwrap();
-        n
-    };
-    for cut in 0..count {
-        for mode in loss_modes(cut) {
-            let fs = Arc::new(MemFileSystem::new());
-            let faulty = Arc::new(FaultyStorage::new());
-            fs.insert(CHILD, faulty.clone());
-            faulty.cut_power_after(cut);
-            let reg = Registry::builtin_with_provider(fs);
-            let created = reg.create("vhd", Path::new(CHILD), &options(), None, true);
-            assert!(created.is_err(), "cut {cut} of {count}: create succeeded");
-            let fs2 = Arc::new(MemFileSystem::new());
-            fs2.insert(CHILD, Arc::new(faulty.restart(mode)));
-            let reg2 = Registry::builtin_with_provider(fs2);
-            // Either the file is refused, or it is a complete, empty disk of the right size.
-            if let Ok(img) = reg2.open_as("vhd", Path::new(CHILD), OpenFlags::READ_ONLY) {
-                assert_eq!(img.size(), SIZE, "cut {cut} {mode:?}");
-                let mut buf = vec![1u8; SIZE as usize];
-                img.read_at(0, &mut buf).unwrap();
-                assert!(
-                    buf.iter().all(|&b| b == 0),
-                    "cut {cut} {mode:?}: a half-created disk reads data"
-                );
-            }
-        }
-    }
-}
-
-/// A new differencing image at `child` whose parent is the VHD image at `parent`.
-fn create_child(
-    reg: &Registry,
-    child: &str,
-    parent: &str,
-    params: &CreateParams,
-) -> Box<dyn Image> {
-    let p = reg
-        .open(Path::new(parent), OpenFlags::READ_ONLY)
-        .expect("open the parent");
-    let params = CreateParams {
-        image_flags: ImageFlags::DIFF,
-        ..params.clone()
-    };
-    reg.create(
-        "vhd",
-        Path::new(child),
-        &params,
-        Some((Path::new(parent), p.as_ref())),
-        true,
-    )
-    .expect("create the child")
-}
-
-/// The image at `path`, with its parents, as a read-write disk.
-fn open_rw(reg: &Registry, path: &str) -> Result<Disk> {
-    Disk::open(
-        reg,
-        Path::new(path),
-        &DiskOptions {
-            flags: OpenFlags::empty(),
-            ..DiskOptions::default()
-        },
-    )
-}
-
-/// Checks `img` and fails naming `ctx` when the check finds an error it did not repair.
-fn assert_checks_clean(img: &dyn Image, ctx: &str) {
-    let report = img.repair(true).expect("check");
-    let errors: Vec<&Finding> = report
-        .findings
-        .iter()
-        .filter(|f| f.severity == Severity::Error && !f.repaired)
-        .collect();
-    assert!(errors.is_empty(), "{ctx}: check: {errors:?}");
+    check_create_survives_crashes(&CrashSubject {
+        format: "vhd",
+        params: options(),
+    });
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use backend_vhd as _;
-use vd_core::testing::crash::{CrashModel, cut_points, loss_modes};
+use vd_core::testing::crash::{CrashModel, assert_checks_clean, cut_points, loss_modes};
 use vd_core::testing::{FaultyStorage, LossMode, fill_pattern};
 use vd_core::{
     CreateParams, Disk, DiskOptions, ImageFlags, MemFileSystem, MemStorage, OpenFlags, Registry,
@@ -258,13 +258,7 @@ fn verify(kind: Kind, parent: &[u8], cut: u64, mode: LossMode) {
     assert!(w.is_empty(), "{ctx}: warnings {w:?}");
     // The check finds no error (leaked blocks of an interrupted allocation or move are
     // warnings, reclaimed by the next compact).
-    let report = disk.top().repair(true).unwrap();
-    let errors: Vec<_> = report
-        .findings
-        .iter()
-        .filter(|f| f.severity == vd_core::Severity::Error)
-        .collect();
-    assert!(errors.is_empty(), "{ctx}: check: {errors:?}");
+    assert_checks_clean(disk.top(), &ctx);
     let size = disk.size();
     let mut buf = vec![0u8; MODEL.min(size) as usize];
     disk.read_at(0, &mut buf).unwrap();

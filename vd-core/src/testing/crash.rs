@@ -1,9 +1,17 @@
 //! What crash tests share: a model of what a disk may read after a power cut, the loss modes a
-//! cut is restarted under, and the cut points of a script.
+//! cut is restarted under, the cut points of a script, the chain helpers, and two whole tests
+//! any format with differencing images runs: commit into a parent, and create, each cut at
+//! every write.
 
 use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
 
-use super::{LossMode, SplitMix64};
+use super::{FaultyStorage, LossMode, SplitMix64, fill_pattern};
+use crate::{
+    CreateParams, Disk, DiskOptions, ExtentKind, Finding, Image, ImageFlags, MemFileSystem,
+    OpenFlags, Registry, Result, Severity,
+};
 
 const SECTOR: usize = 512;
 
@@ -147,6 +155,254 @@ pub fn cut_points(mutations: u64, sample: Option<u64>) -> Vec<u64> {
             (0..k).map(|_| r.next_u64() % (mutations + 1)).collect()
         }
         _ => (0..=mutations).collect(),
+    }
+}
+
+/// A format under crash test: its name and the parameters of its images (`params.size` is
+/// the disk size).
+#[derive(Debug, Clone)]
+pub struct CrashSubject<'a> {
+    /// The backend's name.
+    pub format: &'a str,
+    /// What images are created with.
+    pub params: CreateParams,
+}
+
+const CHILD: &str = "/crash/child";
+const PARENT: &str = "/crash/parent";
+
+/// Builds the parent (a pattern over its first half) in `fs`, returns its contents.
+fn make_parent(subject: &CrashSubject<'_>, fs: &Arc<MemFileSystem>) -> Vec<u8> {
+    let reg = Registry::builtin_with_provider(fs.clone());
+    let p = reg
+        .create(
+            subject.format,
+            Path::new(PARENT),
+            &subject.params,
+            None,
+            true,
+        )
+        .unwrap();
+    let size = subject.params.size as usize;
+    let mut data = vec![0u8; size];
+    fill_pattern(&mut data[..size / 2], 0, 0x77);
+    p.write_at(0, &data).unwrap();
+    p.close(false).unwrap();
+    data
+}
+
+/// A new differencing image of `format` at `child` whose parent is the image at `parent`,
+/// created with `params` (the differencing flag set here).
+pub fn create_child(
+    reg: &Registry,
+    format: &str,
+    child: &str,
+    parent: &str,
+    params: &CreateParams,
+) -> Box<dyn Image> {
+    let p = reg
+        .open(Path::new(parent), OpenFlags::READ_ONLY)
+        .expect("open the parent");
+    let params = CreateParams {
+        image_flags: ImageFlags::DIFF,
+        ..params.clone()
+    };
+    reg.create(
+        format,
+        Path::new(child),
+        &params,
+        Some((Path::new(parent), p.as_ref())),
+        true,
+    )
+    .expect("create the child")
+}
+
+/// The image at `path`, with its parents, as a read-write disk (a dirty log is replayed).
+///
+/// # Errors
+/// Errors opening the chain.
+pub fn open_rw(reg: &Registry, path: &str) -> Result<Disk> {
+    Disk::open(
+        reg,
+        Path::new(path),
+        &DiskOptions {
+            flags: OpenFlags::empty(),
+            ..DiskOptions::default()
+        },
+    )
+}
+
+/// Checks `img` and fails naming `ctx` when the check finds an error it did not repair.
+///
+/// # Panics
+///
+/// When it does, or the check fails.
+#[track_caller]
+pub fn assert_checks_clean(img: &dyn Image, ctx: &str) {
+    let report = img.repair(true).expect("check");
+    let errors: Vec<&Finding> = report
+        .findings
+        .iter()
+        .filter(|f| f.severity == Severity::Error && !f.repaired)
+        .collect();
+    assert!(errors.is_empty(), "{ctx}: check: {errors:?}");
+}
+
+/// Checks commit (a child merged into its parent) as vd-tool does it: the child's data and zero
+/// extents are written into the parent through the chain, then the parent is flushed. The
+/// power is cut on the parent at every write; the parent must then open, check clean, read
+/// as the model allows, and read the whole child once the commit completed. The disk is at
+/// least 6 MiB.
+///
+/// # Panics
+///
+/// When any of that fails.
+pub fn check_commit_survives_crashes(subject: &CrashSubject<'_>) {
+    let (format, size) = (subject.format, subject.params.size);
+    assert!(size >= 6 << 20, "the commit script writes up to 6 MiB");
+    let commit = |cut: Option<u64>| {
+        let fs = Arc::new(MemFileSystem::new());
+        let before = make_parent(subject, &fs);
+        let reg = Registry::builtin_with_provider(fs.clone());
+        // The child: data over the parent's pattern and past it, and a zeroed block.
+        {
+            let c = create_child(&reg, format, CHILD, PARENT, &subject.params);
+            let mut buf = vec![0u8; 3 << 19];
+            fill_pattern(&mut buf, 1 << 19, 0x31);
+            c.write_at(1 << 19, &buf).unwrap();
+            let mut buf = vec![0u8; 8192];
+            fill_pattern(&mut buf, 5 << 20, 0x32);
+            c.write_at(5 << 20, &buf).unwrap();
+            c.write_zeroes(2 << 20, 1 << 20).unwrap();
+            c.close(false).unwrap();
+        }
+        // The parent on fault-injecting storage, holding what it holds now.
+        let p = fs.get(Path::new(PARENT)).unwrap();
+        let mut bytes = vec![0u8; p.len().unwrap() as usize];
+        p.read_exact_at(0, &mut bytes).unwrap();
+        let faulty = Arc::new(FaultyStorage::from_bytes(bytes));
+        fs.insert(PARENT, faulty.clone());
+        let chain = Disk::open(
+            &reg,
+            Path::new(CHILD),
+            &DiskOptions {
+                writable_parent: true,
+                ..DiskOptions::default()
+            },
+        )
+        .unwrap();
+        let mut expected = vec![0u8; size as usize];
+        chain.read_at(0, &mut expected).unwrap();
+        let mut model = CrashModel::new(before);
+        if let Some(n) = cut {
+            faulty.cut_power_after(n);
+        }
+        let [child, parent, ..] = chain.layers() else {
+            panic!("a chain of two")
+        };
+        let result = (|| -> Result<()> {
+            for e in child.map(0, size)? {
+                let (off, len) = (e.offset, e.length);
+                let data = &expected[off as usize..(off + len) as usize];
+                match e.kind {
+                    ExtentKind::Data => {
+                        model.wrote(off, data);
+                        parent.write_at(off, data)?;
+                    }
+                    ExtentKind::Zero => {
+                        model.wrote(off, data);
+                        parent.write_zeroes(off, len)?;
+                    }
+                    ExtentKind::Unallocated => {}
+                }
+            }
+            parent.flush()?;
+            model.flushed();
+            Ok(())
+        })();
+        match cut {
+            None => {
+                result.unwrap();
+                chain.close().unwrap();
+            }
+            Some(_) => {
+                assert!(result.is_ok() || faulty.is_powered_off(), "{result:?}");
+                faulty.cut_power_now();
+                drop(chain);
+            }
+        }
+        (faulty, model, expected)
+    };
+    let (faulty, _, expected) = commit(None);
+    let n = faulty.mutation_count();
+    assert!(n > 5, "commit makes {n} mutations");
+    for cut in 0..=n {
+        let (faulty, model, _) = commit(Some(cut));
+        for mode in loss_modes(cut) {
+            let ctx = format!("commit cut={cut} {mode:?}");
+            let fs = Arc::new(MemFileSystem::new());
+            fs.insert(PARENT, Arc::new(faulty.restart(mode)));
+            let reg = Registry::builtin_with_provider(fs);
+            let p = reg
+                .open_as(format, Path::new(PARENT), OpenFlags::empty())
+                .unwrap_or_else(|e| panic!("{ctx}: reopen: {e}"));
+            assert_checks_clean(p.as_ref(), &ctx);
+            let mut buf = vec![0u8; size as usize];
+            p.read_at(0, &mut buf).unwrap();
+            model.check(size, &buf, &ctx);
+            if model.is_settled() && model.durable() == expected.as_slice() {
+                assert_eq!(buf, expected, "{ctx}: a completed commit");
+            }
+            p.close(false).unwrap();
+        }
+    }
+}
+
+/// Checks that a create cut at any write never leaves a file that opens as a healthy disk
+/// with wrong contents: either it is refused, or it is a complete, empty disk of the size
+/// asked for.
+///
+/// # Panics
+///
+/// When a cut create opens with another size or reads data.
+pub fn check_create_survives_crashes(subject: &CrashSubject<'_>) {
+    let (format, size) = (subject.format, subject.params.size);
+    // Count the mutations of a complete create.
+    let count = {
+        let fs = Arc::new(MemFileSystem::new());
+        let faulty = Arc::new(FaultyStorage::new());
+        fs.insert(CHILD, faulty.clone());
+        let reg = Registry::builtin_with_provider(fs);
+        let img = reg
+            .create(format, Path::new(CHILD), &subject.params, None, true)
+            .unwrap();
+        let n = faulty.mutation_count();
+        img.close(false).unwrap();
+        n
+    };
+    for cut in 0..count {
+        for mode in loss_modes(cut) {
+            let fs = Arc::new(MemFileSystem::new());
+            let faulty = Arc::new(FaultyStorage::new());
+            fs.insert(CHILD, faulty.clone());
+            faulty.cut_power_after(cut);
+            let reg = Registry::builtin_with_provider(fs);
+            let created = reg.create(format, Path::new(CHILD), &subject.params, None, true);
+            assert!(created.is_err(), "cut {cut} of {count}: create succeeded");
+            let fs2 = Arc::new(MemFileSystem::new());
+            fs2.insert(CHILD, Arc::new(faulty.restart(mode)));
+            let reg2 = Registry::builtin_with_provider(fs2);
+            // Either the file is refused, or it is a complete, empty disk of the right size.
+            if let Ok(img) = reg2.open_as(format, Path::new(CHILD), OpenFlags::READ_ONLY) {
+                assert_eq!(img.size(), size, "cut {cut} {mode:?}");
+                let mut buf = vec![1u8; size as usize];
+                img.read_at(0, &mut buf).unwrap();
+                assert!(
+                    buf.iter().all(|&b| b == 0),
+                    "cut {cut} {mode:?}: a half-created disk reads data"
+                );
+            }
+        }
     }
 }
 
